@@ -1,0 +1,128 @@
+"""The ``testbed`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from deploy.config import CampaignFile, ConfigError, load_serving_config, load_yaml_model
+
+EXIT_USAGE = 2
+
+
+def _print_summary(console: Console, points, out: Path) -> None:  # type: ignore[no-untyped-def]
+    from workloads.report import summary_frame
+
+    frame = summary_frame(points)
+    table = Table(title=f"Campaign results ({out})")
+    for col in frame.columns:
+        table.add_column(str(col), justify="right")
+    for _, row in frame.iterrows():
+        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    console.print(table)
+
+
+def cmd_campaign_run(args: argparse.Namespace) -> int:
+    from deploy.local import DeploymentStartError, LocalDeployment
+    from workloads.campaign import OutputDirError, Target, prepare_out_dir, run_campaign
+    from workloads.report import write_report
+
+    console = Console()
+    spec = load_yaml_model(Path(args.file), CampaignFile)  # validate before touching --out
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    out = Path(args.out)
+    try:
+        prepare_out_dir(out, spec, resume=args.resume, overwrite=args.overwrite)
+    except OutputDirError as e:
+        console.print(f"[red]error:[/] {e}")
+        return EXIT_USAGE
+    (out / "campaign.yaml").write_text(Path(args.file).read_text())
+    try:
+        if args.url:
+            points = run_campaign(spec, Target(args.url, args.metrics_url), out, console)
+        else:
+            console.print(f"starting the deployment: {spec.deployment.replicas} x {spec.deployment.engine.kind} "
+                          f"replicas of {spec.deployment.model_name} (log: {out / 'deployment.log'})")
+            with LocalDeployment(spec.deployment, out / "deployment.log") as url:
+                points = run_campaign(spec, Target(url, args.metrics_url), out, console)
+    except DeploymentStartError as e:
+        console.print(f"[red]error:[/] {e}")
+        return 1
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: finished points are kept in {out}; continue with --resume")
+        return 130
+    report = write_report(out)
+    _print_summary(console, points, out)
+    console.print(f"requests: {out / 'requests.parquet'}\npoints:   {out / 'points.csv'}\nreport:   {report}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deploy.serve import serve
+
+    config = load_serving_config(Path(args.file))
+    updates = {k: v for k, v in (("port", args.port), ("host", args.host), ("replicas", args.replicas)) if v is not None}
+    config = config.model_validate({**config.model_dump(), **updates})
+    asyncio.run(serve(config, Path(args.ready_file) if args.ready_file else None))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from workloads.report import write_report
+
+    out = Path(args.dir)
+    if not (out / "points.csv").exists():
+        raise ConfigError(f"{out} holds no points.csv: run a campaign into it first")
+    print(write_report(out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="testbed", description="LLM inference-serving energy testbed.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    camp = sub.add_parser("campaign", help="load-test campaigns").add_subparsers(dest="action", required=True)
+    run = camp.add_parser("run", help="run a campaign file and write points.csv, requests.parquet and report.html")
+    run.add_argument("file", help="campaign YAML (see examples/quickstart.yaml)")
+    run.add_argument("--out", required=True, help="output directory")
+    run.add_argument("--url", help="drive this running OpenAI-compatible server instead of starting a deployment")
+    run.add_argument("--metrics-url", help="Prometheus endpoint with llm_energy_* counters (default: URL/metrics)")
+    run.add_argument("--resume", action="store_true", help="continue a campaign in --out, skipping finished points")
+    run.add_argument("--overwrite", action="store_true", help="discard a campaign already in --out")
+    run.set_defaults(func=cmd_campaign_run)
+
+    srv = sub.add_parser("serve", help="run a deployment (replicas + front door + /metrics) until Ctrl-C/SIGTERM")
+    srv.add_argument("file", help="serving config YAML, or a campaign YAML (its deployment: section)")
+    srv.add_argument("--host")
+    srv.add_argument("--port", type=int, help="0 picks a free port")
+    srv.add_argument("--replicas", type=int)
+    srv.add_argument("--ready-file", help="write the URL here once serving (for scripts)")
+    srv.set_defaults(func=cmd_serve)
+
+    rep = sub.add_parser("report", help="(re)write report.html of a campaign directory")
+    rep.add_argument("dir")
+    rep.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Starting or attaching to Ray with settings that keep tests and local runs on this machine."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+# Token auth turns on when ~/.ray/auth_token exists; every process must agree, so fix it for ours.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+def ray_env() -> None:
+    for k, v in RAY_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
+    """Local Ray (its own head, on loopback) unless ``address`` names a cluster to join."""
+    ray_env()
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=int(num_cpus) if num_cpus else None,
+            include_dashboard=False,
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+        )

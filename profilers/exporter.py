@@ -1,0 +1,214 @@
+"""Prometheus exporter: a collector that reads the deployment at scrape time.
+
+Names follow ``llm_energy_<name>_<unit>``, base units, ``_total`` on counters. The device counter
+``llm_energy_energy_joules_total`` has no ``phase`` label on purpose: attributed prefill/decode energy
+and idle energy are separate families, so ``sum()`` over any family never double counts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from profilers.footprint import SiteProfile, footprint
+
+NAMESPACE = "llm_energy"
+DEVICE_LABELS = ["replica", "device", "backend", "provenance"]
+REPLICA_LABELS = ["replica", "backend"]
+LATENCY_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+    1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)
+
+
+@dataclass(frozen=True)
+class DeviceSample:
+    replica: str
+    device: str
+    backend: str
+    provenance: str
+    energy_j: float
+    power_w: float
+    clock_mhz: float | None
+
+
+@dataclass(frozen=True)
+class ReplicaSample:
+    replica: str
+    backend: str
+    prompt_tokens: int
+    generated_tokens: int
+    attributed_prefill_j: float
+    attributed_decode_j: float
+    idle_j: float
+    running: int
+    waiting: int
+
+
+@dataclass
+class ExportSnapshot:
+    devices: list[DeviceSample] = field(default_factory=list)
+    replicas: list[ReplicaSample] = field(default_factory=list)
+
+
+class _Window:
+    """Energy per generated token over a sliding window of scrapes."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.points: deque[tuple[float, float, int]] = deque()
+
+    def update(self, t: float, energy_j: float, tokens: int) -> float | None:
+        self.points.append((t, energy_j, tokens))
+        while len(self.points) > 2 and t - self.points[1][0] >= self.window_s:
+            self.points.popleft()
+        t0, e0, n0 = self.points[0]
+        if tokens - n0 <= 0 or energy_j < e0:
+            return None
+        return (energy_j - e0) / (tokens - n0)
+
+
+class EnergyCollector(Collector):
+    """Reads a fresh :class:`ExportSnapshot` at each scrape and derives water and carbon from it."""
+
+    def __init__(
+        self,
+        snapshot_fn: Callable[[], ExportSnapshot],
+        site: SiteProfile,
+        window_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._snapshot_fn = snapshot_fn
+        self._site = site
+        self._window_s = window_s
+        self._clock = clock
+        self._windows: dict[str, _Window] = {}
+        self._lock = threading.Lock()
+
+    def describe(self) -> Iterator[Metric]:
+        # Describing by collecting would call into the deployment at registration time.
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot_fn()
+        energy = CounterMetricFamily(
+            f"{NAMESPACE}_energy_joules", "Cumulative device energy (IT side).", labels=DEVICE_LABELS
+        )
+        power = GaugeMetricFamily(f"{NAMESPACE}_power_watts", "Device power now.", labels=DEVICE_LABELS)
+        clock = GaugeMetricFamily(f"{NAMESPACE}_clock_mhz", "Device clock now.", labels=DEVICE_LABELS)
+        water = CounterMetricFamily(
+            f"{NAMESPACE}_water_liters",
+            "Water consumed: scope=site (cooling, WUE_site x IT energy) or source (electricity, "
+            "WUE_source x facility energy).",
+            labels=[*DEVICE_LABELS, "scope"],
+        )
+        carbon = CounterMetricFamily(
+            f"{NAMESPACE}_carbon_grams",
+            "Operational carbon: CIF x facility energy.",
+            labels=[*DEVICE_LABELS, "scope"],
+        )
+        for d in snap.devices:
+            labels = [d.replica, d.device, d.backend, d.provenance]
+            energy.add_metric(labels, d.energy_j)
+            power.add_metric(labels, d.power_w)
+            if d.clock_mhz is not None:
+                clock.add_metric(labels, d.clock_mhz)
+            fp = footprint(d.energy_j, self._site)
+            water.add_metric([*labels, "site"], fp.water_site_l)
+            water.add_metric([*labels, "source"], fp.water_source_l)
+            carbon.add_metric([*labels, "operational"], fp.carbon_g)
+        yield from (energy, power, clock, water, carbon)
+        yield from self._replica_families(snap)
+
+    def _replica_families(self, snap: ExportSnapshot) -> Iterator[Metric]:
+        tokens = CounterMetricFamily(
+            f"{NAMESPACE}_tokens", "Tokens processed, kind=prompt|generated.", labels=[*REPLICA_LABELS, "kind"]
+        )
+        attributed = CounterMetricFamily(
+            f"{NAMESPACE}_attributed_energy_joules",
+            "Energy attributed to requests, by phase (prefill|decode).",
+            labels=[*REPLICA_LABELS, "phase", "provenance"],
+        )
+        idle = CounterMetricFamily(
+            f"{NAMESPACE}_idle_energy_joules",
+            "Energy spent with no request in flight (not charged to tokens).",
+            labels=[*REPLICA_LABELS, "provenance"],
+        )
+        per_token = GaugeMetricFamily(
+            f"{NAMESPACE}_energy_per_token_joules",
+            f"Device energy per generated token over the last {self._window_s:g} s of scrapes.",
+            labels=[*REPLICA_LABELS, "provenance"],
+        )
+        running = GaugeMetricFamily(
+            f"{NAMESPACE}_requests_running", "Requests in the running batch.", labels=REPLICA_LABELS
+        )
+        waiting = GaugeMetricFamily(
+            f"{NAMESPACE}_requests_waiting", "Requests queued for admission.", labels=REPLICA_LABELS
+        )
+        now = self._clock()
+        energy_by_replica: dict[str, tuple[float, str]] = {}
+        for d in snap.devices:
+            total, prov = energy_by_replica.get(d.replica, (0.0, d.provenance))
+            energy_by_replica[d.replica] = (total + d.energy_j, prov if prov == d.provenance else "mixed")
+        for r in snap.replicas:
+            labels = [r.replica, r.backend]
+            prov = energy_by_replica.get(r.replica, (0.0, "unavailable"))[1]
+            tokens.add_metric([*labels, "prompt"], r.prompt_tokens)
+            tokens.add_metric([*labels, "generated"], r.generated_tokens)
+            attributed.add_metric([*labels, "prefill", prov], r.attributed_prefill_j)
+            attributed.add_metric([*labels, "decode", prov], r.attributed_decode_j)
+            idle.add_metric([*labels, prov], r.idle_j)
+            running.add_metric(labels, r.running)
+            waiting.add_metric(labels, r.waiting)
+            if r.replica in energy_by_replica:
+                with self._lock:
+                    window = self._windows.setdefault(r.replica, _Window(self._window_s))
+                    value = window.update(now, energy_by_replica[r.replica][0], r.generated_tokens)
+                if value is not None:
+                    per_token.add_metric([*labels, prov], value)
+        yield from (tokens, attributed, idle, per_token, running, waiting)
+
+
+@dataclass
+class LatencyHistograms:
+    ttft: Histogram
+    tpot: Histogram
+    e2e: Histogram
+
+    def observe(self, replica: str, ttft_s: float | None, tpot_s: float | None, e2e_s: float) -> None:
+        if ttft_s is not None:
+            self.ttft.labels(replica=replica).observe(ttft_s)
+        if tpot_s is not None:
+            self.tpot.labels(replica=replica).observe(tpot_s)
+        self.e2e.labels(replica=replica).observe(e2e_s)
+
+
+def latency_histograms(registry: CollectorRegistry) -> LatencyHistograms:
+    """Server-side latency, measured at the front door (provenance: measured wall-clock time)."""
+
+    def make(name: str, doc: str) -> Histogram:
+        return Histogram(
+            f"{NAMESPACE}_request_{name}_seconds", doc, ["replica"], registry=registry,
+            buckets=LATENCY_BUCKETS_S,
+        )
+
+    return LatencyHistograms(
+        ttft=make("ttft", "Time to first token."),
+        tpot=make("tpot", "Mean time per output token after the first."),
+        e2e=make("e2e", "End-to-end request latency."),
+    )
+
+
+def build_registry(
+    snapshot_fn: Callable[[], ExportSnapshot], site: SiteProfile
+) -> tuple[CollectorRegistry, LatencyHistograms]:
+    registry = CollectorRegistry()
+    registry.register(EnergyCollector(snapshot_fn, site))
+    return registry, latency_histograms(registry)

@@ -1,0 +1,66 @@
+"""Read the testbed's energy counters from any Prometheus text endpoint (ours, or a compatible one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from profilers.meter import CounterSample
+
+ENERGY_METRIC = "llm_energy_energy_joules"
+
+
+class MetricsUnavailableError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class CounterSnapshot:
+    """Device energy counters keyed ``replica/device``, and generated tokens by replica."""
+
+    energy: dict[str, CounterSample]
+    generated_tokens: dict[str, float]
+    backends: frozenset[str] = frozenset()
+
+
+def parse_counters(text: str) -> CounterSnapshot:
+    energy: dict[str, CounterSample] = {}
+    tokens: dict[str, float] = {}
+    backends: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == f"{ENERGY_METRIC}_total":
+                key = f"{s.labels.get('replica', '')}/{s.labels.get('device', '')}"
+                energy[key] = CounterSample(s.value, s.labels.get("provenance", "unknown"))
+                backends.add(s.labels.get("backend", "unknown"))
+            elif s.name == "llm_energy_tokens_total" and s.labels.get("kind") == "generated":
+                tokens[s.labels.get("replica", "")] = s.value
+    return CounterSnapshot(energy, tokens, frozenset(backends))
+
+
+def scrape_counters(metrics_url: str, client: httpx.Client | None = None, timeout_s: float = 5.0) -> CounterSnapshot:
+    """Fetch and parse ``metrics_url``; raise :class:`MetricsUnavailableError` with the reason."""
+    try:
+        if client is None:
+            with httpx.Client(timeout=timeout_s) as c:
+                resp = c.get(metrics_url)
+        else:
+            resp = client.get(metrics_url, timeout=timeout_s)
+    except httpx.HTTPError as e:
+        raise MetricsUnavailableError(f"cannot scrape {metrics_url}: {e!r}") from e
+    if resp.status_code != 200:
+        raise MetricsUnavailableError(f"cannot scrape {metrics_url}: HTTP {resp.status_code}")
+    return parse_counters(resp.text)
+
+
+async def ascrape_counters(metrics_url: str, client: httpx.AsyncClient, timeout_s: float = 5.0) -> CounterSnapshot:
+    """Async :func:`scrape_counters` for callers already on an event loop."""
+    try:
+        resp = await client.get(metrics_url, timeout=timeout_s)
+    except httpx.HTTPError as e:
+        raise MetricsUnavailableError(f"cannot scrape {metrics_url}: {e!r}") from e
+    if resp.status_code != 200:
+        raise MetricsUnavailableError(f"cannot scrape {metrics_url}: HTTP {resp.status_code}")
+    return parse_counters(resp.text)

@@ -1,0 +1,34 @@
+"""Value types shared by every power source and by the accounting code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Provenance(StrEnum):
+    """Where a figure comes from: a hardware counter, or a model of the device."""
+
+    MEASURED = "measured"
+    MODELED = "modeled"
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    device: str
+    """Stable device id within its source, e.g. ``gpu0`` or ``emulated-h100_sxm-0``."""
+    name: str
+    """Human-readable model name, e.g. ``NVIDIA H100 SXM``."""
+    backend: str
+    """``nvml``, ``rapl``, ``emulated``, ..."""
+
+
+@dataclass(frozen=True)
+class PowerReading:
+    t_s: float
+    device: str
+    energy_j: float
+    """Cumulative energy since the source started (monotonic unless the counter reset)."""
+    power_w: float
+    clock_mhz: float | None
+    provenance: Provenance

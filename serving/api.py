@@ -1,0 +1,259 @@
+"""OpenAI-compatible front door: completions and chat completions (streaming SSE or not), models,
+health and Prometheus metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from profilers.exporter import ExportSnapshot, build_registry
+from profilers.footprint import SiteProfile
+from serving.router import NoReplicaError, ReplicaFailedError, Router
+from serving.tokenizer import render_chat
+from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    # Clients send many OpenAI fields we do not act on (top_p, user, ...): accept and ignore them.
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    n: int = Field(default=1, ge=1, le=1)
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+class FrontDoor:
+    def __init__(self, router: Router, model_name: str, max_model_len: int, site: SiteProfile) -> None:
+        self.router = router
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.created = int(time.time())
+        self._snapshot = ExportSnapshot()
+        self.registry, self.latency = build_registry(lambda: self._snapshot, site)
+
+    async def metrics_text(self) -> bytes:
+        self._snapshot = await self.router.snapshot()
+        return generate_latest(self.registry)
+
+    def check_model(self, name: str) -> JSONResponse | None:
+        if name != self.model_name:
+            return error_response(
+                404, f"The model `{name}` does not exist. This server serves `{self.model_name}`.",
+                param="model", code="model_not_found",
+            )
+        return None
+
+    async def handle(self, body: _Common, prompt: str | None, prompt_ids: list[int] | None, chat: bool) -> Response:
+        if (bad := self.check_model(body.model)) is not None:
+            return bad
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        request = GenerationRequest(
+            request_id=rid, prompt=prompt, prompt_token_ids=prompt_ids, max_tokens=body.token_limit,
+            ignore_eos=body.ignore_eos, temperature=body.temperature, seed=body.seed,
+        )
+        t_arrival = time.perf_counter()
+        stream = self.router.stream(request)
+        # Take the first event before answering, so a rejected request gets a 400, not a broken stream.
+        try:
+            first = await anext(stream)
+        except RequestRejectedError as e:
+            return error_response(400, e.message, param=e.param, code=e.code)
+        except NoReplicaError as e:
+            return error_response(503, str(e), code="no_replica")
+        except StopAsyncIteration:
+            return error_response(500, "the engine finished without producing a token", code="empty_stream")
+        timing = _Timing(t_arrival, time.perf_counter())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                self._sse(rid, first, stream, chat, include_usage, timing),
+                media_type="text/event-stream",
+                headers={"x-replica": first.replica, "cache-control": "no-cache"},
+            )
+        text, last = [first.text], first
+        try:
+            async for ev in stream:
+                text.append(ev.text)
+                last = ev
+        except (ReplicaFailedError, NoReplicaError) as e:
+            return error_response(502, str(e), code="replica_failed")
+        self._observe(last, timing)
+        return JSONResponse(self._final_body(rid, "".join(text), last, chat), headers={"x-replica": last.replica})
+
+    def _observe(self, last: TokenEvent, timing: _Timing) -> None:
+        e2e = time.perf_counter() - timing.arrival
+        ttft = timing.first - timing.arrival
+        tpot = (e2e - ttft) / (last.output_tokens - 1) if last.output_tokens > 1 else None
+        self.latency.observe(last.replica, ttft, tpot, e2e)
+
+    def _usage(self, ev: TokenEvent) -> dict[str, int]:
+        return {
+            "prompt_tokens": ev.prompt_tokens,
+            "completion_tokens": ev.output_tokens,
+            "total_tokens": ev.prompt_tokens + ev.output_tokens,
+        }
+
+    @staticmethod
+    def _energy(ev: TokenEvent) -> dict[str, Any]:
+        # Extension field: the request's attributed energy (clients ignore unknown fields).
+        return {"joules": ev.energy_j, "provenance": ev.provenance, "replica": ev.replica}
+
+    def _final_body(self, rid: str, text: str, last: TokenEvent, chat: bool) -> dict[str, Any]:
+        if chat:
+            choice: dict[str, Any] = {
+                "index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last.finish_reason,
+                "logprobs": None,
+            }
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}
+        return {
+            "id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": self.model_name, "choices": [choice], "usage": self._usage(last), "energy": self._energy(last),
+        }
+
+    def _chunk(self, rid: str, ev: TokenEvent, chat: bool, first: bool) -> dict[str, Any]:
+        if chat:
+            delta: dict[str, Any] = {"content": ev.text}
+            if first:
+                delta["role"] = "assistant"
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": ev.finish_reason, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
+        chunk: dict[str, Any] = {
+            "id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": self.model_name, "choices": [choice],
+        }
+        if ev.finished:
+            chunk["energy"] = self._energy(ev)
+        return chunk
+
+    async def _sse(
+        self, rid: str, first: TokenEvent, rest: AsyncIterator[TokenEvent], chat: bool, include_usage: bool,
+        timing: _Timing,
+    ) -> AsyncIterator[str]:
+        yield _sse(self._chunk(rid, first, chat, first=True))
+        last = first
+        try:
+            async for ev in rest:
+                last = ev
+                yield _sse(self._chunk(rid, ev, chat, first=False))
+        except (ReplicaFailedError, NoReplicaError) as e:
+            yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": "replica_failed"}})
+            yield "data: [DONE]\n\n"
+            return
+        self._observe(last, timing)
+        if include_usage:
+            yield _sse({
+                "id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": self.model_name, "choices": [],
+                "usage": self._usage(last), "energy": self._energy(last),
+            })
+        yield "data: [DONE]\n\n"
+
+
+class _Timing:
+    __slots__ = ("arrival", "first")
+
+    def __init__(self, arrival: float, first: float) -> None:
+        self.arrival = arrival
+        self.first = first
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def create_app(door: FrontDoor) -> FastAPI:
+    app = FastAPI(title="llm-energy-testbed front door", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        msg = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in errs)
+        return error_response(400, f"invalid request: {msg}", param=loc or None, code="invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), code=None)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Response:
+        if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
+            if len(body.prompt) != 1:
+                return error_response(400, "batched prompts are not supported: send one prompt per request",
+                                      param="prompt", code="unsupported")
+            return await door.handle(body, body.prompt[0], None, chat=False)
+        if isinstance(body.prompt, list):
+            return await door.handle(body, None, list(body.prompt), chat=False)  # token ids
+        return await door.handle(body, body.prompt, None, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest) -> Response:
+        prompt = render_chat([m.model_dump(include={"role", "content"}) for m in body.messages])
+        return await door.handle(body, prompt, None, chat=True)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{
+            "id": door.model_name, "object": "model", "created": door.created, "owned_by": "llm-energy-testbed",
+            "max_model_len": door.max_model_len,
+        }]}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        replicas = {r.name: ("up" if r.alive else "dead") for r in door.router.replicas}
+        ok = any(r.alive for r in door.router.replicas)
+        return JSONResponse({"status": "ok" if ok else "unavailable", "replicas": replicas},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(await door.metrics_text(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

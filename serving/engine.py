@@ -1,0 +1,49 @@
+"""The engine protocol and the registry that builds an engine from its config's ``kind``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol, runtime_checkable
+
+from serving.types import AppliedKnobs, EngineStats, GenerationRequest, Knobs, TokenEvent
+
+
+@runtime_checkable
+class Engine(Protocol):
+    backend: str
+
+    async def start(self) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Stream the request's tokens; raise :class:`RequestRejectedError` before the first event."""
+        ...
+
+    def stats(self) -> EngineStats: ...
+
+    async def apply(self, knobs: Knobs) -> AppliedKnobs: ...
+
+    async def stop(self) -> None: ...
+
+
+EngineFactory = Callable[[Any, str], Engine]
+_ENGINES: dict[str, EngineFactory] = {}
+
+
+def register_engine(kind: str) -> Callable[[EngineFactory], EngineFactory]:
+    def deco(factory: EngineFactory) -> EngineFactory:
+        _ENGINES[kind] = factory
+        return factory
+
+    return deco
+
+
+def build_engine(config: Any, replica: str) -> Engine:
+    """Build the engine registered for ``config.kind`` (config is that engine's pydantic model)."""
+    # Importing the implementations registers them; done here so importing the protocol stays cheap.
+    import serving.emulated.engine  # noqa: F401
+
+    try:
+        factory = _ENGINES[config.kind]
+    except KeyError:
+        raise ValueError(f"unknown engine kind {config.kind!r}; known: {sorted(_ENGINES)}") from None
+    return factory(config, replica)

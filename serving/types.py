@@ -1,0 +1,103 @@
+"""Requests, token events, statistics and knobs exchanged between the front door, router and engines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    max_tokens: int | None = None
+    """``None``: up to the model's context length."""
+    ignore_eos: bool = False
+    temperature: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    replica: str
+    text: str
+    token_ids: list[int]
+    index: int
+    """Position of the first token of this event in the output."""
+    finished: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    energy_j: float | None = None
+    """Energy attributed to the request so far (final event: the whole request)."""
+    provenance: str | None = None
+
+
+def merge_events(events: list[TokenEvent]) -> TokenEvent:
+    """Coalesce consecutive events of one request into one (a reader slower than the engine)."""
+    if len(events) == 1:
+        return events[0]
+    last = events[-1]
+    return TokenEvent(
+        request_id=last.request_id,
+        replica=last.replica,
+        text="".join(e.text for e in events),
+        token_ids=[t for e in events for t in e.token_ids],
+        index=events[0].index,
+        finished=last.finished,
+        finish_reason=last.finish_reason,
+        prompt_tokens=last.prompt_tokens,
+        output_tokens=last.output_tokens,
+        energy_j=last.energy_j,
+        provenance=last.provenance,
+    )
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    replica: str
+    backend: str
+    running: int
+    waiting: int
+    prompt_tokens_total: int
+    generated_tokens_total: int
+    attributed_prefill_j: float
+    attributed_decode_j: float
+    idle_j: float
+    iterations: int
+    kv_used_tokens: int
+    kv_capacity_tokens: int
+    max_num_seqs: int
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Knob settings a controller asks for; ``None`` leaves a knob as it is."""
+
+    clock_mhz: float | None = None
+    max_num_seqs: int | None = None
+
+
+@dataclass(frozen=True)
+class AppliedKnobs:
+    """What really took effect (clamped to what the device supports) and what it cost."""
+
+    clock_mhz: float | None
+    max_num_seqs: int
+    took_s: float
+    restarted: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+class RequestRejectedError(ValueError):
+    """The engine cannot serve this request as asked (e.g. the prompt exceeds the context length)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def __reduce__(self):  # keeps fields across Ray's pickling of task errors
+        return (type(self), (self.message, self.param, self.code))

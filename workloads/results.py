@@ -1,0 +1,145 @@
+"""Per-point statistics and the on-disk results of a campaign (appended point by point, atomically)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from profilers.footprint import SiteProfile, footprint
+from profilers.meter import Measurement
+from workloads.client import RequestRecord
+from workloads.spec import SLO
+
+POINT_COLUMNS = [
+    "point", "backend", "offered_rps", "requests", "completed", "failed", "prompt_tokens", "output_tokens",
+    "duration_s", "achieved_rps", "output_tokens_per_s", "energy_j", "energy_per_token_j",
+    "attributed_energy_j", "mean_power_w", "water_l", "water_per_token_ml", "carbon_g", "carbon_per_token_g",
+    "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "e2e_p50_s", "e2e_p99_s", "slo_attainment",
+    "goodput_rps", "provenance", "site", "dropped_devices",
+]
+
+
+def _pct(values: pd.Series, q: float) -> float:
+    v = values.dropna()
+    return float(np.percentile(v, q)) if len(v) else math.nan
+
+
+def meets_slo(df: pd.DataFrame, slo: SLO) -> pd.Series:
+    """A request meets the SLO if it completed within both targets (TPOT is moot for one-token outputs)."""
+    tpot_ok = df["tpot_s"].isna() | (df["tpot_s"] <= slo.tpot_s)
+    return (df["status"] == "ok") & (df["ttft_s"] <= slo.ttft_s) & tpot_ok
+
+
+def summarize_point(
+    point: int,
+    offered_rps: float,
+    records: list[RequestRecord],
+    measurement: Measurement,
+    backend: str,
+    site: SiteProfile,
+    slo: SLO,
+) -> dict[str, object]:
+    df = records_frame(records)
+    ok = df[df["status"] == "ok"]
+    out_tokens = int(ok["output_tokens"].sum())
+    energy = measurement.total_j if measurement.energy_j else math.nan
+    fp = footprint(energy, site)
+    per_tok = (lambda x: x / out_tokens) if out_tokens > 0 else (lambda x: math.nan)
+    duration = measurement.duration_s
+    met = meets_slo(df, slo) if len(df) else pd.Series(dtype=bool)
+    return {
+        "point": point,
+        "backend": backend,
+        "offered_rps": offered_rps,
+        "requests": len(df),
+        "completed": len(ok),
+        "failed": int((df["status"] != "ok").sum()),
+        "prompt_tokens": int(ok["prompt_tokens"].sum()),
+        "output_tokens": out_tokens,
+        "duration_s": duration,
+        "achieved_rps": len(ok) / duration if duration > 0 else math.nan,
+        "output_tokens_per_s": out_tokens / duration if duration > 0 else math.nan,
+        "energy_j": energy,
+        "energy_per_token_j": per_tok(energy),
+        "attributed_energy_j": float(ok["energy_j"].sum(min_count=1)) if len(ok) else math.nan,
+        "mean_power_w": energy / duration if duration > 0 else math.nan,
+        "water_l": fp.water_l,
+        "water_per_token_ml": per_tok(fp.water_l * 1000.0),
+        "carbon_g": fp.carbon_g,
+        "carbon_per_token_g": per_tok(fp.carbon_g),
+        "ttft_p50_s": _pct(ok["ttft_s"], 50),
+        "ttft_p99_s": _pct(ok["ttft_s"], 99),
+        "tpot_p50_s": _pct(ok["tpot_s"], 50),
+        "tpot_p99_s": _pct(ok["tpot_s"], 99),
+        "e2e_p50_s": _pct(ok["e2e_s"], 50),
+        "e2e_p99_s": _pct(ok["e2e_s"], 99),
+        "slo_attainment": float(met.mean()) if len(met) else math.nan,
+        "goodput_rps": float(met.sum()) / duration if duration > 0 else math.nan,
+        "provenance": measurement.provenance_label,
+        "site": site.name,
+        "dropped_devices": ";".join(measurement.dropped_devices),
+    }
+
+
+def records_frame(records: list[RequestRecord]) -> pd.DataFrame:
+    rows = [dataclasses.asdict(r) for r in records]
+    cols = [f.name for f in dataclasses.fields(RequestRecord)]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _atomic_write(path: Path, write) -> None:  # type: ignore[no-untyped-def]
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class ResultStore:
+    """``points.csv`` and ``requests.parquet`` under one directory, rewritten atomically after each point,
+    with one parquet part per point so a crash loses at most the point in flight."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out = out_dir
+        self.parts = out_dir / "parts"
+
+    @property
+    def points_path(self) -> Path:
+        return self.out / "points.csv"
+
+    @property
+    def requests_path(self) -> Path:
+        return self.out / "requests.parquet"
+
+    def points(self) -> pd.DataFrame:
+        if not self.points_path.exists():
+            return pd.DataFrame(columns=POINT_COLUMNS)
+        return pd.read_csv(self.points_path)
+
+    def finished_points(self) -> set[int]:
+        return set(int(p) for p in self.points()["point"])
+
+    def add_point(self, summary: dict[str, object], records: list[RequestRecord]) -> None:
+        self.parts.mkdir(parents=True, exist_ok=True)
+        frame = records_frame(records)
+        point = int(summary["point"])  # type: ignore[call-overload]
+        _atomic_write(self.parts / f"point-{point:04d}.parquet", lambda p: frame.to_parquet(p, index=False))
+        points = self.points()
+        points = points[points["point"] != point]
+        row = pd.DataFrame([summary], columns=POINT_COLUMNS)
+        points = row if points.empty else pd.concat([points, row], ignore_index=True)
+        points = points.sort_values("point")
+        _atomic_write(self.points_path, lambda p: points.to_csv(p, index=False))
+        self._rebuild_requests()
+
+    def _rebuild_requests(self) -> None:
+        parts = sorted(self.parts.glob("point-*.parquet"))
+        frames = [pd.read_parquet(p) for p in parts]
+        frame = pd.concat(frames, ignore_index=True) if frames else records_frame([])
+        _atomic_write(self.requests_path, lambda p: frame.to_parquet(p, index=False))
+
+    def requests(self) -> pd.DataFrame:
+        return pd.read_parquet(self.requests_path) if self.requests_path.exists() else records_frame([])
