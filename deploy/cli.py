@@ -33,7 +33,8 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
     from workloads.campaign import OutputDirError, Target, prepare_out_dir, run_campaign
     from workloads.report import write_report
 
-    console = Console()
+    # Outside a terminal rich assumes 80 columns and squeezes the summary table; logs can be wider.
+    console = Console() if sys.stdout.isatty() else Console(width=170)
     spec = load_yaml_model(Path(args.file), CampaignFile)  # validate before touching --out
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
@@ -41,7 +42,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
     try:
         prepare_out_dir(out, spec, resume=args.resume, overwrite=args.overwrite)
     except OutputDirError as e:
-        console.print(f"[red]error:[/] {e}")
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     (out / "campaign.yaml").write_text(Path(args.file).read_text())
     try:
@@ -53,7 +54,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
             with LocalDeployment(spec.deployment, out / "deployment.log") as url:
                 points = run_campaign(spec, Target(url, args.metrics_url), out, console)
     except DeploymentStartError as e:
-        console.print(f"[red]error:[/] {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: finished points are kept in {out}; continue with --resume")
@@ -68,7 +69,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from deploy.serve import serve
 
     config = load_serving_config(Path(args.file))
-    updates = {k: v for k, v in (("port", args.port), ("host", args.host), ("replicas", args.replicas)) if v is not None}
+    given = (("port", args.port), ("host", args.host), ("replicas", args.replicas))
+    updates = {k: v for k, v in given if v is not None}
     config = config.model_validate({**config.model_dump(), **updates})
     asyncio.run(serve(config, Path(args.ready_file) if args.ready_file else None))
     return 0

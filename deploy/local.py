@@ -55,7 +55,9 @@ class LocalDeployment:
                     return url
             time.sleep(0.2)
         self.__exit__(None, None, None)
-        raise DeploymentStartError(f"the deployment did not become ready in {self.start_timeout_s:.0f} s; see {self.log_path}")
+        raise DeploymentStartError(
+            f"the deployment did not become ready in {self.start_timeout_s:.0f} s; see {self.log_path}"
+        )
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:

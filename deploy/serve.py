@@ -63,7 +63,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     try:
         sock.bind((host, port))
     except OSError as e:
-        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port (0 picks a free one)") from e
+        raise OSError(
+            f"cannot listen on {host}:{port}: {e.strerror}; choose another --port (0 picks a free one)"
+        ) from e
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock

