@@ -173,3 +173,24 @@ def test_cli_starts_and_stops_its_own_deployment(tmp_path: Path) -> None:
     assert p["completed"] == p["requests"] > 0 and p["energy_j"] > 0
     log = (out / "deployment.log").read_text()
     assert "serving qwen2.5-0.5b" in log and "stopped cleanly" in log
+
+
+@pytest.mark.slow
+def test_trace_replay_campaign(served, tmp_path: Path) -> None:
+    path = write_campaign(
+        tmp_path,
+        workload={"arrival": {"kind": "trace", "path": "azure_conv_2023", "start_s": 600}, "duration_s": 3},
+        sweep={"rate_rps": [4]},
+    )
+    out = tmp_path / "out"
+    assert main(["campaign", "run", str(path), "--out", str(out), "--url", served.url]) == 0
+    req = pd.read_parquet(out / "requests.parquet")
+    from workloads.traces import load_trace
+
+    tr = load_trace("azure_conv_2023")
+    first = tr.t_s >= 600
+    # Token counts are the trace's own, in order.
+    assert req["prompt_tokens"].tolist() == tr.prompt_tokens[first][: len(req)].tolist()
+    assert req["max_output_tokens"].tolist() == tr.output_tokens[first][: len(req)].tolist()
+    ok = req[req["prompt_tokens"] + req["max_output_tokens"] <= 1024]
+    assert (ok["status"] == "ok").all() and len(ok) > 0

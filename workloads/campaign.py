@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from profilers.footprint import load_site_profile
 from profilers.meter import Measurement, window_energy
 from profilers.scrape import CounterSnapshot, MetricsUnavailableError, ascrape_counters
-from workloads.arrivals import build_requests
+from workloads.arrivals import TraceArrivals, build_requests, build_trace_requests
 from workloads.client import LoadClient, RequestRecord
 from workloads.results import ResultStore, summarize_point
 from workloads.spec import CampaignSpec
@@ -133,7 +133,12 @@ async def _run_points(spec: CampaignSpec, target: Target, store: ResultStore, co
                 console.print(f"point {point} ({rate:g} req/s) already measured: skipped")
                 continue
             seed = spec.seed * 10_007 + point
-            specs = build_requests(w.arrival, w.prompt_tokens.sample, w.output_tokens.sample, rate, w.duration_s, seed)
+            if isinstance(w.arrival, TraceArrivals):
+                specs = build_trace_requests(w.arrival, rate, w.duration_s, seed)
+            else:
+                specs = build_requests(
+                    w.arrival, w.prompt_tokens.sample, w.output_tokens.sample, rate, w.duration_s, seed
+                )
             before = await _counters(http, target)
             t0 = time.perf_counter()
             records = await _drive(client, point, rate, specs, seed, console)
