@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,21 +23,33 @@ class CounterSnapshot:
     energy: dict[str, CounterSample]
     generated_tokens: dict[str, float]
     backends: frozenset[str] = frozenset()
+    power_w: dict[str, float] = field(default_factory=dict)
+    clock_mhz: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def generated_total(self) -> float:
+        return sum(self.generated_tokens.values())
 
 
 def parse_counters(text: str) -> CounterSnapshot:
     energy: dict[str, CounterSample] = {}
     tokens: dict[str, float] = {}
     backends: set[str] = set()
+    power: dict[str, float] = {}
+    clock: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
+            key = f"{s.labels.get('replica', '')}/{s.labels.get('device', '')}"
             if s.name == f"{ENERGY_METRIC}_total":
-                key = f"{s.labels.get('replica', '')}/{s.labels.get('device', '')}"
                 energy[key] = CounterSample(s.value, s.labels.get("provenance", "unknown"))
                 backends.add(s.labels.get("backend", "unknown"))
+            elif s.name == "llm_energy_power_watts":
+                power[key] = s.value
+            elif s.name == "llm_energy_clock_mhz":
+                clock[key] = s.value
             elif s.name == "llm_energy_tokens_total" and s.labels.get("kind") == "generated":
                 tokens[s.labels.get("replica", "")] = s.value
-    return CounterSnapshot(energy, tokens, frozenset(backends))
+    return CounterSnapshot(energy, tokens, frozenset(backends), power, clock)
 
 
 def scrape_counters(metrics_url: str, client: httpx.Client | None = None, timeout_s: float = 5.0) -> CounterSnapshot:

@@ -37,6 +37,8 @@ class RequestRecord:
     itl_s: list[float] = field(default_factory=list)
     energy_j: float = math.nan
     energy_provenance: str = ""
+    phase: str = "measure"
+    """warmup | measure | cooldown: only measured requests enter latency and SLO figures."""
     status: str = "pending"
     http_status: int = 0
     error: str = ""
