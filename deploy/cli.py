@@ -86,6 +86,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from workloads.report import write_comparison
+
+    dirs = [Path(args.a), Path(args.b)]
+    for d in dirs:
+        if not (d / "points.csv").exists():
+            raise ConfigError(f"{d} holds no points.csv: run a campaign into it first")
+    out = Path(args.out) if args.out else dirs[1] / "compare.html"
+    path, merged = write_comparison(dirs[0], dirs[1], out)
+    if merged.empty:
+        print("the two campaigns share no offered load: nothing to compare point by point", file=sys.stderr)
+    table = Table(title=f"B ({dirs[1]}) against A ({dirs[0]})")
+    cols = ["offered_rps", "energy_per_token_j_a", "energy_per_token_j_b", "energy_per_token_j_b/a",
+            "tpot_p99_s_a", "tpot_p99_s_b", "slo_attainment_a", "slo_attainment_b"]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for _, row in merged.iterrows():
+        table.add_row(*[f"{row[c]:.4g}" for c in cols])
+    Console(width=170).print(table)
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="testbed", description="LLM inference-serving energy testbed.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -112,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="(re)write report.html of a campaign directory")
     rep.add_argument("dir")
     rep.set_defaults(func=cmd_report)
+
+    cmp_ = sub.add_parser("compare", help="compare two campaign directories point by point (B against A)")
+    cmp_.add_argument("a")
+    cmp_.add_argument("b")
+    cmp_.add_argument("--out", help="HTML file to write (default: B/compare.html)")
+    cmp_.set_defaults(func=cmd_compare)
     return p
 
 

@@ -276,3 +276,23 @@ def test_kill_9_mid_campaign_then_resume_loses_nothing(served, tmp_path: Path) -
         after_requests[after_requests["point"] == 0].reset_index(drop=True), before_requests
     )
     assert len(after_requests) == after_points["requests"].sum()
+
+
+def test_pareto_front_and_comparison(tmp_path: Path, capsys) -> None:
+    from workloads.report import compare_frame, pareto_front
+
+    pts = pd.DataFrame({"offered_rps": [1, 2, 3, 4], "tpot_p99_s": [0.01, 0.02, 0.03, 0.025],
+                        "energy_per_token_j": [2.0, 1.0, 0.5, 1.5]})
+    assert pareto_front(pts).tolist() == [True, True, True, False]
+    b = pts.assign(energy_per_token_j=pts["energy_per_token_j"] / 2)
+    for col in ("water_per_token_ml", "carbon_per_token_g", "ttft_p99_s", "slo_attainment"):
+        pts[col] = b[col] = 1.0
+    merged = compare_frame(pts, b)
+    assert merged["energy_per_token_j_b/a"].tolist() == [0.5] * 4
+    da, db = tmp_path / "a", tmp_path / "b"
+    for d, frame in ((da, pts), (db, b)):
+        d.mkdir()
+        frame.to_csv(d / "points.csv", index=False)
+    assert main(["compare", str(da), str(db)]) == 0
+    assert (db / "compare.html").exists() and "0.5" in capsys.readouterr().out
+    assert main(["compare", str(da), str(tmp_path / "missing")]) == 2
