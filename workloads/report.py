@@ -108,12 +108,16 @@ def _plot_power(ts: pd.DataFrame) -> str:
     fig, (a, b) = plt.subplots(2, 1, figsize=(8, 4.8), sharex=True)
     offset = 0.0
     for point, grp in ts.groupby("point", sort=True):
-        total = grp.groupby("t_s")["power_w"].sum()
+        # Mean power over each sampling interval from the energy counters: instantaneous readings alias
+        # with iteration boundaries (a prefill at TDP, then a decode at a third of it).
+        per_device = grp.sort_values("t_s").groupby(["replica", "device"])
+        mean_w = (per_device["energy_j"].diff() / per_device["t_s"].diff()).rename("w")
+        total = grp.assign(w=mean_w).dropna(subset=["w"]).groupby("t_s")["w"].sum()
         a.plot(total.index + offset, total.values, label=f"point {point}")
         clock = grp.groupby("t_s")["clock_mhz"].mean()
         b.plot(clock.index + offset, clock.values)
         offset += float(grp["t_s"].max()) + 1.0
-    a.set_ylabel("power, all devices (W)")
+    a.set_ylabel("mean power, all devices (W)")
     a.legend(fontsize=8)
     a.grid(alpha=0.3)
     b.set_ylabel("mean clock (MHz)")
@@ -168,6 +172,7 @@ def write_report(out: Path) -> Path:
         parts.append(f"<img alt='water and carbon per token' src='{_plot_footprint(points)}'>")
         ts = store.timeseries()
         if not ts.empty:
+            parts.append("<h2>Power and clock over time</h2>")
             parts.append(f"<img alt='power and clock over time' src='{_plot_power(ts)}'>")
         per_replica = replica_breakdown(store.requests())
         if not per_replica.empty:
