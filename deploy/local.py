@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from deploy.config import DeploymentConfig
 from deploy.raycluster import RAY_ENV
-from serving.config import ServingConfig
 
 
 class DeploymentStartError(RuntimeError):
@@ -25,7 +25,7 @@ class LocalDeployment:
     """``with LocalDeployment(cfg, log) as url:`` runs the front door and replicas in their own process,
     so the load generator and the server do not share an interpreter (and its GIL)."""
 
-    def __init__(self, config: ServingConfig, log_path: Path, start_timeout_s: float = 180.0) -> None:
+    def __init__(self, config: DeploymentConfig, log_path: Path, start_timeout_s: float = 180.0) -> None:
         self.config = config.model_copy(update={"port": 0, "host": "127.0.0.1"})
         self.log_path = log_path
         self.start_timeout_s = start_timeout_s

@@ -258,6 +258,7 @@ def run_campaign(
     """
     console = console or Console()
     store = ResultStore(out)
+    store.repair()
     write_manifest(out, spec, target, "running")
     asyncio.run(_run_points(spec, target, store, console))
     write_manifest(out, spec, target, "finished")

@@ -144,6 +144,7 @@ def replica_breakdown(requests: pd.DataFrame) -> pd.DataFrame:
 
 def write_report(out: Path) -> Path:
     store = ResultStore(out)
+    store.repair()
     points = store.points()
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}

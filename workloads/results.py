@@ -171,6 +171,11 @@ class ResultStore:
         _atomic_write(self.points_path, lambda p: points.to_csv(p, index=False))
         self._rebuild_requests()
 
+    def repair(self) -> None:
+        """Rebuild the derived files from the per-point parts (after a kill between writes)."""
+        if self.points_path.exists():
+            self._rebuild_requests()
+
     def _rebuild_requests(self) -> None:
         done = self.finished_points()
         for pattern, target, empty in (
