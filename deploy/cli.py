@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="(re)write report.html of a campaign directory")
     rep.add_argument("dir")
     rep.set_defaults(func=cmd_report)
+
+    from deploy.opscli import add_ops_commands  # dashboards + monitor
+
+    add_ops_commands(sub)
     return p
 
 

@@ -41,7 +41,9 @@ def _helm() -> str:
 
 
 def _kubernetes_validate() -> list[str]:
-    pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed: pip install -e '.[deploy]'")
+    pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate is not installed: pip install -e '.[deploy]'"
+    )
     return [sys.executable, "-m", "kubernetes_validate"]
 
 
@@ -98,17 +100,25 @@ def test_rendered_objects_validate(args: list[str], tmp_path: Path) -> None:
         (crds if (d["apiVersion"], d["kind"]) in CRD_SCHEMAS else core).append(d)
     # The CRDs' pod templates are core objects too: validate them strictly as PodTemplates.
     for d in by_kind(crds, "RayCluster"):
-        groups = [("head", d["spec"]["headGroupSpec"])] + [(g["groupName"], g) for g in d["spec"]["workerGroupSpecs"]]
+        groups = [("head", d["spec"]["headGroupSpec"])] + [
+            (g["groupName"], g) for g in d["spec"]["workerGroupSpecs"]
+        ]
         core += [
-            {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"raycluster-{name}"},
-             "template": g["template"]}
+            {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": f"raycluster-{name}"},
+                "template": g["template"],
+            }
             for name, g in groups
         ]
     manifest = tmp_path / "core.yaml"
     manifest.write_text(yaml.safe_dump_all(core))
     proc = subprocess.run(
         [*_kubernetes_validate(), "--strict", "-k", K8S_VERSION, str(manifest)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Couldn't find schema" not in proc.stdout + proc.stderr, "a core object had no schema"
@@ -127,7 +137,9 @@ def test_kubernetes_validate_rejects_a_broken_object(tmp_path: Path) -> None:
     manifest.write_text(yaml.safe_dump(deployment))
     proc = subprocess.run(
         [*_kubernetes_validate(), "--strict", "-k", K8S_VERSION, str(manifest)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     assert "cmd" in proc.stdout + proc.stderr
@@ -145,8 +157,16 @@ def test_kubernetes_validate_rejects_a_broken_object(tmp_path: Path) -> None:
         (["--set", "engine.maxModelLen=oops"], "at '/engine/maxModelLen'"),
         (["--set", "serving.replica=3"], "additional properties 'replica' not allowed"),
     ],
-    ids=["negative-replicas", "no-model-source", "two-model-sources", "unknown-policy", "pue-below-1",
-         "attainment-over-1", "non-integer", "typo-key"],
+    ids=[
+        "negative-replicas",
+        "no-model-source",
+        "two-model-sources",
+        "unknown-policy",
+        "pue-below-1",
+        "attainment-over-1",
+        "non-integer",
+        "typo-key",
+    ],
 )
 def test_schema_rejects_bad_values(args: list[str], message: str) -> None:
     for cmd in (["template", "rel", str(CHART)], ["lint", "--strict", str(CHART)]):
@@ -168,8 +188,11 @@ def test_serving_config_matches_the_cli_schema(args: list[str]) -> None:
     assert config.site == "/etc/testbed/site.yaml"
     assert config.ray_address and config.ray_address.startswith("ray://")
     assert config.engine.model.startswith("/models/")
-    front = next(d for d in by_kind(docs, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"]
-                 == "front-door")
+    front = next(
+        d
+        for d in by_kind(docs, "Deployment")
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "front-door"
+    )
     container = front["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["testbed", "serve", "/etc/testbed/serving.yaml"]
     assert site.pue >= 1.0
@@ -209,7 +232,10 @@ def test_gpu_workers_request_gpus_and_mount_the_model_read_only() -> None:
     assert res["limits"]["nvidia.com/gpu"] == 1 and res["requests"]["nvidia.com/gpu"] == 1
     mount = next(m for m in worker["containers"][0]["volumeMounts"] if m["name"] == "model")
     assert mount["readOnly"] is True and mount["mountPath"] == "/models"
-    assert {"name": "model", "persistentVolumeClaim": {"claimName": "llm-models", "readOnly": True}} in worker["volumes"]
+    assert {
+        "name": "model",
+        "persistentVolumeClaim": {"claimName": "llm-models", "readOnly": True},
+    } in worker["volumes"]
     head = next(d for d in docs if d["kind"] == "RayCluster")["spec"]["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0", "the head must not host replicas"
 
@@ -232,9 +258,14 @@ def test_control_api_and_node_agent_are_fenced_by_network_policies() -> None:
     docs = render("-f", str(ROOT / "helm" / "examples" / "gpu-cluster.yaml"))
     policies = {d["metadata"]["name"]: d["spec"] for d in by_kind(docs, "NetworkPolicy")}
     ctl = policies["rel-llm-energy-testbed-controller"]
-    assert ctl["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {"llm-energy-testbed/control-client": "true"}}}]
+    assert ctl["ingress"][0]["from"] == [
+        {"podSelector": {"matchLabels": {"llm-energy-testbed/control-client": "true"}}}
+    ]
     agent = policies["rel-llm-energy-testbed-node-agent"]
-    assert agent["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "controller"
+    assert (
+        agent["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+        == "controller"
+    )
     daemonset = by_kind(docs, "DaemonSet")[0]
     env = daemonset["spec"]["template"]["spec"]["containers"][0]["env"]
     token = next(e for e in env if e["name"] == "TESTBED_NODE_AGENT_TOKEN")
@@ -245,7 +276,9 @@ def test_control_api_and_node_agent_are_fenced_by_network_policies() -> None:
 def test_dashboards_are_sidecar_configmaps() -> None:
     files = sorted(p.name for p in (CHART / "dashboards").glob("*.json"))
     assert len(files) >= 4
-    maps = [d for d in by_kind(render(), "ConfigMap") if d["metadata"].get("labels", {}).get("grafana_dashboard")]
+    maps = [
+        d for d in by_kind(render(), "ConfigMap") if d["metadata"].get("labels", {}).get("grafana_dashboard")
+    ]
     assert sorted(k for d in maps for k in d["data"]) == files
     for d in maps:
         assert d["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -268,13 +301,19 @@ def _promtool() -> str:
 
 def test_alert_rules_check_and_unit_tests(tmp_path: Path) -> None:
     promtool = _promtool()
-    rules_cm = next(d for d in by_kind(render(), "ConfigMap") if d["metadata"]["name"].endswith("-alert-rules"))
+    rules_cm = next(
+        d for d in by_kind(render(), "ConfigMap") if d["metadata"]["name"].endswith("-alert-rules")
+    )
     (tmp_path / "alerts.yaml").write_text(rules_cm["data"]["alerts.yaml"])
     shutil.copy(Path(__file__).parent / "promtool" / "alerts_test.yaml", tmp_path / "alerts_test.yaml")
-    check = subprocess.run([promtool, "check", "rules", "alerts.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    check = subprocess.run(
+        [promtool, "check", "rules", "alerts.yaml"], cwd=tmp_path, capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     assert "SUCCESS: 5 rules found" in check.stdout
-    unit = subprocess.run([promtool, "test", "rules", "alerts_test.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    unit = subprocess.run(
+        [promtool, "test", "rules", "alerts_test.yaml"], cwd=tmp_path, capture_output=True, text=True
+    )
     assert unit.returncode == 0, unit.stdout + unit.stderr
     # The PrometheusRule object carries the very same groups.
     rule = by_kind(render(*PROM_OPERATOR), "PrometheusRule")[0]
