@@ -284,13 +284,13 @@ def hardware() -> Dashboard:
                 "short",
             ),
             Panel(
-                "Power by device",
-                (q(f"sum by (backend, device) (llm_energy_power_watts{{{SEL}}})", "{{backend}} {{device}}"),),
+                "Mean device power by backend",
+                (q(f"avg by (backend) (llm_energy_power_watts{{{SEL}}})", "{{backend}}"),),
                 "watt",
             ),
             Panel(
-                "Clock by device",
-                (q(f"avg by (backend, device) (llm_energy_clock_mhz{{{SEL}}})", "{{backend}} {{device}}"),),
+                "Mean device clock by backend",
+                (q(f"avg by (backend) (llm_energy_clock_mhz{{{SEL}}})", "{{backend}}"),),
                 "rotmhz",
             ),
             Panel(

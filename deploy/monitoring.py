@@ -180,9 +180,12 @@ class LocalPrometheus:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        """Instant query; the ``result`` list (raises with Prometheus' message on a bad query)."""
-        r = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=30)
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        """Instant query (now, or at unix time ``at``); the ``result`` list, or Prometheus' error raised."""
+        params: dict[str, str | float] = {"query": expr}
+        if at is not None:
+            params["time"] = at
+        r = httpx.get(f"{self.url}/api/v1/query", params=params, timeout=30)
         body = r.json()
         if body.get("status") != "success":
             raise MonitorError(f"query failed ({r.status_code}): {body.get('error')}: {expr}")
