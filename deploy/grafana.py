@@ -7,6 +7,8 @@ so a failed push leaves no partial set of dashboards behind.
 from __future__ import annotations
 
 import copy
+import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,8 +65,11 @@ def _describe(e: Exception, url: str) -> str:
             )
         return f"Grafana at {url} answered HTTP {e.status_code}: {e.message}"
     if isinstance(e, niquests.exceptions.RequestException):
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return f"Grafana unreachable at {url}: {reason}"
+        text = str(e)
+        # The OS reason inside urllib3's long message.
+        found = re.search(r"\[Errno -?\d+\] [^'\")]+|Failed to resolve '[^']+'", text)
+        reason = found.group(0) if found else (text.splitlines()[0] if text else type(e).__name__)
+        return f"Grafana unreachable at {url}: {type(e).__name__}: {reason}"
     return f"push to Grafana at {url} failed: {type(e).__name__}: {e}"
 
 
@@ -94,6 +99,8 @@ def push_dashboards(
             "grafana-client is not installed: pip install 'llm-energy-testbed[deploy]'"
         ) from e
 
+    # The client logs connection failures itself; the raised GrafanaPushError already says it in one line.
+    logging.getLogger("grafana_client").setLevel(logging.CRITICAL + 1)
     api = GrafanaApi.from_url(grafana_url, credential=token or None, timeout=timeout_s)
     undo = _Undo()
     pushed: list[str] = []
