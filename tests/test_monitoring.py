@@ -9,8 +9,11 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -111,9 +114,8 @@ def test_grafana_provisioning_files(tmp_path: Path) -> None:
     assert len([p for p in written if p.suffix == ".json"]) == 4
 
 
-def _drive_load(url: str, stop: threading.Event) -> int:
-    """Closed-loop load from 4 threads (streaming and not) until ``stop``; returns completed requests."""
-    done = [0]
+def _drive_load(url: str, stop: threading.Event, counter: list[int]) -> None:
+    """Closed-loop load from 4 threads (streaming and not) until ``stop``; counts completed requests."""
 
     def worker(i: int) -> None:
         with httpx.Client(base_url=url, timeout=60) as c:
@@ -131,25 +133,31 @@ def _drive_load(url: str, stop: threading.Event) -> int:
                             pass
                 else:
                     c.post("/v1/completions", json=body).raise_for_status()
-                done[0] += 1
+                counter[0] += 1
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(4)]
-    for t in threads:
-        t.start()
+    for th in threads:
+        th.start()
     stop.wait()
-    for t in threads:
-        t.join(timeout=60)
-    return done[0]
+    for th in threads:
+        th.join(timeout=60)
 
 
-@pytest.mark.slow
-def test_every_dashboard_query_returns_data_from_a_real_run(served) -> None:  # type: ignore[no-untyped-def]
+@dataclass
+class LiveRun:
+    prom: LocalPrometheus
+    completed: Callable[[], int]
+
+
+@pytest.fixture(scope="module")
+def live(served) -> Iterator[LiveRun]:  # type: ignore[no-untyped-def]
+    """Prometheus scraping the served deployment every second while 4 clients keep it busy."""
     _need_prometheus()
     config = prometheus_config([served.url], scrape_interval="1s")
     with LocalPrometheus(config) as prom:
         stop = threading.Event()
-        result: list[int] = []
-        loader = threading.Thread(target=lambda: result.append(_drive_load(served.url, stop)), daemon=True)
+        counter = [0]
+        loader = threading.Thread(target=_drive_load, args=(served.url, stop, counter), daemon=True)
         loader.start()
         try:
             deadline = time.monotonic() + 120
@@ -160,17 +168,21 @@ def test_every_dashboard_query_returns_data_from_a_real_run(served) -> None:  # 
             while time.monotonic() < deadline and not (prom.query(ready) and _enough_samples(prom)):
                 time.sleep(1)
             assert prom.query(ready), "Prometheus saw no requests within 120 s"
-            outcomes = {}
-            at = time.time() - 1.0  # one evaluation time for all queries, so their figures agree
-            for d, panel, query in iter_queries():
-                refid = chr(ord("A") + panel.queries.index(query))
-                series = prom.query(substitute(query.expr, rate_interval="30s", range_="5m"), at=at)
-                values = [float(s["value"][1]) for s in series]
-                outcomes[(d.uid, panel.title, refid)] = values
+            yield LiveRun(prom, lambda: counter[0])
         finally:
             stop.set()
             loader.join(timeout=90)
-    assert result and result[0] > 0
+
+
+@pytest.mark.slow
+def test_every_dashboard_query_returns_data_from_a_real_run(live: LiveRun) -> None:
+    outcomes = {}
+    at = time.time() - 1.0  # one evaluation time for all queries, so their figures agree
+    for d, panel, query in iter_queries():
+        refid = chr(ord("A") + panel.queries.index(query))
+        series = live.prom.query(substitute(query.expr, rate_interval="30s", range_="5m"), at=at)
+        outcomes[(d.uid, panel.title, refid)] = [float(s["value"][1]) for s in series]
+    assert live.completed() > 0
     empty = {k for k, v in outcomes.items() if not v}
     assert empty == EXPECTED_EMPTY, (
         f"unexpectedly empty: {empty - EXPECTED_EMPTY}; now with data: {EXPECTED_EMPTY - empty}"
@@ -209,3 +221,56 @@ def test_environment_does_not_leak_a_prometheus(tmp_path: Path) -> None:
         pid = prom.proc.pid if prom.proc else -1
     assert not workdir.exists()
     assert not os.path.exists(f"/proc/{pid}") or prom.proc is None or prom.proc.returncode is not None
+
+
+def _screenshot(url: str, out: Path, profile: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("chromium is not installed: apt-get install --no-install-recommends chromium")
+    cmd = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=8000",
+        f"--screenshot={out}",
+        "--window-size=1400,900",
+        url,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.exists(), proc.stderr[-2000:]
+
+
+def _coloured_pixels(png: Path) -> int:
+    """Pixels of a clearly saturated colour: series lines and legend swatches (the UI is grey and blue)."""
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    rgb = mpimg.imread(png)[..., :3]
+    hi, lo = rgb.max(axis=-1), rgb.min(axis=-1)
+    red_or_green = (rgb[..., 0] > rgb[..., 2] + 0.2) | (
+        rgb[..., 1] > rgb[..., 2] + 0.2
+    )  # not the blue buttons
+    return int(np.count_nonzero((hi - lo > 0.35) & red_or_green))
+
+
+@pytest.mark.slow
+def test_prometheus_graph_of_energy_per_token_during_a_run(live: LiveRun, tmp_path: Path) -> None:
+    """Headless Chromium screenshots Prometheus' graph of energy per token while the load runs; an empty
+    query's graph is the baseline, so the series must add drawn pixels."""
+    graph = f"{live.prom.url}/graph?g0.tab=0&g0.range_input=1m&g0.expr="
+    with_data, without = tmp_path / "energy_per_token.png", tmp_path / "empty.png"
+    _screenshot(graph + "llm_energy_energy_per_token_joules", with_data, tmp_path / "profile-a")
+    _screenshot(graph + "llm_energy_no_such_metric", without, tmp_path / "profile-b")
+    drawn, baseline = _coloured_pixels(with_data), _coloured_pixels(without)
+    assert drawn > baseline + 100, (
+        f"no series drawn: {drawn} coloured pixels vs {baseline} for an empty graph"
+    )
+    if keep := os.environ.get("TESTBED_SCREENSHOT_DIR"):
+        shutil.copy(with_data, Path(keep) / with_data.name)
