@@ -5,7 +5,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DEST="${HELM_DEST:-$ROOT/.tools/bin}"
-PIP="${PIP:-$ROOT/.venv/bin/python -m pip}"
+if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi
+PIP="${PIP:-$PY -m pip}"
 VERSION="${LAYER_VERSION:-2.2.2}"
 
 if [ -x "$DEST/helm" ] && "$DEST/helm" version --short >/dev/null 2>&1; then

@@ -274,3 +274,36 @@ def test_prometheus_graph_of_energy_per_token_during_a_run(live: LiveRun, tmp_pa
     )
     if keep := os.environ.get("TESTBED_SCREENSHOT_DIR"):
         shutil.copy(with_data, Path(keep) / with_data.name)
+
+
+def test_monitor_up_refuses_a_busy_port(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(MonitorError, match=f"127.0.0.1:{port} is in use; choose another --port"):
+            monitor_up(["http://127.0.0.1:9"], tmp_path, port=port)
+    assert read_state(tmp_path) is None
+
+
+def test_invalid_generated_config_is_reported_before_starting(tmp_path: Path) -> None:
+    _need_prometheus()
+    config = prometheus_config(["http://127.0.0.1:9"], scrape_interval="often")
+    with pytest.raises(MonitorError, match="generated Prometheus config is invalid"):
+        LocalPrometheus(config, workdir=tmp_path).start()
+
+
+def test_prometheus_that_exits_at_start_is_reported_with_its_log(tmp_path: Path) -> None:
+    _need_prometheus()
+    import socket
+
+    with socket.socket() as s:  # Prometheus cannot listen on a port already taken
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        prom = LocalPrometheus(prometheus_config(["http://127.0.0.1:9"], "1s"), port=s.getsockname()[1])
+        with pytest.raises(MonitorError, match="Prometheus exited with status") as err:
+            prom.start()
+    assert "address already in use" in str(err.value)
+    prom.stop()
