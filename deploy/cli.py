@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from deploy.config import CampaignFile, ConfigError, load_serving_config, load_yaml_model
+from deploy.opscli import add_ops_commands
 
 EXIT_USAGE = 2
 
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("b")
     cmp_.add_argument("--out", help="HTML file to write (default: B/compare.html)")
     cmp_.set_defaults(func=cmd_compare)
+
+    add_ops_commands(sub)  # dashboards and monitor
     return p
 
 
