@@ -14,13 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Metrics the controller will export; panels that read them stay empty until it runs.
-PLANNED_METRICS = (
-    "llm_energy_slo_attainment_ratio",
-    "llm_energy_knob_value",
-    "llm_energy_controller_decisions_total",
-    "llm_energy_attribution_error_ratio",
-)
+# Metrics not exported yet; panels that read them stay empty until they are.
+PLANNED_METRICS = ("llm_energy_attribution_error_ratio",)
 TTFT_SLO_CHOICES = ("0.5", "1.0", "2.0", "5.0")
 DEFAULT_TTFT_SLO = "2.0"
 TAG = "llm-energy"

@@ -31,8 +31,24 @@ def exported_names() -> set[str]:
     latency.observe("replica-0", 0.1, 0.01, 0.5)
     generate_latest(registry)  # the windowed energy per token needs two scrapes
     current[0] = snap(110.0, 30)
-    text = generate_latest(registry).decode()
+    text = generate_latest(registry).decode() + controller_metrics_text()
     return {m.group(0) for m in re.finditer(r"^(llm_energy_[a-z_]+)", text, re.M)}
+
+
+def controller_metrics_text() -> str:
+    """What the real controller exports once it has applied knobs and seen a request."""
+    from controllers.config import ControllerConfig
+    from controllers.service import Controller
+    from serving.api import FrontDoor
+    from serving.router import ReplicaHandle, Router
+    from serving.types import AppliedKnobs
+
+    door = FrontDoor(Router([ReplicaHandle("replica-0", None)]), "m", 1024, load_site_profile("azure"))
+    controller = Controller(ControllerConfig(), door)
+    controller.actuator.last_applied["replica-0"] = AppliedKnobs(1980.0, 256, 0.0)
+    controller.loop.stats.count("static", "static")
+    door.recent.complete(0.0, 0.1, 0.01)
+    return generate_latest(door.registry).decode()
 
 
 def test_committed_json_equals_the_generator() -> None:

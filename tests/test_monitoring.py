@@ -37,11 +37,6 @@ from profilers.footprint import load_site_profile
 # (dashboard uid, panel title, query refId) that read llm_energy_slo_attainment_ratio, llm_energy_knob_value,
 # llm_energy_controller_decisions_total or llm_energy_attribution_error_ratio: the controller exports them.
 EXPECTED_EMPTY = {
-    ("llm-energy-overview", "SLO attainment", "B"),
-    ("llm-energy-controller", "Knob values", "A"),
-    ("llm-energy-controller", "Decisions per minute by reason", "A"),
-    ("llm-energy-controller", "Decisions (total in range)", "A"),
-    ("llm-energy-controller", "SLO attainment (every SLO)", "A"),
     ("llm-energy-controller", "Attribution error", "A"),
 }
 
