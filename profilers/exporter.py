@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from profilers.carbon import CarbonAccumulator, CifSeries, EmbodiedCarbon
 from profilers.footprint import SiteProfile, footprint
 
 NAMESPACE = "llm_energy"
@@ -37,6 +38,10 @@ class DeviceSample:
     energy_j: float
     power_w: float
     clock_mhz: float | None
+    sampler_errors: int | None = None
+    """Failed reads of the device's sampling thread, where one runs."""
+    uptime_s: float | None = None
+    """Seconds the device has been in service (for embodied carbon); else counted from the first scrape."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ class _Window:
         self.points.append((t, energy_j, tokens))
         while len(self.points) > 2 and t - self.points[1][0] >= self.window_s:
             self.points.popleft()
-        t0, e0, n0 = self.points[0]
+        _, e0, n0 = self.points[0]
         if tokens - n0 <= 0 or energy_j < e0:
             return None
         return (energy_j - e0) / (tokens - n0)
@@ -84,6 +89,10 @@ class EnergyCollector(Collector):
         site: SiteProfile,
         window_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        embodied: EmbodiedCarbon | None = None,
+        cif: CifSeries | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._snapshot_fn = snapshot_fn
         self._site = site
@@ -91,6 +100,10 @@ class EnergyCollector(Collector):
         self._clock = clock
         self._windows: dict[str, _Window] = {}
         self._lock = threading.Lock()
+        self._embodied = embodied
+        self._carbon = CarbonAccumulator(site, cif) if cif is not None else None
+        self._wall_clock = wall_clock
+        self._first_seen: dict[str, float] = {}
 
     def describe(self) -> Iterator[Metric]:
         # Describing by collecting would call into the deployment at registration time.
@@ -111,9 +124,16 @@ class EnergyCollector(Collector):
         )
         carbon = CounterMetricFamily(
             f"{NAMESPACE}_carbon_grams",
-            "Operational carbon: CIF x facility energy.",
+            "Carbon: scope=operational (CIF x facility energy) or embodied (device manufacture, amortised "
+            "over its service life per second of use).",
             labels=[*DEVICE_LABELS, "scope"],
         )
+        sampler_errors = CounterMetricFamily(
+            f"{NAMESPACE}_sampler_errors",
+            "Failed reads of a device's power-sampling thread (a dead sampler stops the energy counter).",
+            labels=DEVICE_LABELS,
+        )
+        now, wall = self._clock(), self._wall_clock()
         for d in snap.devices:
             labels = [d.replica, d.device, d.backend, d.provenance]
             energy.add_metric(labels, d.energy_j)
@@ -123,13 +143,30 @@ class EnergyCollector(Collector):
             fp = footprint(d.energy_j, self._site)
             water.add_metric([*labels, "site"], fp.water_site_l)
             water.add_metric([*labels, "source"], fp.water_source_l)
-            carbon.add_metric([*labels, "operational"], fp.carbon_g)
-        yield from (energy, power, clock, water, carbon)
+            carbon.add_metric([*labels, "operational"], self._operational_g(d, fp.carbon_g, wall))
+            if self._embodied is not None:
+                carbon.add_metric([*labels, "embodied"], self._embodied.grams(self._uptime_s(d, now)))
+            if d.sampler_errors is not None:
+                sampler_errors.add_metric(labels, d.sampler_errors)
+        yield from (energy, power, clock, water, carbon, sampler_errors)
         yield from self._replica_families(snap)
+
+    def _operational_g(self, d: DeviceSample, constant_cif_g: float, wall: float) -> float:
+        if self._carbon is None:
+            return constant_cif_g
+        with self._lock:
+            return self._carbon.update(f"{d.replica}/{d.device}", d.energy_j, wall)
+
+    def _uptime_s(self, d: DeviceSample, now: float) -> float:
+        if d.uptime_s is not None:
+            return d.uptime_s
+        with self._lock:
+            return now - self._first_seen.setdefault(f"{d.replica}/{d.device}", now)
 
     def _replica_families(self, snap: ExportSnapshot) -> Iterator[Metric]:
         tokens = CounterMetricFamily(
-            f"{NAMESPACE}_tokens", "Tokens processed, kind=prompt|generated.", labels=[*REPLICA_LABELS, "kind"]
+            f"{NAMESPACE}_tokens", "Tokens processed, kind=prompt|generated.",
+            labels=[*REPLICA_LABELS, "kind"],
         )
         attributed = CounterMetricFamily(
             f"{NAMESPACE}_attributed_energy_joules",
@@ -152,6 +189,12 @@ class EnergyCollector(Collector):
         waiting = GaugeMetricFamily(
             f"{NAMESPACE}_requests_waiting", "Requests queued for admission.", labels=REPLICA_LABELS
         )
+        closure = GaugeMetricFamily(
+            f"{NAMESPACE}_attribution_error_ratio",
+            "|attributed prefill + decode + idle energy - device energy| / device energy (0 = every joule "
+            "accounted for).",
+            labels=[*REPLICA_LABELS, "provenance"],
+        )
         now = self._clock()
         energy_by_replica: dict[str, tuple[float, str]] = {}
         for d in snap.devices:
@@ -167,13 +210,17 @@ class EnergyCollector(Collector):
             idle.add_metric([*labels, prov], r.idle_j)
             running.add_metric(labels, r.running)
             waiting.add_metric(labels, r.waiting)
+            metered = energy_by_replica.get(r.replica, (0.0, prov))[0]
+            if metered > 0:
+                accounted = r.attributed_prefill_j + r.attributed_decode_j + r.idle_j
+                closure.add_metric([*labels, prov], abs(accounted - metered) / metered)
             if r.replica in energy_by_replica:
                 with self._lock:
                     window = self._windows.setdefault(r.replica, _Window(self._window_s))
                     value = window.update(now, energy_by_replica[r.replica][0], r.generated_tokens)
                 if value is not None:
                     per_token.add_metric([*labels, prov], value)
-        yield from (tokens, attributed, idle, per_token, running, waiting)
+        yield from (tokens, attributed, idle, per_token, running, waiting, closure)
 
 
 @dataclass
@@ -207,8 +254,12 @@ def latency_histograms(registry: CollectorRegistry) -> LatencyHistograms:
 
 
 def build_registry(
-    snapshot_fn: Callable[[], ExportSnapshot], site: SiteProfile
+    snapshot_fn: Callable[[], ExportSnapshot],
+    site: SiteProfile,
+    *,
+    embodied: EmbodiedCarbon | None = None,
+    cif: CifSeries | None = None,
 ) -> tuple[CollectorRegistry, LatencyHistograms]:
     registry = CollectorRegistry()
-    registry.register(EnergyCollector(snapshot_fn, site))
+    registry.register(EnergyCollector(snapshot_fn, site, embodied=embodied, cif=cif))
     return registry, latency_histograms(registry)
