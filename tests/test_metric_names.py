@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import re
 
-from prometheus_client import generate_latest
-
 from profilers.carbon import EmbodiedCarbon
 from profilers.exporter import DeviceSample, ExportSnapshot, ReplicaSample, build_registry
 from profilers.footprint import load_site_profile
@@ -70,9 +68,9 @@ def exposition() -> str:
         embodied=EmbodiedCarbon(kg_per_device=150.0, service_life_years=5.0),
     )
     latency.observe("r0", 0.2, 0.02, 1.5)
-    generate_latest(registry)
+    registry.render()
     state["snap"] = next(snaps)
-    return generate_latest(registry).decode()
+    return registry.render().decode()  # what /metrics serves (same bytes as generate_latest)
 
 
 def parse(text: str) -> tuple[dict[str, str], dict[str, set[str]], dict[str, set[frozenset]]]:
