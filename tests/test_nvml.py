@@ -198,3 +198,26 @@ def test_fake_setters_act_when_privileged(clock: FakeClock) -> None:
     with pytest.raises(pynvml.NVMLError_InvalidArgument):
         nvml_fake.nvmlDeviceSetPowerManagementLimit(h, 50_000)
     nvml_fake.nvmlShutdown()
+
+
+def _validate_script():  # type: ignore[no-untyped-def]
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "nvml_validate.py"
+    spec = importlib.util.spec_from_file_location("nvml_validate", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+@pytest.mark.parametrize(
+    ("gpus", "found", "message"),
+    [([FakeGPU()], False, "not applicable here: NVML: initialising: libnvidia-ml.so not found"),
+     ([FakeGPU(has_energy_counter=False)], True, "has no energy counter; nothing to compare")],
+)
+def test_gpu_validation_script_says_why_it_cannot_run(gpus, found, message, capsys) -> None:  # type: ignore
+    nvml_fake.configure(gpus, library_found=found)
+    assert _validate_script().main(["--seconds", "1"]) == 2
+    assert message in capsys.readouterr().out
+    assert nvml_fake._state.init_count == 0
