@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     span = counter[-1].t_s - counter[0].t_s
     rows = [
         ("GPU", f"{info.name} (gpu{args.gpu}), limit {info.power_limit_w} W"),
-        ("window", f"{span:.1f} s (idle {args.idle:g} s, matmul {args.seconds:g} s x{steps}, idle {args.idle:g} s)"),
+        ("window", f"{span:.1f} s: idle {args.idle:g} s, {steps} matmuls in {args.seconds:g} s, idle"),
         ("samples", f"{status.samples} at {args.hz:g} Hz, {status.errors_total} errors"),
         ("energy, counter", f"{e_counter:.1f} J (mean {e_counter / span:.1f} W)"),
         ("energy, integrated power", f"{e_power:.1f} J"),
