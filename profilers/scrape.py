@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,12 +23,15 @@ class CounterSnapshot:
     energy: dict[str, CounterSample]
     generated_tokens: dict[str, float]
     backends: frozenset[str] = frozenset()
+    sampler_errors: dict[str, float] = field(default_factory=dict)
+    """Failed power-sampler reads keyed ``replica/device`` (only devices that have a sampler)."""
 
 
 def parse_counters(text: str) -> CounterSnapshot:
     energy: dict[str, CounterSample] = {}
     tokens: dict[str, float] = {}
     backends: set[str] = set()
+    sampler_errors: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name == f"{ENERGY_METRIC}_total":
@@ -37,7 +40,9 @@ def parse_counters(text: str) -> CounterSnapshot:
                 backends.add(s.labels.get("backend", "unknown"))
             elif s.name == "llm_energy_tokens_total" and s.labels.get("kind") == "generated":
                 tokens[s.labels.get("replica", "")] = s.value
-    return CounterSnapshot(energy, tokens, frozenset(backends))
+            elif s.name == "llm_energy_sampler_errors_total":
+                sampler_errors[f"{s.labels.get('replica', '')}/{s.labels.get('device', '')}"] = s.value
+    return CounterSnapshot(energy, tokens, frozenset(backends), sampler_errors)
 
 
 def scrape_counters(metrics_url: str, client: httpx.Client | None = None, timeout_s: float = 5.0) -> CounterSnapshot:
