@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
+from promserver import INSTALL_HINT, PromServer, prometheus_binary
 from rich.console import Console
 
-from tests.promserver import INSTALL_HINT, PromServer, prometheus_binary
 from workloads.arrivals import FixedLength, PoissonArrivals
 from workloads.campaign import Target, prepare_out_dir, run_campaign
 from workloads.spec import CampaignSpec, Sweep, WorkloadSpec
