@@ -45,7 +45,9 @@ def parse_counters(text: str) -> CounterSnapshot:
     return CounterSnapshot(energy, tokens, frozenset(backends), sampler_errors)
 
 
-def scrape_counters(metrics_url: str, client: httpx.Client | None = None, timeout_s: float = 5.0) -> CounterSnapshot:
+def scrape_counters(
+    metrics_url: str, client: httpx.Client | None = None, timeout_s: float = 5.0
+) -> CounterSnapshot:
     """Fetch and parse ``metrics_url``; raise :class:`MetricsUnavailableError` with the reason."""
     try:
         if client is None:
@@ -60,7 +62,9 @@ def scrape_counters(metrics_url: str, client: httpx.Client | None = None, timeou
     return parse_counters(resp.text)
 
 
-async def ascrape_counters(metrics_url: str, client: httpx.AsyncClient, timeout_s: float = 5.0) -> CounterSnapshot:
+async def ascrape_counters(
+    metrics_url: str, client: httpx.AsyncClient, timeout_s: float = 5.0
+) -> CounterSnapshot:
     """Async :func:`scrape_counters` for callers already on an event loop."""
     try:
         resp = await client.get(metrics_url, timeout=timeout_s)
