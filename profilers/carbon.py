@@ -85,6 +85,11 @@ class CifSeries:
         return total / (t1_s - t0_s)
 
 
+def site_cif_series(site: SiteProfile) -> CifSeries | None:
+    """The site's CIF series, if its profile names one."""
+    return CifSeries.load_csv(site.cif_series_csv) if site.cif_series_csv else None
+
+
 def operational_carbon_g(
     energy_it_j: float, site: SiteProfile, t0_s: float, t1_s: float, cif: CifSeries | None = None
 ) -> float:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
-from profilers.carbon import CarbonAccumulator, CifSeries, EmbodiedCarbon
+from profilers.carbon import CarbonAccumulator, CifSeries, EmbodiedCarbon, site_cif_series
 from profilers.exposition import ExporterRegistry, Family, FastCollector, HistogramCollector
 from profilers.footprint import SiteProfile, footprint
 
@@ -267,5 +267,6 @@ def build_registry(
     """The deployment's registry: energy families (fast path, see :meth:`ExporterRegistry.render`) and
     latency histograms."""
     registry = ExporterRegistry()
+    cif = cif if cif is not None else site_cif_series(site)
     registry.register(EnergyCollector(snapshot_fn, site, embodied=embodied, cif=cif))
     return registry, latency_histograms(registry)

@@ -14,8 +14,9 @@ from profilers.carbon import (
     CifSeriesError,
     EmbodiedCarbon,
     operational_carbon_g,
+    site_cif_series,
 )
-from profilers.exporter import DeviceSample, EnergyCollector, ExportSnapshot, ReplicaSample
+from profilers.exporter import DeviceSample, EnergyCollector, ExportSnapshot, ReplicaSample, build_registry
 from profilers.footprint import J_PER_KWH, footprint, load_site_profile
 
 SITE = load_site_profile("azure")
@@ -107,3 +108,33 @@ def test_exporter_reports_embodied_beside_operational_and_the_closure_error() ->
     assert operational == pytest.approx(footprint(1000, SITE).carbon_g)
     assert values[("llm_energy_attribution_error_ratio", "")] == pytest.approx(10.0 / 1000.0)
     assert values[("llm_energy_sampler_errors_total", "")] == 3
+
+
+def test_a_site_profile_can_name_a_cif_series_next_to_it(tmp_path: Path, cif_csv: Path) -> None:
+    (tmp_path / "site.yaml").write_text(
+        "name: hourly\npue: 1.2\nwue_site_l_per_kwh: 0.3\nwue_source_l_per_kwh: 3\ncif_kg_per_kwh: 0.4\n"
+        f"cif_series_csv: {cif_csv.name}\n"
+    )
+    site = load_site_profile(str(tmp_path / "site.yaml"))
+    series = CifSeries.load_csv(cif_csv)
+    t0 = series.t_s[0]
+    snaps = iter([
+        ExportSnapshot([DeviceSample("r0", "emu0", "emulated", "modeled", 0.0, 0.0, None)], []),
+        ExportSnapshot([DeviceSample("r0", "emu0", "emulated", "modeled", J_PER_KWH, 0.0, None)], []),
+    ])
+    walls = iter([t0 + 3700, t0 + 7000])  # the kWh is spent while the series says 300 g/kWh
+    collector = EnergyCollector(lambda: next(snaps), site, cif=site_cif_series(site),
+                                wall_clock=lambda: next(walls))
+    registry = CollectorRegistry()
+    registry.register(collector)
+    scrape(registry)
+    assert scrape(registry)[("llm_energy_carbon_grams_total", "operational")] == pytest.approx(1.2 * 300.0)
+
+
+def test_a_missing_series_named_by_a_site_fails_clearly(tmp_path: Path) -> None:
+    (tmp_path / "site.yaml").write_text(
+        "name: x\npue: 1.2\nwue_site_l_per_kwh: 0.3\nwue_source_l_per_kwh: 3\ncif_kg_per_kwh: 0.4\n"
+        "cif_series_csv: nowhere.csv\n"
+    )
+    with pytest.raises(CifSeriesError, match=r"nowhere\.csv does not exist"):
+        build_registry(ExportSnapshot, load_site_profile(str(tmp_path / "site.yaml")))
