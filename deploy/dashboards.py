@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 # Metrics not exported yet; panels that read them stay empty until they are.
-PLANNED_METRICS = ("llm_energy_attribution_error_ratio",)
+PLANNED_METRICS: tuple[str, ...] = ()
 TTFT_SLO_CHOICES = ("0.5", "1.0", "2.0", "5.0")
 DEFAULT_TTFT_SLO = "2.0"
 TAG = "llm-energy"

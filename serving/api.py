@@ -13,7 +13,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -112,7 +112,7 @@ class FrontDoor:
 
     async def metrics_text(self) -> bytes:
         self._snapshot = await self.router.snapshot()
-        return generate_latest(self.registry)
+        return self.registry.render()
 
     def check_model(self, name: str) -> JSONResponse | None:
         if name != self.model_name:

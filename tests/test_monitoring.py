@@ -36,9 +36,7 @@ from profilers.footprint import load_site_profile
 
 # (dashboard uid, panel title, query refId) that read llm_energy_slo_attainment_ratio, llm_energy_knob_value,
 # llm_energy_controller_decisions_total or llm_energy_attribution_error_ratio: the controller exports them.
-EXPECTED_EMPTY = {
-    ("llm-energy-controller", "Attribution error", "A"),
-}
+EXPECTED_EMPTY: set[tuple[str, str, str]] = set()
 
 
 def _need_prometheus() -> None:

@@ -164,7 +164,7 @@ class EmulatedEngine:
 
     # --- Power source ----------------------------------------------------------------------------
     def devices(self) -> list[DeviceInfo]:
-        return [DeviceInfo(device="emu0", name=self.device.name, backend=self.backend)]
+        return [DeviceInfo(device="emu0", name=self.device.name, backend=self.backend, energy_method="modeled")]
 
     def read(self) -> list[PowerReading]:
         now = self.clock.now()
