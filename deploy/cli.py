@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -31,7 +33,7 @@ def _print_summary(console: Console, points, out: Path) -> None:  # type: ignore
 
 def cmd_campaign_run(args: argparse.Namespace) -> int:
     from deploy.local import DeploymentStartError, LocalDeployment
-    from workloads.campaign import OutputDirError, Target, prepare_out_dir, run_campaign
+    from workloads.campaign import ControlError, OutputDirError, Target, prepare_out_dir, run_campaign
     from workloads.report import write_report
 
     # Outside a terminal rich assumes 80 columns and squeezes the summary table; logs can be wider.
@@ -48,14 +50,21 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
     (out / "campaign.yaml").write_text(Path(args.file).read_text())
     try:
         if args.url:
-            points = run_campaign(spec, Target(args.url, args.metrics_url), out, console)
+            token = args.control_token or os.environ.get("TESTBED_CONTROL_TOKEN")
+            points = run_campaign(spec, Target(args.url, args.metrics_url, token), out, console)
         else:
             console.print(f"starting the deployment: {spec.deployment.replicas} x {spec.deployment.engine.kind} "
                           f"replicas of {spec.deployment.model_name} (log: {out / 'deployment.log'})")
-            with LocalDeployment(spec.deployment, out / "deployment.log") as url:
-                points = run_campaign(spec, Target(url, args.metrics_url), out, console)
-    except DeploymentStartError as e:
+            # The campaign drives the controller of the deployment it starts: it holds the token.
+            controller = spec.deployment.controller
+            token = controller.token or secrets.token_urlsafe(24)
+            with_token = controller.model_copy(update={"token": token})
+            deployment = spec.deployment.model_copy(update={"controller": with_token})
+            with LocalDeployment(deployment, out / "deployment.log") as url:
+                points = run_campaign(spec, Target(url, args.metrics_url, token), out, console)
+    except (DeploymentStartError, ControlError) as e:
         print(f"error: {e}", file=sys.stderr)
+        print(f"finished points are kept in {out}; continue with --resume", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: finished points are kept in {out}; continue with --resume")
@@ -121,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="output directory")
     run.add_argument("--url", help="drive this running OpenAI-compatible server instead of starting a deployment")
     run.add_argument("--metrics-url", help="Prometheus endpoint with llm_energy_* counters (default: URL/metrics)")
+    run.add_argument("--control-token", help="bearer token of the --url target's control API (for knob/policy "
+                     "sweeps; default: $TESTBED_CONTROL_TOKEN)")
     run.add_argument("--resume", action="store_true", help="continue a campaign in --out, skipping finished points")
     run.add_argument("--overwrite", action="store_true", help="discard a campaign already in --out")
     run.set_defaults(func=cmd_campaign_run)

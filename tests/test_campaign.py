@@ -3,6 +3,7 @@
 import math
 from pathlib import Path
 
+import httpx
 import pandas as pd
 import pytest
 import yaml
@@ -300,3 +301,28 @@ def test_pareto_front_and_comparison(tmp_path: Path, capsys) -> None:
     assert main(["compare", str(da), str(db)]) == 0
     assert (db / "compare.html").exists() and "0.5" in capsys.readouterr().out
     assert main(["compare", str(da), str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.slow
+def test_knob_and_policy_sweep_through_the_control_api(served, tmp_path: Path, capsys) -> None:
+    from conftest import CONTROL_TOKEN
+
+    path = write_campaign(
+        tmp_path,
+        workload={"duration_s": 2, "output_tokens": {"kind": "fixed", "value": 16},
+                  "prompt_tokens": {"kind": "fixed", "value": 64}, "sample_interval_s": 0.25},
+        sweep={"rate_rps": [4], "knobs": [{"clock_mhz": 1980}, {"clock_mhz": 810}],
+               "policies": [{"policy": "slo_feedback", "options": {"setpoint": 0.5}}]},
+    )
+    out = tmp_path / "out"
+    # Without the token the control API refuses, the campaign stops with the reason and keeps nothing half-done.
+    assert main(["campaign", "run", str(path), "--out", str(out), "--url", served.url]) == 1
+    assert "refused the control token" in capsys.readouterr().err
+    assert main(["campaign", "run", str(path), "--out", str(out), "--url", served.url, "--overwrite",
+                 "--control-token", CONTROL_TOKEN]) == 0
+    p = pd.read_csv(out / "points.csv")
+    assert p["setting"].tolist() == ["clock_mhz=1980", "clock_mhz=810", "policy=slo_feedback(setpoint=0.5)"]
+    assert p["clock_mhz_mean"].iloc[0] == 1980 and p["clock_mhz_mean"].iloc[1] == 810
+    assert p["energy_per_token_j"].iloc[1] != pytest.approx(p["energy_per_token_j"].iloc[0], rel=1e-3)
+    state = httpx.get(f"{served.url}/control").json()
+    assert state["policy"] == "static"  # the sweep put the deployment's policy back

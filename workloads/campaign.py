@@ -26,7 +26,7 @@ from profilers.scrape import CounterSnapshot, MetricsUnavailableError, ascrape_c
 from workloads.arrivals import TraceArrivals, build_requests, build_trace_requests
 from workloads.client import LoadClient, RequestRecord
 from workloads.results import ResultStore, summarize_point
-from workloads.spec import CampaignSpec
+from workloads.spec import CampaignSpec, KnobSetting, PolicySetting, setting_label
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -43,6 +43,8 @@ class Target:
 
     base_url: str
     metrics_url: str | None = None
+    control_token: str | None = None
+    """Bearer token of the target's control API (needed when the sweep sets knobs or policies)."""
 
     @property
     def metrics(self) -> str:
@@ -169,6 +171,41 @@ async def _sample(http: httpx.AsyncClient, target: Target, point: int, live: _Li
         await asyncio.sleep(period_s)
 
 
+class ControlError(RuntimeError):
+    """The target's control API refused or is missing, so the sweep's settings cannot be applied."""
+
+
+async def _current_policy(http: httpx.AsyncClient, target: Target) -> str:
+    url = f"{target.base_url.rstrip('/')}/control"
+    try:
+        resp = await http.get(url)
+    except httpx.HTTPError as e:
+        raise ControlError(f"cannot read {url} ({e!r}): the sweep sets knobs or policies through it") from e
+    if resp.status_code != 200:
+        raise ControlError(
+            f"{url} answered HTTP {resp.status_code}: the target has no control API, so the sweep's knobs and "
+            "policies cannot be applied (serve it with `testbed serve`, controller enabled)"
+        )
+    return str(resp.json()["policy"])
+
+
+async def _apply_setting(http: httpx.AsyncClient, target: Target, setting: KnobSetting | PolicySetting) -> None:
+    path = "/control/policy" if isinstance(setting, PolicySetting) else "/control/knobs"
+    url = f"{target.base_url.rstrip('/')}{path}"
+    headers = {"authorization": f"Bearer {target.control_token}"} if target.control_token else {}
+    try:
+        resp = await http.post(url, json=setting.model_dump(exclude_none=True), headers=headers)
+    except httpx.HTTPError as e:
+        raise ControlError(f"cannot apply {setting_label(setting)} at {url}: {e!r}") from e
+    if resp.status_code == 401:
+        raise ControlError(
+            f"{url} refused the control token: pass --control-token (or TESTBED_CONTROL_TOKEN) with the token "
+            "the deployment printed at start-up"
+        )
+    if resp.status_code != 200:
+        raise ControlError(f"{url} refused {setting_label(setting)}: HTTP {resp.status_code} {resp.text[:300]}")
+
+
 def _window_tokens(begin: CounterSnapshot, end: CounterSnapshot) -> int | None:
     """Tokens the server generated between two scrapes (None if it does not export token counters)."""
     if not end.generated_tokens:
@@ -185,10 +222,13 @@ async def _run_points(spec: CampaignSpec, target: Target, store: ResultStore, co
         )
         done = store.finished_points()
         w = spec.workload
-        for point, rate in enumerate(spec.sweep.rate_rps):
+        initial_policy = await _current_policy(http, target) if spec.sweep.knobs or spec.sweep.policies else None
+        for point, (setting, rate) in enumerate(spec.sweep.points()):
             if point in done:
-                console.print(f"point {point} ({rate:g} req/s) already measured: skipped")
+                console.print(f"point {point} ({setting_label(setting)}, {rate:g} req/s) already measured: skipped")
                 continue
+            if setting is not None:
+                await _apply_setting(http, target, setting)
             seed = spec.seed * 10_007 + point
             if isinstance(w.arrival, TraceArrivals):
                 specs = build_trace_requests(w.arrival, rate, w.duration_s, seed)
@@ -219,7 +259,12 @@ async def _run_points(spec: CampaignSpec, target: Target, store: ResultStore, co
             else:
                 measurement, backend, tokens = Measurement(duration_s=window_s), "unknown", None
             summary = summarize_point(point, rate, records, measurement, backend, site, spec.slo, tokens)
+            summary["setting"] = setting_label(setting)
+            clocks = [r["clock_mhz"] for r in live.rows if not math.isnan(float(r["clock_mhz"]))]  # type: ignore[arg-type]
+            summary["clock_mhz_mean"] = sum(clocks) / len(clocks) if clocks else math.nan  # type: ignore[arg-type]
             store.add_point(summary, records, live.rows)
+        if initial_policy is not None:
+            await _apply_setting(http, target, PolicySetting(policy=initial_policy))
 
 
 def _mark_phases(records: list[RequestRecord], measure_from: float, measure_until: float) -> None:

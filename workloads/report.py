@@ -17,7 +17,7 @@ import pandas as pd
 from workloads.results import ResultStore
 
 SUMMARY_COLUMNS = {
-    "point": "point", "backend": "backend", "offered_rps": "offered req/s", "completed": "done",
+    "point": "point", "setting": "setting", "backend": "backend", "offered_rps": "offered req/s", "completed": "done",
     "failed": "failed", "output_tokens": "out tokens", "energy_j": "energy J", "energy_per_token_j": "J/token",
     "water_per_token_ml": "mL water/token", "carbon_per_token_g": "gCO2e/token", "ttft_p99_s": "TTFT p99 s",
     "tpot_p99_s": "TPOT p99 s", "slo_attainment": "SLO", "provenance": "provenance", "status": "status",
@@ -37,9 +37,10 @@ def _png(fig: plt.Figure) -> str:
 
 def _plot_energy(points: pd.DataFrame) -> str:
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for backend, grp in points.groupby("backend"):
+    by = "setting" if "setting" in points.columns and points["setting"].nunique() > 1 else "backend"
+    for label, grp in points.groupby(by):
         grp = grp.sort_values("offered_rps")
-        ax.plot(grp["offered_rps"], grp["energy_per_token_j"], marker="o", label=str(backend))
+        ax.plot(grp["offered_rps"], grp["energy_per_token_j"], marker="o", label=str(label))
     ax.set_xlabel("offered load (requests/s)")
     ax.set_ylabel("energy per output token (J)")
     ax.set_title("Energy per token against offered load")
@@ -93,8 +94,10 @@ def _plot_pareto(points: pd.DataFrame) -> str:
     ax.scatter(points["tpot_p99_s"], points["energy_per_token_j"], c="tab:gray", label="points")
     f = points[front].sort_values("tpot_p99_s")
     ax.plot(f["tpot_p99_s"], f["energy_per_token_j"], "o-", c="tab:red", label="Pareto front")
+    several = "setting" in points.columns and points["setting"].nunique() > 1
     for _, r in points.iterrows():
-        ax.annotate(f"{r['offered_rps']:g}/s", (r["tpot_p99_s"], r["energy_per_token_j"]), fontsize=8,
+        tag = f"{r['offered_rps']:g}/s" + (f" {r['setting']}" if several else "")
+        ax.annotate(tag, (r["tpot_p99_s"], r["energy_per_token_j"]), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("p99 time per output token (s)")
     ax.set_ylabel("energy per output token (J)")

@@ -16,7 +16,8 @@ from workloads.client import RequestRecord
 from workloads.spec import SLO
 
 POINT_COLUMNS = [
-    "point", "backend", "offered_rps", "requests", "completed", "failed", "prompt_tokens", "output_tokens",
+    "point", "setting", "clock_mhz_mean", "backend", "offered_rps", "requests", "completed", "failed",
+    "prompt_tokens", "output_tokens",
     "client_output_tokens", "duration_s", "achieved_rps", "output_tokens_per_s", "energy_j", "energy_per_token_j",
     "attributed_energy_j", "mean_power_w", "water_l", "water_per_token_ml", "carbon_g", "carbon_per_token_g",
     "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "e2e_p50_s", "e2e_p99_s", "slo_attainment",
@@ -69,6 +70,8 @@ def summarize_point(
     notes = _degradation(df, measurement)
     return {
         "point": point,
+        "setting": "as deployed",
+        "clock_mhz_mean": math.nan,
         "backend": backend,
         "offered_rps": offered_rps,
         "requests": len(df),

@@ -47,10 +47,45 @@ class SLO(BaseModel):
     tpot_s: float = Field(default=0.1, gt=0, description="Time-per-output-token target.")
 
 
+class PolicySetting(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    policy: str = Field(min_length=1, description="A policy the target's controller knows, e.g. slo_feedback.")
+    options: dict[str, float] = Field(default_factory=dict)
+
+
+class KnobSetting(BaseModel):
+    """Knobs pinned for a point (through the target's control API: the static policy with these values)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    clock_mhz: float | None = Field(default=None, gt=0)
+    max_num_seqs: int | None = Field(default=None, ge=1)
+
+
 class Sweep(BaseModel):
+    """Points are every setting (knobs, then policies; none: the deployment as it is) at every rate."""
+
     model_config = ConfigDict(extra="forbid")
 
     rate_rps: list[PositiveFloat] = Field(min_length=1, description="Offered request rates, one point each.")
+    knobs: list[KnobSetting] = Field(default_factory=list, description="Pinned knob settings to compare.")
+    policies: list[PolicySetting] = Field(default_factory=list, description="Controller policies to compare.")
+
+    def settings(self) -> list[KnobSetting | PolicySetting | None]:
+        return [*self.knobs, *self.policies] or [None]
+
+    def points(self) -> list[tuple[KnobSetting | PolicySetting | None, float]]:
+        return [(s, r) for s in self.settings() for r in self.rate_rps]
+
+
+def setting_label(setting: KnobSetting | PolicySetting | None) -> str:
+    if setting is None:
+        return "as deployed"
+    if isinstance(setting, PolicySetting):
+        opts = ",".join(f"{k}={v:g}" for k, v in sorted(setting.options.items()))
+        return f"policy={setting.policy}" + (f"({opts})" if opts else "")
+    return " ".join(f"{k}={v:g}" for k, v in setting.model_dump(exclude_none=True).items()) or "knobs=defaults"
 
 
 class CampaignSpec(BaseModel):
