@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from controllers.policies import policy_names
+from controllers.policies import SLOTargets, build_policy, policy_names
 
 
 class ControllerSLO(BaseModel):
@@ -18,7 +18,9 @@ class ControllerConfig(BaseModel):
 
     enabled: bool = Field(default=True, description="Run the control loop and its API with the deployment.")
     policy: str = Field(default="static", description="Policy at start-up (switchable through the control API).")
-    options: dict[str, float] = Field(default_factory=dict, description="Policy parameters, e.g. setpoint.")
+    options: dict[str, float | str] = Field(
+        default_factory=dict, description="Policy parameters, e.g. setpoint, or profile (a knob sweep's points.csv)."
+    )
     period_s: float = Field(default=1.0, gt=0, le=600, description="Control period.")
     max_changes_per_min: int = Field(default=12, ge=1, le=600, description="Rate limit on knob changes.")
     heartbeat_lease_s: float = Field(
@@ -35,3 +37,9 @@ class ControllerConfig(BaseModel):
         if v not in policy_names():
             raise ValueError(f"unknown policy {v!r}; known: {', '.join(policy_names())}")
         return v
+
+    @model_validator(mode="after")
+    def _buildable(self) -> ControllerConfig:
+        # Bad options (a missing profile file, an unknown parameter) fail when the file is read, not later.
+        build_policy(self.policy, SLOTargets(self.slo.ttft_s, self.slo.tpot_s), **self.options)
+        return self

@@ -64,15 +64,22 @@ def register_policy(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
     return deco
 
 
-def build_policy(name: str, slo: SLOTargets, **options: float) -> Policy:
+def build_policy(name: str, slo: SLOTargets, **options: float | str) -> Policy:
+    import controllers.model_based  # noqa: F401  (registers itself)
+
     try:
         factory = _POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(_POLICIES))}") from None
-    return factory(slo=slo, **options)
+    try:
+        return factory(slo=slo, **options)
+    except TypeError as e:
+        raise ValueError(f"policy {name!r} does not take these options ({', '.join(options)}): {e}") from None
 
 
 def policy_names() -> list[str]:
+    import controllers.model_based  # noqa: F401  (registers itself)
+
     return sorted(_POLICIES)
 
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from controllers.actuators import ReplicaActuator
 from controllers.config import ControllerConfig
 from controllers.loop import ControlLoop
-from controllers.observe import observe_front_door
+from controllers.observe import FrontDoorObserver
 from controllers.policies import SLOTargets, build_policy, policy_names
 from profilers.clock import RealClock
 from serving.api import FrontDoor, error_response
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class PolicyChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
     policy: str
-    options: dict[str, float] = Field(default_factory=dict)
+    options: dict[str, float | str] = Field(default_factory=dict)
 
 
 class KnobChange(BaseModel):
@@ -48,7 +48,7 @@ class Controller:
         self.actuator = ReplicaActuator(door.router)
         self.loop = ControlLoop(
             build_policy(config.policy, self.slo, **config.options),
-            lambda: observe_front_door(door),
+            FrontDoorObserver(door),
             self.actuator,
             RealClock(),
             period_s=config.period_s,

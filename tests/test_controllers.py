@@ -122,3 +122,69 @@ async def test_defaults_restored_on_cancel_and_on_policy_failure() -> None:
     with pytest.raises(RuntimeError, match="corrupt"):
         await loop.run()
     assert act.restored == 2 and loop.stats.decisions[("broken", "error")] == 1
+
+
+def plant(clock: float, rate: float = 5.0) -> tuple[float, float]:
+    """A toy serving stack: TPOT grows as the clock falls; energy per token is lowest at a middle clock."""
+    tpot = 0.03 * (1980.0 / clock)
+    energy = 0.5 + 0.4 * ((clock - 1110.0) / 870.0) ** 2
+    return tpot, energy
+
+
+def plant_obs(clock: float, t: float, rate: float = 5.0) -> Observation:
+    tpot, energy = plant(clock, rate)
+    return Observation(t, rate, 0.2, tpot, 10, 300.0, energy, 3, 0, clock, 256, CLOCKS)
+
+
+def test_model_based_online_finds_the_cheapest_clock_meeting_the_slo() -> None:
+    p = build_policy("model_based", SLO, dwell=3, hold=50)
+    clock = max(CLOCKS)
+    reasons = []
+    for t in range(60):
+        d = p.decide(plant_obs(clock, float(t)))
+        clock = d.knobs.clock_mhz or clock
+        reasons.append(d.reason)
+    assert "profiling" in reasons and "cheapest_meeting_slo" in reasons
+    assert clock == 1110.0  # the energy minimum; its TPOT (0.054 s) is within 85% of the 0.1 s SLO
+    # Profiling never went below a clock that broke the margin: 510 MHz would give TPOT 0.116 s.
+    assert reasons[-1] == "hold"
+
+
+def test_model_based_stops_walking_down_at_the_slo() -> None:
+    tight = SLOTargets(ttft_s=1.0, tpot_s=0.06)  # 1110 MHz (0.054 s) is over 85% of it; 1410 MHz is not
+    p = build_policy("model_based", tight, dwell=2, hold=50)
+    clock, seen = max(CLOCKS), set()
+    for t in range(40):
+        clock = p.decide(plant_obs(clock, float(t))).knobs.clock_mhz or clock
+        seen.add(clock)
+    assert clock == 1410.0 and min(seen) >= 1110.0
+
+
+def test_model_based_from_a_knob_sweep(tmp_path) -> None:
+    rows = ["setting,offered_rps,energy_per_token_j,ttft_p99_s,tpot_p99_s"]
+    for c in (810, 1410, 1980):
+        tpot, energy = plant(c)
+        rows += [f"clock_mhz={c},2,{energy},0.3,{tpot}", f"clock_mhz={c},8,{energy * 0.6},0.5,{tpot * 1.7}"]
+    rows.append("policy=slo_feedback,2,0.1,0.1,0.01")  # policy rows are not operating points
+    path = tmp_path / "points.csv"
+    path.write_text("\n".join(rows) + "\n")
+    slo = SLOTargets(ttft_s=1.0, tpot_s=0.08)  # 85% margin: TPOT <= 0.068 s
+    p = build_policy("model_based", slo, profile=str(path))
+    # At 1.5/s the 2/s curve applies: 810 MHz breaks the margin (0.073 s), 1410 MHz is cheaper than 1980.
+    assert p.decide(plant_obs(1980, 0, rate=1.5)).knobs.clock_mhz == 1410
+    # At 7/s the 8/s curve applies: 1410 MHz now breaks the margin (0.072 s), so only 1980 MHz is left.
+    at8 = p.decide(plant_obs(1980, 1, rate=7.0))
+    assert at8.knobs.clock_mhz == 1980 and at8.reason == "cheapest_meeting_slo"
+    with pytest.raises(ValueError, match="not found"):
+        build_policy("model_based", SLO, profile=str(tmp_path / "missing.csv"))
+
+
+def test_controller_config_rejects_bad_policy_options(tmp_path) -> None:
+    from pydantic import ValidationError
+
+    from controllers.config import ControllerConfig
+
+    with pytest.raises(ValidationError, match="does not take these options"):
+        ControllerConfig(policy="slo_feedback", options={"gain": 3})
+    with pytest.raises(ValidationError, match="not found"):
+        ControllerConfig(policy="model_based", options={"profile": str(tmp_path / "none.csv")})

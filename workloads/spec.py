@@ -51,7 +51,7 @@ class PolicySetting(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     policy: str = Field(min_length=1, description="A policy the target's controller knows, e.g. slo_feedback.")
-    options: dict[str, float] = Field(default_factory=dict)
+    options: dict[str, float | str] = Field(default_factory=dict)
 
 
 class KnobSetting(BaseModel):
@@ -83,7 +83,8 @@ def setting_label(setting: KnobSetting | PolicySetting | None) -> str:
     if setting is None:
         return "as deployed"
     if isinstance(setting, PolicySetting):
-        opts = ",".join(f"{k}={v:g}" for k, v in sorted(setting.options.items()))
+        opts = ",".join(f"{k}={v:g}" if isinstance(v, float | int) else f"{k}={v}"
+                        for k, v in sorted(setting.options.items()))
         return f"policy={setting.policy}" + (f"({opts})" if opts else "")
     return " ".join(f"{k}={v:g}" for k, v in setting.model_dump(exclude_none=True).items()) or "knobs=defaults"
 
