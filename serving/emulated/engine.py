@@ -79,20 +79,25 @@ class EmulatedEngine:
         self.replica = replica
         self.clock = clock or RealClock()
         self.device = device or load_device(config.device)
-        self.model = model or load_model_shape(config.model)
-        kv_bytes = self.device.memory_bytes * self.device.kv_memory_fraction - self.model.weight_bytes
-        if kv_bytes <= 0:
+        self.model = model or load_model_shape(config.model, config.dtype)
+        if self.model.architecture != "decoder":
             raise ValueError(
-                f"model {self.model.name} ({self.model.weight_bytes / 1e9:.1f} GB of weights) does not fit "
-                f"the memory of {self.device.name} ({self.device.memory_bytes / 1e9:.1f} GB)"
+                f"model {self.model.name} is an encoder: the serving engine generates tokens and needs a "
+                "decoder; evaluate encoders with serving.emulated.physics.run_metrics"
             )
-        self.kv_capacity_tokens = int(kv_bytes // self.model.kv_bytes_per_token)
+        self.device.peak_macs_per_s(self.model.dtype, self.device.f_max_mhz)  # raises if no such datapath
+        self.kv_capacity_tokens = self.device.kv_capacity_tokens(self.model)  # raises DeviceFitError
         if config.max_model_len > self.kv_capacity_tokens:
             raise ValueError(
                 f"max_model_len {config.max_model_len} exceeds the KV-cache capacity of {self.device.name} "
                 f"for {self.model.name} ({self.kv_capacity_tokens} tokens); lower max_model_len"
             )
         self.clock_mhz = self.device.nearest_clock(config.clock_mhz or self.device.f_max_mhz)
+        if config.clock_mhz is not None and self.clock_mhz != config.clock_mhz:
+            log.warning(
+                "%s: clock %g MHz is not in the device's table; clamped to supported %g MHz",
+                self.device.name, config.clock_mhz, self.clock_mhz,
+            )
         self.max_num_seqs = config.max_num_seqs
         self.tokenizer = WordTokenizer()
         self._waiting: deque[_Sequence] = deque()
