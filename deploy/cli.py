@@ -30,6 +30,7 @@ def _print_summary(console: Console, points, out: Path) -> None:  # type: ignore
 
 def cmd_campaign_run(args: argparse.Namespace) -> int:
     from deploy.local import DeploymentStartError, LocalDeployment
+    from serving.emulated.physics import DeviceFitError, PresetError
     from workloads.campaign import OutputDirError, Target, prepare_out_dir, run_campaign
     from workloads.report import write_report
 
@@ -37,29 +38,50 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
     spec = load_yaml_model(Path(args.file), CampaignFile)  # validate before touching --out
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
+    if spec.clock == "virtual" and args.url:
+        raise ConfigError("clock: virtual simulates the emulated deployment in-process; drop --url")
     out = Path(args.out)
-    try:
+
+    def run_one(spec: CampaignFile, out: Path):  # type: ignore[no-untyped-def]
         prepare_out_dir(out, spec, resume=args.resume, overwrite=args.overwrite)
-    except OutputDirError as e:
-        console.print(f"[red]error:[/] {e}")
-        return EXIT_USAGE
-    (out / "campaign.yaml").write_text(Path(args.file).read_text())
-    try:
-        if args.url:
+        (out / "campaign.yaml").write_text(Path(args.file).read_text())
+        if spec.clock == "virtual":
+            from deploy.virtual import run_virtual_campaign
+
+            points = run_virtual_campaign(spec, spec.deployment, out, console)
+        elif args.url:
             points = run_campaign(spec, Target(args.url, args.metrics_url), out, console)
         else:
             console.print(f"starting the deployment: {spec.deployment.replicas} x {spec.deployment.engine.kind} "
                           f"replicas of {spec.deployment.model_name} (log: {out / 'deployment.log'})")
             with LocalDeployment(spec.deployment, out / "deployment.log") as url:
                 points = run_campaign(spec, Target(url, args.metrics_url), out, console)
+        write_report(out)
+        return points
+
+    try:
+        if spec.compare:
+            from deploy.compare import run_comparison
+
+            out.mkdir(parents=True, exist_ok=True)
+            run_comparison(spec, out, run_one, console)
+            console.print(f"comparison: {out / 'compare.csv'}; one campaign per device under {out}/")
+            return 0
+        points = run_one(spec, out)
+    except OutputDirError as e:
+        console.print(f"[red]error:[/] {e}")
+        return EXIT_USAGE
     except DeploymentStartError as e:
+        console.print(f"[red]error:[/] {e}")
+        return 1
+    except (DeviceFitError, PresetError) as e:  # raised in-process by virtual-time runs
         console.print(f"[red]error:[/] {e}")
         return 1
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: finished points are kept in {out}; continue with --resume")
         return 130
-    report = write_report(out)
     _print_summary(console, points, out)
+    report = out / "report.html"
     console.print(f"requests: {out / 'requests.parquet'}\npoints:   {out / 'points.csv'}\nreport:   {report}")
     return 0
 

@@ -150,9 +150,7 @@ class VirtualDeployment:
 
     def counters(self) -> dict[str, Any]:
         return {
-            f"{e.replica}/{dev}": sample
-            for e in self.engines
-            for dev, sample in snapshot(e.read()).items()
+            f"{e.replica}/{dev}": sample for e in self.engines for dev, sample in snapshot(e.read()).items()
         }
 
     async def request(self, rec: RequestRecord, start_s: float, timeout_s: float) -> None:
@@ -198,7 +196,9 @@ class VirtualDeployment:
         return records, window_energy(before, self.counters(), duration)
 
 
-async def _campaign(spec: CampaignSpec, config: ServingConfig, clock: VirtualClock, store: ResultStore) -> None:
+async def _campaign(
+    spec: CampaignSpec, config: ServingConfig, clock: VirtualClock, store: ResultStore
+) -> None:
     site = load_site_profile(spec.site)
     deployment = VirtualDeployment(config, clock)
     await deployment.start()
@@ -213,7 +213,9 @@ async def _campaign(spec: CampaignSpec, config: ServingConfig, clock: VirtualClo
                 w.arrival, w.prompt_tokens.sample, w.output_tokens.sample, rate, w.duration_s, seed
             )
             records, measurement = await deployment.run_point(point, specs, w.request_timeout_s)
-            store.add_point(summarize_point(point, rate, records, measurement, "emulated", site, spec.slo), records)
+            store.add_point(
+                summarize_point(point, rate, records, measurement, "emulated", site, spec.slo), records
+            )
     finally:
         await deployment.stop()
 
@@ -223,6 +225,7 @@ def run_virtual_campaign(
 ) -> pd.DataFrame:
     """Run every point not yet in ``out`` in virtual time; return ``points.csv`` as a frame."""
     console = console or Console()
+    out.mkdir(parents=True, exist_ok=True)
     store = ResultStore(out)
     target = Target(f"virtual://{config.engine.device}/{config.engine.model}")
     write_manifest(out, spec, target, "running")
