@@ -137,8 +137,15 @@ class VirtualDeployment:
         self.engines = [
             EmulatedEngine(config.engine, f"replica-{i}", clock=clock) for i in range(config.replicas)
         ]
+        self._token_times: dict[str, list[float]] = {}
+        for e in self.engines:
+            e.on_token = self._on_token
+            e.stream_every_token = False  # token times come from the hook; events only open and close
         handles = [ReplicaHandle(e.replica, LocalActor(e), backend=e.backend) for e in self.engines]
         self.router = Router(handles, policy=config.router)
+
+    def _on_token(self, request_id: str, t_s: float) -> None:
+        self._token_times.setdefault(request_id, []).append(t_s)
 
     async def start(self) -> None:
         for e in self.engines:
@@ -163,16 +170,15 @@ class VirtualDeployment:
             max_tokens=rec.max_output_tokens,
             ignore_eos=True,
         )
-        times: list[float] = []
         last: TokenEvent | None = None
         try:
             async for ev in self.router.stream(req):
-                times.append(self.clock.now())
                 last = ev
         except RequestRejectedError as e:
             rec.status, rec.http_status, rec.error = "failed", 400, str(e)
             return
         assert last is not None
+        times = self._token_times.pop(req.request_id)
         rec.replica, rec.output_tokens = last.replica, last.output_tokens
         rec.energy_j, rec.energy_provenance = last.energy_j, last.provenance
         rec.ttft_s = times[0] - t_send

@@ -22,7 +22,7 @@ import yaml
 from pydantic import ValidationError
 
 from serving.emulated.devices import DeviceFitError, DeviceSpec, Execution, device_from_dict
-from serving.emulated.shapes import ZERO_WORK, ModelShape, SequenceWork, WorkCounts, count_work
+from serving.emulated.shapes import ModelShape, SequenceWork, WorkCounts, count_tuple
 
 __all__ = [
     "DeviceFitError",
@@ -66,19 +66,28 @@ class IterationCost:
 
 
 def _price(
-    device: DeviceSpec, counts: dict[str, WorkCounts], ex: Execution, time_s: float, clock_mhz: float
+    device: DeviceSpec,
+    rows: list[tuple[str, int, float, float, float, float]],
+    total: WorkCounts,
+    ex: Execution,
+    time_s: float,
+    clock_mhz: float,
 ) -> IterationCost:
     """Energy of an iteration lasting at least ``time_s``, split so the request shares add up exactly."""
-    own = {rid: ex.own_j(c) for rid, c in counts.items()}
+    e_w, e_a, e_kv, e_act, e_tok = ex.weight_mac_j, ex.attn_mac_j, ex.kv_byte_j, ex.act_byte_j, ex.token_j
+    own: dict[str, float] = {}
+    tokens: dict[str, int] = {}
+    for rid, n, wm, am, kv, act in rows:
+        own[rid] = own.get(rid, 0.0) + wm * e_w + am * e_a + kv * e_kv + act * e_act + n * e_tok
+        tokens[rid] = tokens.get(rid, 0) + n
     dynamic_j = sum(own.values()) + ex.weight_stream_j
     static_w = device.static_power_w(clock_mhz)
     throttled = dynamic_j / time_s + static_w > device.tdp_w
     if throttled:
         time_s = dynamic_j / (device.tdp_w - static_w)
     static_j = static_w * time_s
-    total = sum(counts.values(), ZERO_WORK)
-    shared_j = ex.weight_stream_j + static_j
-    per_request = {rid: own[rid] + shared_j * c.tokens / total.tokens for rid, c in counts.items()}
+    shared_per_token = (ex.weight_stream_j + static_j) / total.tokens
+    per_request = {rid: j + shared_per_token * tokens[rid] for rid, j in own.items()}
     return IterationCost(
         time_s=time_s,
         energy_j=dynamic_j + static_j,
@@ -92,13 +101,21 @@ def _price(
     )
 
 
-def _counts(model: ModelShape, work: list[SequenceWork]) -> dict[str, WorkCounts]:
+def _count(
+    model: ModelShape, work: list[SequenceWork]
+) -> tuple[list[tuple[str, int, float, float, float, float]], WorkCounts]:
     if not work:
         raise ValueError("an iteration needs at least one sequence")
-    counts: dict[str, WorkCounts] = {}
+    c = model.work_constants
+    rows = []
+    t = 0
+    sw = sa = skv = sact = 0.0
     for w in work:
-        counts[w.request_id] = counts.get(w.request_id, ZERO_WORK) + count_work(model, w)
-    return counts
+        wm, am, kv, act = count_tuple(c, w.new_tokens, w.context_tokens)
+        rows.append((w.request_id, w.new_tokens, wm, am, kv, act))
+        t += w.new_tokens
+        sw, sa, skv, sact = sw + wm, sa + am, skv + kv, sact + act
+    return rows, WorkCounts(t, sw, sa, skv, sact)
 
 
 def iteration_cost(
@@ -110,18 +127,18 @@ def iteration_cost(
     weights once and static power for the iteration) is split by the tokens each request processed, so
     the shares add up to the iteration's energy exactly.
     """
-    counts = _counts(model, work)
-    ex = device.execute(model, sum(counts.values(), ZERO_WORK), clock_mhz)
-    return _price(device, counts, ex, max(ex.compute_s, ex.memory_s) + device.overhead_s, clock_mhz)
+    rows, total = _count(model, work)
+    ex = device.execute(model, total, clock_mhz)
+    return _price(device, rows, total, ex, max(ex.compute_s, ex.memory_s) + device.overhead_s, clock_mhz)
 
 
 def _ideal_cost(
     device: DeviceSpec, model: ModelShape, work: list[SequenceWork], clock_mhz: float
-) -> IterationCost:
+) -> tuple[IterationCost, Execution]:
     """The roofline bound: peak rates, no overhead, same energies per unit of work."""
-    counts = _counts(model, work)
-    ex = device.execute(model, sum(counts.values(), ZERO_WORK), clock_mhz)
-    return _price(device, counts, ex, max(ex.ideal_compute_s, ex.ideal_memory_s), clock_mhz)
+    rows, total = _count(model, work)
+    ex = device.execute(model, total, clock_mhz)
+    return _price(device, rows, total, ex, max(ex.ideal_compute_s, ex.ideal_memory_s), clock_mhz), ex
 
 
 # --- whole-workload figures ----------------------------------------------------------------------
@@ -212,14 +229,13 @@ def energy_floor_per_token(
         raise ValueError("a floor needs prompt_tokens >= 1, output_tokens >= 1 (decoders) and batch >= 1")
     best: EnergyFloor | None = None
     for clock in sorted(device.clocks_mhz):
-        prefill = _ideal_cost(device, model, encoder_batch(batch, prompt_tokens), clock)
+        prefill, _ = _ideal_cost(device, model, encoder_batch(batch, prompt_tokens), clock)
         if model.architecture == "encoder":
             per_token, bound = prefill.energy_j / (batch * prompt_tokens), "compute"
         else:
             ctx = prompt_tokens + output_tokens // 2
             step_work = [SequenceWork(f"seq{i}", 1, ctx, False) for i in range(batch)]
-            step = _ideal_cost(device, model, step_work, clock)
-            ex = device.execute(model, sum(_counts(model, step_work).values(), ZERO_WORK), clock)
+            step, ex = _ideal_cost(device, model, step_work, clock)
             bound = "compute" if ex.ideal_compute_s >= ex.ideal_memory_s else "memory"
             per_token = (prefill.energy_j + output_tokens * step.energy_j) / (batch * output_tokens)
         if best is None or per_token < best.joules_per_token:

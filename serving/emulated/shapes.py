@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from functools import cached_property
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -75,6 +76,19 @@ class ModelShape(BaseModel):
     def matmul_weight_bytes(self) -> float:
         return (self.matmul_params + self.lm_head_params) * self.dtype_bytes
 
+    @cached_property
+    def work_constants(self) -> WorkConstants:
+        """Per-token coefficients of :func:`count_work`, computed once per shape (hot path)."""
+        inter = self.intermediate_size or 4 * self.hidden_size
+        return WorkConstants(
+            matmul_params=self.matmul_params,
+            lm_head_params=self.lm_head_params,
+            kv_bytes_per_token=self.kv_bytes_per_token,
+            attn_coef=2.0 * self.n_layers * self.n_heads * self.head_dim,
+            act_coef=self.dtype_bytes * self.n_layers * (6 * self.hidden_size + 2 * inter),
+            encoder=self.architecture == "encoder",
+        )
+
     def with_dtype(self, dtype: str) -> ModelShape:
         """The same model quantized or cast to ``dtype`` (e.g. INT8 for CIM devices)."""
         if dtype not in DTYPE_BYTES:
@@ -128,6 +142,15 @@ class ModelShape(BaseModel):
         )
 
 
+class WorkConstants(NamedTuple):
+    matmul_params: float
+    lm_head_params: float
+    kv_bytes_per_token: float
+    attn_coef: float
+    act_coef: float
+    encoder: bool
+
+
 @dataclass(frozen=True)
 class SequenceWork:
     """What one request does in one iteration."""
@@ -171,19 +194,20 @@ class WorkCounts:
 ZERO_WORK = WorkCounts(0, 0.0, 0.0, 0.0, 0.0)
 
 
+def count_tuple(c: WorkConstants, n: int, ctx: int) -> tuple[float, float, float, float]:
+    """(weight MACs, attention MACs, KV bytes, activation bytes) of ``n`` new tokens after ``ctx``."""
+    if c.encoder:
+        # Bidirectional attention over the whole sequence, no cache, no LM head.
+        return c.matmul_params * n, c.attn_coef * n * n, 0.0, c.act_coef * n
+    # Causal: query i sees ctx + i keys. vLLM computes logits only for the last position of a sequence.
+    keys = ctx + (n + 1) / 2
+    return (
+        c.matmul_params * n + c.lm_head_params,
+        c.attn_coef * n * keys,
+        c.kv_bytes_per_token * (ctx + n),
+        c.act_coef * n,
+    )
+
+
 def count_work(model: ModelShape, w: SequenceWork) -> WorkCounts:
-    n, ctx = w.new_tokens, w.context_tokens
-    q_width = model.n_heads * model.head_dim
-    if model.architecture == "encoder":
-        keys_per_query = float(n)  # bidirectional attention over the whole sequence, no cache
-        kv_bytes = 0.0
-        lm_head = 0.0
-    else:
-        keys_per_query = ctx + (n + 1) / 2  # causal: query i sees ctx + i keys
-        kv_bytes = model.kv_bytes_per_token * (ctx + n)
-        # vLLM computes logits only for the last position of each sequence in the step.
-        lm_head = model.lm_head_params
-    attn = 2.0 * model.n_layers * q_width * n * keys_per_query
-    inter = model.intermediate_size or 4 * model.hidden_size
-    act = model.dtype_bytes * n * model.n_layers * (6 * model.hidden_size + 2 * inter)
-    return WorkCounts(n, model.matmul_params * n + lm_head, attn, kv_bytes, act)
+    return WorkCounts(w.new_tokens, *count_tuple(model.work_constants, w.new_tokens, w.context_tokens))
