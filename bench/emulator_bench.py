@@ -146,7 +146,7 @@ def virtual_speed(trace: Path | None) -> pd.DataFrame:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--virtual", action="store_true", help="also measure virtual-time simulation speed")
-    p.add_argument("--trace", type=Path, help="Azure LLM trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens)")
+    p.add_argument("--trace", type=Path, help="Azure trace CSV: TIMESTAMP, ContextTokens, GeneratedTokens")
     args = p.parse_args()
     np.set_printoptions(precision=4)
     _table("Presets: BERT-base 1x128 INT8 pass; SmolLM2-135M INT8 decode, 16 seqs at 512 ctx", preset_table())

@@ -52,8 +52,9 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
         elif args.url:
             points = run_campaign(spec, Target(args.url, args.metrics_url), out, console)
         else:
-            console.print(f"starting the deployment: {spec.deployment.replicas} x {spec.deployment.engine.kind} "
-                          f"replicas of {spec.deployment.model_name} (log: {out / 'deployment.log'})")
+            d = spec.deployment
+            console.print(f"starting the deployment: {d.replicas} x {d.engine.kind} {d.engine.device} "
+                          f"replicas of {d.model_name} (log: {out / 'deployment.log'})")
             with LocalDeployment(spec.deployment, out / "deployment.log") as url:
                 points = run_campaign(spec, Target(url, args.metrics_url), out, console)
         write_report(out)

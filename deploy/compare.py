@@ -51,11 +51,40 @@ def run_comparison(
         sub = variant_spec(spec, variant)
         console.rule(f"{variant.name}: {sub.deployment.engine.device} / {sub.deployment.engine.model}")
         points = run_one(sub, out / variant.name)
-        frames.append(points.assign(device=variant.name))
+        frames.append(with_floor(points, out / variant.name, sub).assign(device=variant.name))
     table = pd.concat(frames, ignore_index=True)
     table.to_csv(out / "compare.csv", index=False)
     print_comparison(console, table)
     return table
+
+
+def with_floor(points: pd.DataFrame, out: Path, spec: CampaignFile) -> pd.DataFrame:
+    """Add the roofline floor of energy per output token of each point, and measured / floor.
+
+    The floor is taken for the point's mean prompt and output lengths at its mean batch per replica
+    (Little's law: completed requests per second x mean end-to-end latency / replicas).
+    """
+    from serving.emulated.physics import energy_floor_per_token, load_device, load_model_shape
+
+    engine = spec.deployment.engine
+    device, model = load_device(engine.device), load_model_shape(engine.model, engine.dtype)
+    requests = pd.read_parquet(out / "requests.parquet")
+    floors = []
+    for _, row in points.iterrows():
+        ok = requests[(requests["point"] == row["point"]) & (requests["status"] == "ok")]
+        if ok.empty:
+            floors.append(float("nan"))
+            continue
+        batch = row["achieved_rps"] * ok["e2e_s"].mean() / spec.deployment.replicas
+        floor = energy_floor_per_token(
+            device,
+            model,
+            max(1, round(ok["prompt_tokens"].mean())),
+            max(1, round(ok["output_tokens"].mean())),
+            batch=max(1, round(batch)),
+        )
+        floors.append(floor.joules_per_token)
+    return points.assign(floor_j_per_token=floors, x_floor=points["energy_per_token_j"] / pd.Series(floors))
 
 
 def print_comparison(console: Console, table: pd.DataFrame) -> None:

@@ -83,6 +83,8 @@ def test_hardware_compare_example_in_virtual_time(tmp_path: Path) -> None:
     assert main(["campaign", "run", str(campaign), "--out", str(tmp_path / "out")]) == 0
     table = pd.read_csv(tmp_path / "out" / "compare.csv")
     assert set(table["device"]) == {"h100_sxm", "a40", "hastily_cim", "kv260_fpga"}
+    # Measured energy per token never beats the roofline floor of the same point.
+    assert (table["floor_j_per_token"] > 0).all() and (table["x_floor"] > 1).all()
     per_device = table.groupby("device")["energy_per_token_j"].min()
     assert per_device["hastily_cim"] < per_device["h100_sxm"]
     for device in per_device.index:
