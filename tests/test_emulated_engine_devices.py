@@ -80,3 +80,20 @@ def test_clock_outside_the_table_is_clamped_and_reported(caplog: pytest.LogCaptu
         engine = EmulatedEngine(EmulatedEngineConfig(clock_mhz=3000, max_model_len=1024), "r")
     assert engine.clock_mhz == 1980
     assert "clamped to supported 1980 MHz" in caplog.text
+
+
+class _OvershootingClock(VirtualClock):
+    """A clock whose sleeps wake 1 ms late, like asyncio.sleep on a loaded host."""
+
+    async def sleep(self, seconds: float) -> None:
+        await super().sleep(max(0.0, seconds) + 0.001)
+
+
+async def test_sleep_overshoot_does_not_accumulate_into_the_timeline() -> None:
+    clock = _OvershootingClock()
+    engine = EmulatedEngine(EmulatedEngineConfig(max_model_len=1024), "r", clock=clock)
+    events = await _generate(engine, clock, 40)
+    assert len(events) == 40
+    # Back-to-back iterations follow the modeled timeline: at most one overshoot is charged as idle,
+    # not one per iteration (40 ms x 70 W = 2.8 J).
+    assert engine.stats().idle_j <= 0.0025 * engine.device.idle_power_w

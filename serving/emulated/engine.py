@@ -39,6 +39,7 @@ from serving.types import (
 )
 
 log = logging.getLogger(__name__)
+MAX_LAG_S = 0.05
 
 
 @dataclass
@@ -271,13 +272,20 @@ class EmulatedEngine:
         return plan
 
     async def _run(self) -> None:
+        busy_until: float | None = None  # modeled end of the previous iteration while the engine stays busy
         while True:
             plan = self._schedule()
             if not plan:
+                busy_until = None
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             t0 = self.clock.now()
+            # Back-to-back iterations start at the previous one's modeled end, so a real clock's sleep
+            # overshoot (~1 ms per iteration on a loaded host) does not accumulate into the timeline;
+            # a lag beyond MAX_LAG_S (a starved host) is given up rather than caught up in a burst.
+            if busy_until is not None and t0 - busy_until <= MAX_LAG_S:
+                t0 = busy_until
             self._idle_j += self._pending_idle_j(t0)
             self._energy_j = self._idle_j + self._prefill_j + self._decode_j
             cost = iteration_cost(self.device, self.model, [w for _, w in plan], self.clock_mhz)
@@ -288,6 +296,7 @@ class EmulatedEngine:
                 self._inflight = None
                 self._accounted_until = t0 + cost.time_s
             self._iterations += 1
+            busy_until = t0 + cost.time_s
             for seq, work in plan:
                 share = cost.per_request_j[work.request_id]
                 if work.is_prefill:
