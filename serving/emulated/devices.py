@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from functools import cached_property
+from typing import Any, ClassVar, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -46,6 +47,24 @@ class OnChipLevel(BaseModel):
         gt=0,
         description="Access energy relative to an 8 KB SRAM read (bigger arrays cost more).",
     )
+
+
+class OperatingPoint(NamedTuple):
+    """What a device offers a model at one clock: rates, unit energies and weight streaming."""
+
+    peak_macs_per_s: float
+    compute_efficiency: float
+    bandwidth_bps: float
+    """Bandwidth the streamed weights and the KV cache move at."""
+    memory_efficiency: float
+    weight_mac_j: float
+    attn_mac_j: float
+    kv_byte_j: float
+    act_byte_j: float
+    token_j: float
+    stream_bytes: float
+    """Weight bytes streamed every iteration (zero when they stay on chip)."""
+    stream_j: float
 
 
 @dataclass(frozen=True)
@@ -119,7 +138,7 @@ class DeviceSpec(BaseModel):
         return self
 
     # --- DVFS ------------------------------------------------------------------------------------
-    @property
+    @cached_property
     def f_max_mhz(self) -> float:
         return max(self.clocks_mhz)
 
@@ -136,9 +155,19 @@ class DeviceSpec(BaseModel):
 
     def static_power_w(self, clock_mhz: float) -> float:
         """Power drawn during an iteration besides the work's own energy: idle + clock tree (C·V²·f)."""
-        busy = self.busy_power_w if self.busy_power_w is not None else self.idle_power_w
-        dvfs = (self.voltage(clock_mhz) / self.v_max) ** 2 * clock_mhz / self.f_max_mhz
-        return self.idle_power_w + (busy - self.idle_power_w) * dvfs
+        watts = self.cache.get(("static_w", clock_mhz))
+        if watts is None:
+            busy = self.busy_power_w if self.busy_power_w is not None else self.idle_power_w
+            dvfs = (self.voltage(clock_mhz) / self.v_max) ** 2 * clock_mhz / self.f_max_mhz
+            watts = self.cache[("static_w", clock_mhz)] = (
+                self.idle_power_w + (busy - self.idle_power_w) * dvfs
+            )
+        return watts
+
+    @cached_property
+    def cache(self) -> dict[Any, Any]:
+        """Per-instance memo of derived quantities (operating points, static power) for the hot path."""
+        return {}
 
     # --- memory ----------------------------------------------------------------------------------
     @property
@@ -185,9 +214,31 @@ class DeviceSpec(BaseModel):
         """Dynamic energy of one MAC with its operands in place (what macro papers report)."""
         raise NotImplementedError
 
+    def operating_point(self, model: ModelShape, clock_mhz: float) -> OperatingPoint:
+        """Rates and energies per unit of work for ``model`` at ``clock_mhz`` (kind-specific)."""
+        raise NotImplementedError
+
     def execute(self, model: ModelShape, work: WorkCounts, clock_mhz: float) -> Execution:
         """Times and unit energies of one iteration doing ``work`` (summed over its requests)."""
-        raise NotImplementedError
+        key = (model.work_constants, model.dtype, model.dtype_bytes, clock_mhz)
+        op = self.cache.get(key)
+        if op is None:  # the hot path of every iteration: computed once per model and clock
+            op = self.cache[key] = self.operating_point(model, clock_mhz)
+        ideal_compute = work.macs / op.peak_macs_per_s
+        ideal_memory = (op.stream_bytes + work.kv_bytes) / op.bandwidth_bps
+        return Execution(
+            compute_s=ideal_compute / op.compute_efficiency,
+            memory_s=ideal_memory / op.memory_efficiency,
+            ideal_compute_s=ideal_compute,
+            ideal_memory_s=ideal_memory,
+            weight_mac_j=op.weight_mac_j,
+            attn_mac_j=op.attn_mac_j,
+            kv_byte_j=op.kv_byte_j,
+            act_byte_j=op.act_byte_j,
+            token_j=op.token_j,
+            weight_stream_j=op.stream_j,
+            weight_stream_bytes=op.stream_bytes,
+        )
 
 
 _KINDS: dict[str, type[DeviceSpec]] = {}

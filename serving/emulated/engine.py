@@ -97,7 +97,9 @@ class EmulatedEngine:
         if config.clock_mhz is not None and self.clock_mhz != config.clock_mhz:
             log.warning(
                 "%s: clock %g MHz is not in the device's table; clamped to supported %g MHz",
-                self.device.name, config.clock_mhz, self.clock_mhz,
+                self.device.name,
+                config.clock_mhz,
+                self.clock_mhz,
             )
         self.max_num_seqs = config.max_num_seqs
         self.tokenizer = WordTokenizer()
@@ -204,7 +206,8 @@ class EmulatedEngine:
             raise RequestRejectedError(
                 f"This model's maximum context length is {limit} tokens. However, your prompt has "
                 f"{prompt_len} tokens. Please reduce the length of the prompt.",
-                param="prompt", code="context_length_exceeded",
+                param="prompt",
+                code="context_length_exceeded",
             )
         max_tokens = request.max_tokens if request.max_tokens is not None else limit - prompt_len
         if max_tokens < 1:
@@ -214,7 +217,8 @@ class EmulatedEngine:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
                 "completion). Please reduce the length of the prompt or max_tokens.",
-                param="max_tokens", code="context_length_exceeded",
+                param="max_tokens",
+                code="context_length_exceeded",
             )
         seq = _Sequence(request, prompt_len, max_tokens, asyncio.Queue())
         self._waiting.append(seq)

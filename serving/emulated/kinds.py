@@ -12,8 +12,8 @@ from typing import ClassVar
 
 from pydantic import Field, model_validator
 
-from serving.emulated.devices import DeviceSpec, Execution, register_kind
-from serving.emulated.shapes import ModelShape, WorkCounts
+from serving.emulated.devices import DeviceSpec, OperatingPoint, register_kind
+from serving.emulated.shapes import ModelShape
 from serving.emulated.technology import INT32_ADD_PJ, mac_energy_pj, node_scale
 
 
@@ -36,27 +36,24 @@ class ProcessorSpec(DeviceSpec):
         e_mac = mac_energy_pj(dtype, self.technology_nm, self.voltage(clock_mhz)) * self.compute_energy_scale
         return e_mac * 1e-12 + self.onchip_bytes_per_mac * self.onchip_byte_j(clock_mhz)
 
-    def execute(self, model: ModelShape, work: WorkCounts, clock_mhz: float) -> Execution:
-        peak = self.peak_macs_per_s(model.dtype, clock_mhz)
+    def operating_point(self, model: ModelShape, clock_mhz: float) -> OperatingPoint:
         e_mac_total = self.mac_energy_j(model.dtype, clock_mhz)
         e_on = self.onchip_byte_j(clock_mhz)
         e_off = self.memory.energy_pj_per_byte * 1e-12
         resident = model.matmul_weight_bytes <= self.onchip.capacity_bytes
         stream = 0.0 if resident else model.matmul_weight_bytes
-        ideal_compute = work.macs / peak
-        ideal_memory = (stream + work.kv_bytes) / self.memory.bandwidth_bps
-        return Execution(
-            compute_s=ideal_compute / self.compute_efficiency,
-            memory_s=ideal_memory / self.memory.efficiency,
-            ideal_compute_s=ideal_compute,
-            ideal_memory_s=ideal_memory,
+        return OperatingPoint(
+            peak_macs_per_s=self.peak_macs_per_s(model.dtype, clock_mhz),
+            compute_efficiency=self.compute_efficiency,
+            bandwidth_bps=self.memory.bandwidth_bps,
+            memory_efficiency=self.memory.efficiency,
             weight_mac_j=e_mac_total,
             attn_mac_j=e_mac_total,
             kv_byte_j=e_off + e_on,
             act_byte_j=e_on,
             token_j=0.0,
-            weight_stream_j=stream * (e_off + e_on),
-            weight_stream_bytes=stream,
+            stream_bytes=stream,
+            stream_j=stream * (e_off + e_on),
         )
 
 
@@ -168,27 +165,24 @@ class _ArrayCimSpec(DeviceSpec):
         self.check_dtype(dtype, dict.fromkeys(self.supported_dtypes))
         return self.mac_pj(clock_mhz) * 1e-12
 
-    def execute(self, model: ModelShape, work: WorkCounts, clock_mhz: float) -> Execution:
-        peak = self.peak_macs_per_s(model.dtype, clock_mhz)
+    def operating_point(self, model: ModelShape, clock_mhz: float) -> OperatingPoint:
         e_mac = self.mac_energy_j(model.dtype, clock_mhz)
         e_on = self.onchip_byte_j(clock_mhz)
         e_write = e_on * self.write_energy_scale
         e_off = self.memory.energy_pj_per_byte * 1e-12
         stream = max(0.0, model.matmul_weight_bytes - self.array_capacity_bytes)
-        ideal_compute = work.macs / peak
-        ideal_memory = (stream + work.kv_bytes) / self.memory.bandwidth_bps
-        return Execution(
-            compute_s=ideal_compute / self.compute_efficiency,
-            memory_s=ideal_memory / self.memory.efficiency,
-            ideal_compute_s=ideal_compute,
-            ideal_memory_s=ideal_memory,
+        return OperatingPoint(
+            peak_macs_per_s=self.peak_macs_per_s(model.dtype, clock_mhz),
+            compute_efficiency=self.compute_efficiency,
+            bandwidth_bps=self.memory.bandwidth_bps,
+            memory_efficiency=self.memory.efficiency,
             weight_mac_j=e_mac,
             attn_mac_j=e_mac,
             kv_byte_j=e_off + e_on,
             act_byte_j=e_on,
             token_j=model.kv_bytes_per_token * e_write,
-            weight_stream_j=stream * (e_off + e_write),
-            weight_stream_bytes=stream,
+            stream_bytes=stream,
+            stream_j=stream * (e_off + e_write),
         )
 
 
@@ -255,24 +249,20 @@ class DramPimSpec(DeviceSpec):
         v = self.voltage(clock_mhz)
         return mac_energy_pj(dtype, self.technology_nm, v) * self.compute_energy_scale * 1e-12
 
-    def execute(self, model: ModelShape, work: WorkCounts, clock_mhz: float) -> Execution:
-        peak = self.peak_macs_per_s(model.dtype, clock_mhz)
+    def operating_point(self, model: ModelShape, clock_mhz: float) -> OperatingPoint:
         e_mac = self.mac_energy_j(model.dtype, clock_mhz)
         e_bank = self.bank_energy_pj_per_byte * 1e-12
-        e_on = self.onchip_byte_j(clock_mhz)
         stream = model.matmul_weight_bytes  # weights are read from the banks every iteration, in place
-        ideal_compute = work.macs / peak
-        ideal_memory = (stream + work.kv_bytes) / self.internal_bandwidth_bps
-        return Execution(
-            compute_s=ideal_compute / self.compute_efficiency,
-            memory_s=ideal_memory / self.memory.efficiency,
-            ideal_compute_s=ideal_compute,
-            ideal_memory_s=ideal_memory,
+        return OperatingPoint(
+            peak_macs_per_s=self.peak_macs_per_s(model.dtype, clock_mhz),
+            compute_efficiency=self.compute_efficiency,
+            bandwidth_bps=self.internal_bandwidth_bps,
+            memory_efficiency=self.memory.efficiency,
             weight_mac_j=e_mac,
             attn_mac_j=e_mac,
             kv_byte_j=e_bank,
-            act_byte_j=e_on,
+            act_byte_j=self.onchip_byte_j(clock_mhz),
             token_j=0.0,
-            weight_stream_j=stream * e_bank,
-            weight_stream_bytes=stream,
+            stream_bytes=stream,
+            stream_j=stream * e_bank,
         )
