@@ -108,3 +108,21 @@ def test_virtual_clock_refuses_a_url(tmp_path: Path, capsys) -> None:  # type: i
     campaign.write_text(yaml.safe_dump(data))
     assert main(["campaign", "run", str(campaign), "--out", str(tmp_path / "o"), "--url", "http://x"]) == 2
     assert "drop --url" in capsys.readouterr().err
+
+
+def test_compare_labels_must_be_unique(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    data = yaml.safe_load((ROOT / "examples" / "hardware_compare.yaml").read_text())
+    data.update(clock="virtual", compare=[{"device": "a40"}, {"device": "a40", "clock_mhz": 1005}])
+    campaign = tmp_path / "hw.yaml"
+    campaign.write_text(yaml.safe_dump(data))
+    assert main(["campaign", "run", str(campaign), "--out", str(tmp_path / "out")]) == 2
+    assert "labels must be unique" in capsys.readouterr().err
+
+
+def test_compare_entry_with_an_unknown_field_names_it(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    data = yaml.safe_load((ROOT / "examples" / "hardware_compare.yaml").read_text())
+    data["compare"] = [{"device": "a40", "voltage": 2}]
+    campaign = tmp_path / "hw.yaml"
+    campaign.write_text(yaml.safe_dump(data))
+    assert main(["campaign", "run", str(campaign), "--out", str(tmp_path / "out")]) == 2
+    assert "compare.0.voltage: unknown key" in capsys.readouterr().err
