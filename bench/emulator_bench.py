@@ -1,8 +1,8 @@
 """Emulated devices: each preset on standard workloads, the calibration targets, and how fast the model runs.
 
-    python bench/emulator_bench.py                    # tables only (seconds)
-    python bench/emulator_bench.py --virtual          # + virtual-time speed: 10,000 synthetic requests
-    python bench/emulator_bench.py --virtual --trace PATH/azure_llm_2023_conv.csv   # + trace replay
+python bench/emulator_bench.py                    # tables only (seconds)
+python bench/emulator_bench.py --virtual          # + virtual-time speed: 10,000 synthetic requests
+python bench/emulator_bench.py --virtual --trace PATH/azure_llm_2023_conv.csv   # + trace replay
 """
 
 from __future__ import annotations
@@ -57,14 +57,23 @@ def preset_table() -> pd.DataFrame:
         enc = run_metrics(dev, bert, encoder_batch(1, 128))
         step = run_metrics(dev, lm, decode)
         floor = energy_floor_per_token(dev, lm, prompt_tokens=256, output_tokens=128, batch=16)
-        rows.append({
-            "preset": name, "kind": dev.kind,
-            "BERT tok/s": enc.tokens_per_s, "BERT TOPS": enc.tops, "BERT W": enc.power_w,
-            "BERT TOPS/W": enc.tops_per_w, "BERT J/tok": enc.joules_per_token,
-            "LM tok/s": step.tokens_per_s, "LM W": step.power_w, "LM J/tok": step.joules_per_token,
-            "LM floor J/tok": floor.joules_per_token, "floor MHz": floor.clock_mhz,
-            "peak TOPS/W": peak_tops_per_w(dev, "int8"),
-        })
+        rows.append(
+            {
+                "preset": name,
+                "kind": dev.kind,
+                "BERT tok/s": enc.tokens_per_s,
+                "BERT TOPS": enc.tops,
+                "BERT W": enc.power_w,
+                "BERT TOPS/W": enc.tops_per_w,
+                "BERT J/tok": enc.joules_per_token,
+                "LM tok/s": step.tokens_per_s,
+                "LM W": step.power_w,
+                "LM J/tok": step.joules_per_token,
+                "LM floor J/tok": floor.joules_per_token,
+                "floor MHz": floor.clock_mhz,
+                "peak TOPS/W": peak_tops_per_w(dev, "int8"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -102,6 +111,7 @@ def evaluation_speed(seconds: float = 2.0) -> pd.DataFrame:
 def _virtual_run(specs: list, replicas: int = 2) -> tuple[float, float, int]:  # type: ignore[type-arg]
     from deploy.virtual import VirtualClock, VirtualDeployment
     from serving.config import EmulatedEngineConfig, ServingConfig
+    from workloads.spec import WorkloadSpec
 
     config = ServingConfig(replicas=replicas, engine=EmulatedEngineConfig(max_model_len=32768))
     clock = VirtualClock()
@@ -109,7 +119,9 @@ def _virtual_run(specs: list, replicas: int = 2) -> tuple[float, float, int]:  #
     async def go() -> int:
         dep = VirtualDeployment(config, clock)
         await dep.start()
-        records, _ = await dep.run_point(0, specs, timeout_s=1e9)
+        span = max(s.t_s for s in specs) + 1.0
+        workload = WorkloadSpec(duration_s=span, request_timeout_s=1e6, sample_interval_s=60)
+        records, *_ = await dep.run_point(0, specs, workload)
         await dep.stop()
         return sum(r.status == "ok" for r in records)
 
@@ -123,12 +135,23 @@ def virtual_speed(trace: Path | None) -> pd.DataFrame:
 
     rows = []
     specs = build_requests(
-        PoissonArrivals(), UniformLength(low=64, high=512).sample, UniformLength(low=16, high=128).sample,
-        rate_rps=20.0, duration_s=500.0, seed=1,
+        PoissonArrivals(),
+        UniformLength(low=64, high=512).sample,
+        UniformLength(low=16, high=128).sample,
+        rate_rps=20.0,
+        duration_s=500.0,
+        seed=1,
     )[:10_000]
     wall, simulated, ok = _virtual_run(specs)
-    rows.append({"run": f"{len(specs)} synthetic requests, 20 req/s", "requests ok": ok,
-                 "simulated s": simulated, "wall s": wall, "x real time": simulated / wall})
+    rows.append(
+        {
+            "run": f"{len(specs)} synthetic requests, 20 req/s",
+            "requests ok": ok,
+            "simulated s": simulated,
+            "wall s": wall,
+            "x real time": simulated / wall,
+        }
+    )
     if trace is not None:
         df = pd.read_csv(trace)
         t = pd.to_datetime(df["TIMESTAMP"])
@@ -138,8 +161,15 @@ def virtual_speed(trace: Path | None) -> pd.DataFrame:
             for ts, c, g in zip(t_s, df["ContextTokens"], df["GeneratedTokens"], strict=True)
         ]
         wall, simulated, ok = _virtual_run(specs)
-        rows.append({"run": f"Azure conv trace, {len(specs)} requests", "requests ok": ok,
-                     "simulated s": simulated, "wall s": wall, "x real time": simulated / wall})
+        rows.append(
+            {
+                "run": f"Azure conv trace, {len(specs)} requests",
+                "requests ok": ok,
+                "simulated s": simulated,
+                "wall s": wall,
+                "x real time": simulated / wall,
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -8,6 +8,7 @@ results use the same schema as a real-time campaign (``points.csv``, ``requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import math
@@ -24,11 +25,11 @@ from serving.config import ServingConfig
 from serving.emulated.engine import EmulatedEngine
 from serving.router import ReplicaHandle, Router
 from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
-from workloads.arrivals import RequestSpec, build_requests
-from workloads.campaign import Target, write_manifest
+from workloads.arrivals import RequestSpec, TraceArrivals, build_requests, build_trace_requests
+from workloads.campaign import Target, _mark_phases, write_manifest
 from workloads.client import RequestRecord
 from workloads.results import ResultStore, summarize_point
-from workloads.spec import CampaignSpec
+from workloads.spec import CampaignSpec, WorkloadSpec
 
 T = TypeVar("T")
 
@@ -134,9 +135,7 @@ class VirtualDeployment:
 
     def __init__(self, config: ServingConfig, clock: VirtualClock) -> None:
         self.clock = clock
-        self.engines = [
-            EmulatedEngine(config.engine, f"replica-{i}", clock=clock) for i in range(config.replicas)
-        ]
+        self.engines = [EmulatedEngine(config.engine, f"replica-{i}", clock=clock) for i in range(config.replicas)]
         self._token_times: dict[str, list[float]] = {}
         for e in self.engines:
             e.on_token = self._on_token
@@ -156,9 +155,7 @@ class VirtualDeployment:
             await e.stop()
 
     def counters(self) -> dict[str, Any]:
-        return {
-            f"{e.replica}/{dev}": sample for e in self.engines for dev, sample in snapshot(e.read()).items()
-        }
+        return {f"{e.replica}/{dev}": sample for e in self.engines for dev, sample in snapshot(e.read()).items()}
 
     async def request(self, rec: RequestRecord, start_s: float, timeout_s: float) -> None:
         await self.clock.sleep_until(start_s + rec.intended_send_s)
@@ -189,22 +186,61 @@ class VirtualDeployment:
         if rec.status != "ok":
             rec.error = f"timed out after {timeout_s:g} s (virtual)"
 
-    async def run_point(
-        self, point: int, specs: list[RequestSpec], timeout_s: float
-    ) -> tuple[list[RequestRecord], Measurement]:
-        records = [
-            RequestRecord(point, i, s.t_s, s.prompt_tokens, s.max_output_tokens) for i, s in enumerate(specs)
+    def generated_tokens(self) -> int:
+        return sum(e.stats().generated_tokens_total for e in self.engines)
+
+    def _rows(self, point: int, t_s: float) -> list[dict[str, object]]:
+        return [
+            {
+                "point": point,
+                "t_s": t_s,
+                "replica": e.replica,
+                "device": r.device,
+                "energy_j": r.energy_j,
+                "power_w": r.power_w,
+                "clock_mhz": r.clock_mhz,
+            }
+            for e in self.engines
+            for r in e.read()
         ]
+
+    async def _at(self, t_s: float) -> tuple[dict[str, Any], int]:
+        await self.clock.sleep_until(t_s)
+        return self.counters(), self.generated_tokens()
+
+    async def _sample(self, point: int, start: float, period_s: float, rows: list[dict[str, object]]) -> None:
+        while True:
+            rows.extend(self._rows(point, self.clock.now() - start))
+            await self.clock.sleep(period_s)
+
+    async def run_point(
+        self, point: int, specs: list[RequestSpec], w: WorkloadSpec
+    ) -> tuple[list[RequestRecord], Measurement, int, list[dict[str, object]]]:
+        """Send ``specs`` open-loop and meter the point as a real-time campaign does (warm-up and
+        cool-down excluded from the energy window, a power time series every ``sample_interval_s``)."""
+        records = [RequestRecord(point, i, s.t_s, s.prompt_tokens, s.max_output_tokens) for i, s in enumerate(specs)]
         start = self.clock.now()
-        before = self.counters()
-        await asyncio.gather(*(self.request(r, start, timeout_s) for r in records))
-        duration = self.clock.now() - start
-        return records, window_energy(before, self.counters(), duration)
+        rows: list[dict[str, object]] = []
+        begin = asyncio.ensure_future(self._at(start + w.warmup_s))
+        end = asyncio.ensure_future(self._at(start + w.duration_s - w.cooldown_s)) if w.cooldown_s > 0 else None
+        sampler = asyncio.ensure_future(self._sample(point, start, w.sample_interval_s, rows))
+        try:
+            await asyncio.gather(*(self.request(r, start, w.request_timeout_s) for r in records))
+            (first, tok0) = await begin
+            (last, tok1) = await end if end is not None else (self.counters(), self.generated_tokens())
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+        if end is not None:
+            window_s = w.duration_s - w.cooldown_s - w.warmup_s
+        else:
+            window_s = self.clock.now() - start - w.warmup_s
+        _mark_phases(records, w.warmup_s, w.duration_s - w.cooldown_s if w.cooldown_s > 0 else math.inf)
+        return records, window_energy(first, last, window_s), tok1 - tok0, rows
 
 
-async def _campaign(
-    spec: CampaignSpec, config: ServingConfig, clock: VirtualClock, store: ResultStore
-) -> None:
+async def _campaign(spec: CampaignSpec, config: ServingConfig, clock: VirtualClock, store: ResultStore) -> None:
     site = load_site_profile(spec.site)
     deployment = VirtualDeployment(config, clock)
     await deployment.start()
@@ -215,13 +251,15 @@ async def _campaign(
             if point in done:
                 continue
             seed = spec.seed * 10_007 + point  # the same requests as a real-time run of this point
-            specs = build_requests(
-                w.arrival, w.prompt_tokens.sample, w.output_tokens.sample, rate, w.duration_s, seed
-            )
-            records, measurement = await deployment.run_point(point, specs, w.request_timeout_s)
-            store.add_point(
-                summarize_point(point, rate, records, measurement, "emulated", site, spec.slo), records
-            )
+            if isinstance(w.arrival, TraceArrivals):
+                specs = build_trace_requests(w.arrival, rate, w.duration_s, seed)
+            else:
+                specs = build_requests(
+                    w.arrival, w.prompt_tokens.sample, w.output_tokens.sample, rate, w.duration_s, seed
+                )
+            records, measurement, tokens, rows = await deployment.run_point(point, specs, w)
+            summary = summarize_point(point, rate, records, measurement, "emulated", site, spec.slo, tokens)
+            store.add_point(summary, records, rows)
     finally:
         await deployment.stop()
 

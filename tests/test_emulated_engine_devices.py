@@ -71,7 +71,7 @@ def test_encoder_model_is_refused_by_the_serving_engine() -> None:
 
 
 def test_unknown_device_name() -> None:
-    with pytest.raises(PresetError, match="unknown device preset 'h200_nvl'"):
+    with pytest.raises(PresetError, match="unknown preset 'h200_nvl'"):
         EmulatedEngine(EmulatedEngineConfig(device="h200_nvl"), "r")
 
 

@@ -99,7 +99,7 @@ def test_clock_outside_table_is_clamped() -> None:
 
 
 def test_unknown_preset_names_the_choices() -> None:
-    with pytest.raises(PresetError, match=r"unknown device preset 'tpu_v9'.*h100_sxm"):
+    with pytest.raises(PresetError, match=r"unknown preset 'tpu_v9'.*h100_sxm"):
         load_device("tpu_v9")
     with pytest.raises(PresetError, match="unknown model shape"):
         load_model_shape("gpt-17")

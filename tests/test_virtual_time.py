@@ -13,7 +13,7 @@ import yaml
 from deploy.cli import main
 from deploy.config import CampaignFile
 from deploy.virtual import VirtualClock, run_virtual_campaign
-from workloads.results import POINT_COLUMNS
+from workloads.results import POINT_COLUMNS, TIMESERIES_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +62,8 @@ def test_virtual_campaign_writes_the_real_schema(tmp_path: Path) -> None:
         "replica-0",
         "replica-1",
     }
+    series = pd.read_parquet(tmp_path / "timeseries.parquet")
+    assert list(series.columns) == TIMESERIES_COLUMNS and len(series) >= 2 * 10  # two replicas, 1 s period
     # More load, less idle energy per token.
     assert points["energy_per_token_j"].iloc[1] < points["energy_per_token_j"].iloc[0]
 

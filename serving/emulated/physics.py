@@ -257,7 +257,7 @@ def _load_data(folder: str, name_or_path: str, suffix: str) -> tuple[dict, str]:
                 for p in (resources.files("serving.emulated") / folder).iterdir()
                 if p.name.endswith(suffix)
             )
-            what = "device preset" if folder == "presets" else "model shape"
+            what = "preset" if folder == "presets" else "model shape"
             raise PresetError(f"unknown {what} {name_or_path!r}: use one of {known} or a {suffix} file path")
         text, where = res.read_text(), f"{folder}/{name_or_path}{suffix}"
     try:
