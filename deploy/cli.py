@@ -33,6 +33,7 @@ def _print_summary(console: Console, points, out: Path) -> None:  # type: ignore
 
 def cmd_campaign_run(args: argparse.Namespace) -> int:
     from deploy.local import DeploymentStartError, LocalDeployment
+    from serving.emulated.physics import DeviceFitError, PresetError
     from workloads.campaign import ControlError, OutputDirError, Target, prepare_out_dir, run_campaign
     from workloads.report import write_report
 
@@ -41,36 +42,56 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
     spec = load_yaml_model(Path(args.file), CampaignFile)  # validate before touching --out
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
+    if spec.clock == "virtual" and args.url:
+        raise ConfigError("clock: virtual simulates the emulated deployment in-process; drop --url")
     out = Path(args.out)
-    try:
+
+    def run_one(spec: CampaignFile, out: Path):  # type: ignore[no-untyped-def]
         prepare_out_dir(out, spec, resume=args.resume, overwrite=args.overwrite)
-    except OutputDirError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    (out / "campaign.yaml").write_text(Path(args.file).read_text())
-    try:
-        if args.url:
+        (out / "campaign.yaml").write_text(Path(args.file).read_text())
+        if spec.clock == "virtual":
+            from deploy.virtual import run_virtual_campaign
+
+            points = run_virtual_campaign(spec, spec.deployment, out, console)
+        elif args.url:
             token = args.control_token or os.environ.get("TESTBED_CONTROL_TOKEN")
             points = run_campaign(spec, Target(args.url, args.metrics_url, token), out, console)
         else:
-            console.print(f"starting the deployment: {spec.deployment.replicas} x {spec.deployment.engine.kind} "
-                          f"replicas of {spec.deployment.model_name} (log: {out / 'deployment.log'})")
+            d = spec.deployment
+            console.print(f"starting the deployment: {d.replicas} x {d.engine.kind} {d.engine.device} "
+                          f"replicas of {d.model_name} (log: {out / 'deployment.log'})")
             # The campaign drives the controller of the deployment it starts: it holds the token.
-            controller = spec.deployment.controller
-            token = controller.token or secrets.token_urlsafe(24)
-            with_token = controller.model_copy(update={"token": token})
-            deployment = spec.deployment.model_copy(update={"controller": with_token})
+            token = d.controller.token or secrets.token_urlsafe(24)
+            deployment = d.model_copy(update={"controller": d.controller.model_copy(update={"token": token})})
             with LocalDeployment(deployment, out / "deployment.log") as url:
                 points = run_campaign(spec, Target(url, args.metrics_url, token), out, console)
+        write_report(out)
+        return points
+
+    try:
+        if spec.compare:
+            from deploy.compare import run_comparison
+
+            out.mkdir(parents=True, exist_ok=True)
+            run_comparison(spec, out, run_one, console)
+            console.print(f"comparison: {out / 'compare.csv'}; one campaign per device under {out}/")
+            return 0
+        points = run_one(spec, out)
+    except OutputDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except (DeploymentStartError, ControlError) as e:
         print(f"error: {e}", file=sys.stderr)
         print(f"finished points are kept in {out}; continue with --resume", file=sys.stderr)
         return 1
+    except (DeviceFitError, PresetError) as e:  # raised in-process by virtual-time runs
+        console.print(f"[red]error:[/] {e}")
+        return 1
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: finished points are kept in {out}; continue with --resume")
         return 130
-    report = write_report(out)
     _print_summary(console, points, out)
+    report = out / "report.html"
     console.print(f"requests: {out / 'requests.parquet'}\npoints:   {out / 'points.csv'}\nreport:   {report}")
     return 0
 

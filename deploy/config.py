@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from controllers.config import ControllerConfig
 from serving.config import ServingConfig
@@ -25,10 +25,36 @@ class DeploymentConfig(ServingConfig):
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
 
 
+class EngineVariant(BaseModel):
+    """One device (or engine setting) of a hardware comparison: fields replace the deployment's engine's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$", description="Default: the device.")
+    device: str = Field(description="Device preset name or path of a preset YAML.")
+    dtype: str | None = Field(default=None, description="Operand type on this device, e.g. int8 for CIM.")
+    model: str | None = None
+    clock_mhz: float | None = Field(default=None, gt=0)
+    max_num_seqs: int | None = Field(default=None, gt=0)
+
+    @property
+    def name(self) -> str:
+        return self.label or Path(self.device).stem
+
+
 class CampaignFile(CampaignSpec):
     """A campaign plus the deployment to start for it (ignored with ``--url``)."""
 
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    clock: Literal["real", "virtual"] = Field(
+        default="real",
+        description="real: serve over Ray and HTTP and sleep the modeled time; virtual: simulate the same "
+        "engines and router in-process on a discrete-event clock (emulated engines only).",
+    )
+    compare: list[EngineVariant] | None = Field(
+        default=None, min_length=1,
+        description="Run the campaign once per entry (results in OUT/<label>/), compared side by side.",
+    )
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:

@@ -13,6 +13,10 @@ class EmulatedEngineConfig(BaseModel):
     kind: str = Field(default="emulated", pattern="^emulated$")
     device: str = Field(default="h100_sxm", description="Device preset name or path of a preset YAML.")
     model: str = Field(default="llama-3.1-8b", description="Model shape name or path of a HF config.json.")
+    dtype: str | None = Field(
+        default=None, pattern="^(bf16|fp16|fp32|int8)$",
+        description="Operand type to emulate (e.g. int8 for CIM devices); default: the config's torch_dtype.",
+    )
     max_model_len: int = Field(default=4096, gt=0, le=1_048_576, description="Context length in tokens.")
     max_num_seqs: int = Field(default=256, gt=0, le=4096, description="Batch cap (concurrent sequences).")
     max_num_batched_tokens: int = Field(default=8192, gt=0, description="Token budget of one iteration.")

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from profilers.clock import Clock, RealClock
@@ -39,6 +39,7 @@ from serving.types import (
 )
 
 log = logging.getLogger(__name__)
+MAX_LAG_S = 0.05
 
 
 @dataclass
@@ -79,20 +80,27 @@ class EmulatedEngine:
         self.replica = replica
         self.clock = clock or RealClock()
         self.device = device or load_device(config.device)
-        self.model = model or load_model_shape(config.model)
-        kv_bytes = self.device.memory_bytes * self.device.kv_memory_fraction - self.model.weight_bytes
-        if kv_bytes <= 0:
+        self.model = model or load_model_shape(config.model, config.dtype)
+        if self.model.architecture != "decoder":
             raise ValueError(
-                f"model {self.model.name} ({self.model.weight_bytes / 1e9:.1f} GB of weights) does not fit "
-                f"the memory of {self.device.name} ({self.device.memory_bytes / 1e9:.1f} GB)"
+                f"model {self.model.name} is an encoder: the serving engine generates tokens and needs a "
+                "decoder; evaluate encoders with serving.emulated.physics.run_metrics"
             )
-        self.kv_capacity_tokens = int(kv_bytes // self.model.kv_bytes_per_token)
+        self.device.peak_macs_per_s(self.model.dtype, self.device.f_max_mhz)  # raises if no such datapath
+        self.kv_capacity_tokens = self.device.kv_capacity_tokens(self.model)  # raises DeviceFitError
         if config.max_model_len > self.kv_capacity_tokens:
             raise ValueError(
                 f"max_model_len {config.max_model_len} exceeds the KV-cache capacity of {self.device.name} "
                 f"for {self.model.name} ({self.kv_capacity_tokens} tokens); lower max_model_len"
             )
         self.clock_mhz = self.device.nearest_clock(config.clock_mhz or self.device.f_max_mhz)
+        if config.clock_mhz is not None and self.clock_mhz != config.clock_mhz:
+            log.warning(
+                "%s: clock %g MHz is not in the device's table; clamped to supported %g MHz",
+                self.device.name,
+                config.clock_mhz,
+                self.clock_mhz,
+            )
         self.max_num_seqs = config.max_num_seqs
         self.tokenizer = WordTokenizer()
         self._waiting: deque[_Sequence] = deque()
@@ -110,6 +118,10 @@ class EmulatedEngine:
         self._prompt_tokens = 0
         self._generated_tokens = 0
         self._iterations = 0
+        # Virtual-time runs observe token times through this hook and stream only the first and last
+        # token of each request, which saves the per-token event plumbing (the model is unchanged).
+        self.on_token: Callable[[str, float], None] | None = None
+        self.stream_every_token = True
 
     # --- Engine protocol -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -197,7 +209,8 @@ class EmulatedEngine:
             raise RequestRejectedError(
                 f"This model's maximum context length is {limit} tokens. However, your prompt has "
                 f"{prompt_len} tokens. Please reduce the length of the prompt.",
-                param="prompt", code="context_length_exceeded",
+                param="prompt",
+                code="context_length_exceeded",
             )
         max_tokens = request.max_tokens if request.max_tokens is not None else limit - prompt_len
         if max_tokens < 1:
@@ -207,7 +220,8 @@ class EmulatedEngine:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
                 "completion). Please reduce the length of the prompt or max_tokens.",
-                param="max_tokens", code="context_length_exceeded",
+                param="max_tokens",
+                code="context_length_exceeded",
             )
         seq = _Sequence(request, prompt_len, max_tokens, asyncio.Queue())
         self._waiting.append(seq)
@@ -265,13 +279,20 @@ class EmulatedEngine:
         return plan
 
     async def _run(self) -> None:
+        busy_until: float | None = None  # modeled end of the previous iteration while the engine stays busy
         while True:
             plan = self._schedule()
             if not plan:
+                busy_until = None
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             t0 = self.clock.now()
+            # Back-to-back iterations start at the previous one's modeled end, so a real clock's sleep
+            # overshoot (~1 ms per iteration on a loaded host) does not accumulate into the timeline;
+            # a lag beyond MAX_LAG_S (a starved host) is given up rather than caught up in a burst.
+            if busy_until is not None and t0 - busy_until <= MAX_LAG_S:
+                t0 = busy_until
             self._idle_j += self._pending_idle_j(t0)
             self._energy_j = self._idle_j + self._prefill_j + self._decode_j
             cost = iteration_cost(self.device, self.model, [w for _, w in plan], self.clock_mhz)
@@ -282,6 +303,7 @@ class EmulatedEngine:
                 self._inflight = None
                 self._accounted_until = t0 + cost.time_s
             self._iterations += 1
+            busy_until = t0 + cost.time_s
             for seq, work in plan:
                 share = cost.per_request_j[work.request_id]
                 if work.is_prefill:
@@ -301,7 +323,8 @@ class EmulatedEngine:
     def _emit_token(self, seq: _Sequence) -> None:
         index = seq.generated
         rid = seq.request.request_id
-        token_id = zlib.crc32(f"{self.config.seed}:{rid}:{index}".encode()) % self.tokenizer.vocab_size
+        if self.on_token is not None:
+            self.on_token(rid, self.clock.now())
         seq.generated += 1
         self._generated_tokens += 1
         finished = seq.generated >= seq.max_tokens
@@ -309,6 +332,9 @@ class EmulatedEngine:
             seq.done = True
             self._running.remove(seq)
             self._kv_used -= seq.kv_reserved
+        elif index > 0 and not self.stream_every_token:
+            return
+        token_id = zlib.crc32(f"{self.config.seed}:{rid}:{index}".encode()) % self.tokenizer.vocab_size
         seq.events.put_nowait(
             TokenEvent(
                 request_id=rid,

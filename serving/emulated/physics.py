@@ -1,12 +1,14 @@
 """Performance-and-energy model of one engine iteration on an emulated device.
 
 Per iteration (DESIGN.md, "Emulated devices"):
-    time   = max(FLOPs / (peak x efficiency x f/f_max), bytes / bandwidth) + overhead
-    energy = FLOPs x e_flop(V) + DRAM bytes x e_dram + on-chip bytes x e_sram + static power x time
-Prefill is compute-bound, decode memory-bound (weights and the KV cache are read once per step).
-DVFS: compute rate scales with f; dynamic energy per operation with V^2, V rising linearly from
-``v_min`` at ``f_floor`` to ``v_max`` at ``f_max``. A device that would exceed its TDP is throttled:
-the iteration is stretched until power equals TDP (what a power-capped GPU does).
+    time   = max(compute time, memory time) + overhead
+    energy = Σ MACs x energy per MAC + Σ bytes per memory level x energy per byte + static power x time
+Prefill is compute-bound, decode memory-bound (weights and the KV cache are read once per step). How a
+device executes the counts (peak rate, where weights live, what a MAC costs) is its kind's business
+(:mod:`serving.emulated.kinds`); constants are node-scaled from Horowitz (:mod:`.technology`).
+DVFS: compute rate scales with f, dynamic energy per operation with V², so dynamic power goes as C·V²·f;
+V rises linearly from ``v_min`` at ``f_floor`` to ``v_max`` at ``f_max``. A device that would exceed its TDP
+is throttled: the iteration is stretched until power equals TDP (what a power-capped GPU does).
 """
 
 from __future__ import annotations
@@ -17,113 +19,32 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ValidationError
+
+from serving.emulated.devices import DeviceFitError, DeviceSpec, Execution, device_from_dict
+from serving.emulated.shapes import ModelShape, SequenceWork, WorkCounts, count_tuple
+
+__all__ = [
+    "DeviceFitError",
+    "DeviceSpec",
+    "EnergyFloor",
+    "IterationCost",
+    "ModelShape",
+    "PresetError",
+    "RunMetrics",
+    "SequenceWork",
+    "encoder_batch",
+    "energy_floor_per_token",
+    "iteration_cost",
+    "load_device",
+    "load_model_shape",
+    "peak_tops_per_w",
+    "run_metrics",
+]
 
 
-class DeviceSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-    kind: str = Field(description="gpu | cim | fpga | cpu")
-    technology_nm: float = Field(gt=0)
-    peak_flops: float = Field(gt=0, description="Dense FLOP/s at f_max for the model's dtype.")
-    memory_bandwidth_bps: float = Field(gt=0, description="DRAM bandwidth, bytes/s.")
-    memory_bytes: float = Field(gt=0, description="DRAM capacity, bytes.")
-    idle_power_w: float = Field(ge=0)
-    tdp_w: float = Field(gt=0)
-    clocks_mhz: list[float] = Field(min_length=1, description="Supported compute clocks.")
-    f_floor_mhz: float = Field(gt=0, description="Below this clock the voltage stays at v_min.")
-    v_min: float = Field(gt=0)
-    v_max: float = Field(gt=0)
-    energy_per_flop_pj: float = Field(gt=0, description="Dynamic energy per FLOP at v_max.")
-    energy_per_dram_byte_pj: float = Field(gt=0)
-    energy_per_sram_byte_pj: float = Field(gt=0, description="On-chip buffer traffic, at v_max.")
-    compute_efficiency: float = Field(gt=0, le=1, description="Achievable share of peak in GEMMs.")
-    memory_efficiency: float = Field(gt=0, le=1, description="Achievable share of peak bandwidth.")
-    overhead_s: float = Field(ge=0, description="Fixed per-iteration cost (launch, scheduling).")
-    kv_memory_fraction: float = Field(default=0.9, gt=0, le=1)
-    sources: list[str] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _check(self) -> DeviceSpec:
-        if self.v_min > self.v_max:
-            raise ValueError("v_min must not exceed v_max")
-        if self.idle_power_w >= self.tdp_w:
-            raise ValueError("idle_power_w must be below tdp_w")
-        return self
-
-    @property
-    def f_max_mhz(self) -> float:
-        return max(self.clocks_mhz)
-
-    def voltage(self, clock_mhz: float) -> float:
-        if clock_mhz <= self.f_floor_mhz:
-            return self.v_min
-        span = self.f_max_mhz - self.f_floor_mhz
-        frac = 1.0 if span <= 0 else (clock_mhz - self.f_floor_mhz) / span
-        return self.v_min + (self.v_max - self.v_min) * min(1.0, frac)
-
-    def nearest_clock(self, clock_mhz: float) -> float:
-        return min(self.clocks_mhz, key=lambda c: (abs(c - clock_mhz), c))
-
-
-class ModelShape(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-    n_params: float = Field(gt=0)
-    n_layers: int = Field(gt=0)
-    hidden_size: int = Field(gt=0)
-    n_heads: int = Field(gt=0)
-    n_kv_heads: int = Field(gt=0)
-    head_dim: int = Field(gt=0)
-    vocab_size: int = Field(gt=0)
-    dtype_bytes: float = Field(gt=0)
-    max_position_embeddings: int = Field(gt=0)
-
-    @property
-    def weight_bytes(self) -> float:
-        return self.n_params * self.dtype_bytes
-
-    @property
-    def kv_bytes_per_token(self) -> float:
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * self.dtype_bytes
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict, name: str | None = None, dtype_bytes: float | None = None) -> ModelShape:
-        """Shape of a Llama/Mistral/Qwen-style decoder from its Hugging Face ``config.json``."""
-        h = int(cfg["hidden_size"])
-        n_heads = int(cfg["num_attention_heads"])
-        kv = int(cfg.get("num_key_value_heads", n_heads))
-        hd = int(cfg.get("head_dim") or h // n_heads)
-        inter = int(cfg.get("intermediate_size", 4 * h))
-        layers = int(cfg["num_hidden_layers"])
-        vocab = int(cfg["vocab_size"])
-        per_layer = h * n_heads * hd + 2 * h * kv * hd + n_heads * hd * h + 3 * h * inter + 2 * h
-        embed = vocab * h * (1 if cfg.get("tie_word_embeddings", False) else 2)
-        if dtype_bytes is None:
-            dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}.get(
-                str(cfg.get("torch_dtype", "bfloat16")), 2
-            )
-        return cls(
-            name=name or str(cfg.get("_name_or_path") or cfg.get("model_type", "model")),
-            n_params=float(layers * per_layer + embed + h),
-            n_layers=layers, hidden_size=h, n_heads=n_heads, n_kv_heads=kv, head_dim=hd,
-            vocab_size=vocab, dtype_bytes=dtype_bytes,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-        )
-
-
-@dataclass(frozen=True)
-class SequenceWork:
-    """What one request does in one iteration."""
-
-    request_id: str
-    new_tokens: int
-    """Prompt tokens prefilled (a chunk) or 1 for a decode step."""
-    context_tokens: int
-    """Tokens already in the KV cache before this iteration."""
-    is_prefill: bool
+class PresetError(ValueError):
+    """A device preset or model shape that cannot be used; names the file and the field."""
 
 
 @dataclass(frozen=True)
@@ -135,10 +56,66 @@ class IterationCost:
     compute_s: float
     memory_s: float
     throttled: bool
+    ops: float = 0.0
+    """Operations done (2 per MAC): the numerator of TOPS and TOPS/W."""
+    tokens: int = 0
 
     @property
     def power_w(self) -> float:
         return self.energy_j / self.time_s if self.time_s > 0 else 0.0
+
+
+def _price(
+    device: DeviceSpec,
+    rows: list[tuple[str, int, float, float, float, float]],
+    total: WorkCounts,
+    ex: Execution,
+    time_s: float,
+    clock_mhz: float,
+) -> IterationCost:
+    """Energy of an iteration lasting at least ``time_s``, split so the request shares add up exactly."""
+    e_w, e_a, e_kv, e_act, e_tok = ex.weight_mac_j, ex.attn_mac_j, ex.kv_byte_j, ex.act_byte_j, ex.token_j
+    own: dict[str, float] = {}
+    tokens: dict[str, int] = {}
+    for rid, n, wm, am, kv, act in rows:
+        own[rid] = own.get(rid, 0.0) + wm * e_w + am * e_a + kv * e_kv + act * e_act + n * e_tok
+        tokens[rid] = tokens.get(rid, 0) + n
+    dynamic_j = sum(own.values()) + ex.weight_stream_j
+    static_w = device.static_power_w(clock_mhz)
+    throttled = dynamic_j / time_s + static_w > device.tdp_w
+    if throttled:
+        time_s = dynamic_j / (device.tdp_w - static_w)
+    static_j = static_w * time_s
+    shared_per_token = (ex.weight_stream_j + static_j) / total.tokens
+    per_request = {rid: j + shared_per_token * tokens[rid] for rid, j in own.items()}
+    return IterationCost(
+        time_s=time_s,
+        energy_j=dynamic_j + static_j,
+        static_j=static_j,
+        per_request_j=per_request,
+        compute_s=ex.compute_s,
+        memory_s=ex.memory_s,
+        throttled=throttled,
+        ops=2 * total.macs,
+        tokens=total.tokens,
+    )
+
+
+def _count(
+    model: ModelShape, work: list[SequenceWork]
+) -> tuple[list[tuple[str, int, float, float, float, float]], WorkCounts]:
+    if not work:
+        raise ValueError("an iteration needs at least one sequence")
+    c = model.work_constants
+    rows = []
+    t = 0
+    sw = sa = skv = sact = 0.0
+    for w in work:
+        wm, am, kv, act = count_tuple(c, w.new_tokens, w.context_tokens)
+        rows.append((w.request_id, w.new_tokens, wm, am, kv, act))
+        t += w.new_tokens
+        sw, sa, skv, sact = sw + wm, sa + am, skv + kv, sact + act
+    return rows, WorkCounts(t, sw, sa, skv, sact)
 
 
 def iteration_cost(
@@ -146,63 +123,132 @@ def iteration_cost(
 ) -> IterationCost:
     """Time and energy of one batched iteration, with its energy split among the requests in it.
 
-    Each request is charged its own FLOPs and KV traffic; the shared cost (reading the weights once and
-    static power for the iteration) is split by the tokens each request processed, so the shares add up
-    to the iteration's energy exactly.
+    Each request is charged its own MACs, KV traffic and activations; the shared cost (streaming the
+    weights once and static power for the iteration) is split by the tokens each request processed, so
+    the shares add up to the iteration's energy exactly.
     """
-    if not work:
-        raise ValueError("an iteration needs at least one sequence")
-    f_ratio = clock_mhz / device.f_max_mhz
-    v_scale = (device.voltage(clock_mhz) / device.v_max) ** 2
-    e_flop = device.energy_per_flop_pj * 1e-12 * v_scale
-    e_dram = device.energy_per_dram_byte_pj * 1e-12
-    e_sram = device.energy_per_sram_byte_pj * 1e-12 * v_scale
-    d = model.hidden_size
-    own_flops: dict[str, float] = {}
-    own_bytes: dict[str, float] = {}
-    for w in work:
-        n, ctx = w.new_tokens, w.context_tokens
-        dense = 2.0 * model.n_params * n
-        attention = 4.0 * model.n_layers * d * n * (ctx + (n + 1) / 2)
-        own_flops[w.request_id] = dense + attention
-        # KV cache read for attention and the new entries written.
-        own_bytes[w.request_id] = model.kv_bytes_per_token * (ctx + n)
-    total_tokens = sum(w.new_tokens for w in work)
-    flops = sum(own_flops.values())
-    dram_bytes = model.weight_bytes + sum(own_bytes.values())
-    compute_s = flops / (device.peak_flops * device.compute_efficiency * f_ratio)
-    memory_s = dram_bytes / (device.memory_bandwidth_bps * device.memory_efficiency)
-    time_s = max(compute_s, memory_s) + device.overhead_s
-    # On-chip traffic: every DRAM byte passes the buffers once, every FLOP's operands are staged.
-    sram_bytes = dram_bytes + flops * 0.05
-    dynamic_j = flops * e_flop + dram_bytes * e_dram + sram_bytes * e_sram
-    throttled = False
-    static_w = device.idle_power_w
-    if dynamic_j / time_s + static_w > device.tdp_w:
-        time_s = dynamic_j / (device.tdp_w - static_w)
-        throttled = True
-    static_j = static_w * time_s
-    shared_j = model.weight_bytes * (e_dram + e_sram) + static_j
-    per_request = {}
-    for w in work:
-        rid = w.request_id
-        own_j = own_flops[rid] * (e_flop + 0.05 * e_sram) + own_bytes[rid] * (e_dram + e_sram)
-        per_request[rid] = own_j + shared_j * w.new_tokens / total_tokens
-    return IterationCost(
-        time_s=time_s,
-        energy_j=dynamic_j + static_j,
-        static_j=static_j,
-        per_request_j=per_request,
-        compute_s=compute_s,
-        memory_s=memory_s,
-        throttled=throttled,
+    rows, total = _count(model, work)
+    ex = device.execute(model, total, clock_mhz)
+    return _price(device, rows, total, ex, max(ex.compute_s, ex.memory_s) + device.overhead_s, clock_mhz)
+
+
+def _ideal_cost(
+    device: DeviceSpec, model: ModelShape, work: list[SequenceWork], clock_mhz: float
+) -> tuple[IterationCost, Execution]:
+    """The roofline bound: peak rates, no overhead, same energies per unit of work."""
+    rows, total = _count(model, work)
+    ex = device.execute(model, total, clock_mhz)
+    return _price(device, rows, total, ex, max(ex.ideal_compute_s, ex.ideal_memory_s), clock_mhz), ex
+
+
+# --- whole-workload figures ----------------------------------------------------------------------
+def encoder_batch(batch: int, seq_len: int) -> list[SequenceWork]:
+    """One encoder inference pass (e.g. BERT): ``batch`` sequences of ``seq_len`` tokens, no decode."""
+    if batch < 1 or seq_len < 1:
+        raise ValueError("an encoder batch needs at least one sequence of at least one token")
+    return [SequenceWork(f"seq{i}", seq_len, 0, True) for i in range(batch)]
+
+
+@dataclass(frozen=True)
+class RunMetrics:
+    """Throughput and efficiency of one iteration, as papers report them."""
+
+    time_s: float
+    energy_j: float
+    tokens_per_s: float
+    ops_per_s: float
+    power_w: float
+    joules_per_token: float
+    throttled: bool
+
+    @property
+    def tops(self) -> float:
+        return self.ops_per_s / 1e12
+
+    @property
+    def tops_per_w(self) -> float:
+        return self.ops_per_s / self.power_w / 1e12 if self.power_w > 0 else 0.0
+
+
+def run_metrics(
+    device: DeviceSpec, model: ModelShape, work: list[SequenceWork], clock_mhz: float | None = None
+) -> RunMetrics:
+    cost = iteration_cost(device, model, work, clock_mhz or device.f_max_mhz)
+    return RunMetrics(
+        time_s=cost.time_s,
+        energy_j=cost.energy_j,
+        tokens_per_s=cost.tokens / cost.time_s,
+        ops_per_s=cost.ops / cost.time_s,
+        power_w=cost.power_w,
+        joules_per_token=cost.energy_j / cost.tokens,
+        throttled=cost.throttled,
     )
 
 
+def peak_tops_per_w(device: DeviceSpec, dtype: str, clock_mhz: float | None = None) -> float:
+    """Efficiency as chip and macro papers quote it: every MAC unit busy at peak, operands in place.
+
+    No weight or activation movement and no framework overhead, static power included. This is the
+    figure to compare with a macro's published TOPS/W; workload figures come from :func:`run_metrics`.
+    """
+    clock = clock_mhz or device.f_max_mhz
+    macs = device.peak_macs_per_s(dtype, clock)
+    watts = macs * device.mac_energy_j(dtype, clock) + device.static_power_w(clock)
+    return 2 * macs / watts / 1e12
+
+
+@dataclass(frozen=True)
+class EnergyFloor:
+    """Roofline lower bound of energy per output token for a workload point."""
+
+    joules_per_token: float
+    clock_mhz: float
+    """The clock at which the bound is lowest."""
+    bound: str
+    """What limits the decode step at that clock: ``compute`` or ``memory``."""
+
+
+def energy_floor_per_token(
+    device: DeviceSpec, model: ModelShape, prompt_tokens: int, output_tokens: int, batch: int = 1
+) -> EnergyFloor:
+    """Least energy per output token any schedule could reach on ``device``.
+
+    Counts the operations that must run and the bytes that must move for ``batch`` requests of
+    ``prompt_tokens`` in and ``output_tokens`` out (prefill once, then one decode step per output token at
+    the mean context, the weights read once per step and shared by the batch), priced at peak rates with no
+    overhead, static power included, at every supported clock; returns the cheapest. Measured energy per
+    token divided by this is the headroom a scheduler or a knob could still win. For encoders the
+    "output" tokens are the sequence's tokens (one pass, no decode).
+    """
+    if (
+        prompt_tokens < 1
+        or output_tokens < 0
+        or batch < 1
+        or (model.architecture == "decoder" and output_tokens < 1)
+    ):
+        raise ValueError("a floor needs prompt_tokens >= 1, output_tokens >= 1 (decoders) and batch >= 1")
+    best: EnergyFloor | None = None
+    for clock in sorted(device.clocks_mhz):
+        prefill, _ = _ideal_cost(device, model, encoder_batch(batch, prompt_tokens), clock)
+        if model.architecture == "encoder":
+            per_token, bound = prefill.energy_j / (batch * prompt_tokens), "compute"
+        else:
+            ctx = prompt_tokens + output_tokens // 2
+            step_work = [SequenceWork(f"seq{i}", 1, ctx, False) for i in range(batch)]
+            step, ex = _ideal_cost(device, model, step_work, clock)
+            bound = "compute" if ex.ideal_compute_s >= ex.ideal_memory_s else "memory"
+            per_token = (prefill.energy_j + output_tokens * step.energy_j) / (batch * output_tokens)
+        if best is None or per_token < best.joules_per_token:
+            best = EnergyFloor(per_token, clock, bound)
+    assert best is not None
+    return best
+
+
+# --- loading presets and shapes -------------------------------------------------------------------
 def _load_data(folder: str, name_or_path: str, suffix: str) -> tuple[dict, str]:
     path = Path(name_or_path)
     if path.suffix == suffix and path.exists():
-        text = path.read_text()
+        text, where = path.read_text(), str(path)
     else:
         res = resources.files("serving.emulated") / folder / f"{name_or_path}{suffix}"
         if not res.is_file():
@@ -211,19 +257,42 @@ def _load_data(folder: str, name_or_path: str, suffix: str) -> tuple[dict, str]:
                 for p in (resources.files("serving.emulated") / folder).iterdir()
                 if p.name.endswith(suffix)
             )
-            raise ValueError(f"unknown {folder[:-1]} {name_or_path!r}: use one of {known} or a {suffix} file path")
-        text = res.read_text()
-    data = yaml.safe_load(text) if suffix == ".yaml" else json.loads(text)
-    return data, path.stem
+            what = "preset" if folder == "presets" else "model shape"
+            raise PresetError(f"unknown {what} {name_or_path!r}: use one of {known} or a {suffix} file path")
+        text, where = res.read_text(), f"{folder}/{name_or_path}{suffix}"
+    try:
+        data = yaml.safe_load(text) if suffix == ".yaml" else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise PresetError(f"{where}: not valid {suffix[1:].upper()}: {e}") from e
+    if not isinstance(data, dict):
+        raise PresetError(f"{where}: expected a mapping of fields, got {type(data).__name__}")
+    return data, where
 
 
 def load_device(name_or_path: str) -> DeviceSpec:
-    data, _ = _load_data("presets", name_or_path, ".yaml")
-    return DeviceSpec.model_validate(data)
+    """A shipped preset by name (e.g. ``h100_sxm``) or the path of a preset YAML."""
+    data, where = _load_data("presets", name_or_path, ".yaml")
+    try:
+        return device_from_dict(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()
+        )
+        raise PresetError(f"{where}: invalid device preset: {problems}") from e
+    except ValueError as e:
+        raise PresetError(f"{where}: {e}") from e
 
 
-def load_model_shape(name_or_path: str) -> ModelShape:
+def load_model_shape(name_or_path: str, dtype: str | None = None) -> ModelShape:
     """A shipped shape by name (e.g. ``llama-3.1-8b``) or the path of a HF ``config.json``."""
-    data, stem = _load_data("models", name_or_path, ".json")
-    name = name_or_path if not name_or_path.endswith(".json") else Path(name_or_path).parent.name or stem
-    return ModelShape.from_hf_config(data, name=name)
+    data, where = _load_data("models", name_or_path, ".json")
+    name = (
+        name_or_path
+        if not name_or_path.endswith(".json")
+        else Path(name_or_path).parent.name or Path(where).stem
+    )
+    try:
+        shape = ModelShape.from_hf_config(data, name=name)
+    except (KeyError, ValueError, TypeError) as e:
+        raise PresetError(f"{where}: cannot read the model shape: {e}") from e
+    return shape.with_dtype(dtype) if dtype else shape

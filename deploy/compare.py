@@ -1,0 +1,98 @@
+"""A hardware comparison: the same campaign on several emulated devices, side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from deploy.config import CampaignFile, ConfigError, EngineVariant
+
+COMPARE_COLUMNS = {
+    "device": "device",
+    "offered_rps": "offered req/s",
+    "output_tokens_per_s": "out tok/s",
+    "energy_per_token_j": "J/token",
+    "mean_power_w": "mean W",
+    "ttft_p99_s": "TTFT p99 s",
+    "tpot_p99_s": "TPOT p99 s",
+    "e2e_p99_s": "E2E p99 s",
+    "slo_attainment": "SLO",
+    "failed": "failed",
+}
+
+
+def variant_spec(spec: CampaignFile, variant: EngineVariant) -> CampaignFile:
+    """The campaign with the deployment's engine changed as ``variant`` says (validated)."""
+    updates = variant.model_dump(exclude={"label"}, exclude_none=True)
+    engine = {**spec.deployment.engine.model_dump(), **updates}
+    data = spec.model_dump()
+    data["deployment"]["engine"] = engine
+    data["compare"] = None
+    try:
+        return CampaignFile.model_validate(data)
+    except ValueError as e:
+        raise ConfigError(f"compare entry {variant.name!r}: {e}") from e
+
+
+def run_comparison(
+    spec: CampaignFile, out: Path, run_one: Callable[[CampaignFile, Path], pd.DataFrame], console: Console
+) -> pd.DataFrame:
+    """Run ``run_one`` per variant into ``out/<label>``; write and print ``out/compare.csv``."""
+    assert spec.compare is not None
+    names = [v.name for v in spec.compare]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"compare: labels must be unique (got {names}); set `label:` on repeated devices")
+    frames = []
+    for variant in spec.compare:
+        sub = variant_spec(spec, variant)
+        console.rule(f"{variant.name}: {sub.deployment.engine.device} / {sub.deployment.engine.model}")
+        points = run_one(sub, out / variant.name)
+        frames.append(with_floor(points, out / variant.name, sub).assign(device=variant.name))
+    table = pd.concat(frames, ignore_index=True)
+    table.to_csv(out / "compare.csv", index=False)
+    print_comparison(console, table)
+    return table
+
+
+def with_floor(points: pd.DataFrame, out: Path, spec: CampaignFile) -> pd.DataFrame:
+    """Add the roofline floor of energy per output token of each point, and measured / floor.
+
+    The floor is taken for the point's mean prompt and output lengths at its mean batch per replica
+    (Little's law: completed requests per second x mean end-to-end latency / replicas).
+    """
+    from serving.emulated.physics import energy_floor_per_token, load_device, load_model_shape
+
+    engine = spec.deployment.engine
+    device, model = load_device(engine.device), load_model_shape(engine.model, engine.dtype)
+    requests = pd.read_parquet(out / "requests.parquet")
+    floors = []
+    for _, row in points.iterrows():
+        ok = requests[(requests["point"] == row["point"]) & (requests["status"] == "ok")]
+        if ok.empty:
+            floors.append(float("nan"))
+            continue
+        batch = row["achieved_rps"] * ok["e2e_s"].mean() / spec.deployment.replicas
+        floor = energy_floor_per_token(
+            device,
+            model,
+            max(1, round(ok["prompt_tokens"].mean())),
+            max(1, round(ok["output_tokens"].mean())),
+            batch=max(1, round(batch)),
+        )
+        floors.append(floor.joules_per_token)
+    return points.assign(floor_j_per_token=floors, x_floor=points["energy_per_token_j"] / pd.Series(floors))
+
+
+def print_comparison(console: Console, table: pd.DataFrame) -> None:
+    view = Table(title="Hardware comparison")
+    for label in COMPARE_COLUMNS.values():
+        view.add_column(label, justify="right")
+    for _, row in table.iterrows():
+        view.add_row(
+            *[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in COMPARE_COLUMNS]
+        )
+    console.print(view)

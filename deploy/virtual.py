@@ -1,0 +1,283 @@
+"""Virtual time: the same emulated engines and router, driven by a discrete-event clock, no HTTP, no Ray.
+
+Every wait in the engines goes through :class:`VirtualClock`; when every task is blocked, the clock jumps
+to the next timer instead of sleeping, so a campaign runs as fast as the model can be evaluated. The
+results use the same schema as a real-time campaign (``points.csv``, ``requests.parquet``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import math
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pandas as pd
+from rich.console import Console
+
+from profilers.footprint import load_site_profile
+from profilers.meter import Measurement, snapshot, window_energy
+from serving.config import ServingConfig
+from serving.emulated.engine import EmulatedEngine
+from serving.router import ReplicaHandle, Router
+from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
+from workloads.arrivals import RequestSpec, TraceArrivals, build_requests, build_trace_requests
+from workloads.campaign import Target, _mark_phases, write_manifest
+from workloads.client import RequestRecord
+from workloads.results import ResultStore, summarize_point
+from workloads.spec import CampaignSpec, WorkloadSpec
+
+T = TypeVar("T")
+
+
+class VirtualClock:
+    """A discrete-event clock (the :class:`profilers.clock.Clock` protocol) for one asyncio loop."""
+
+    def __init__(self, start_s: float = 0.0) -> None:
+        self._now = start_s
+        self._timers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    def now(self) -> float:
+        return self._now
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._timers, (self._now + seconds, next(self._seq), fut))
+        await fut
+
+    async def sleep_until(self, t_s: float) -> None:
+        await self.sleep(t_s - self._now)
+
+    async def run(self, main: Awaitable[T]) -> T:
+        """Run ``main`` to completion, advancing time whenever nothing else can run."""
+        task = asyncio.ensure_future(main)
+        while not task.done():
+            await self._settle()
+            if task.done():
+                break
+            if not self._fire_next():
+                raise RuntimeError("virtual time deadlock: every task waits and no timer is pending")
+        return task.result()
+
+    def _fire_next(self) -> bool:
+        while self._timers:
+            t, _, fut = heapq.heappop(self._timers)
+            if fut.done():  # cancelled sleeper (an engine stopped)
+                continue
+            self._now = max(self._now, t)
+            fut.set_result(None)
+            return True
+        return False
+
+    @staticmethod
+    async def _settle() -> None:
+        # Yield until no callback is ready: then every other task is blocked on a future or a timer.
+        # ``_ready`` is the default loop's run queue (CPython asyncio); no public API exposes it.
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(0)
+        while loop._ready:  # type: ignore[attr-defined]
+            await asyncio.sleep(0)
+
+
+class _Done:
+    """An already-resolved stand-in for a Ray object ref (``await ref`` gives the value)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: TokenEvent) -> None:
+        self.value = value
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return self.value
+        yield  # pragma: no cover  (makes this a generator)
+
+
+class _LocalStream:
+    def __init__(self, events: AsyncIterator[TokenEvent]) -> None:
+        self._events = events
+
+    def __aiter__(self) -> _LocalStream:
+        return self
+
+    async def __anext__(self) -> _Done:
+        return _Done(await self._events.__anext__())
+
+
+class _LocalGenerate:
+    def __init__(self, engine: EmulatedEngine) -> None:
+        self._engine = engine
+
+    def options(self, **_: Any) -> _LocalGenerate:
+        return self
+
+    def remote(self, request: GenerationRequest) -> _LocalStream:
+        return _LocalStream(self._engine.generate(request))
+
+
+class LocalActor:
+    """The slice of a Ray replica actor's interface the router uses, calling the engine in-process."""
+
+    def __init__(self, engine: EmulatedEngine) -> None:
+        self.engine = engine
+        self.generate = _LocalGenerate(engine)
+
+
+class VirtualDeployment:
+    """Replicas of an emulated engine behind the real router, all on one virtual clock."""
+
+    def __init__(self, config: ServingConfig, clock: VirtualClock) -> None:
+        self.clock = clock
+        self.engines = [EmulatedEngine(config.engine, f"replica-{i}", clock=clock) for i in range(config.replicas)]
+        self._token_times: dict[str, list[float]] = {}
+        for e in self.engines:
+            e.on_token = self._on_token
+            e.stream_every_token = False  # token times come from the hook; events only open and close
+        handles = [ReplicaHandle(e.replica, LocalActor(e), backend=e.backend) for e in self.engines]
+        self.router = Router(handles, policy=config.router)
+
+    def _on_token(self, request_id: str, t_s: float) -> None:
+        self._token_times.setdefault(request_id, []).append(t_s)
+
+    async def start(self) -> None:
+        for e in self.engines:
+            await e.start()
+
+    async def stop(self) -> None:
+        for e in self.engines:
+            await e.stop()
+
+    def counters(self) -> dict[str, Any]:
+        return {f"{e.replica}/{dev}": sample for e in self.engines for dev, sample in snapshot(e.read()).items()}
+
+    async def request(self, rec: RequestRecord, start_s: float, timeout_s: float) -> None:
+        await self.clock.sleep_until(start_s + rec.intended_send_s)
+        t_send = self.clock.now()
+        rec.actual_send_s = t_send - start_s
+        req = GenerationRequest(
+            request_id=f"p{rec.point}-{rec.request_index}",
+            prompt_token_ids=[0] * rec.prompt_tokens,
+            max_tokens=rec.max_output_tokens,
+            ignore_eos=True,
+        )
+        last: TokenEvent | None = None
+        try:
+            async for ev in self.router.stream(req):
+                last = ev
+        except RequestRejectedError as e:
+            rec.status, rec.http_status, rec.error = "failed", 400, str(e)
+            return
+        assert last is not None
+        times = self._token_times.pop(req.request_id)
+        rec.replica, rec.output_tokens = last.replica, last.output_tokens
+        rec.energy_j, rec.energy_provenance = last.energy_j, last.provenance
+        rec.ttft_s = times[0] - t_send
+        rec.e2e_s = times[-1] - t_send
+        rec.itl_s = [b - a for a, b in itertools.pairwise(times)]
+        rec.tpot_s = (rec.e2e_s - rec.ttft_s) / (rec.output_tokens - 1) if rec.output_tokens > 1 else math.nan
+        rec.http_status, rec.status = 200, "ok" if rec.e2e_s <= timeout_s else "failed"
+        if rec.status != "ok":
+            rec.error = f"timed out after {timeout_s:g} s (virtual)"
+
+    def generated_tokens(self) -> int:
+        return sum(e.stats().generated_tokens_total for e in self.engines)
+
+    def _rows(self, point: int, t_s: float) -> list[dict[str, object]]:
+        return [
+            {
+                "point": point,
+                "t_s": t_s,
+                "replica": e.replica,
+                "device": r.device,
+                "energy_j": r.energy_j,
+                "power_w": r.power_w,
+                "clock_mhz": r.clock_mhz,
+            }
+            for e in self.engines
+            for r in e.read()
+        ]
+
+    async def _at(self, t_s: float) -> tuple[dict[str, Any], int]:
+        await self.clock.sleep_until(t_s)
+        return self.counters(), self.generated_tokens()
+
+    async def _sample(self, point: int, start: float, period_s: float, rows: list[dict[str, object]]) -> None:
+        while True:
+            rows.extend(self._rows(point, self.clock.now() - start))
+            await self.clock.sleep(period_s)
+
+    async def run_point(
+        self, point: int, specs: list[RequestSpec], w: WorkloadSpec
+    ) -> tuple[list[RequestRecord], Measurement, int, list[dict[str, object]]]:
+        """Send ``specs`` open-loop and meter the point as a real-time campaign does (warm-up and
+        cool-down excluded from the energy window, a power time series every ``sample_interval_s``)."""
+        records = [RequestRecord(point, i, s.t_s, s.prompt_tokens, s.max_output_tokens) for i, s in enumerate(specs)]
+        start = self.clock.now()
+        rows: list[dict[str, object]] = []
+        begin = asyncio.ensure_future(self._at(start + w.warmup_s))
+        end = asyncio.ensure_future(self._at(start + w.duration_s - w.cooldown_s)) if w.cooldown_s > 0 else None
+        sampler = asyncio.ensure_future(self._sample(point, start, w.sample_interval_s, rows))
+        try:
+            await asyncio.gather(*(self.request(r, start, w.request_timeout_s) for r in records))
+            (first, tok0) = await begin
+            (last, tok1) = await end if end is not None else (self.counters(), self.generated_tokens())
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+        if end is not None:
+            window_s = w.duration_s - w.cooldown_s - w.warmup_s
+        else:
+            window_s = self.clock.now() - start - w.warmup_s
+        _mark_phases(records, w.warmup_s, w.duration_s - w.cooldown_s if w.cooldown_s > 0 else math.inf)
+        return records, window_energy(first, last, window_s), tok1 - tok0, rows
+
+
+async def _campaign(spec: CampaignSpec, config: ServingConfig, clock: VirtualClock, store: ResultStore) -> None:
+    site = load_site_profile(spec.site)
+    deployment = VirtualDeployment(config, clock)
+    await deployment.start()
+    try:
+        w = spec.workload
+        done = store.finished_points()
+        for point, rate in enumerate(spec.sweep.rate_rps):
+            if point in done:
+                continue
+            seed = spec.seed * 10_007 + point  # the same requests as a real-time run of this point
+            if isinstance(w.arrival, TraceArrivals):
+                specs = build_trace_requests(w.arrival, rate, w.duration_s, seed)
+            else:
+                specs = build_requests(
+                    w.arrival, w.prompt_tokens.sample, w.output_tokens.sample, rate, w.duration_s, seed
+                )
+            records, measurement, tokens, rows = await deployment.run_point(point, specs, w)
+            summary = summarize_point(point, rate, records, measurement, "emulated", site, spec.slo, tokens)
+            store.add_point(summary, records, rows)
+    finally:
+        await deployment.stop()
+
+
+def run_virtual_campaign(
+    spec: CampaignSpec, config: ServingConfig, out: Path, console: Console | None = None
+) -> pd.DataFrame:
+    """Run every point not yet in ``out`` in virtual time; return ``points.csv`` as a frame."""
+    console = console or Console()
+    out.mkdir(parents=True, exist_ok=True)
+    store = ResultStore(out)
+    target = Target(f"virtual://{config.engine.device}/{config.engine.model}")
+    write_manifest(out, spec, target, "running")
+    clock = VirtualClock()
+    console.print(
+        f"virtual time: {config.replicas} x {config.engine.device} replicas of {config.engine.model}, "
+        f"{len(spec.sweep.rate_rps)} point(s)"
+    )
+    asyncio.run(clock.run(_campaign(spec, config, clock, store)))
+    write_manifest(out, spec, target, "finished")
+    return store.points()

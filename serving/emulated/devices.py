@@ -1,0 +1,273 @@
+"""Device specs: the constants every emulated device has, and the registry of device kinds.
+
+A kind is a spec class (pydantic, loaded from a preset YAML) that knows how its hardware executes an
+iteration's work: :meth:`DeviceSpec.execute` turns operation and byte counts into times and energies per
+unit. The kinds themselves live in :mod:`serving.emulated.kinds`; :func:`device_from_dict` picks the class
+from the preset's ``kind`` field through the registry, never through an if/elif chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, ClassVar, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serving.emulated.shapes import ModelShape, WorkCounts
+from serving.emulated.technology import SRAM_PJ_PER_BYTE_45NM, node_scale
+
+
+class DeviceFitError(ValueError):
+    """The model cannot run on the device (not enough memory for its weights and a minimum KV cache)."""
+
+
+class MemoryLevel(BaseModel):
+    """Off-chip memory (HBM, GDDR, DDR, LPDDR) or, for DRAM-PIM, the DRAM the banks compute in."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    capacity_bytes: float = Field(gt=0)
+    bandwidth_bps: float = Field(gt=0, description="Peak bandwidth, bytes/s.")
+    energy_pj_per_byte: float = Field(gt=0, description="Access energy incl. interface; not node-scaled.")
+    efficiency: float = Field(default=0.85, gt=0, le=1, description="Achievable share of peak bandwidth.")
+
+
+class OnChipLevel(BaseModel):
+    """On-chip buffers (SRAM, L2/shared memory, BRAM/URAM), node-scaled from the Horowitz 8 KB SRAM."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    capacity_bytes: float = Field(gt=0)
+    energy_scale: float = Field(
+        default=1.0,
+        gt=0,
+        description="Access energy relative to an 8 KB SRAM read (bigger arrays cost more).",
+    )
+
+
+class OperatingPoint(NamedTuple):
+    """What a device offers a model at one clock: rates, unit energies and weight streaming."""
+
+    peak_macs_per_s: float
+    compute_efficiency: float
+    bandwidth_bps: float
+    """Bandwidth the streamed weights and the KV cache move at."""
+    memory_efficiency: float
+    weight_mac_j: float
+    attn_mac_j: float
+    kv_byte_j: float
+    act_byte_j: float
+    token_j: float
+    stream_bytes: float
+    """Weight bytes streamed every iteration (zero when they stay on chip)."""
+    stream_j: float
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a device runs one iteration: times, and dynamic energy per unit of work (joules)."""
+
+    compute_s: float
+    memory_s: float
+    ideal_compute_s: float
+    """At peak rate: the roofline's compute bound."""
+    ideal_memory_s: float
+    weight_mac_j: float
+    attn_mac_j: float
+    kv_byte_j: float
+    act_byte_j: float
+    token_j: float
+    """Fixed energy per token processed (e.g. writing K and V into CIM arrays)."""
+    weight_stream_j: float
+    """Shared by the iteration: weights streamed from memory (zero when they stay on chip)."""
+    weight_stream_bytes: float
+
+    def own_j(self, w: WorkCounts) -> float:
+        """Dynamic energy of one request's share of the iteration."""
+        return (
+            w.weight_macs * self.weight_mac_j
+            + w.attn_macs * self.attn_mac_j
+            + w.kv_bytes * self.kv_byte_j
+            + w.act_bytes * self.act_byte_j
+            + w.tokens * self.token_j
+        )
+
+
+class DeviceSpec(BaseModel):
+    """Constants shared by all kinds: technology, DVFS table, power envelope, memory levels, sources."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    kind: str
+    technology_nm: float = Field(gt=0, description="Process node; scales energy per operation.")
+    clocks_mhz: list[float] = Field(min_length=1, description="Supported compute clocks.")
+    f_floor_mhz: float = Field(gt=0, description="Below this clock the voltage stays at v_min.")
+    v_min: float = Field(gt=0)
+    v_max: float = Field(gt=0, description="Supply voltage at the highest clock.")
+    idle_power_w: float = Field(ge=0, description="Power between iterations: leakage and always-on parts.")
+    busy_power_w: float | None = Field(
+        default=None,
+        ge=0,
+        description="Power while an iteration runs before any work is counted (clock tree, fabric) at f_max; "
+        "scales with V²f down to idle_power_w. Default: idle_power_w.",
+    )
+    tdp_w: float = Field(gt=0, description="Power cap: iterations are stretched to stay under it.")
+    overhead_s: float = Field(ge=0, description="Fixed per-iteration cost (launch, scheduling, host sync).")
+    memory: MemoryLevel
+    onchip: OnChipLevel
+    kv_memory_fraction: float = Field(default=0.9, gt=0, le=1, description="Memory share for weights + KV.")
+    sources: list[str] = Field(default_factory=list, description="Where each constant comes from.")
+    calibrated: list[str] = Field(default_factory=list, description="Constants fitted to published figures.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DeviceSpec:
+        if any(c <= 0 for c in self.clocks_mhz):
+            raise ValueError("clocks_mhz: every clock must be positive")
+        if self.v_min > self.v_max:
+            raise ValueError("v_min must not exceed v_max")
+        if self.idle_power_w >= self.tdp_w:
+            raise ValueError("idle_power_w must be below tdp_w")
+        busy = self.busy_power_w if self.busy_power_w is not None else self.idle_power_w
+        if not self.idle_power_w <= busy < self.tdp_w:
+            raise ValueError("busy_power_w must lie between idle_power_w and tdp_w")
+        return self
+
+    # --- DVFS ------------------------------------------------------------------------------------
+    @cached_property
+    def f_max_mhz(self) -> float:
+        return max(self.clocks_mhz)
+
+    def voltage(self, clock_mhz: float) -> float:
+        """Supply voltage: flat at v_min up to the floor clock, then rising linearly to v_max."""
+        if clock_mhz <= self.f_floor_mhz:
+            return self.v_min
+        span = self.f_max_mhz - self.f_floor_mhz
+        frac = 1.0 if span <= 0 else (clock_mhz - self.f_floor_mhz) / span
+        return self.v_min + (self.v_max - self.v_min) * min(1.0, frac)
+
+    def nearest_clock(self, clock_mhz: float) -> float:
+        return min(self.clocks_mhz, key=lambda c: (abs(c - clock_mhz), c))
+
+    def static_power_w(self, clock_mhz: float) -> float:
+        """Power drawn during an iteration besides the work's own energy: idle + clock tree (C·V²·f)."""
+        watts = self.cache.get(("static_w", clock_mhz))
+        if watts is None:
+            busy = self.busy_power_w if self.busy_power_w is not None else self.idle_power_w
+            dvfs = (self.voltage(clock_mhz) / self.v_max) ** 2 * clock_mhz / self.f_max_mhz
+            watts = self.cache[("static_w", clock_mhz)] = (
+                self.idle_power_w + (busy - self.idle_power_w) * dvfs
+            )
+        return watts
+
+    @cached_property
+    def cache(self) -> dict[Any, Any]:
+        """Per-instance memo of derived quantities (operating points, static power) for the hot path."""
+        return {}
+
+    # --- memory ----------------------------------------------------------------------------------
+    @property
+    def memory_bytes(self) -> float:
+        return self.memory.capacity_bytes
+
+    @property
+    def memory_bandwidth_bps(self) -> float:
+        return self.memory.bandwidth_bps
+
+    def onchip_byte_j(self, clock_mhz: float) -> float:
+        scale = node_scale(self.technology_nm, self.voltage(clock_mhz))
+        return SRAM_PJ_PER_BYTE_45NM * self.onchip.energy_scale * scale * 1e-12
+
+    def kv_capacity_tokens(self, model: ModelShape) -> int:
+        """KV-cache tokens left in memory once the weights are placed; raises if the model does not fit."""
+        usable = self.memory.capacity_bytes * self.kv_memory_fraction
+        kv_bytes = usable - model.weight_bytes
+        if kv_bytes < model.kv_bytes_per_token * 16:  # at least one 16-token KV block
+            raise DeviceFitError(
+                f"model {model.name} does not fit {self.name}: {model.weight_bytes / 1e9:.2f} GB of "
+                f"{model.dtype} weights + a minimum KV cache of {model.kv_bytes_per_token * 16 / 1e6:.2f} MB "
+                f"exceed the usable {usable / 1e9:.2f} GB of {self.memory.name} "
+                f"({self.kv_memory_fraction:.0%} of {self.memory.capacity_bytes / 1e9:.2f} GB); "
+                "use a smaller model or a device with more memory"
+            )
+        return int(kv_bytes // model.kv_bytes_per_token)
+
+    def check_dtype(self, dtype: str, supported: dict[str, Any]) -> None:
+        if dtype not in supported:
+            raise ValueError(
+                f"device {self.name} has no {dtype} datapath (supports {sorted(supported)}): "
+                f"set the engine's dtype to one of them"
+            )
+
+    # --- kind-specific ---------------------------------------------------------------------------
+    supported_dtypes: ClassVar[tuple[str, ...]] = ()
+
+    def peak_macs_per_s(self, dtype: str, clock_mhz: float) -> float:
+        """Peak multiply-accumulates per second at ``clock_mhz`` for operands of ``dtype``."""
+        raise NotImplementedError
+
+    def mac_energy_j(self, dtype: str, clock_mhz: float) -> float:
+        """Dynamic energy of one MAC with its operands in place (what macro papers report)."""
+        raise NotImplementedError
+
+    def operating_point(self, model: ModelShape, clock_mhz: float) -> OperatingPoint:
+        """Rates and energies per unit of work for ``model`` at ``clock_mhz`` (kind-specific)."""
+        raise NotImplementedError
+
+    def execute(self, model: ModelShape, work: WorkCounts, clock_mhz: float) -> Execution:
+        """Times and unit energies of one iteration doing ``work`` (summed over its requests)."""
+        key = (model.work_constants, model.dtype, model.dtype_bytes, clock_mhz)
+        op = self.cache.get(key)
+        if op is None:  # the hot path of every iteration: computed once per model and clock
+            op = self.cache[key] = self.operating_point(model, clock_mhz)
+        ideal_compute = work.macs / op.peak_macs_per_s
+        ideal_memory = (op.stream_bytes + work.kv_bytes) / op.bandwidth_bps
+        return Execution(
+            compute_s=ideal_compute / op.compute_efficiency,
+            memory_s=ideal_memory / op.memory_efficiency,
+            ideal_compute_s=ideal_compute,
+            ideal_memory_s=ideal_memory,
+            weight_mac_j=op.weight_mac_j,
+            attn_mac_j=op.attn_mac_j,
+            kv_byte_j=op.kv_byte_j,
+            act_byte_j=op.act_byte_j,
+            token_j=op.token_j,
+            weight_stream_j=op.stream_j,
+            weight_stream_bytes=op.stream_bytes,
+        )
+
+
+_KINDS: dict[str, type[DeviceSpec]] = {}
+
+
+def register_kind(kind: str) -> Callable[[type[DeviceSpec]], type[DeviceSpec]]:
+    def deco(cls: type[DeviceSpec]) -> type[DeviceSpec]:
+        _KINDS[kind] = cls
+        return cls
+
+    return deco
+
+
+def device_kinds() -> list[str]:
+    import serving.emulated.kinds  # noqa: F401  (registers the kinds)
+
+    return sorted(_KINDS)
+
+
+def device_class(kind: str) -> type[DeviceSpec]:
+    import serving.emulated.kinds  # noqa: F401
+
+    try:
+        return _KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown device kind {kind!r}; known kinds: {sorted(_KINDS)}") from None
+
+
+def device_from_dict(data: dict[str, Any]) -> DeviceSpec:
+    if not isinstance(data, dict) or "kind" not in data:
+        raise ValueError(f"a device preset needs a 'kind' field (one of {device_kinds()})")
+    return device_class(str(data["kind"])).model_validate(data)

@@ -1,0 +1,99 @@
+"""The emulated engine serves any device preset, and says clearly when a model cannot run on one."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from deploy.virtual import VirtualClock
+from serving.config import EmulatedEngineConfig
+from serving.emulated.devices import DeviceFitError
+from serving.emulated.engine import EmulatedEngine
+from serving.emulated.physics import PresetError
+from serving.types import GenerationRequest
+
+
+async def _generate(engine: EmulatedEngine, clock: VirtualClock, n_tokens: int) -> list:  # type: ignore[type-arg]
+    async def go() -> list:  # type: ignore[type-arg]
+        await engine.start()
+        req = GenerationRequest("r1", prompt_token_ids=[1] * 32, max_tokens=n_tokens)
+        events = [ev async for ev in engine.generate(req)]
+        await engine.stop()
+        return events
+
+    return await clock.run(go())
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [("h100_sxm", None), ("hastily_cim", "int8"), ("kv260_fpga", "int8"), ("transpim", None)],
+)
+async def test_every_kind_serves_a_small_decoder(device: str, dtype: str | None) -> None:
+    clock = VirtualClock()
+    cfg = EmulatedEngineConfig(device=device, model="smollm2-135m", dtype=dtype, max_model_len=1024)
+    engine = EmulatedEngine(cfg, "replica-0", clock=clock)
+    events = await _generate(engine, clock, 8)
+    assert [e.index for e in events] == list(range(8)) and events[-1].finished
+    stats = engine.stats()
+    total = stats.attributed_prefill_j + stats.attributed_decode_j + stats.idle_j
+    assert engine.read()[0].energy_j == pytest.approx(total, rel=1e-6)
+    assert events[-1].energy_j == pytest.approx(stats.attributed_prefill_j + stats.attributed_decode_j)
+    assert clock.now() > 0
+
+
+async def test_fpga_is_slower_and_leaner_than_a_gpu_per_token() -> None:
+    results = {}
+    for device, dtype in (("h100_sxm", None), ("kv260_fpga", "int8")):
+        clock = VirtualClock()
+        cfg = EmulatedEngineConfig(device=device, model="smollm2-135m", dtype=dtype, max_model_len=1024)
+        engine = EmulatedEngine(cfg, "r", clock=clock)
+        events = await _generate(engine, clock, 16)
+        results[device] = (clock.now(), events[-1].energy_j)
+    assert results["kv260_fpga"][0] > 10 * results["h100_sxm"][0]
+    assert results["kv260_fpga"][1] < results["h100_sxm"][1]
+
+
+def test_model_too_big_for_the_device_names_the_numbers() -> None:
+    cfg = EmulatedEngineConfig(device="kv260_fpga", model="llama-3.1-8b", max_model_len=1024)
+    with pytest.raises(DeviceFitError, match=r"llama-3.1-8b does not fit KV260.*16\.06 GB of bf16 weights"):
+        EmulatedEngine(cfg, "r")
+
+
+def test_cim_device_needs_an_int8_model() -> None:
+    with pytest.raises(ValueError, match=r"no bf16 datapath.*set the engine's dtype"):
+        EmulatedEngine(EmulatedEngineConfig(device="hastily_cim", model="smollm2-135m"), "r")
+
+
+def test_encoder_model_is_refused_by_the_serving_engine() -> None:
+    with pytest.raises(ValueError, match="encoder"):
+        EmulatedEngine(EmulatedEngineConfig(model="bert-base-uncased"), "r")
+
+
+def test_unknown_device_name() -> None:
+    with pytest.raises(PresetError, match="unknown preset 'h200_nvl'"):
+        EmulatedEngine(EmulatedEngineConfig(device="h200_nvl"), "r")
+
+
+def test_clock_outside_the_table_is_clamped_and_reported(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        engine = EmulatedEngine(EmulatedEngineConfig(clock_mhz=3000, max_model_len=1024), "r")
+    assert engine.clock_mhz == 1980
+    assert "clamped to supported 1980 MHz" in caplog.text
+
+
+class _OvershootingClock(VirtualClock):
+    """A clock whose sleeps wake 1 ms late, like asyncio.sleep on a loaded host."""
+
+    async def sleep(self, seconds: float) -> None:
+        await super().sleep(max(0.0, seconds) + 0.001)
+
+
+async def test_sleep_overshoot_does_not_accumulate_into_the_timeline() -> None:
+    clock = _OvershootingClock()
+    engine = EmulatedEngine(EmulatedEngineConfig(max_model_len=1024), "r", clock=clock)
+    events = await _generate(engine, clock, 40)
+    assert len(events) == 40
+    # Back-to-back iterations follow the modeled timeline: at most one overshoot is charged as idle,
+    # not one per iteration (40 ms x 70 W = 2.8 J).
+    assert engine.stats().idle_j <= 0.0025 * engine.device.idle_power_w
