@@ -47,3 +47,31 @@ class ReplicaActuator:
 
     async def heartbeat(self, lease_s: float) -> None:
         await self._each("heartbeat", lease_s)
+
+
+class EngineActuator:
+    """Knobs applied to engines in this process (virtual-time runs); defaults are their start-up knobs."""
+
+    def __init__(self, engines: list) -> None:  # type: ignore[type-arg]
+        self.engines = engines
+        self.defaults: list[Knobs] | None = None
+        self.last_applied: dict[str, AppliedKnobs] = {}
+
+    async def _capture_defaults(self) -> None:
+        if self.defaults is None:
+            now = [await e.apply(Knobs()) for e in self.engines]
+            self.defaults = [Knobs(clock_mhz=a.clock_mhz, max_num_seqs=a.max_num_seqs) for a in now]
+
+    async def apply(self, knobs: Knobs) -> list[AppliedKnobs]:
+        await self._capture_defaults()
+        applied = [await e.apply(knobs) for e in self.engines]
+        self.last_applied.update({e.replica: a for e, a in zip(self.engines, applied, strict=True)})
+        return applied
+
+    async def restore_defaults(self) -> None:
+        await self._capture_defaults()
+        for e, d in zip(self.engines, self.defaults or [], strict=True):
+            await e.apply(d)
+
+    async def heartbeat(self, lease_s: float) -> None:
+        """In-process engines die with their controller: nothing to watch."""

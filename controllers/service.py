@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from controllers.actuators import ReplicaActuator
 from controllers.config import ControllerConfig
 from controllers.loop import ControlLoop
-from controllers.observe import FrontDoorObserver
+from controllers.observe import front_door_observer
 from controllers.policies import SLOTargets, build_policy, policy_names
 from profilers.clock import RealClock
 from serving.api import FrontDoor, error_response
@@ -48,7 +48,7 @@ class Controller:
         self.actuator = ReplicaActuator(door.router)
         self.loop = ControlLoop(
             build_policy(config.policy, self.slo, **config.options),
-            FrontDoorObserver(door),
+            front_door_observer(door),
             self.actuator,
             RealClock(),
             period_s=config.period_s,

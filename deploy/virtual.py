@@ -19,17 +19,24 @@ from typing import Any, TypeVar
 import pandas as pd
 from rich.console import Console
 
+from controllers.actuators import EngineActuator
+from controllers.config import ControllerConfig
+from controllers.loop import ControlLoop
+from controllers.observe import Observer
+from controllers.policies import Policy, SLOTargets, build_policy
 from profilers.footprint import load_site_profile
 from profilers.meter import Measurement, snapshot, window_energy
+from serving.api import RecentRequests
 from serving.config import ServingConfig
 from serving.emulated.engine import EmulatedEngine
+from serving.replica import Telemetry
 from serving.router import ReplicaHandle, Router
 from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
 from workloads.arrivals import RequestSpec, TraceArrivals, build_requests, build_trace_requests
 from workloads.campaign import Target, _mark_phases, write_manifest
 from workloads.client import RequestRecord
 from workloads.results import ResultStore, summarize_point
-from workloads.spec import CampaignSpec, WorkloadSpec
+from workloads.spec import CampaignSpec, KnobSetting, PolicySetting, WorkloadSpec, setting_label
 
 T = TypeVar("T")
 
@@ -142,6 +149,7 @@ class VirtualDeployment:
             e.stream_every_token = False  # token times come from the hook; events only open and close
         handles = [ReplicaHandle(e.replica, LocalActor(e), backend=e.backend) for e in self.engines]
         self.router = Router(handles, policy=config.router)
+        self.recent = RecentRequests()  # what a controller observes, on the virtual time line
 
     def _on_token(self, request_id: str, t_s: float) -> None:
         self._token_times.setdefault(request_id, []).append(t_s)
@@ -161,6 +169,7 @@ class VirtualDeployment:
         await self.clock.sleep_until(start_s + rec.intended_send_s)
         t_send = self.clock.now()
         rec.actual_send_s = t_send - start_s
+        self.recent.arrive(t_send)
         req = GenerationRequest(
             request_id=f"p{rec.point}-{rec.request_index}",
             prompt_token_ids=[0] * rec.prompt_tokens,
@@ -182,9 +191,18 @@ class VirtualDeployment:
         rec.e2e_s = times[-1] - t_send
         rec.itl_s = [b - a for a, b in itertools.pairwise(times)]
         rec.tpot_s = (rec.e2e_s - rec.ttft_s) / (rec.output_tokens - 1) if rec.output_tokens > 1 else math.nan
+        self.recent.complete(times[-1], rec.ttft_s, None if math.isnan(rec.tpot_s) else rec.tpot_s)
         rec.http_status, rec.status = 200, "ok" if rec.e2e_s <= timeout_s else "failed"
         if rec.status != "ok":
             rec.error = f"timed out after {timeout_s:g} s (virtual)"
+
+    async def telemetry(self) -> list[Telemetry]:
+        return [Telemetry(e.stats(), e.devices(), e.read(), tuple(e.supported_clocks_mhz())) for e in self.engines]
+
+    def control_loop(self, policy: Policy, period_s: float, max_changes_per_min: int) -> ControlLoop:
+        """The real control loop on the virtual clock, observing and actuating these engines in-process."""
+        observer = Observer(self.recent, self.telemetry, self.clock.now)
+        return ControlLoop(policy, observer, EngineActuator(self.engines), self.clock, period_s, max_changes_per_min)
 
     def generated_tokens(self) -> int:
         return sum(e.stats().generated_tokens_total for e in self.engines)
@@ -240,6 +258,20 @@ class VirtualDeployment:
         return records, window_energy(first, last, window_s), tok1 - tok0, rows
 
 
+def _policy_for(
+    setting: KnobSetting | PolicySetting | None, controller: ControllerConfig | None
+) -> tuple[Policy | None, ControllerConfig]:
+    """The policy a point runs under: pinned knobs are the static policy with those values; no setting means
+    the deployment's own controller (if it has one)."""
+    ctl = controller or ControllerConfig(enabled=False)
+    slo = SLOTargets(ctl.slo.ttft_s, ctl.slo.tpot_s)
+    if isinstance(setting, KnobSetting):
+        return build_policy("static", slo, **setting.model_dump(exclude_none=True)), ctl
+    if isinstance(setting, PolicySetting):
+        return build_policy(setting.policy, slo, **setting.options), ctl
+    return (build_policy(ctl.policy, slo, **ctl.options) if ctl.enabled else None), ctl
+
+
 async def _campaign(spec: CampaignSpec, config: ServingConfig, clock: VirtualClock, store: ResultStore) -> None:
     site = load_site_profile(spec.site)
     deployment = VirtualDeployment(config, clock)
@@ -247,9 +279,12 @@ async def _campaign(spec: CampaignSpec, config: ServingConfig, clock: VirtualClo
     try:
         w = spec.workload
         done = store.finished_points()
-        for point, rate in enumerate(spec.sweep.rate_rps):
+        for point, (setting, rate) in enumerate(spec.sweep.points()):
             if point in done:
                 continue
+            policy, ctl = _policy_for(setting, getattr(config, "controller", None))
+            loop = deployment.control_loop(policy, ctl.period_s, ctl.max_changes_per_min) if policy else None
+            control = asyncio.ensure_future(loop.run()) if loop else None
             seed = spec.seed * 10_007 + point  # the same requests as a real-time run of this point
             if isinstance(w.arrival, TraceArrivals):
                 specs = build_trace_requests(w.arrival, rate, w.duration_s, seed)
@@ -257,8 +292,18 @@ async def _campaign(spec: CampaignSpec, config: ServingConfig, clock: VirtualClo
                 specs = build_requests(
                     w.arrival, w.prompt_tokens.sample, w.output_tokens.sample, rate, w.duration_s, seed
                 )
-            records, measurement, tokens, rows = await deployment.run_point(point, specs, w)
+            try:
+                records, measurement, tokens, rows = await deployment.run_point(point, specs, w)
+            finally:
+                if control is not None:  # its ``finally`` restores the engines' default knobs
+                    control.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await control
             summary = summarize_point(point, rate, records, measurement, "emulated", site, spec.slo, tokens)
+            summary["setting"] = setting_label(setting) if setting is not None else (
+                f"policy={policy.name}" if policy is not None else "as deployed")
+            clocks = [float(r["clock_mhz"]) for r in rows if not math.isnan(float(r["clock_mhz"]))]  # type: ignore[arg-type]
+            summary["clock_mhz_mean"] = sum(clocks) / len(clocks) if clocks else math.nan
             store.add_point(summary, records, rows)
     finally:
         await deployment.stop()
@@ -276,7 +321,7 @@ def run_virtual_campaign(
     clock = VirtualClock()
     console.print(
         f"virtual time: {config.replicas} x {config.engine.device} replicas of {config.engine.model}, "
-        f"{len(spec.sweep.rate_rps)} point(s)"
+        f"{len(spec.sweep.points())} point(s)"
     )
     asyncio.run(clock.run(_campaign(spec, config, clock, store)))
     write_manifest(out, spec, target, "finished")
