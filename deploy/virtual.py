@@ -285,7 +285,8 @@ async def _campaign(spec: CampaignSpec, config: ServingConfig, clock: VirtualClo
             policy, ctl = _policy_for(setting, getattr(config, "controller", None))
             loop = deployment.control_loop(policy, ctl.period_s, ctl.max_changes_per_min) if policy else None
             control = asyncio.ensure_future(loop.run()) if loop else None
-            seed = spec.seed * 10_007 + point  # the same requests as a real-time run of this point
+            # Every setting at a rate replays the same requests (and so does a real-time run of the point).
+            seed = spec.seed * 10_007 + spec.sweep.rate_rps.index(rate)
             if isinstance(w.arrival, TraceArrivals):
                 specs = build_trace_requests(w.arrival, rate, w.duration_s, seed)
             else:

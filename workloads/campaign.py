@@ -229,7 +229,8 @@ async def _run_points(spec: CampaignSpec, target: Target, store: ResultStore, co
                 continue
             if setting is not None:
                 await _apply_setting(http, target, setting)
-            seed = spec.seed * 10_007 + point
+            # Every setting at a rate replays the same requests, so settings are compared on equal terms.
+            seed = spec.seed * 10_007 + spec.sweep.rate_rps.index(rate)
             if isinstance(w.arrival, TraceArrivals):
                 specs = build_trace_requests(w.arrival, rate, w.duration_s, seed)
             else:
