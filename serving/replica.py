@@ -10,7 +10,7 @@ from typing import Any
 import ray
 
 from profilers.types import DeviceInfo, PowerReading
-from serving.config import EmulatedEngineConfig
+from serving.config import parse_engine_config
 from serving.engine import Engine, build_engine
 from serving.types import AppliedKnobs, EngineStats, GenerationRequest, Knobs, TokenEvent
 
@@ -29,11 +29,13 @@ class Replica:
 
     def __init__(self, replica: str, engine_config: dict[str, Any]) -> None:
         self.replica = replica
-        self.engine: Engine = build_engine(EmulatedEngineConfig.model_validate(engine_config), replica)
+        self.engine: Engine = build_engine(parse_engine_config(engine_config), replica)
 
     async def start(self) -> dict[str, Any]:
         await self.engine.start()
-        return {"replica": self.replica, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+        info = {"replica": self.replica, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+        describe = getattr(self.engine, "describe", None)
+        return {**info, **describe()} if describe else info
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         async for event in self.engine.generate(request):
