@@ -15,12 +15,29 @@ from profilers.types import Provenance
 TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _write_stat(proc: Path, pid: int, ppid: int, utime_s: float, stime_s: float, comm: str = "py (x) y") -> None:
+def _write_stat(
+    proc: Path, pid: int, ppid: int, utime_s: float, stime_s: float, comm: str = "py (x) y"
+) -> None:
     d = proc / str(pid)
     d.mkdir(parents=True, exist_ok=True)
-    # Fields after the command: state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
-    rest = ["S", str(ppid), "1", "1", "0", "-1", "0", "0", "0", "0", "0", str(round(utime_s * TCK)),
-            str(round(stime_s * TCK)), "0", "0"]
+    # After the command: state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
+    rest = [
+        "S",
+        str(ppid),
+        "1",
+        "1",
+        "0",
+        "-1",
+        "0",
+        "0",
+        "0",
+        "0",
+        "0",
+        str(round(utime_s * TCK)),
+        str(round(stime_s * TCK)),
+        "0",
+        "0",
+    ]
     (d / "stat").write_text(f"{pid} ({comm}) {' '.join(rest)}\n")
 
 

@@ -47,11 +47,15 @@ def test_missing_model_directory_names_the_path_and_what_was_expected(tmp_path: 
     d = tmp_path / "notamodel"
     d.mkdir()
     (d / "config.json").write_text("{}")
-    with pytest.raises(ModelDirError, match=r"notamodel is not a model checkpoint: missing weights .*tokenizer"):
+    with pytest.raises(
+        ModelDirError, match=r"notamodel is not a model checkpoint: missing weights .*tokenizer"
+    ):
         check_model_dir(d)
 
 
-def test_cli_model_check_and_serve_report_a_bad_model_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_model_check_and_serve_report_a_bad_model_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["model", "check", str(tmp_path / "missing")]) == 2
     assert f"{tmp_path / 'missing'} does not exist" in capsys.readouterr().err
     cfg = tmp_path / "serve.yaml"

@@ -36,8 +36,9 @@ def test_build_tiny_is_deterministic_small_and_has_a_chat_template(tmp_path: Pat
 
     assert AutoConfig.from_pretrained(a).model_type == "llama"
     tok = AutoTokenizer.from_pretrained(a)
-    text = tok.apply_chat_template([{"role": "user", "content": "the time"}], add_generation_prompt=True,
-                                   tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "the time"}], add_generation_prompt=True, tokenize=False
+    )
     assert text == "<|user|>\nthe time<|end|>\n<|assistant|>\n"
     ids = tok.encode("the man said 42", add_special_tokens=False)
     assert tok.decode(ids) == "the man said 42"

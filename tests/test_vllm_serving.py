@@ -44,13 +44,17 @@ def vserved(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
     model = build_tiny(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
     # 1 MiB of KV cache is 1,024 tokens of the tiny model: a few long requests exhaust it.
-    engine = VLLMEngineConfig(model=str(model), kv_cache_memory_bytes=1 << 20, max_num_seqs=16, max_model_len=512)
+    engine = VLLMEngineConfig(
+        model=str(model), kv_cache_memory_bytes=1 << 20, max_num_seqs=16, max_model_len=512
+    )
     config = ServingConfig(replicas=2, port=0, engine=engine)
     loop = asyncio.new_event_loop()
     deployment = loop.run_until_complete(start_deployment(config))
     sock = bind_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(create_app(deployment.door), log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=lambda: loop.run_until_complete(server.serve(sockets=[sock])), daemon=True)
+    thread = threading.Thread(
+        target=lambda: loop.run_until_complete(server.serve(sockets=[sock])), daemon=True
+    )
     thread.start()
     while not server.started:
         time.sleep(0.05)
@@ -90,7 +94,9 @@ def test_completion_with_the_openai_client_counts_tokens_and_energy(vserved: VSe
     client = _client(vserved.url)
     assert [m.id for m in client.models.list().data] == ["tiny-llama"]
     prompt = "the time of the man"
-    r = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=12, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="tiny-llama", prompt=prompt, max_tokens=12, extra_body={"ignore_eos": True}
+    )
     assert r.usage.prompt_tokens == len(tok.encode(prompt, add_special_tokens=False))
     assert r.usage.completion_tokens == 12
     assert r.choices[0].finish_reason == "length" and r.choices[0].text
@@ -98,10 +104,12 @@ def test_completion_with_the_openai_client_counts_tokens_and_energy(vserved: VSe
     assert energy["provenance"] == "modeled" and energy["joules"] > 0
     assert energy["replica"] in ("replica-0", "replica-1")
     # Greedy decoding of a fixed prompt is reproducible through the whole path.
-    again = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=12, temperature=0,
-                                      extra_body={"ignore_eos": True})
-    third = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=12, temperature=0,
-                                      extra_body={"ignore_eos": True})
+    again = client.completions.create(
+        model="tiny-llama", prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    third = client.completions.create(
+        model="tiny-llama", prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert again.choices[0].text == third.choices[0].text
 
 
@@ -110,10 +118,16 @@ def test_streamed_chat_uses_the_model_chat_template_and_reports_usage(vserved: V
 
     tok = AutoTokenizer.from_pretrained(vserved.model_dir)
     messages = [{"role": "user", "content": "what time is it"}]
-    expected_prompt = len(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False).encode()) > 0
+    expected_prompt = (
+        len(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False).encode()) > 0
+    )
     stream = _client(vserved.url).chat.completions.create(
-        model="tiny-llama", messages=messages, max_tokens=20, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        model="tiny-llama",
+        messages=messages,
+        max_tokens=20,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -163,8 +177,15 @@ def test_kv_cache_exhaustion_queues_requests_and_loses_none(vserved: VServed) ->
 
     async def run() -> list[Any]:
         client = _aclient(vserved.url)
-        reqs = [client.completions.create(model="tiny-llama", prompt=f"the man {i}", max_tokens=MAX_TOKENS_LONG,
-                                          extra_body={"ignore_eos": True}) for i in range(16)]
+        reqs = [
+            client.completions.create(
+                model="tiny-llama",
+                prompt=f"the man {i}",
+                max_tokens=MAX_TOKENS_LONG,
+                extra_body={"ignore_eos": True},
+            )
+            for i in range(16)
+        ]
         return await asyncio.gather(*reqs)
 
     poller = threading.Thread(target=poll, daemon=True)
@@ -189,7 +210,8 @@ def test_knob_change_restarts_the_engine_and_drains_in_flight_requests(vserved: 
 
     async def run(i: int) -> Any:
         gen = actor.generate.options(num_returns="streaming").remote(
-            GenerationRequest(f"knob-{i}", prompt="the time", max_tokens=120, ignore_eos=True))
+            GenerationRequest(f"knob-{i}", prompt="the time", max_tokens=120, ignore_eos=True)
+        )
         events = [await ref async for ref in gen]
         return events[-1]
 
@@ -220,8 +242,13 @@ def test_killed_replica_mid_stream_every_request_accounted_for(vserved: VServed)
 
     async def one(client: Any, i: int, started: asyncio.Event) -> None:
         try:
-            stream = await client.completions.create(model="tiny-llama", prompt=f"the {i}", max_tokens=300,
-                                                     stream=True, extra_body={"ignore_eos": True})
+            stream = await client.completions.create(
+                model="tiny-llama",
+                prompt=f"the {i}",
+                max_tokens=300,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
             n = 0
             async for chunk in stream:
                 n += len(chunk.choices[0].text) > 0 if chunk.choices else 0
@@ -237,7 +264,9 @@ def test_killed_replica_mid_stream_every_request_accounted_for(vserved: VServed)
         await asyncio.wait_for(asyncio.gather(*(s.wait() for s in started)), 120)
         ray.kill(victim.actor)
         await asyncio.gather(*tasks)
-        after = [await client.completions.create(model="tiny-llama", prompt="a", max_tokens=3) for _ in range(4)]
+        after = [
+            await client.completions.create(model="tiny-llama", prompt="a", max_tokens=3) for _ in range(4)
+        ]
         assert all(r.model_extra["energy"]["replica"] == "replica-1" for r in after)
 
     asyncio.run(scenario())
