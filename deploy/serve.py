@@ -50,6 +50,12 @@ def preflight(config: ServingConfig) -> None:
     if config.engine.kind == "vllm" and config.ray_address is None:
         from serving.vllm_engine import preflight as vllm_preflight
 
+        model = Path(config.engine.model)
+        if config.engine.build_tiny_seed is not None and not model.exists():
+            from deploy.models import build_tiny
+
+            log.warning("building the tiny model (seed %d) into %s", config.engine.build_tiny_seed, model)
+            build_tiny(model, seed=config.engine.build_tiny_seed)
         vllm_preflight(config.engine)
 
 

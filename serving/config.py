@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator
 
 
 class EmulatedEngineConfig(BaseModel):
@@ -54,6 +54,9 @@ class VLLMEngineConfig(BaseModel):
 
     kind: Literal["vllm"] = "vllm"
     model: str = Field(description="Directory of a Hugging Face checkpoint: config.json, weights, tokenizer.")
+    build_tiny_seed: int | None = Field(
+        default=None, description="If `model` is missing, build the tiny model there with this seed."
+    )
     served_model_name: str | None = Field(default=None, description="Default: the directory's name.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="float32", description="float32 on CPUs without bf16 units (bf16 ran at half speed there).")
@@ -70,6 +73,12 @@ class VLLMEngineConfig(BaseModel):
         default=0.25, ge=0, description="Energy weight of a prompt token relative to a generated token when "
         "an iteration's energy is split among its requests (a modeled cost ratio).")
     cpu_power: CpuPowerConfig = Field(default_factory=CpuPowerConfig)
+
+    @field_validator("model")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        # Replica actors do not run in the caller's working directory: pin relative paths now.
+        return str(Path(v).expanduser().absolute())
 
     @property
     def served_name(self) -> str:

@@ -49,3 +49,17 @@ def test_build_tiny_refuses_a_non_empty_directory(tmp_path: Path, capsys: pytest
     (tmp_path / "keep.txt").write_text("x")
     assert main(["model", "build-tiny", str(tmp_path)]) == 2
     assert f"{tmp_path} exists and is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_deployment_preflight_builds_the_tiny_model_when_asked(tmp_path: Path) -> None:
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed: pip install 'llm-energy-testbed[cpu]'")
+    from deploy.config import CampaignFile, load_yaml_model
+    from deploy.serve import preflight
+
+    example = load_yaml_model(Path(__file__).parents[1] / "examples" / "vllm_cpu.yaml", CampaignFile)
+    assert example.deployment.engine.kind == "vllm" and example.deployment.replicas == 2
+    engine = example.deployment.engine.model_copy(update={"model": str(tmp_path / "m" / "tiny")})
+    preflight(example.deployment.model_copy(update={"engine": engine}))
+    assert main(["model", "check", str(tmp_path / "m" / "tiny")]) == 0
