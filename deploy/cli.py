@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from deploy.config import CampaignFile, ConfigError, load_serving_config, load_yaml_model
+from deploy.opscli import add_ops_commands
 from serving.config import ServingConfig
 from serving.engine import MissingExtraError
 
@@ -45,7 +46,8 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
     from workloads.campaign import OutputDirError, Target, prepare_out_dir, run_campaign
     from workloads.report import write_report
 
-    console = Console()
+    # Outside a terminal rich assumes 80 columns and squeezes the summary table; logs can be wider.
+    console = Console() if sys.stdout.isatty() else Console(width=170)
     spec = load_yaml_model(Path(args.file), CampaignFile)  # validate before touching --out
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
@@ -53,7 +55,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
     try:
         prepare_out_dir(out, spec, resume=args.resume, overwrite=args.overwrite)
     except OutputDirError as e:
-        console.print(f"[red]error:[/] {e}")
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     (out / "campaign.yaml").write_text(Path(args.file).read_text())
     try:
@@ -66,7 +68,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
             with LocalDeployment(spec.deployment, out / "deployment.log") as url:
                 points = run_campaign(spec, Target(url, args.metrics_url), out, console)
     except DeploymentStartError as e:
-        console.print(f"[red]error:[/] {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: finished points are kept in {out}; continue with --resume")
@@ -81,7 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from deploy.serve import serve
 
     config = load_serving_config(Path(args.file))
-    updates = {k: v for k, v in (("port", args.port), ("host", args.host), ("replicas", args.replicas)) if v is not None}
+    given = (("port", args.port), ("host", args.host), ("replicas", args.replicas))
+    updates = {k: v for k, v in given if v is not None}
     config = config.model_validate({**config.model_dump(), **updates})
     _preflight(config)
     asyncio.run(serve(config, Path(args.ready_file) if args.ready_file else None))
@@ -130,6 +133,29 @@ def cmd_model_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from workloads.report import write_comparison
+
+    dirs = [Path(args.a), Path(args.b)]
+    for d in dirs:
+        if not (d / "points.csv").exists():
+            raise ConfigError(f"{d} holds no points.csv: run a campaign into it first")
+    out = Path(args.out) if args.out else dirs[1] / "compare.html"
+    path, merged = write_comparison(dirs[0], dirs[1], out)
+    if merged.empty:
+        print("the two campaigns share no offered load: nothing to compare point by point", file=sys.stderr)
+    table = Table(title=f"B ({dirs[1]}) against A ({dirs[0]})")
+    cols = ["offered_rps", "energy_per_token_j_a", "energy_per_token_j_b", "energy_per_token_j_b/a",
+            "tpot_p99_s_a", "tpot_p99_s_b", "slo_attainment_a", "slo_attainment_b"]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for _, row in merged.iterrows():
+        table.add_row(*[f"{row[c]:.4g}" for c in cols])
+    Console(width=170).print(table)
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="testbed", description="LLM inference-serving energy testbed.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -169,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="(re)write report.html of a campaign directory")
     rep.add_argument("dir")
     rep.set_defaults(func=cmd_report)
+
+    cmp_ = sub.add_parser("compare", help="compare two campaign directories point by point (B against A)")
+    cmp_.add_argument("a")
+    cmp_.add_argument("b")
+    cmp_.add_argument("--out", help="HTML file to write (default: B/compare.html)")
+    cmp_.set_defaults(func=cmd_compare)
+
+    add_ops_commands(sub)  # dashboards and monitor
     return p
 
 

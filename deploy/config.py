@@ -8,6 +8,7 @@ from typing import Any, TypeVar, get_args
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
+from controllers.config import ControllerConfig
 from serving.config import ServingConfig
 from workloads.spec import CampaignSpec
 
@@ -18,10 +19,16 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message is meant for the user as it is."""
 
 
+class DeploymentConfig(ServingConfig):
+    """A serving deployment with its controller."""
+
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
+
+
 class CampaignFile(CampaignSpec):
     """A campaign plus the deployment to start for it (ignored with ``--url``)."""
 
-    deployment: ServingConfig = Field(default_factory=ServingConfig)
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
@@ -82,12 +89,12 @@ def load_yaml_model(path: Path, model: type[M]) -> M:
         raise ConfigError(format_validation_error(path, model, e)) from e
 
 
-def load_serving_config(path: Path) -> ServingConfig:
-    """A serving config, or the ``deployment:`` section of a campaign file."""
+def load_serving_config(path: Path) -> DeploymentConfig:
+    """A deployment config, or the ``deployment:`` section of a campaign file."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError):
         data = {}
     if isinstance(data, dict) and "deployment" in data:
         return load_yaml_model(path, CampaignFile).deployment
-    return load_yaml_model(path, ServingConfig)
+    return load_yaml_model(path, DeploymentConfig)

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from deploy.config import DeploymentConfig
 from deploy.raycluster import RAY_ENV
-from serving.config import ServingConfig
 
 
 class DeploymentStartError(RuntimeError):
@@ -25,7 +25,7 @@ class LocalDeployment:
     """``with LocalDeployment(cfg, log) as url:`` runs the front door and replicas in their own process,
     so the load generator and the server do not share an interpreter (and its GIL)."""
 
-    def __init__(self, config: ServingConfig, log_path: Path, start_timeout_s: float = 180.0) -> None:
+    def __init__(self, config: DeploymentConfig, log_path: Path, start_timeout_s: float = 180.0) -> None:
         self.config = config.model_copy(update={"port": 0, "host": "127.0.0.1"})
         self.log_path = log_path
         self.start_timeout_s = start_timeout_s
@@ -55,7 +55,9 @@ class LocalDeployment:
                     return url
             time.sleep(0.2)
         self.__exit__(None, None, None)
-        raise DeploymentStartError(f"the deployment did not become ready in {self.start_timeout_s:.0f} s; see {self.log_path}")
+        raise DeploymentStartError(
+            f"the deployment did not become ready in {self.start_timeout_s:.0f} s; see {self.log_path}"
+        )
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -14,6 +14,8 @@ from typing import Any
 import ray
 import uvicorn
 
+from controllers.service import Controller, add_control_routes
+from deploy.config import DeploymentConfig
 from deploy.raycluster import init_ray
 from profilers.footprint import load_site_profile
 from serving.api import FrontDoor, create_app
@@ -118,17 +120,26 @@ def bind_socket(host: str, port: int) -> socket.socket:
     try:
         sock.bind((host, port))
     except OSError as e:
-        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port (0 picks a free one)") from e
+        raise OSError(
+            f"cannot listen on {host}:{port}: {e.strerror}; choose another --port (0 picks a free one)"
+        ) from e
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
 
-async def serve(config: ServingConfig, ready_file: Path | None = None) -> None:
-    """Serve until SIGINT/SIGTERM (uvicorn handles both), then stop the replicas and Ray."""
+async def serve(config: DeploymentConfig, ready_file: Path | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (uvicorn handles both), then restore default knobs, stop the replicas and Ray."""
     sock = bind_socket(config.host, config.port)
     deployment = await start_deployment(config)
     app = create_app(deployment.door)
+    controller = None
+    if config.controller.enabled:
+        controller = Controller(config.controller, deployment.door)
+        add_control_routes(app, controller)
+        controller.start()
+        if config.controller.token is None:
+            print(f"testbed: control API token (shown once): {controller.token}", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
     host, port = sock.getsockname()[:2]
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
@@ -142,6 +153,8 @@ async def serve(config: ServingConfig, ready_file: Path | None = None) -> None:
     try:
         await server.serve(sockets=[sock])
     finally:
+        if controller is not None:
+            await controller.stop()
         await deployment.stop()
         ray.shutdown()
         print("testbed: stopped cleanly", flush=True)

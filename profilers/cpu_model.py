@@ -90,8 +90,10 @@ class CpuPowerModel:
         self._scanned_at = -1e18
         self._t0 = now()
         self._cpu0 = self._cpu_seconds()
-        self._last: tuple[float, float] = (self._t0, 0.0)  # (t, energy) of the previous read
+        self._last: tuple[float, float, float] = (self._t0, 0.0, 0.0)  # (t, energy, cpu s) of the last read
         self._power_w = idle_w
+        self._util = 0.0
+        self._ncpu = os.cpu_count() or 1
 
     def describe(self) -> str:
         return (
@@ -121,14 +123,15 @@ class CpuPowerModel:
         return (self._cpu_seconds() - self._cpu0) / dt if dt > 0 else 0.0
 
     def devices(self) -> list[DeviceInfo]:
-        return [DeviceInfo(device=self.device, name=self._name, backend=self.backend)]
+        return [DeviceInfo(device=self.device, name=self._name, backend=self.backend, energy_method="modeled")]
 
     def read(self) -> list[PowerReading]:
         t = self._now()
         cpu = self._cpu_seconds() - self._cpu0
         energy = self.idle_w * (t - self._t0) + self.core_w * cpu
-        t_prev, e_prev = self._last
+        t_prev, e_prev, cpu_prev = self._last
         if t - t_prev >= 0.05:  # power over the last interval; too short an interval is only tick noise
             self._power_w = (energy - e_prev) / (t - t_prev)
-            self._last = (t, energy)
-        return [PowerReading(t, self.device, energy, self._power_w, None, Provenance.MODELED)]
+            self._util = min(1.0, (cpu - cpu_prev) / (t - t_prev) / self._ncpu)
+            self._last = (t, energy, cpu)
+        return [PowerReading(t, self.device, energy, self._power_w, None, Provenance.MODELED, self._util)]

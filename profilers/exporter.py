@@ -10,13 +10,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry
 
+from profilers.carbon import CarbonAccumulator, CifSeries, EmbodiedCarbon, site_cif_series
+from profilers.exposition import ExporterRegistry, Family, FastCollector, HistogramCollector
 from profilers.footprint import SiteProfile, footprint
 
 NAMESPACE = "llm_energy"
@@ -28,6 +28,14 @@ LATENCY_BUCKETS_S = (
 )
 
 
+def _counter(name: str, doc: str, labels: list[str]) -> Family:
+    return Family(name, doc, "counter", labels)
+
+
+def _gauge(name: str, doc: str, labels: list[str]) -> Family:
+    return Family(name, doc, "gauge", labels)
+
+
 @dataclass(frozen=True)
 class DeviceSample:
     replica: str
@@ -37,6 +45,10 @@ class DeviceSample:
     energy_j: float
     power_w: float
     clock_mhz: float | None
+    sampler_errors: int | None = None
+    """Failed reads of the device's sampling thread, where one runs."""
+    uptime_s: float | None = None
+    """Seconds the device has been in service (for embodied carbon); else counted from the first scrape."""
 
 
 @dataclass(frozen=True)
@@ -69,13 +81,13 @@ class _Window:
         self.points.append((t, energy_j, tokens))
         while len(self.points) > 2 and t - self.points[1][0] >= self.window_s:
             self.points.popleft()
-        t0, e0, n0 = self.points[0]
+        _, e0, n0 = self.points[0]
         if tokens - n0 <= 0 or energy_j < e0:
             return None
         return (energy_j - e0) / (tokens - n0)
 
 
-class EnergyCollector(Collector):
+class EnergyCollector(FastCollector):
     """Reads a fresh :class:`ExportSnapshot` at each scrape and derives water and carbon from it."""
 
     def __init__(
@@ -84,6 +96,10 @@ class EnergyCollector(Collector):
         site: SiteProfile,
         window_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        embodied: EmbodiedCarbon | None = None,
+        cif: CifSeries | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._snapshot_fn = snapshot_fn
         self._site = site
@@ -91,66 +107,98 @@ class EnergyCollector(Collector):
         self._clock = clock
         self._windows: dict[str, _Window] = {}
         self._lock = threading.Lock()
+        self._embodied = embodied
+        self._carbon = CarbonAccumulator(site, cif) if cif is not None else None
+        self._wall_clock = wall_clock
+        self._first_seen: dict[str, float] = {}
 
-    def describe(self) -> Iterator[Metric]:
-        # Describing by collecting would call into the deployment at registration time.
-        return iter(())
-
-    def collect(self) -> Iterator[Metric]:
+    def families(self) -> list[Family]:
         snap = self._snapshot_fn()
-        energy = CounterMetricFamily(
+        return [*self._device_families(snap), *self._replica_families(snap)]
+
+    def _device_families(self, snap: ExportSnapshot) -> list[Family]:
+        energy = _counter(
             f"{NAMESPACE}_energy_joules", "Cumulative device energy (IT side).", labels=DEVICE_LABELS
         )
-        power = GaugeMetricFamily(f"{NAMESPACE}_power_watts", "Device power now.", labels=DEVICE_LABELS)
-        clock = GaugeMetricFamily(f"{NAMESPACE}_clock_mhz", "Device clock now.", labels=DEVICE_LABELS)
-        water = CounterMetricFamily(
+        power = _gauge(f"{NAMESPACE}_power_watts", "Device power now.", labels=DEVICE_LABELS)
+        clock = _gauge(f"{NAMESPACE}_clock_mhz", "Device clock now.", labels=DEVICE_LABELS)
+        water = _counter(
             f"{NAMESPACE}_water_liters",
             "Water consumed: scope=site (cooling, WUE_site x IT energy) or source (electricity, "
             "WUE_source x facility energy).",
             labels=[*DEVICE_LABELS, "scope"],
         )
-        carbon = CounterMetricFamily(
+        carbon = _counter(
             f"{NAMESPACE}_carbon_grams",
-            "Operational carbon: CIF x facility energy.",
+            "Carbon: scope=operational (CIF x facility energy) or embodied (device manufacture, amortised "
+            "over its service life per second of use).",
             labels=[*DEVICE_LABELS, "scope"],
         )
+        sampler_errors = _counter(
+            f"{NAMESPACE}_sampler_errors",
+            "Failed reads of a device's power-sampling thread (a dead sampler stops the energy counter).",
+            labels=DEVICE_LABELS,
+        )
+        now, wall = self._clock(), self._wall_clock()
         for d in snap.devices:
             labels = [d.replica, d.device, d.backend, d.provenance]
-            energy.add_metric(labels, d.energy_j)
-            power.add_metric(labels, d.power_w)
+            energy.add(labels, d.energy_j)
+            power.add(labels, d.power_w)
             if d.clock_mhz is not None:
-                clock.add_metric(labels, d.clock_mhz)
+                clock.add(labels, d.clock_mhz)
             fp = footprint(d.energy_j, self._site)
-            water.add_metric([*labels, "site"], fp.water_site_l)
-            water.add_metric([*labels, "source"], fp.water_source_l)
-            carbon.add_metric([*labels, "operational"], fp.carbon_g)
-        yield from (energy, power, clock, water, carbon)
-        yield from self._replica_families(snap)
+            water.add([*labels, "site"], fp.water_site_l)
+            water.add([*labels, "source"], fp.water_source_l)
+            carbon.add([*labels, "operational"], self._operational_g(d, fp.carbon_g, wall))
+            if self._embodied is not None:
+                carbon.add([*labels, "embodied"], self._embodied.grams(self._uptime_s(d, now)))
+            if d.sampler_errors is not None:
+                sampler_errors.add(labels, d.sampler_errors)
+        return [energy, power, clock, water, carbon, sampler_errors]
 
-    def _replica_families(self, snap: ExportSnapshot) -> Iterator[Metric]:
-        tokens = CounterMetricFamily(
-            f"{NAMESPACE}_tokens", "Tokens processed, kind=prompt|generated.", labels=[*REPLICA_LABELS, "kind"]
+    def _operational_g(self, d: DeviceSample, constant_cif_g: float, wall: float) -> float:
+        if self._carbon is None:
+            return constant_cif_g
+        with self._lock:
+            return self._carbon.update(f"{d.replica}/{d.device}", d.energy_j, wall)
+
+    def _uptime_s(self, d: DeviceSample, now: float) -> float:
+        if d.uptime_s is not None:
+            return d.uptime_s
+        with self._lock:
+            return now - self._first_seen.setdefault(f"{d.replica}/{d.device}", now)
+
+    def _replica_families(self, snap: ExportSnapshot) -> list[Family]:
+        tokens = _counter(
+            f"{NAMESPACE}_tokens", "Tokens processed, kind=prompt|generated.",
+            labels=[*REPLICA_LABELS, "kind"],
         )
-        attributed = CounterMetricFamily(
+        attributed = _counter(
             f"{NAMESPACE}_attributed_energy_joules",
             "Energy attributed to requests, by phase (prefill|decode).",
             labels=[*REPLICA_LABELS, "phase", "provenance"],
         )
-        idle = CounterMetricFamily(
+        idle = _counter(
             f"{NAMESPACE}_idle_energy_joules",
             "Energy spent with no request in flight (not charged to tokens).",
             labels=[*REPLICA_LABELS, "provenance"],
         )
-        per_token = GaugeMetricFamily(
+        per_token = _gauge(
             f"{NAMESPACE}_energy_per_token_joules",
             f"Device energy per generated token over the last {self._window_s:g} s of scrapes.",
             labels=[*REPLICA_LABELS, "provenance"],
         )
-        running = GaugeMetricFamily(
+        running = _gauge(
             f"{NAMESPACE}_requests_running", "Requests in the running batch.", labels=REPLICA_LABELS
         )
-        waiting = GaugeMetricFamily(
+        waiting = _gauge(
             f"{NAMESPACE}_requests_waiting", "Requests queued for admission.", labels=REPLICA_LABELS
+        )
+        closure = _gauge(
+            f"{NAMESPACE}_attribution_error_ratio",
+            "|attributed prefill + decode + idle energy - device energy| / device energy (0 = every joule "
+            "accounted for).",
+            labels=[*REPLICA_LABELS, "provenance"],
         )
         now = self._clock()
         energy_by_replica: dict[str, tuple[float, str]] = {}
@@ -160,44 +208,47 @@ class EnergyCollector(Collector):
         for r in snap.replicas:
             labels = [r.replica, r.backend]
             prov = energy_by_replica.get(r.replica, (0.0, "unavailable"))[1]
-            tokens.add_metric([*labels, "prompt"], r.prompt_tokens)
-            tokens.add_metric([*labels, "generated"], r.generated_tokens)
-            attributed.add_metric([*labels, "prefill", prov], r.attributed_prefill_j)
-            attributed.add_metric([*labels, "decode", prov], r.attributed_decode_j)
-            idle.add_metric([*labels, prov], r.idle_j)
-            running.add_metric(labels, r.running)
-            waiting.add_metric(labels, r.waiting)
+            tokens.add([*labels, "prompt"], r.prompt_tokens)
+            tokens.add([*labels, "generated"], r.generated_tokens)
+            attributed.add([*labels, "prefill", prov], r.attributed_prefill_j)
+            attributed.add([*labels, "decode", prov], r.attributed_decode_j)
+            idle.add([*labels, prov], r.idle_j)
+            running.add(labels, r.running)
+            waiting.add(labels, r.waiting)
+            metered = energy_by_replica.get(r.replica, (0.0, prov))[0]
+            if metered > 0:
+                accounted = r.attributed_prefill_j + r.attributed_decode_j + r.idle_j
+                closure.add([*labels, prov], abs(accounted - metered) / metered)
             if r.replica in energy_by_replica:
                 with self._lock:
                     window = self._windows.setdefault(r.replica, _Window(self._window_s))
                     value = window.update(now, energy_by_replica[r.replica][0], r.generated_tokens)
                 if value is not None:
-                    per_token.add_metric([*labels, prov], value)
-        yield from (tokens, attributed, idle, per_token, running, waiting)
+                    per_token.add([*labels, prov], value)
+        return [tokens, attributed, idle, per_token, running, waiting, closure]
 
 
 @dataclass
 class LatencyHistograms:
-    ttft: Histogram
-    tpot: Histogram
-    e2e: Histogram
+    ttft: HistogramCollector
+    tpot: HistogramCollector
+    e2e: HistogramCollector
 
     def observe(self, replica: str, ttft_s: float | None, tpot_s: float | None, e2e_s: float) -> None:
         if ttft_s is not None:
-            self.ttft.labels(replica=replica).observe(ttft_s)
+            self.ttft.observe(replica, ttft_s)
         if tpot_s is not None:
-            self.tpot.labels(replica=replica).observe(tpot_s)
-        self.e2e.labels(replica=replica).observe(e2e_s)
+            self.tpot.observe(replica, tpot_s)
+        self.e2e.observe(replica, e2e_s)
 
 
 def latency_histograms(registry: CollectorRegistry) -> LatencyHistograms:
     """Server-side latency, measured at the front door (provenance: measured wall-clock time)."""
 
-    def make(name: str, doc: str) -> Histogram:
-        return Histogram(
-            f"{NAMESPACE}_request_{name}_seconds", doc, ["replica"], registry=registry,
-            buckets=LATENCY_BUCKETS_S,
-        )
+    def make(name: str, doc: str) -> HistogramCollector:
+        hist = HistogramCollector(f"{NAMESPACE}_request_{name}_seconds", doc, "replica", LATENCY_BUCKETS_S)
+        registry.register(hist)
+        return hist
 
     return LatencyHistograms(
         ttft=make("ttft", "Time to first token."),
@@ -207,8 +258,15 @@ def latency_histograms(registry: CollectorRegistry) -> LatencyHistograms:
 
 
 def build_registry(
-    snapshot_fn: Callable[[], ExportSnapshot], site: SiteProfile
-) -> tuple[CollectorRegistry, LatencyHistograms]:
-    registry = CollectorRegistry()
-    registry.register(EnergyCollector(snapshot_fn, site))
+    snapshot_fn: Callable[[], ExportSnapshot],
+    site: SiteProfile,
+    *,
+    embodied: EmbodiedCarbon | None = None,
+    cif: CifSeries | None = None,
+) -> tuple[ExporterRegistry, LatencyHistograms]:
+    """The deployment's registry: energy families (fast path, see :meth:`ExporterRegistry.render`) and
+    latency histograms."""
+    registry = ExporterRegistry()
+    cif = cif if cif is not None else site_cif_series(site)
+    registry.register(EnergyCollector(snapshot_fn, site, embodied=embodied, cif=cif))
     return registry, latency_histograms(registry)

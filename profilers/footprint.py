@@ -30,6 +30,11 @@ class SiteProfile(BaseModel):
     )
     cif_kg_per_kwh: float = Field(ge=0.0, le=2.0, description="Carbon intensity of the grid, kgCO2e/kWh.")
     source: str = Field(default="", description="Where the figures come from.")
+    cif_series_csv: str | None = Field(
+        default=None,
+        description="CSV of `timestamp,gco2e_per_kwh` that replaces cif_kg_per_kwh for operational carbon "
+        "where time is known (a relative path is taken from the profile's folder).",
+    )
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,9 @@ def load_site_profile(name_or_path: str) -> SiteProfile:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.exists():
         data = yaml.safe_load(path.read_text())
+        series = data.get("cif_series_csv") if isinstance(data, dict) else None
+        if series and not Path(series).is_absolute():
+            data["cif_series_csv"] = str(path.parent / series)
     else:
         res = resources.files("profilers") / "sites" / f"{name_or_path}.yaml"
         if not res.is_file():

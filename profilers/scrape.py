@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,24 +23,43 @@ class CounterSnapshot:
     energy: dict[str, CounterSample]
     generated_tokens: dict[str, float]
     backends: frozenset[str] = frozenset()
+    power_w: dict[str, float] = field(default_factory=dict)
+    clock_mhz: dict[str, float] = field(default_factory=dict)
+    sampler_errors: dict[str, float] = field(default_factory=dict)
+    """Failed power-sampler reads keyed ``replica/device`` (only devices that have a sampler)."""
+
+    @property
+    def generated_total(self) -> float:
+        return sum(self.generated_tokens.values())
 
 
 def parse_counters(text: str) -> CounterSnapshot:
     energy: dict[str, CounterSample] = {}
     tokens: dict[str, float] = {}
     backends: set[str] = set()
+    power: dict[str, float] = {}
+    clock: dict[str, float] = {}
+    sampler_errors: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
+            key = f"{s.labels.get('replica', '')}/{s.labels.get('device', '')}"
             if s.name == f"{ENERGY_METRIC}_total":
-                key = f"{s.labels.get('replica', '')}/{s.labels.get('device', '')}"
                 energy[key] = CounterSample(s.value, s.labels.get("provenance", "unknown"))
                 backends.add(s.labels.get("backend", "unknown"))
+            elif s.name == "llm_energy_power_watts":
+                power[key] = s.value
+            elif s.name == "llm_energy_clock_mhz":
+                clock[key] = s.value
             elif s.name == "llm_energy_tokens_total" and s.labels.get("kind") == "generated":
                 tokens[s.labels.get("replica", "")] = s.value
-    return CounterSnapshot(energy, tokens, frozenset(backends))
+            elif s.name == "llm_energy_sampler_errors_total":
+                sampler_errors[key] = s.value
+    return CounterSnapshot(energy, tokens, frozenset(backends), power, clock, sampler_errors)
 
 
-def scrape_counters(metrics_url: str, client: httpx.Client | None = None, timeout_s: float = 5.0) -> CounterSnapshot:
+def scrape_counters(
+    metrics_url: str, client: httpx.Client | None = None, timeout_s: float = 5.0
+) -> CounterSnapshot:
     """Fetch and parse ``metrics_url``; raise :class:`MetricsUnavailableError` with the reason."""
     try:
         if client is None:
@@ -55,7 +74,9 @@ def scrape_counters(metrics_url: str, client: httpx.Client | None = None, timeou
     return parse_counters(resp.text)
 
 
-async def ascrape_counters(metrics_url: str, client: httpx.AsyncClient, timeout_s: float = 5.0) -> CounterSnapshot:
+async def ascrape_counters(
+    metrics_url: str, client: httpx.AsyncClient, timeout_s: float = 5.0
+) -> CounterSnapshot:
     """Async :func:`scrape_counters` for callers already on an event loop."""
     try:
         resp = await client.get(metrics_url, timeout=timeout_s)

@@ -21,6 +21,10 @@ class DeviceInfo:
     """Human-readable model name, e.g. ``NVIDIA H100 SXM``."""
     backend: str
     """``nvml``, ``rapl``, ``emulated``, ..."""
+    energy_method: str = "counter"
+    """How cumulative energy is obtained: ``counter``, ``integrated`` (sampled power) or ``modeled``."""
+    power_limit_w: float | None = None
+    """Enforced power limit, where the device reports one."""
 
 
 @dataclass(frozen=True)
@@ -32,3 +36,5 @@ class PowerReading:
     power_w: float
     clock_mhz: float | None
     provenance: Provenance
+    utilization: float | None = None
+    """Busy fraction of the device over the driver's last sample period (0-1), where reported."""

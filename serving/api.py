@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -66,9 +67,43 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(body, status_code=status)
 
 
+class RecentRequests:
+    """Arrivals and completed requests' latencies over a sliding window (what a controller observes)."""
+
+    def __init__(self, window_s: float = 20.0) -> None:
+        self.window_s = window_s
+        self.arrivals: deque[float] = deque()
+        self.completions: deque[tuple[float, float, float | None]] = deque()
+
+    def _trim(self, now: float) -> None:
+        while self.arrivals and now - self.arrivals[0] > self.window_s:
+            self.arrivals.popleft()
+        while self.completions and now - self.completions[0][0] > self.window_s:
+            self.completions.popleft()
+
+    def arrive(self, now: float) -> None:
+        self.arrivals.append(now)
+        self._trim(now)
+
+    def complete(self, now: float, ttft_s: float, tpot_s: float | None) -> None:
+        self.completions.append((now, ttft_s, tpot_s))
+        self._trim(now)
+
+    def view(self, now: float) -> tuple[float, list[float], list[float]]:
+        """(arrival rate, TTFTs, TPOTs) of the window ending now."""
+        self._trim(now)
+        span = min(self.window_s, max(1e-9, now - self.arrivals[0])) if self.arrivals else self.window_s
+        return (
+            len(self.arrivals) / span if self.arrivals else 0.0,
+            [c[1] for c in self.completions],
+            [c[2] for c in self.completions if c[2] is not None],
+        )
+
+
 class FrontDoor:
     def __init__(self, router: Router, model_name: str, max_model_len: int, site: SiteProfile) -> None:
         self.router = router
+        self.recent = RecentRequests()
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.created = int(time.time())
@@ -77,7 +112,7 @@ class FrontDoor:
 
     async def metrics_text(self) -> bytes:
         self._snapshot = await self.router.snapshot()
-        return generate_latest(self.registry)
+        return self.registry.render()
 
     def check_model(self, name: str) -> JSONResponse | None:
         if name != self.model_name:
@@ -99,6 +134,7 @@ class FrontDoor:
             ignore_eos=body.ignore_eos, temperature=body.temperature, seed=body.seed, messages=messages,
         )
         t_arrival = time.perf_counter()
+        self.recent.arrive(t_arrival)
         stream = self.router.stream(request)
         # Take the first event before answering, so a rejected request gets a 400, not a broken stream.
         try:
@@ -132,6 +168,7 @@ class FrontDoor:
         ttft = timing.first - timing.arrival
         tpot = (e2e - ttft) / (last.output_tokens - 1) if last.output_tokens > 1 else None
         self.latency.observe(last.replica, ttft, tpot, e2e)
+        self.recent.complete(time.perf_counter(), ttft, tpot)
 
     def _usage(self, ev: TokenEvent) -> dict[str, int]:
         return {

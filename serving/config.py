@@ -72,6 +72,10 @@ class VLLMEngineConfig(BaseModel):
     prefill_token_weight: float = Field(
         default=0.25, ge=0, description="Energy weight of a prompt token relative to a generated token when "
         "an iteration's energy is split among its requests (a modeled cost ratio).")
+    power_sources: list[str] = Field(
+        default_factory=lambda: ["nvml", "rapl"],
+        description="Power counters to try in order; the CPU power model (cpu_power) when none can be read.",
+    )
     cpu_power: CpuPowerConfig = Field(default_factory=CpuPowerConfig)
 
     @field_validator("model")

@@ -109,8 +109,8 @@ class Router:
             finally:
                 replica.outstanding -= 1
 
-    async def snapshot(self, timeout_s: float = 2.0) -> ExportSnapshot:
-        """Telemetry of every live replica; a replica that does not answer is reported dead."""
+    async def telemetry(self, timeout_s: float = 2.0) -> list[tuple[ReplicaHandle, Telemetry]]:
+        """Telemetry of every live replica that answers in time; a replica whose actor is gone is marked dead."""
         live = self.live()
 
         async def fetch(r: ReplicaHandle) -> Telemetry | None:
@@ -123,10 +123,11 @@ class Router:
             return None
 
         results = await asyncio.gather(*(fetch(r) for r in live))
+        return [(r, tel) for r, tel in zip(live, results, strict=True) if tel is not None]
+
+    async def snapshot(self, timeout_s: float = 2.0) -> ExportSnapshot:
         snap = ExportSnapshot()
-        for r, tel in zip(live, results, strict=True):
-            if tel is None:
-                continue
+        for r, tel in await self.telemetry(timeout_s):
             infos = {d.device: d for d in tel.devices}
             for rd in tel.readings:
                 backend = infos[rd.device].backend if rd.device in infos else r.backend

@@ -9,10 +9,10 @@ from __future__ import annotations
 import zlib
 
 VOCAB = (
-    "the of and to in a is that for it as was with be by on not he this are or his from at which but "
-    "have an they you were her she there one all we their been has when who will more no if out so said "
-    "what up its about into than them can only other new some time could these two may then do first any "
-    "my now such like our over man me even most made after also did many before must through back years"
+    "the of and to in a is that for it as was with be by on not he this are or his from at which but have "
+    "an they you were her she there one all we their been has when who will more no if out so said what "
+    "up its about into than them can only other new some time could these two may then do first any my "
+    "now such like our over man me even most made after also did many before must through back years "
 ).split()
 
 

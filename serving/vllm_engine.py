@@ -20,6 +20,7 @@ from typing import Any
 
 from profilers.cpu_model import CpuPowerModel
 from profilers.source import PowerSource
+from profilers.sources import probe_sources
 from profilers.types import DeviceInfo, PowerReading
 from serving.config import VLLMEngineConfig
 from serving.engine import MissingExtraError, register_engine
@@ -68,11 +69,20 @@ def _import_vllm() -> Any:
     return vllm, AsyncEngineArgs, AsyncLLM, StatLoggerBase
 
 
-def select_power_source(config: VLLMEngineConfig, replica: str) -> PowerSource:
-    """The best power source this process can read; logged, since it decides the provenance of figures."""
-    source = CpuPowerModel(config.cpu_power.idle_w, config.cpu_power.core_w, pid=os.getpid())
-    log.warning("replica %s: power source: %s", replica, source.describe())
-    return source
+def select_power_source(config: VLLMEngineConfig, replica: str) -> tuple[PowerSource, str]:
+    """The first power counter this process can read (``config.power_sources``), else the CPU power model.
+    Logged with the reasons the others were not used, since it decides the provenance of every figure."""
+    model = (
+        "cpu_model",
+        lambda: CpuPowerModel(config.cpu_power.idle_w, config.cpu_power.core_w, pid=os.getpid()),
+    )
+    choice = probe_sources(order=config.power_sources, fallback=model)
+    detail = getattr(choice.source, "describe", None)
+    text = detail() if callable(detail) else choice.provenance
+    if choice.skipped:
+        text += f" [not used: {'; '.join(choice.skipped)}]"
+    log.warning("replica %s: power source: %s", replica, text)
+    return choice.source, text
 
 
 @dataclass
@@ -111,7 +121,10 @@ class VLLMEngine:
         self.replica = replica
         self._vllm, self._Args, self._AsyncLLM, self._StatLoggerBase = _import_vllm()
         check_model_dir(config.model)
-        self.power: PowerSource = power or select_power_source(config, replica)
+        if power is None:
+            self.power, self.power_text = select_power_source(config, replica)
+        else:
+            self.power, self.power_text = power, type(power).__name__
         self.provenance = str(self.power.read()[0].provenance) if self.power.devices() else None
         self.engine: Any = None
         self.tokenizer: Any = None
@@ -214,7 +227,7 @@ class VLLMEngine:
             "model": self.config.model,
             "engine_start_s": self.start_s,
             "kv_capacity_tokens": self.kv_capacity_tokens,
-            "power_source": getattr(self.power, "describe", lambda: type(self.power).__name__)(),
+            "power_source": self.power_text,
             "max_num_seqs": self.config.max_num_seqs,
             "speculative_tokens": spec.num_speculative_tokens if (spec := self.config.speculative) else 0,
             "spec_decode": {"drafted": self.live.spec_drafted, "accepted": self.live.spec_accepted},

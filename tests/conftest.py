@@ -12,6 +12,7 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+CONTROL_TOKEN = "test-control-token"
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +38,8 @@ def served(ray_local: None) -> Iterator[Served]:
     """The real front door (uvicorn) over two real Ray replica actors, on a free loopback port."""
     import uvicorn
 
+    from controllers.config import ControllerConfig
+    from controllers.service import Controller, add_control_routes
     from deploy.serve import bind_socket, start_deployment
     from serving.api import create_app
     from serving.config import EmulatedEngineConfig, ServingConfig
@@ -44,8 +47,12 @@ def served(ray_local: None) -> Iterator[Served]:
     config = ServingConfig(replicas=2, port=0, engine=EmulatedEngineConfig(max_model_len=1024))
     loop = asyncio.new_event_loop()
     deployment = loop.run_until_complete(start_deployment(config))
+    app = create_app(deployment.door)
+    controller = Controller(ControllerConfig(token=CONTROL_TOKEN, period_s=0.5), deployment.door)
+    add_control_routes(app, controller)
+    loop.call_soon_threadsafe(controller.start)
     sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(deployment.door), log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=lambda: loop.run_until_complete(server.serve(sockets=[sock])), daemon=True)
     thread.start()
     while not server.started:
@@ -54,4 +61,5 @@ def served(ray_local: None) -> Iterator[Served]:
     yield Served(f"http://{host}:{port}", deployment, loop)
     server.should_exit = True
     thread.join(timeout=10)
+    loop.run_until_complete(controller.stop())
     loop.run_until_complete(deployment.stop())

@@ -95,3 +95,20 @@ def test_without_vllm_a_clear_error_names_the_extra_and_emulated_still_works(
     import asyncio
 
     assert len(asyncio.run(one_token()).split()) == 2
+
+
+def test_power_source_falls_back_to_the_cpu_model_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    from profilers.cpu_model import CpuPowerModel
+    from serving.vllm_engine import select_power_source
+
+    source, text = select_power_source(VLLMEngineConfig(model="/m", power_sources=[]), "replica-0")
+    assert isinstance(source, CpuPowerModel) and text.startswith("CPU power model (modeled)")
+    assert source.read()[0].provenance == "modeled" and source.devices()[0].energy_method == "modeled"
+
+    with caplog.at_level("WARNING", logger="serving.vllm_engine"):
+        source, text = select_power_source(VLLMEngineConfig(model="/m"), "replica-0")
+    assert "replica-0: power source:" in caplog.text
+    if isinstance(source, CpuPowerModel):  # no readable NVML or RAPL here: both reasons are given
+        assert "not used: nvml:" in text and "rapl:" in text
+    else:
+        assert source.devices()[0].backend in ("nvml", "rapl")

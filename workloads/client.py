@@ -7,6 +7,7 @@ omission): a slow response never delays a later send. Both intended and actual s
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import time
@@ -36,6 +37,8 @@ class RequestRecord:
     itl_s: list[float] = field(default_factory=list)
     energy_j: float = math.nan
     energy_provenance: str = ""
+    phase: str = "measure"
+    """warmup | measure | cooldown: only measured requests enter latency and SLO figures."""
     status: str = "pending"
     http_status: int = 0
     error: str = ""
@@ -109,7 +112,7 @@ class LoadClient:
             else:
                 await self._send(client, rec, start, body)
         except httpx.HTTPError as e:
-            rec.status, rec.error = "failed", f"{type(e).__name__}: {e}" or type(e).__name__
+            rec.status, rec.error = "failed", f"{type(e).__name__}: {e}".rstrip(": ")
         except Exception as e:  # a malformed stream must not lose the record
             rec.status, rec.error = "failed", f"client error {type(e).__name__}: {e}"
         if on_done is not None:
@@ -154,7 +157,7 @@ class LoadClient:
         rec.output_tokens = int(usage["completion_tokens"]) if usage else len(chunk_times)
         rec.ttft_s = chunk_times[0] - t_send
         rec.e2e_s = t_end - t_send
-        rec.itl_s = [b - a for a, b in zip(chunk_times, chunk_times[1:], strict=False)]
+        rec.itl_s = [b - a for a, b in itertools.pairwise(chunk_times)]
         rec.tpot_s = (rec.e2e_s - rec.ttft_s) / (rec.output_tokens - 1) if rec.output_tokens > 1 else math.nan
         rec.status = "ok"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 _WORDS = (
-    "energy token power clock batch model joule water carbon latency replica device memory cache "
-    "request queue decode prefill serving cluster"
+    "energy token power clock batch model joule water carbon latency replica device memory cache request "
+    "queue decode prefill serving cluster "
 ).split()
 
 

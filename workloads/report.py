@@ -20,7 +20,7 @@ SUMMARY_COLUMNS = {
     "point": "point", "backend": "backend", "offered_rps": "offered req/s", "completed": "done",
     "failed": "failed", "output_tokens": "out tokens", "energy_j": "energy J", "energy_per_token_j": "J/token",
     "water_per_token_ml": "mL water/token", "carbon_per_token_g": "gCO2e/token", "ttft_p99_s": "TTFT p99 s",
-    "tpot_p99_s": "TPOT p99 s", "slo_attainment": "SLO", "provenance": "provenance",
+    "tpot_p99_s": "TPOT p99 s", "slo_attainment": "SLO", "provenance": "provenance", "status": "status",
 }
 
 
@@ -76,8 +76,75 @@ def _plot_footprint(points: pd.DataFrame) -> str:
     return _png(fig)
 
 
+def pareto_front(points: pd.DataFrame, x: str = "tpot_p99_s", y: str = "energy_per_token_j") -> pd.Series:
+    """True for points no other point beats on both ``x`` and ``y`` (lower is better on both)."""
+    valid = points[[x, y]].notna().all(axis=1)
+    front = pd.Series(False, index=points.index)
+    for i, row in points[valid].iterrows():
+        others = points[valid].drop(index=i)
+        dominated = ((others[x] <= row[x]) & (others[y] <= row[y]) & ((others[x] < row[x]) | (others[y] < row[y])))
+        front[i] = not dominated.any()
+    return front
+
+
+def _plot_pareto(points: pd.DataFrame) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    front = pareto_front(points)
+    ax.scatter(points["tpot_p99_s"], points["energy_per_token_j"], c="tab:gray", label="points")
+    f = points[front].sort_values("tpot_p99_s")
+    ax.plot(f["tpot_p99_s"], f["energy_per_token_j"], "o-", c="tab:red", label="Pareto front")
+    for _, r in points.iterrows():
+        ax.annotate(f"{r['offered_rps']:g}/s", (r["tpot_p99_s"], r["energy_per_token_j"]), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("p99 time per output token (s)")
+    ax.set_ylabel("energy per output token (J)")
+    ax.set_title("Energy per token against tail latency")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def _plot_power(ts: pd.DataFrame) -> str:
+    fig, (a, b) = plt.subplots(2, 1, figsize=(8, 4.8), sharex=True)
+    offset = 0.0
+    for point, grp in ts.groupby("point", sort=True):
+        # Mean power over each sampling interval from the energy counters: instantaneous readings alias
+        # with iteration boundaries (a prefill at TDP, then a decode at a third of it).
+        per_device = grp.sort_values("t_s").groupby(["replica", "device"])
+        mean_w = (per_device["energy_j"].diff() / per_device["t_s"].diff()).rename("w")
+        total = grp.assign(w=mean_w).dropna(subset=["w"]).groupby("t_s")["w"].sum()
+        a.plot(total.index + offset, total.values, label=f"point {point}")
+        clock = grp.groupby("t_s")["clock_mhz"].mean()
+        b.plot(clock.index + offset, clock.values)
+        offset += float(grp["t_s"].max()) + 1.0
+    a.set_ylabel("mean power, all devices (W)")
+    a.legend(fontsize=8)
+    a.grid(alpha=0.3)
+    b.set_ylabel("mean clock (MHz)")
+    b.set_xlabel("time (s, points back to back)")
+    b.grid(alpha=0.3)
+    a.set_title("Power and clock over time")
+    return _png(fig)
+
+
+def replica_breakdown(requests: pd.DataFrame) -> pd.DataFrame:
+    ok = requests[requests["status"] == "ok"]
+    if ok.empty:
+        return pd.DataFrame()
+    g = ok.groupby(["point", "replica"])
+    return pd.DataFrame({
+        "requests": g.size(),
+        "output tokens": g["output_tokens"].sum(),
+        "attributed J": g["energy_j"].sum(),
+        "J/token (attributed)": g["energy_j"].sum() / g["output_tokens"].sum(),
+        "TTFT p50 s": g["ttft_s"].median(),
+        "TPOT p50 s": g["tpot_s"].median(),
+    }).reset_index()
+
+
 def write_report(out: Path) -> Path:
     store = ResultStore(out)
+    store.repair()
     points = store.points()
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
@@ -100,11 +167,56 @@ def write_report(out: Path) -> Path:
         parts.append(f"<img alt='energy per token against offered load' src='{_plot_energy(points)}'>")
         parts.append("<h2>Latency</h2>")
         parts.append(f"<img alt='latency percentiles against offered load' src='{_plot_latency(points)}'>")
+        parts.append("<h2>Pareto front</h2>")
+        parts.append(f"<img alt='energy per token against p99 TPOT' src='{_plot_pareto(points)}'>")
         parts.append("<h2>Water and carbon</h2>")
         parts.append(f"<img alt='water and carbon per token' src='{_plot_footprint(points)}'>")
+        ts = store.timeseries()
+        if not ts.empty:
+            parts.append("<h2>Power and clock over time</h2>")
+            parts.append(f"<img alt='power and clock over time' src='{_plot_power(ts)}'>")
+        per_replica = replica_breakdown(store.requests())
+        if not per_replica.empty:
+            parts.append("<h2>Per replica</h2>")
+            parts.append(per_replica.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="–"))
         parts.append("<h2>All point columns</h2>")
         parts.append(points.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="–"))
     parts.append("</body></html>")
     path = out / "report.html"
     path.write_text("\n".join(parts))
     return path
+
+
+COMPARE_COLUMNS = ["energy_per_token_j", "water_per_token_ml", "carbon_per_token_g", "tpot_p99_s", "ttft_p99_s",
+                   "slo_attainment"]
+
+
+def compare_frame(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """Points of two campaigns joined on offered load, with B/A ratios of the cost and latency figures."""
+    keys = ["offered_rps"]
+    merged = a[keys + COMPARE_COLUMNS].merge(b[keys + COMPARE_COLUMNS], on=keys, suffixes=("_a", "_b"))
+    for col in COMPARE_COLUMNS[:-1]:
+        merged[f"{col}_b/a"] = merged[f"{col}_b"] / merged[f"{col}_a"]
+    return merged
+
+
+def write_comparison(dir_a: Path, dir_b: Path, out: Path) -> tuple[Path, pd.DataFrame]:
+    a, b = ResultStore(dir_a).points(), ResultStore(dir_b).points()
+    merged = compare_frame(a, b)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, pts in ((dir_a.name or str(dir_a), a), (dir_b.name or str(dir_b), b)):
+        p = pts.sort_values("offered_rps")
+        ax.plot(p["offered_rps"], p["energy_per_token_j"], marker="o", label=label)
+    ax.set_xlabel("offered load (requests/s)")
+    ax.set_ylabel("energy per output token (J)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    body = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>campaign comparison</title></head><body>",
+        f"<h1>{html.escape(str(dir_a))} (A) against {html.escape(str(dir_b))} (B)</h1>",
+        merged.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="–"),
+        f"<img alt='energy per token of both campaigns' src='{_png(fig)}'>",
+        "</body></html>",
+    ]
+    out.write_text("\n".join(body))
+    return out, merged

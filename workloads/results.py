@@ -17,11 +17,14 @@ from workloads.spec import SLO
 
 POINT_COLUMNS = [
     "point", "backend", "offered_rps", "requests", "completed", "failed", "prompt_tokens", "output_tokens",
-    "duration_s", "achieved_rps", "output_tokens_per_s", "energy_j", "energy_per_token_j",
+    "client_output_tokens", "duration_s", "achieved_rps", "output_tokens_per_s", "energy_j", "energy_per_token_j",
     "attributed_energy_j", "mean_power_w", "water_l", "water_per_token_ml", "carbon_g", "carbon_per_token_g",
     "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "e2e_p50_s", "e2e_p99_s", "slo_attainment",
-    "goodput_rps", "provenance", "site", "dropped_devices",
+    "goodput_rps", "provenance", "site", "dropped_devices", "status", "notes",
 ]
+
+
+TIMESERIES_COLUMNS = ["point", "t_s", "replica", "device", "energy_j", "power_w", "clock_mhz"]
 
 
 def _pct(values: pd.Series, q: float) -> float:
@@ -43,24 +46,37 @@ def summarize_point(
     backend: str,
     site: SiteProfile,
     slo: SLO,
+    window_tokens: int | None = None,
 ) -> dict[str, object]:
+    """One row of ``points.csv``.
+
+    Counts (``requests``, ``completed``, ``failed``) cover every request sent, so nothing is lost from the
+    books; latency, SLO and goodput cover the measured phase only (warm-up and cool-down excluded).
+    ``output_tokens`` are the tokens generated inside the energy window, counted by the server where it
+    exports ``llm_energy_tokens_total`` (so energy and tokens cover the same window), else by the client.
+    """
     df = records_frame(records)
-    ok = df[df["status"] == "ok"]
-    out_tokens = int(ok["output_tokens"].sum())
+    ok_all = df[df["status"] == "ok"]
+    measured = df[df["phase"] == "measure"]
+    ok = measured[measured["status"] == "ok"]
+    client_tokens = int(ok["output_tokens"].sum())
+    out_tokens = window_tokens if window_tokens is not None else client_tokens
     energy = measurement.total_j if measurement.energy_j else math.nan
     fp = footprint(energy, site)
     per_tok = (lambda x: x / out_tokens) if out_tokens > 0 else (lambda x: math.nan)
     duration = measurement.duration_s
-    met = meets_slo(df, slo) if len(df) else pd.Series(dtype=bool)
+    met = meets_slo(measured, slo) if len(measured) else pd.Series(dtype=bool)
+    notes = _degradation(df, measurement)
     return {
         "point": point,
         "backend": backend,
         "offered_rps": offered_rps,
         "requests": len(df),
-        "completed": len(ok),
+        "completed": len(ok_all),
         "failed": int((df["status"] != "ok").sum()),
         "prompt_tokens": int(ok["prompt_tokens"].sum()),
         "output_tokens": out_tokens,
+        "client_output_tokens": client_tokens,
         "duration_s": duration,
         "achieved_rps": len(ok) / duration if duration > 0 else math.nan,
         "output_tokens_per_s": out_tokens / duration if duration > 0 else math.nan,
@@ -83,7 +99,22 @@ def summarize_point(
         "provenance": measurement.provenance_label,
         "site": site.name,
         "dropped_devices": ";".join(measurement.dropped_devices),
+        "status": "degraded" if notes else "ok",
+        "notes": "; ".join(notes),
     }
+
+
+def _degradation(df: pd.DataFrame, measurement: Measurement) -> list[str]:
+    """Why a point's figures are not to be trusted as they are (empty: they are)."""
+    notes = []
+    server_side = df[(df["status"] != "ok") & ((df["http_status"] == 0) | (df["http_status"] >= 500))]
+    if len(server_side):
+        notes.append(f"{len(server_side)} request(s) failed on the server side or in transport")
+    if not measurement.energy_j:
+        notes.append("energy unavailable (no llm_energy_* counters could be scraped)")
+    if measurement.dropped_devices:
+        notes.append(f"energy of {', '.join(measurement.dropped_devices)} dropped (counter reset or device gone)")
+    return notes
 
 
 def records_frame(records: list[RequestRecord]) -> pd.DataFrame:
@@ -122,10 +153,15 @@ class ResultStore:
     def finished_points(self) -> set[int]:
         return set(int(p) for p in self.points()["point"])
 
-    def add_point(self, summary: dict[str, object], records: list[RequestRecord]) -> None:
+    def add_point(
+        self, summary: dict[str, object], records: list[RequestRecord], timeseries: list[dict[str, object]]
+    ) -> None:
+        """Write one measured point; the per-point files land before ``points.csv`` names the point done."""
         self.parts.mkdir(parents=True, exist_ok=True)
         frame = records_frame(records)
         point = int(summary["point"])  # type: ignore[call-overload]
+        ts = pd.DataFrame(timeseries, columns=TIMESERIES_COLUMNS)
+        _atomic_write(self.parts / f"timeseries-{point:04d}.parquet", lambda p: ts.to_parquet(p, index=False))
         _atomic_write(self.parts / f"point-{point:04d}.parquet", lambda p: frame.to_parquet(p, index=False))
         points = self.points()
         points = points[points["point"] != point]
@@ -135,11 +171,31 @@ class ResultStore:
         _atomic_write(self.points_path, lambda p: points.to_csv(p, index=False))
         self._rebuild_requests()
 
+    def repair(self) -> None:
+        """Rebuild the derived files from the per-point parts (after a kill between writes)."""
+        if self.points_path.exists():
+            self._rebuild_requests()
+
     def _rebuild_requests(self) -> None:
-        parts = sorted(self.parts.glob("point-*.parquet"))
-        frames = [pd.read_parquet(p) for p in parts]
-        frame = pd.concat(frames, ignore_index=True) if frames else records_frame([])
-        _atomic_write(self.requests_path, lambda p: frame.to_parquet(p, index=False))
+        done = self.finished_points()
+        for pattern, target, empty in (
+            ("point-*.parquet", self.requests_path, records_frame([])),
+            ("timeseries-*.parquet", self.timeseries_path, pd.DataFrame(columns=TIMESERIES_COLUMNS)),
+        ):
+            # Parts of a point that never made it into points.csv (killed mid-write) are left out.
+            parts = [p for p in sorted(self.parts.glob(pattern)) if int(p.stem.split("-")[1]) in done]
+            frames = [pd.read_parquet(p) for p in parts]
+            frame = pd.concat(frames, ignore_index=True) if frames else empty
+            _atomic_write(target, lambda p, f=frame: f.to_parquet(p, index=False))
+
+    @property
+    def timeseries_path(self) -> Path:
+        return self.out / "timeseries.parquet"
+
+    def timeseries(self) -> pd.DataFrame:
+        if not self.timeseries_path.exists():
+            return pd.DataFrame(columns=TIMESERIES_COLUMNS)
+        return pd.read_parquet(self.timeseries_path)
 
     def requests(self) -> pd.DataFrame:
         return pd.read_parquet(self.requests_path) if self.requests_path.exists() else records_frame([])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
 
 from workloads.arrivals import Arrival, LengthDistribution, LogNormalLength, PoissonArrivals, UniformLength
 
@@ -19,8 +19,25 @@ class WorkloadSpec(BaseModel):
     )
     output_tokens: LengthDistribution = Field(default_factory=lambda: UniformLength(low=16, high=128))
     duration_s: float = Field(default=20.0, gt=0, le=86_400, description="Sending window of each point.")
+    warmup_s: float = Field(
+        default=0.0, ge=0, description="Requests sent before this are excluded from latency and energy figures."
+    )
+    cooldown_s: float = Field(
+        default=0.0, ge=0, description="Requests sent in the last cooldown_s seconds are excluded likewise."
+    )
+    sample_interval_s: float = Field(default=1.0, gt=0, le=60, description="Power/clock time-series period.")
     max_concurrency: int | None = Field(default=None, gt=0, description="Cap on requests in flight.")
     request_timeout_s: float = Field(default=300.0, gt=0)
+
+
+    @model_validator(mode="after")
+    def _steady_window(self) -> WorkloadSpec:
+        if self.warmup_s + self.cooldown_s >= self.duration_s:
+            raise ValueError(
+                f"warmup_s + cooldown_s ({self.warmup_s + self.cooldown_s:g}) must be shorter than "
+                f"duration_s ({self.duration_s:g})"
+            )
+        return self
 
 
 class SLO(BaseModel):

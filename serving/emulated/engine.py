@@ -159,9 +159,12 @@ class EmulatedEngine:
             self._wake.set()
         return AppliedKnobs(self.clock_mhz, self.max_num_seqs, took_s=self.clock.now() - t0, notes=notes)
 
+    def supported_clocks_mhz(self) -> list[float]:
+        return sorted(self.device.clocks_mhz)
+
     # --- Power source ----------------------------------------------------------------------------
     def devices(self) -> list[DeviceInfo]:
-        return [DeviceInfo(device="emu0", name=self.device.name, backend=self.backend)]
+        return [DeviceInfo(device="emu0", name=self.device.name, backend=self.backend, energy_method="modeled")]
 
     def read(self) -> list[PowerReading]:
         now = self.clock.now()

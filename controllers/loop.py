@@ -1,0 +1,125 @@
+"""The control loop: observe, decide, actuate (rate-limited), log and export every decision; restore the
+devices' defaults on exit, on cancellation and when the policy or observation fails."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from controllers.policies import Decision, Observation, Policy
+from profilers.clock import Clock
+from serving.types import AppliedKnobs, Knobs
+
+log = logging.getLogger(__name__)
+
+
+class Actuator(Protocol):
+    async def apply(self, knobs: Knobs) -> list[AppliedKnobs]: ...
+
+    async def restore_defaults(self) -> None: ...
+
+    async def heartbeat(self, lease_s: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    t_s: float
+    policy: str
+    reason: str
+    requested: Knobs
+    applied: tuple[AppliedKnobs, ...]
+    changed: bool
+
+
+@dataclass
+class LoopStats:
+    decisions: dict[tuple[str, str], int] = field(default_factory=dict)
+    history: deque[DecisionRecord] = field(default_factory=lambda: deque(maxlen=1000))
+
+    def count(self, policy: str, reason: str) -> None:
+        self.decisions[(policy, reason)] = self.decisions.get((policy, reason), 0) + 1
+
+
+class ControlLoop:
+    def __init__(
+        self,
+        policy: Policy,
+        observe: Callable[[], Awaitable[Observation]],
+        actuator: Actuator,
+        clock: Clock,
+        period_s: float = 1.0,
+        max_changes_per_min: int = 12,
+        lease_s: float = 5.0,
+    ) -> None:
+        self.policy = policy
+        self.observe = observe
+        self.actuator = actuator
+        self.clock = clock
+        self.period_s = period_s
+        self.max_changes_per_min = max_changes_per_min
+        self.lease_s = lease_s
+        self.stats = LoopStats()
+        self.current = Knobs()
+        self._changes: deque[float] = deque()
+        self.running = False
+
+    def set_policy(self, policy: Policy) -> None:
+        log.info("policy %s -> %s", self.policy.name, policy.name)
+        self.policy = policy
+
+    async def step(self, force: bool = False) -> DecisionRecord:
+        """One period; ``force`` (an operator's explicit setting) bypasses the rate limit."""
+        obs = await self.observe()
+        decision = self.policy.decide(obs)
+        record = await self._actuate(obs.t_s, decision, force)
+        await self.actuator.heartbeat(self.lease_s)
+        return record
+
+    async def _actuate(self, now: float, decision: Decision, force: bool = False) -> DecisionRecord:
+        wanted = _merge(self.current, decision.knobs)
+        reason = decision.reason
+        applied: tuple[AppliedKnobs, ...] = ()
+        changed = wanted != self.current
+        if changed:
+            while self._changes and now - self._changes[0] >= 60.0:
+                self._changes.popleft()
+            if len(self._changes) >= self.max_changes_per_min and not force:
+                reason, changed = "rate_limited", False
+            else:
+                applied = tuple(await self.actuator.apply(wanted))
+                self._changes.append(now)
+                self.current = wanted
+                log.info("%s (%s): applied %s", self.policy.name, reason, wanted)
+        self.stats.count(self.policy.name, reason)
+        record = DecisionRecord(now, self.policy.name, reason, decision.knobs, applied, changed)
+        self.stats.history.append(record)
+        return record
+
+    async def run(self) -> None:
+        """Run until cancelled; defaults are restored however the loop ends."""
+        self.running = True
+        try:
+            while True:
+                await self.step()
+                await self.clock.sleep(self.period_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.stats.count(self.policy.name, "error")
+            log.exception("control loop failed; restoring the devices' default knobs")
+            raise
+        finally:
+            self.running = False
+            await asyncio.shield(self.actuator.restore_defaults())
+            self.current = Knobs()
+
+
+def _merge(current: Knobs, wanted: Knobs) -> Knobs:
+    return Knobs(
+        clock_mhz=wanted.clock_mhz if wanted.clock_mhz is not None else current.clock_mhz,
+        max_num_seqs=wanted.max_num_seqs if wanted.max_num_seqs is not None else current.max_num_seqs,
+    )

@@ -1,0 +1,169 @@
+"""The controller as a service of a deployment: loop task, control API routes and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from controllers.actuators import ReplicaActuator
+from controllers.config import ControllerConfig
+from controllers.loop import ControlLoop
+from controllers.observe import observe_front_door
+from controllers.policies import SLOTargets, build_policy, policy_names
+from profilers.clock import RealClock
+from serving.api import FrontDoor, error_response
+
+log = logging.getLogger(__name__)
+
+
+class PolicyChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    policy: str
+    options: dict[str, float] = Field(default_factory=dict)
+
+
+class KnobChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    clock_mhz: float | None = Field(default=None, gt=0)
+    max_num_seqs: int | None = Field(default=None, ge=1)
+
+
+class Controller:
+    def __init__(self, config: ControllerConfig, door: FrontDoor) -> None:
+        self.config = config
+        self.door = door
+        self.slo = SLOTargets(config.slo.ttft_s, config.slo.tpot_s)
+        self.token = config.token or secrets.token_urlsafe(24)
+        self.actuator = ReplicaActuator(door.router)
+        self.loop = ControlLoop(
+            build_policy(config.policy, self.slo, **config.options),
+            lambda: observe_front_door(door),
+            self.actuator,
+            RealClock(),
+            period_s=config.period_s,
+            max_changes_per_min=config.max_changes_per_min,
+            lease_s=config.heartbeat_lease_s,
+        )
+        self._task: asyncio.Task[None] | None = None
+        door.registry.register(_ControllerCollector(self))
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.loop.run(), name="control-loop")
+
+    async def stop(self) -> None:
+        """Cancel the loop; its ``finally`` restores every replica's default knobs."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+    def state(self) -> dict[str, Any]:
+        last = list(self.loop.stats.history)[-10:]
+        return {
+            "policy": self.loop.policy.name,
+            "policies": policy_names(),
+            "running": self.loop.running,
+            "knobs": _knobs(self.loop.current),
+            "applied": {r: {"clock_mhz": a.clock_mhz, "max_num_seqs": a.max_num_seqs, "notes": a.notes}
+                        for r, a in self.actuator.last_applied.items()},
+            "slo": {"ttft_s": self.slo.ttft_s, "tpot_s": self.slo.tpot_s},
+            "recent_decisions": [
+                {"t_s": d.t_s, "policy": d.policy, "reason": d.reason, "changed": d.changed,
+                 "requested": _knobs(d.requested)} for d in last
+            ],
+        }
+
+    def slo_attainment(self) -> float | None:
+        completions = list(self.door.recent.completions)
+        if not completions:
+            return None
+        ok = sum(1 for _, ttft, tpot in completions
+                 if ttft <= self.slo.ttft_s and (tpot is None or tpot <= self.slo.tpot_s))
+        return ok / len(completions)
+
+
+def _knobs(k: Any) -> dict[str, Any]:
+    return {"clock_mhz": k.clock_mhz, "max_num_seqs": k.max_num_seqs}
+
+
+class _ControllerCollector(Collector):
+    def __init__(self, controller: Controller) -> None:
+        self.c = controller
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        knob = GaugeMetricFamily("llm_energy_knob_value", "Knob values in effect, per replica.",
+                                 labels=["replica", "knob"])
+        for replica, a in self.c.actuator.last_applied.items():
+            if a.clock_mhz is not None:
+                knob.add_metric([replica, "clock_mhz"], a.clock_mhz)
+            knob.add_metric([replica, "max_num_seqs"], a.max_num_seqs)
+        decisions = CounterMetricFamily("llm_energy_controller_decisions", "Control decisions by policy and reason.",
+                                        labels=["policy", "reason"])
+        for (policy, reason), n in self.c.loop.stats.decisions.items():
+            decisions.add_metric([policy, reason], n)
+        slo = GaugeMetricFamily("llm_energy_slo_attainment_ratio",
+                                "Share of recent requests meeting both the TTFT and TPOT targets.")
+        value = self.c.slo_attainment()
+        if value is not None:
+            slo.add_metric([], value)
+        yield from (knob, decisions, slo)
+
+
+def add_control_routes(app: FastAPI, controller: Controller) -> None:
+    """``GET /control`` is open; changing anything needs ``Authorization: Bearer <token>``."""
+
+    def authorized(request: Request) -> bool:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), controller.token.encode())
+
+    def unauthorized() -> JSONResponse:
+        return error_response(401, "changing the controller needs 'Authorization: Bearer <token>' "
+                                   "(the token printed at start-up, or controller.token in the config)",
+                              code="unauthorized")
+
+    @app.get("/control")
+    async def get_control() -> dict[str, Any]:
+        return controller.state()
+
+    @app.post("/control/policy")
+    async def set_policy(request: Request) -> JSONResponse:
+        if not authorized(request):
+            return unauthorized()
+        try:
+            change = PolicyChange.model_validate(await request.json())
+            policy = build_policy(change.policy, controller.slo, **change.options)
+        except (ValidationError, ValueError, TypeError) as e:
+            return error_response(400, f"invalid policy change: {e}", param="policy", code="invalid_request")
+        controller.loop.set_policy(policy)
+        return JSONResponse(controller.state())
+
+    @app.post("/control/knobs")
+    async def set_knobs(request: Request) -> JSONResponse:
+        """Pin knobs: switches to the static policy with these values."""
+        if not authorized(request):
+            return unauthorized()
+        try:
+            change = KnobChange.model_validate(await request.json())
+        except (ValidationError, ValueError) as e:
+            return error_response(400, f"invalid knobs: {e}", code="invalid_request")
+        controller.loop.set_policy(build_policy("static", controller.slo, **change.model_dump(exclude_none=True)))
+        record = await controller.loop.step(force=True)  # apply now rather than at the next period
+        body = controller.state()
+        body["applied_now"] = record.changed
+        return JSONResponse(body)

@@ -1,0 +1,115 @@
+"""The real front door (uvicorn) over real Ray replicas, driven by httpx and the official openai client."""
+
+import json
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.slow
+MODEL = "llama-3.1-8b"
+
+
+def test_models_and_health(served) -> None:
+    models = httpx.get(f"{served.url}/v1/models").json()
+    assert models["data"][0]["id"] == MODEL
+    health = httpx.get(f"{served.url}/health").json()
+    assert health["status"] == "ok" and set(health["replicas"]) == {"replica-0", "replica-1"}
+
+
+def test_completion_non_streaming_httpx(served) -> None:
+    r = httpx.post(f"{served.url}/v1/completions", json={"model": MODEL, "prompt": "a b c d", "max_tokens": 5})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
+    assert len(body["choices"][0]["text"].split()) == 5
+    assert body["energy"]["joules"] > 0 and body["energy"]["provenance"] == "modeled"
+
+
+def test_completion_streaming_httpx_sse(served) -> None:
+    body = {"model": MODEL, "prompt": "x y", "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}}
+    chunks = []
+    with httpx.stream("POST", f"{served.url}/v1/completions", json=body) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                chunks.append(line[6:])
+    assert chunks[-1] == "[DONE]"
+    objs = [json.loads(c) for c in chunks[:-1]]
+    text = "".join(o["choices"][0]["text"] for o in objs if o["choices"])
+    assert len(text.split()) == 6
+    assert objs[-1]["usage"]["completion_tokens"] == 6
+    assert any(o["choices"] and o["choices"][0]["finish_reason"] == "length" for o in objs)
+
+
+def test_openai_client_completions(served) -> None:
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused")
+    c = client.completions.create(model=MODEL, prompt="hello world", max_tokens=4)
+    assert c.usage.completion_tokens == 4 and c.choices[0].finish_reason == "length"
+    stream = client.completions.create(model=MODEL, prompt="hello world", max_tokens=4, stream=True)
+    assert len("".join(ch.choices[0].text for ch in stream if ch.choices).split()) == 4
+
+
+def test_openai_client_chat(served) -> None:
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused")
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    c = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3)
+    assert c.choices[0].message.role == "assistant" and len(c.choices[0].message.content.split()) == 3
+    stream = client.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=5, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len("".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices).split()) == 5
+    assert chunks[-1].usage.completion_tokens == 5
+
+
+def test_prompt_longer_than_context_is_an_openai_400(served) -> None:
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="w " * 2000, max_tokens=4, stream=True)
+    assert err.value.status_code == 400
+    body = err.value.body
+    assert body["code"] == "context_length_exceeded" and "maximum context length is 1024" in body["message"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        ({"model": MODEL, "prompt": "a", "max_tokens": 0}, "max_tokens"),
+        ({"model": MODEL, "max_tokens": 3}, "prompt"),
+        ({"model": MODEL, "prompt": "a", "temperature": "hot"}, "temperature"),
+        ({"model": MODEL, "prompt": "a", "n": 2}, "n"),
+    ],
+)
+def test_bad_requests_get_openai_error_bodies(served, payload, param) -> None:
+    r = httpx.post(f"{served.url}/v1/completions", json=payload)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+
+
+def test_malformed_json_and_unknown_model(served) -> None:
+    r = httpx.post(f"{served.url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+    r = httpx.post(f"{served.url}/v1/completions", json={"model": "gpt-9", "prompt": "a"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_metrics_expose_core_families_with_provenance(served) -> None:
+    httpx.post(f"{served.url}/v1/completions", json={"model": MODEL, "prompt": "a b", "max_tokens": 3})
+    text = httpx.get(f"{served.url}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("llm_energy_energy_joules", "llm_energy_power_watts", "llm_energy_water_liters",
+                 "llm_energy_carbon_grams", "llm_energy_clock_mhz"):
+        samples = families[name].samples
+        assert samples and all(s.labels["provenance"] == "modeled" for s in samples), name
+    assert {s.labels["kind"] for s in families["llm_energy_tokens"].samples} == {"prompt", "generated"}
+    for phase in ("ttft", "tpot", "e2e"):
+        name = f"llm_energy_request_{phase}_seconds"
+        assert families[name].type == "histogram"
+    water_scopes = {s.labels["scope"] for s in families["llm_energy_water_liters"].samples}
+    assert water_scopes == {"site", "source"}
+    energy = sum(s.value for s in families["llm_energy_energy_joules"].samples if s.name.endswith("_total"))
+    assert energy > 0

@@ -1,0 +1,302 @@
+"""Campaigns end to end through the CLI: real front door, real Ray replicas, real httpx load."""
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from deploy.cli import main
+from profilers.footprint import J_PER_KWH, load_site_profile
+from workloads.results import POINT_COLUMNS
+
+REQUIRED = [
+    "point", "backend", "offered_rps", "requests", "completed", "failed", "output_tokens", "energy_j",
+    "energy_per_token_j", "water_per_token_ml", "carbon_per_token_g", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s",
+    "tpot_p99_s", "slo_attainment", "provenance",
+]
+
+
+def write_campaign(tmp_path: Path, **over) -> Path:
+    cfg = {
+        "name": "t", "seed": 3, "site": "aws",
+        "workload": {
+            "arrival": {"kind": "poisson"},
+            "prompt_tokens": {"kind": "uniform", "low": 8, "high": 64},
+            "output_tokens": {"kind": "uniform", "low": 4, "high": 24},
+            "duration_s": 3,
+        },
+        "slo": {"ttft_s": 0.5, "tpot_s": 0.05},
+        "sweep": {"rate_rps": [2, 5]},
+    }
+    for k, v in over.items():
+        cfg[k] = v
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_campaign_against_running_deployment(served, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["campaign", "run", str(write_campaign(tmp_path)), "--out", str(out), "--url", served.url]) == 0
+    points = pd.read_csv(out / "points.csv")
+    assert list(points.columns) == POINT_COLUMNS
+    assert set(REQUIRED) <= set(points.columns)
+    assert len(points) == 2
+    site = load_site_profile("aws")
+    for _, p in points.iterrows():
+        assert p["completed"] + p["failed"] == p["requests"] > 0
+        assert p["energy_j"] > 0 and p["output_tokens"] > 0
+        assert p["energy_per_token_j"] * p["output_tokens"] == pytest.approx(p["energy_j"], rel=1e-9)
+        kwh = p["energy_j"] / J_PER_KWH
+        water_ml = (kwh * site.wue_site_l_per_kwh + kwh * site.pue * site.wue_source_l_per_kwh) * 1000
+        carbon_g = kwh * site.pue * site.cif_kg_per_kwh * 1000
+        assert p["water_per_token_ml"] * p["output_tokens"] == pytest.approx(water_ml, rel=1e-9)
+        assert p["carbon_per_token_g"] * p["output_tokens"] == pytest.approx(carbon_g, rel=1e-9)
+        assert p["provenance"] == "modeled" and p["backend"] == "emulated"
+        # Attributed request energy is part of the metered energy (the rest is idle and other traffic).
+        assert 0 < p["attributed_energy_j"] <= p["energy_j"] * 1.001
+    requests = pd.read_parquet(out / "requests.parquet")
+    assert len(requests) == points["requests"].sum()
+    ok = requests[requests["status"] == "ok"]
+    assert (ok["energy_j"] > 0).all() and ok["replica"].str.startswith("replica-").all()
+    assert (ok["output_tokens"] == ok["max_output_tokens"]).all()
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "Energy per token" in html
+
+
+@pytest.mark.slow
+def test_too_long_prompts_are_recorded_failed_and_campaign_goes_on(served, tmp_path: Path) -> None:
+    path = write_campaign(
+        tmp_path,
+        workload={"prompt_tokens": {"kind": "uniform", "low": 600, "high": 1500},
+                  "output_tokens": {"kind": "fixed", "value": 4}, "duration_s": 2, "arrival": {"kind": "constant"}},
+        sweep={"rate_rps": [4]},
+    )
+    out = tmp_path / "out"
+    assert main(["campaign", "run", str(path), "--out", str(out), "--url", served.url]) == 0
+    req = pd.read_parquet(out / "requests.parquet")
+    too_long = req[req["prompt_tokens"] + 4 > 1024]
+    assert len(too_long) > 0 and (too_long["status"] == "failed").all()
+    assert too_long["error"].str.contains("HTTP 400: This model's maximum context length is 1024").all()
+    assert (req[req["prompt_tokens"] + 4 <= 1024]["status"] == "ok").all()
+    p = pd.read_csv(out / "points.csv").iloc[0]
+    assert p["failed"] == len(too_long) and p["completed"] + p["failed"] == p["requests"]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"sweep": {"rate_rps": [2, -1]}}, "sweep.rate_rps.1: Input should be greater than 0"),
+        ({"sweep": {"rate_rps": [1]}, "wrkload": {}}, "wrkload: unknown key; allowed keys here:"),
+        ({"sweep": {"rate_rps": "fast"}}, "sweep.rate_rps: Input should be a valid list"),
+        ({"sweep": {"rate_rps": [1]}, "workload": {"duration_s": "long"}}, "workload.duration_s"),
+        ({"sweep": {"rate_rps": [1]}, "deployment": {"replicas": 0}}, "deployment.replicas"),
+        ({"sweep": {"rate_rps": [1]}, "deployment": {"engine": {"gpu": 1}}}, "allowed keys here: clock_mhz, device"),
+    ],
+)
+def test_invalid_campaign_exits_2_naming_file_and_field(tmp_path, capsys, override, expected) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(override))
+    out = tmp_path / "out"
+    assert main(["campaign", "run", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and expected in err
+    assert not out.exists()  # nothing half-written
+
+
+def test_not_yaml_and_missing_file(tmp_path, capsys) -> None:
+    bad = tmp_path / "x.yaml"
+    bad.write_text("sweep: [unclosed\n")
+    assert main(["campaign", "run", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["campaign", "run", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_finished_campaign_is_not_overwritten(tmp_path, capsys) -> None:
+    from deploy.config import CampaignFile, load_yaml_model
+    from workloads.campaign import Target, write_manifest
+
+    path = write_campaign(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    write_manifest(out, load_yaml_model(path, CampaignFile), Target("http://127.0.0.1:9"), "finished")
+    (out / "points.csv").write_text("point\n0\n")
+    assert main(["campaign", "run", str(path), "--out", str(out), "--url", "http://127.0.0.1:9"]) == 2
+    assert "already holds a finished campaign; pass --resume" in capsys.readouterr().err
+    assert (out / "points.csv").read_text() == "point\n0\n"
+    # A different configuration cannot be resumed into it.
+    other = write_campaign(tmp_path, seed=4)
+    assert main(["campaign", "run", str(other), "--out", str(out), "--resume", "--url", "http://127.0.0.1:9"]) == 2
+    assert "configuration differs" in capsys.readouterr().err
+
+
+def test_non_campaign_directory_is_refused(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    assert main(["campaign", "run", str(write_campaign(tmp_path)), "--out", str(out)]) == 2
+    assert "holds no campaign" in capsys.readouterr().err
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+@pytest.mark.slow
+def test_resume_skips_finished_points(served, tmp_path: Path) -> None:
+    path = write_campaign(tmp_path, workload={"duration_s": 1, "output_tokens": {"kind": "fixed", "value": 3},
+                                              "prompt_tokens": {"kind": "fixed", "value": 5}})
+    out = tmp_path / "out"
+    assert main(["campaign", "run", str(path), "--out", str(out), "--url", served.url]) == 0
+    before = pd.read_csv(out / "points.csv")
+    # Simulate a crash after point 0: drop point 1 from the results, then resume.
+    before[before["point"] == 0].to_csv(out / "points.csv", index=False)
+    (out / "parts" / "point-0001.parquet").unlink()
+    assert main(["campaign", "run", str(path), "--out", str(out), "--url", served.url, "--resume"]) == 0
+    after = pd.read_csv(out / "points.csv")
+    assert list(after["point"]) == [0, 1]
+    assert after.iloc[0]["energy_j"] == before.iloc[0]["energy_j"]  # point 0 kept, not re-measured
+    assert not math.isnan(after.iloc[1]["energy_j"])
+
+
+@pytest.mark.slow
+def test_cli_starts_and_stops_its_own_deployment(tmp_path: Path, capsys) -> None:
+    """The quickstart path: `testbed campaign run` without --url brings up Ray + front door in a child process."""
+    path = write_campaign(
+        tmp_path, deployment={"replicas": 2, "engine": {"model": "qwen2.5-0.5b", "max_model_len": 2048}},
+        workload={"duration_s": 2, "output_tokens": {"kind": "fixed", "value": 8}}, sweep={"rate_rps": [3]},
+    )
+    out = tmp_path / "out"
+    rc = main(["campaign", "run", str(path), "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    p = pd.read_csv(out / "points.csv").iloc[0]
+    assert p["completed"] == p["requests"] > 0 and p["energy_j"] > 0
+    log = (out / "deployment.log").read_text()
+    assert "serving qwen2.5-0.5b" in log and "stopped cleanly" in log
+
+
+@pytest.mark.slow
+def test_trace_replay_campaign(served, tmp_path: Path) -> None:
+    path = write_campaign(
+        tmp_path,
+        workload={"arrival": {"kind": "trace", "path": "azure_conv_2023", "start_s": 600}, "duration_s": 3},
+        sweep={"rate_rps": [4]},
+    )
+    out = tmp_path / "out"
+    assert main(["campaign", "run", str(path), "--out", str(out), "--url", served.url]) == 0
+    req = pd.read_parquet(out / "requests.parquet")
+    from workloads.traces import load_trace
+
+    tr = load_trace("azure_conv_2023")
+    first = tr.t_s >= 600
+    # Token counts are the trace's own, in order.
+    assert req["prompt_tokens"].tolist() == tr.prompt_tokens[first][: len(req)].tolist()
+    assert req["max_output_tokens"].tolist() == tr.output_tokens[first][: len(req)].tolist()
+    ok = req[req["prompt_tokens"] + req["max_output_tokens"] <= 1024]
+    assert (ok["status"] == "ok").all() and len(ok) > 0
+
+
+def test_unwritable_out_fails_before_the_campaign_starts(tmp_path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["campaign", "run", str(write_campaign(tmp_path)), "--out", str(blocker / "out")]) == 2
+    assert "cannot write to" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_server_down_is_recorded_and_point_marked_degraded(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = write_campaign(tmp_path, model="m", workload={"duration_s": 1}, sweep={"rate_rps": [3, 4]})
+    out = tmp_path / "out"
+    assert main(["campaign", "run", str(path), "--out", str(out), "--url", f"http://127.0.0.1:{port}"]) == 0
+    points = pd.read_csv(out / "points.csv")
+    assert len(points) == 2 and (points["status"] == "degraded").all()
+    assert points["notes"].str.contains("energy unavailable").all()
+    assert (points["failed"] == points["requests"]).all()
+    req = pd.read_parquet(out / "requests.parquet")
+    assert len(req) == points["requests"].sum() and req["error"].str.contains("ConnectError").all()
+
+
+@pytest.mark.slow
+def test_warmup_and_cooldown_are_excluded(served, tmp_path: Path) -> None:
+    path = write_campaign(
+        tmp_path,
+        workload={"arrival": {"kind": "constant"}, "duration_s": 4, "warmup_s": 1, "cooldown_s": 1,
+                  "output_tokens": {"kind": "fixed", "value": 5}, "prompt_tokens": {"kind": "fixed", "value": 9},
+                  "sample_interval_s": 0.5},
+        sweep={"rate_rps": [5]},
+    )
+    out = tmp_path / "out"
+    assert main(["campaign", "run", str(path), "--out", str(out), "--url", served.url]) == 0
+    req = pd.read_parquet(out / "requests.parquet")
+    assert req["phase"].value_counts().to_dict() == {"measure": 10, "warmup": 5, "cooldown": 5}
+    p = pd.read_csv(out / "points.csv").iloc[0]
+    assert p["requests"] == 20 and p["duration_s"] == pytest.approx(2.0)
+    # Tokens generated by the server in the 2 s window: around the 10 measured requests' 50 tokens.
+    assert 30 <= p["output_tokens"] <= 70, p.to_dict()
+    assert p["energy_per_token_j"] * p["output_tokens"] == pytest.approx(p["energy_j"])
+    ts = pd.read_parquet(out / "timeseries.parquet")
+    assert len(ts) >= 2 * 4 and set(ts["replica"]) == {"replica-0", "replica-1"}, ts
+    assert (ts["power_w"] > 0).all() and ts["t_s"].is_monotonic_increasing
+
+
+@pytest.mark.slow
+def test_kill_9_mid_campaign_then_resume_loses_nothing(served, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = write_campaign(tmp_path, workload={"duration_s": 2, "output_tokens": {"kind": "fixed", "value": 4}},
+                          sweep={"rate_rps": [3, 4, 5]})
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "deploy.cli", "campaign", "run", str(path), "--out", str(out), "--url", served.url]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (out / "points.csv").exists():
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # points.csv is the commit mark of a point; the derived files are rebuilt from per-point parts on the next
+    # run, `testbed report` or `--resume` (the kill may land between two writes).
+    assert main(["report", str(out)]) == 0
+    before_points = pd.read_csv(out / "points.csv")
+    before_requests = pd.read_parquet(out / "requests.parquet")
+    assert list(before_points["point"]) == [0]
+    assert len(before_requests) == before_points.iloc[0]["requests"]
+    assert main(["campaign", "run", str(path), "--out", str(out), "--url", served.url]) == 2  # refuses to clobber
+    assert main(["campaign", "run", str(path), "--out", str(out), "--url", served.url, "--resume"]) == 0
+    after_points = pd.read_csv(out / "points.csv")
+    after_requests = pd.read_parquet(out / "requests.parquet")
+    assert list(after_points["point"]) == [0, 1, 2]
+    pd.testing.assert_frame_equal(after_points.iloc[[0]], before_points)  # finished row intact
+    pd.testing.assert_frame_equal(
+        after_requests[after_requests["point"] == 0].reset_index(drop=True), before_requests
+    )
+    assert len(after_requests) == after_points["requests"].sum()
+
+
+def test_pareto_front_and_comparison(tmp_path: Path, capsys) -> None:
+    from workloads.report import compare_frame, pareto_front
+
+    pts = pd.DataFrame({"offered_rps": [1, 2, 3, 4], "tpot_p99_s": [0.01, 0.02, 0.03, 0.025],
+                        "energy_per_token_j": [2.0, 1.0, 0.5, 1.5]})
+    assert pareto_front(pts).tolist() == [True, True, True, False]
+    b = pts.assign(energy_per_token_j=pts["energy_per_token_j"] / 2)
+    for col in ("water_per_token_ml", "carbon_per_token_g", "ttft_p99_s", "slo_attainment"):
+        pts[col] = b[col] = 1.0
+    merged = compare_frame(pts, b)
+    assert merged["energy_per_token_j_b/a"].tolist() == [0.5] * 4
+    da, db = tmp_path / "a", tmp_path / "b"
+    for d, frame in ((da, pts), (db, b)):
+        d.mkdir()
+        frame.to_csv(d / "points.csv", index=False)
+    assert main(["compare", str(da), str(db)]) == 0
+    assert (db / "compare.html").exists() and "0.5" in capsys.readouterr().out
+    assert main(["compare", str(da), str(tmp_path / "missing")]) == 2

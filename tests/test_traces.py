@@ -1,0 +1,94 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workloads.arrivals import GammaArrivals, TraceArrivals, build_trace_requests
+from workloads.traces import TraceError, load_trace, replay_window
+
+AZURE_HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+
+
+def write(tmp_path: Path, text: str, name: str = "t.csv") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_shipped_azure_trace() -> None:
+    tr = load_trace("azure_conv_2023")
+    assert len(tr) == 19366
+    assert tr.t_s[0] == 0 and np.all(np.diff(tr.t_s) >= 0)
+    assert tr.mean_rate_rps == pytest.approx(5.5, rel=0.02)  # 19,366 requests over 58 minutes
+    assert tr.prompt_tokens.mean() == pytest.approx(1155, rel=0.01)
+    assert tr.output_tokens.mean() == pytest.approx(211, rel=0.01)
+
+
+def test_azure_fractional_seconds_are_kept(tmp_path) -> None:
+    p = write(tmp_path, AZURE_HEADER + "2023-11-16 18:15:46.6805900,10,5\n2023-11-16 18:15:47.0000001,20,6\n")
+    tr = load_trace(str(p))
+    assert tr.t_s[1] == pytest.approx(0.3194101, abs=1e-6)
+    assert tr.prompt_tokens.tolist() == [10, 20]
+
+
+def test_burstgpt_format(tmp_path) -> None:
+    p = write(tmp_path, "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+                        "5,ChatGPT,100,20,120,Conversation log\n7.5,GPT-4,50,10,60,API log\n")
+    tr = load_trace(str(p))
+    assert tr.t_s.tolist() == [0.0, 2.5] and tr.output_tokens.tolist() == [20, 10]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("TIMESTAMP,ContextTokens\n2023-11-16 18:00:00,1\n", "line 1: azure trace lacks column(s) GeneratedTokens"),
+        ("when,prompt,output\n1,2,3\n", "line 1: unknown trace header"),
+        (AZURE_HEADER + "2023-11-16 18:00:01,5,5\n2023-11-16 18:00:00,5,5\n",
+         "line 3, column TIMESTAMP: timestamp '2023-11-16 18:00:00' is earlier"),
+        (AZURE_HEADER + "2023-11-16 18:00:01,5,-3\n", "line 2, column GeneratedTokens: token count must be positive"),
+        (AZURE_HEADER + "2023-11-16 18:00:01,abc,3\n", "line 2, column ContextTokens: not a token count"),
+        (AZURE_HEADER + "yesterday,1,3\n", "line 2, column TIMESTAMP: bad timestamp"),
+        ("", "the file is empty"),
+    ],
+)
+def test_malformed_traces_name_file_line_and_column(tmp_path, body, message) -> None:
+    p = write(tmp_path, body)
+    with pytest.raises(TraceError) as err:
+        load_trace(str(p))
+    assert str(p) in str(err.value) and message in str(err.value)
+
+
+def test_skip_bad_rows_counts_them(tmp_path) -> None:
+    p = write(tmp_path, AZURE_HEADER + "2023-11-16 18:00:01,5,5\n2023-11-16 18:00:00,5,5\n"
+                                       "2023-11-16 18:00:02,5,-1\n2023-11-16 18:00:03,7,7\n")
+    tr = load_trace(str(p), skip_bad_rows=True)
+    assert len(tr) == 2 and tr.skipped_rows == 2
+
+
+def test_missing_trace_names_the_choices() -> None:
+    with pytest.raises(TraceError, match="azure_conv_2023"):
+        load_trace("no/such/trace.csv")
+
+
+def test_window_speedup_and_sampling() -> None:
+    tr = load_trace("azure_conv_2023")
+    w = replay_window(tr, start_s=600, duration_s=600, speedup=2.0)
+    assert w.t_s.max() < 300 and w.t_s.min() >= 0
+    expected = int(((tr.t_s >= 600) & (tr.t_s < 1200)).sum())
+    assert len(w) == expected
+    half = replay_window(tr, start_s=600, duration_s=600, sample=0.5, seed=1)
+    assert len(half) == pytest.approx(expected / 2, rel=0.1)
+    assert len(replay_window(tr, start_s=600, duration_s=600, sample=0.5, seed=1)) == len(half)  # seeded
+
+
+def test_trace_requests_hit_the_target_rate() -> None:
+    reqs = build_trace_requests(TraceArrivals(path="azure_conv_2023", start_s=0), 11.0, 300, seed=0)
+    assert len(reqs) / 300 == pytest.approx(11.0, rel=0.15)
+    assert all(r.prompt_tokens > 0 for r in reqs) and max(r.t_s for r in reqs) < 300
+
+
+def test_gamma_burstiness() -> None:
+    t = np.array(list(GammaArrivals(cv=3.0).times(np.random.default_rng(0), 20.0, 2000.0)))
+    gaps = np.diff(t)
+    assert gaps.mean() == pytest.approx(1 / 20, rel=0.05)
+    assert gaps.std() / gaps.mean() == pytest.approx(3.0, rel=0.1)
