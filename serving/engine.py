@@ -44,7 +44,7 @@ def register_engine(kind: str) -> Callable[[EngineFactory], EngineFactory]:
 def build_engine(config: Any, replica: str) -> Engine:
     """Build the engine registered for ``config.kind`` (config is that engine's pydantic model)."""
     # Importing the implementations registers them; done here so importing the protocol stays cheap.
-    import serving.emulated.engine  # noqa: F401
+    import serving.emulated.engine
     import serving.vllm_engine  # noqa: F401  # imports vllm itself only when an engine is built
 
     try:
