@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= runs/quickstart
 
-.PHONY: setup system-deps tools quickstart test lint clean
+.PHONY: setup system-deps tools vllm quickstart test lint clean
 
 $(BIN)/testbed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,14 @@ system-deps:
 tools: setup
 	scripts/install-helm.sh
 
+# vLLM for the real-engine tests: the CPU build without an NVIDIA GPU (see scripts/install-vllm.sh).
+vllm: setup
+	@$(BIN)/python -c "import vllm" 2>/dev/null || scripts/install-vllm.sh $(BIN)/python
+
 quickstart: setup
 	$(BIN)/testbed campaign run examples/quickstart.yaml --out $(OUT) --overwrite
 
-test: setup system-deps tools
+test: setup system-deps tools vllm
 	$(BIN)/python -m pytest -q -rs --durations=15
 
 lint: setup

@@ -4,6 +4,7 @@ devices' defaults on exit, on cancellation and when the policy or observation fa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -119,7 +120,7 @@ class ControlLoop:
 
 
 def _merge(current: Knobs, wanted: Knobs) -> Knobs:
-    return Knobs(
-        clock_mhz=wanted.clock_mhz if wanted.clock_mhz is not None else current.clock_mhz,
-        max_num_seqs=wanted.max_num_seqs if wanted.max_num_seqs is not None else current.max_num_seqs,
+    """The knobs in force after ``wanted``: a knob it leaves as None keeps its current value."""
+    return dataclasses.replace(
+        current, **{f.name: v for f in dataclasses.fields(wanted) if (v := getattr(wanted, f.name)) is not None}
     )

@@ -91,17 +91,22 @@ class StaticPolicy:
     slo: SLOTargets
     clock_mhz: float | None = None
     max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    speculative_tokens: int | None = None
     name: str = "static"
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs is not None:
-            self.max_num_seqs = int(self.max_num_seqs)  # options arrive as numbers from YAML/JSON
+        # Options arrive as numbers from YAML/JSON.
+        for name in ("max_num_seqs", "max_num_batched_tokens", "speculative_tokens"):
+            if getattr(self, name) is not None:
+                setattr(self, name, int(getattr(self, name)))
 
     def decide(self, obs: Observation) -> Decision:
         clock = self.clock_mhz
         if clock is None and obs.supported_clocks_mhz:
             clock = max(obs.supported_clocks_mhz)
-        return Decision(Knobs(clock_mhz=clock, max_num_seqs=self.max_num_seqs), "static")
+        knobs = Knobs(clock, self.max_num_seqs, self.max_num_batched_tokens, self.speculative_tokens)
+        return Decision(knobs, "static")
 
 
 @register_policy("slo_feedback")

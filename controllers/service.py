@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import logging
 import secrets
@@ -37,6 +38,8 @@ class KnobChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
     clock_mhz: float | None = Field(default=None, gt=0)
     max_num_seqs: int | None = Field(default=None, ge=1)
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    speculative_tokens: int | None = Field(default=None, ge=0, le=16)
 
 
 class Controller:
@@ -95,7 +98,7 @@ class Controller:
 
 
 def _knobs(k: Any) -> dict[str, Any]:
-    return {"clock_mhz": k.clock_mhz, "max_num_seqs": k.max_num_seqs}
+    return dataclasses.asdict(k)
 
 
 class _ControllerCollector(Collector):

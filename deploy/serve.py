@@ -7,8 +7,9 @@ import contextlib
 import logging
 import math
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ray
 import uvicorn
@@ -30,6 +31,8 @@ class Deployment:
     config: ServingConfig
     router: Router
     door: FrontDoor
+    replica_info: list[dict[str, Any]] = field(default_factory=list)
+    placement_group: Any = None
 
     async def stop(self) -> None:
         for r in self.router.replicas:
@@ -38,25 +41,77 @@ class Deployment:
                     await asyncio.wait_for(r.actor.stop.remote(), 5)
             with contextlib.suppress(Exception):
                 ray.kill(r.actor)
+        if self.placement_group is not None:
+            with contextlib.suppress(Exception):
+                ray.util.remove_placement_group(self.placement_group)
+
+
+def preflight(config: ServingConfig) -> None:
+    """Checks that fail in seconds what would otherwise fail inside every replica actor: the engine's
+    optional dependencies and its model directory (local clusters only: remote nodes have their own)."""
+    if config.engine.kind == "vllm" and config.ray_address is None:
+        from serving.vllm_engine import preflight as vllm_preflight
+
+        model = Path(config.engine.model)
+        if config.engine.build_tiny_seed is not None and not model.exists():
+            from deploy.models import build_tiny
+
+            log.warning("building the tiny model (seed %d) into %s", config.engine.build_tiny_seed, model)
+            build_tiny(model, seed=config.engine.build_tiny_seed)
+        vllm_preflight(config.engine)
+
+
+def _placement(config: ServingConfig) -> tuple[Any, list[dict[str, Any]]]:
+    """A placement group with one bundle per replica, and the scheduling options that pin each replica."""
+    if config.placement == "none":
+        return None, [{} for _ in range(config.replicas)]
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundles = [{"CPU": config.num_cpus_per_replica} for _ in range(config.replicas)]
+    pg = placement_group(bundles, strategy=config.placement.upper())
+    options = [
+        {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)}
+        for i in range(config.replicas)
+    ]
+    return pg, options
 
 
 async def start_deployment(config: ServingConfig) -> Deployment:
     """Start the replica actors and wait until every engine is ready."""
     site = load_site_profile(config.site)  # fail before starting anything if the profile is bad
+    preflight(config)
     init_ray(config.ray_address, num_cpus=max(2, math.ceil(config.replicas * config.num_cpus_per_replica)))
+    pg, placement = _placement(config)
+    if pg is not None:
+        try:
+            await asyncio.wait_for(pg.ready(), timeout=120)
+        except TimeoutError:
+            ray.util.remove_placement_group(pg)
+            raise RuntimeError(
+                f"Ray could not place {config.replicas} replicas of {config.num_cpus_per_replica} CPU with "
+                f"placement {config.placement!r} within 120 s: too few nodes or CPUs in the cluster"
+            ) from None
     handles = []
     for i in range(config.replicas):
         name = f"replica-{i}"
         actor = ReplicaActor.options(
-            num_cpus=config.num_cpus_per_replica, max_concurrency=4096, max_restarts=0,
+            num_cpus=config.num_cpus_per_replica, max_concurrency=4096, max_restarts=0, **placement[i],
         ).remote(name, config.engine.model_dump())
         handles.append(ReplicaHandle(name, actor, backend=config.engine.kind))
-    infos = await asyncio.gather(*(h.actor.start.remote() for h in handles))
+    try:
+        infos = await asyncio.gather(*(h.actor.start.remote() for h in handles))
+    except Exception:
+        await Deployment(config, Router(handles), None, placement_group=pg).stop()  # type: ignore[arg-type]
+        raise
     for info in infos:
         log.info("replica %s ready (pid %s, node %s)", info["replica"], info["pid"], info["node_id"][:8])
+        if "power_source" in info:
+            log.warning("replica %s: %s, started in %.1f s; power source: %s", info["replica"],
+                        info.get("engine", "?"), info.get("engine_start_s") or 0.0, info["power_source"])
     router = Router(handles, policy=config.router)
     door = FrontDoor(router, config.model_name, config.engine.max_model_len, site)
-    return Deployment(config, router, door)
+    return Deployment(config, router, door, list(infos), pg)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -90,6 +145,9 @@ async def serve(config: DeploymentConfig, ready_file: Path | None = None) -> Non
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     print(f"testbed: serving {config.model_name} on {url} ({config.replicas} replicas); metrics at {url}/metrics",
           flush=True)
+    for info in deployment.replica_info:
+        if "power_source" in info:
+            print(f"testbed: {info['replica']}: power source: {info['power_source']}", flush=True)
     if ready_file is not None:
         ready_file.write_text(url)
     try:

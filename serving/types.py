@@ -15,6 +15,8 @@ class GenerationRequest:
     ignore_eos: bool = False
     temperature: float = 1.0
     seed: int | None = None
+    messages: list[dict[str, str]] | None = None
+    """Chat requests: the messages, for engines that apply the model's own chat template."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,9 @@ class Knobs:
 
     clock_mhz: float | None = None
     max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    speculative_tokens: int | None = None
+    """n-gram speculative decoding: tokens proposed per step; 0 turns it off."""
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,8 @@ class KnobSetting(BaseModel):
 
     clock_mhz: float | None = Field(default=None, gt=0)
     max_num_seqs: int | None = Field(default=None, ge=1)
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    speculative_tokens: int | None = Field(default=None, ge=0, le=16, description="n-gram speculation; 0: off.")
 
 
 class Sweep(BaseModel):

@@ -169,6 +169,12 @@ class EmulatedEngine:
                 raise ValueError("max_num_seqs must be at least 1")
             self.max_num_seqs = knobs.max_num_seqs
             self._wake.set()
+        if knobs.max_num_batched_tokens is not None:
+            if knobs.max_num_batched_tokens < 1:
+                raise ValueError("max_num_batched_tokens must be at least 1")
+            self.config = self.config.model_copy(update={"max_num_batched_tokens": knobs.max_num_batched_tokens})
+        if knobs.speculative_tokens:
+            notes.append("speculative_tokens ignored: the emulated engine does not model speculative decoding")
         return AppliedKnobs(self.clock_mhz, self.max_num_seqs, took_s=self.clock.now() - t0, notes=notes)
 
     def supported_clocks_mhz(self) -> list[float]:

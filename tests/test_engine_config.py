@@ -1,0 +1,114 @@
+"""Engine configs: a union on ``kind`` (emulated | vllm), model directories, and vLLM as an optional extra."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from deploy.cli import main
+from deploy.config import ConfigError, load_yaml_model
+from serving.config import EmulatedEngineConfig, ServingConfig, VLLMEngineConfig
+from serving.engine import MissingExtraError, build_engine
+from serving.model_dir import ModelDirError, check_model_dir
+from serving.types import GenerationRequest
+
+
+def test_engine_union_defaults_to_emulated_and_picks_vllm_by_kind() -> None:
+    assert isinstance(ServingConfig().engine, EmulatedEngineConfig)
+    assert isinstance(ServingConfig(engine={"device": "h100_sxm"}).engine, EmulatedEngineConfig)
+    cfg = ServingConfig(engine={"kind": "vllm", "model": "/models/tiny-llama"})
+    assert isinstance(cfg.engine, VLLMEngineConfig)
+    assert cfg.model_name == "tiny-llama"
+    assert cfg.engine.dtype == "float32" and cfg.engine.enforce_eager
+    with pytest.raises(ValidationError, match="'emulated', 'vllm'"):
+        ServingConfig(engine={"kind": "tpu"})
+    with pytest.raises(ValidationError, match="model"):
+        ServingConfig(engine={"kind": "vllm"})
+
+
+def test_yaml_vllm_engine_with_an_unknown_key_names_it(tmp_path: Path) -> None:
+    f = tmp_path / "s.yaml"
+    f.write_text("engine:\n  kind: vllm\n  model: /m\n  max_num_seqz: 4\n")
+    with pytest.raises(ConfigError, match=r"engine\.vllm\.max_num_seqz: unknown key"):
+        load_yaml_model(f, ServingConfig)
+    f.write_text("engine:\n  kind: vllm\n  model: /m\n  speculative: {num_speculative_tokens: 2}\n")
+    assert load_yaml_model(f, ServingConfig).engine.speculative.num_speculative_tokens == 2
+
+
+def test_missing_model_directory_names_the_path_and_what_was_expected(tmp_path: Path) -> None:
+    with pytest.raises(ModelDirError, match=rf"{tmp_path / 'nope'} does not exist: expected a Hugging Face"):
+        check_model_dir(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ModelDirError, match="is not a directory"):
+        check_model_dir(tmp_path / "file")
+    d = tmp_path / "notamodel"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    with pytest.raises(
+        ModelDirError, match=r"notamodel is not a model checkpoint: missing weights .*tokenizer"
+    ):
+        check_model_dir(d)
+
+
+def test_cli_model_check_and_serve_report_a_bad_model_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["model", "check", str(tmp_path / "missing")]) == 2
+    assert f"{tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"engine:\n  kind: vllm\n  model: {tmp_path / 'missing'}\n")
+    if "vllm" not in sys.modules and not _vllm_installed():
+        pytest.skip("vllm not installed: serve stops at the missing extra first (see the test below)")
+    assert main(["serve", str(cfg), "--port", "0"]) == 2  # fails before starting Ray
+    assert "deployment.engine.model" in capsys.readouterr().err
+
+
+def _vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def test_without_vllm_a_clear_error_names_the_extra_and_emulated_still_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now fails as if it were not installed
+    with pytest.raises(MissingExtraError, match=r"llm-energy-testbed\[cpu\].*llm-energy-testbed\[gpu\]"):
+        build_engine(VLLMEngineConfig(model=str(tmp_path)), "replica-0")
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"engine:\n  kind: vllm\n  model: {tmp_path}\n")
+    assert main(["serve", str(cfg), "--port", "0"]) == 1
+    assert "pip install 'llm-energy-testbed[cpu]'" in capsys.readouterr().err
+
+    async def one_token() -> str:
+        engine = build_engine(EmulatedEngineConfig(), "replica-0")
+        await engine.start()
+        try:
+            events = [e async for e in engine.generate(GenerationRequest("r", prompt="a b c", max_tokens=2))]
+        finally:
+            await engine.stop()
+        return "".join(e.text for e in events)
+
+    import asyncio
+
+    assert len(asyncio.run(one_token()).split()) == 2
+
+
+def test_power_source_falls_back_to_the_cpu_model_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    from profilers.cpu_model import CpuPowerModel
+    from serving.vllm_engine import select_power_source
+
+    source, text = select_power_source(VLLMEngineConfig(model="/m", power_sources=[]), "replica-0")
+    assert isinstance(source, CpuPowerModel) and text.startswith("CPU power model (modeled)")
+    assert source.read()[0].provenance == "modeled" and source.devices()[0].energy_method == "modeled"
+
+    with caplog.at_level("WARNING", logger="serving.vllm_engine"):
+        source, text = select_power_source(VLLMEngineConfig(model="/m"), "replica-0")
+    assert "replica-0: power source:" in caplog.text
+    if isinstance(source, CpuPowerModel):  # no readable NVML or RAPL here: both reasons are given
+        assert "not used: nvml:" in text and "rapl:" in text
+    else:
+        assert source.devices()[0].backend in ("nvml", "rapl")

