@@ -32,8 +32,8 @@ from serving.emulated.engine import EmulatedEngine
 from serving.replica import Telemetry
 from serving.router import ReplicaHandle, Router
 from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
-from workloads.arrivals import RequestSpec, TraceArrivals, build_requests, build_trace_requests
-from workloads.campaign import Target, _mark_phases, write_manifest
+from workloads.arrivals import RequestSpec
+from workloads.campaign import Target, mark_phases, point_requests, write_manifest
 from workloads.client import RequestRecord
 from workloads.results import ResultStore, summarize_point
 from workloads.spec import CampaignSpec, KnobSetting, PolicySetting, WorkloadSpec, setting_label
@@ -254,7 +254,7 @@ class VirtualDeployment:
             window_s = w.duration_s - w.cooldown_s - w.warmup_s
         else:
             window_s = self.clock.now() - start - w.warmup_s
-        _mark_phases(records, w.warmup_s, w.duration_s - w.cooldown_s if w.cooldown_s > 0 else math.inf)
+        mark_phases(records, w.warmup_s, w.duration_s - w.cooldown_s if w.cooldown_s > 0 else math.inf)
         return records, window_energy(first, last, window_s), tok1 - tok0, rows
 
 
@@ -285,14 +285,7 @@ async def _campaign(spec: CampaignSpec, config: ServingConfig, clock: VirtualClo
             policy, ctl = _policy_for(setting, getattr(config, "controller", None))
             loop = deployment.control_loop(policy, ctl.period_s, ctl.max_changes_per_min) if policy else None
             control = asyncio.ensure_future(loop.run()) if loop else None
-            # Every setting at a rate replays the same requests (and so does a real-time run of the point).
-            seed = spec.seed * 10_007 + spec.sweep.rate_rps.index(rate)
-            if isinstance(w.arrival, TraceArrivals):
-                specs = build_trace_requests(w.arrival, rate, w.duration_s, seed)
-            else:
-                specs = build_requests(
-                    w.arrival, w.prompt_tokens.sample, w.output_tokens.sample, rate, w.duration_s, seed
-                )
+            _, specs = point_requests(spec, rate)  # the same requests as a real-time run of the point
             try:
                 records, measurement, tokens, rows = await deployment.run_point(point, specs, w)
             finally:

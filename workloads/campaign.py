@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from profilers.footprint import load_site_profile
 from profilers.meter import Measurement, window_energy
 from profilers.scrape import CounterSnapshot, MetricsUnavailableError, ascrape_counters
-from workloads.arrivals import TraceArrivals, build_requests, build_trace_requests
+from workloads.arrivals import RequestSpec, TraceArrivals, build_requests, build_trace_requests
 from workloads.client import LoadClient, RequestRecord
 from workloads.results import ResultStore, summarize_point
 from workloads.spec import CampaignSpec, KnobSetting, PolicySetting, setting_label
@@ -129,6 +129,16 @@ async def _model_name(client: httpx.AsyncClient, base_url: str) -> str:
         raise RuntimeError(f"cannot list models at {base_url}/v1/models ({e!r}); set `model:` in the campaign") from e
 
 
+def point_requests(spec: CampaignSpec, rate: float) -> tuple[int, list[RequestSpec]]:
+    """The seed and requests of a point at ``rate``: seeded by the rate, so every knob setting or policy at a
+    rate (and a virtual-time run of it) replays the same requests and settings compare on equal terms."""
+    w = spec.workload
+    seed = spec.seed * 10_007 + spec.sweep.rate_rps.index(rate)
+    if isinstance(w.arrival, TraceArrivals):
+        return seed, build_trace_requests(w.arrival, rate, w.duration_s, seed)
+    return seed, build_requests(w.arrival, w.prompt_tokens.sample, w.output_tokens.sample, rate, w.duration_s, seed)
+
+
 async def _counters(client: httpx.AsyncClient, target: Target) -> CounterSnapshot | None:
     try:
         return await ascrape_counters(target.metrics, client)
@@ -229,14 +239,7 @@ async def _run_points(spec: CampaignSpec, target: Target, store: ResultStore, co
                 continue
             if setting is not None:
                 await _apply_setting(http, target, setting)
-            # Every setting at a rate replays the same requests, so settings are compared on equal terms.
-            seed = spec.seed * 10_007 + spec.sweep.rate_rps.index(rate)
-            if isinstance(w.arrival, TraceArrivals):
-                specs = build_trace_requests(w.arrival, rate, w.duration_s, seed)
-            else:
-                specs = build_requests(
-                    w.arrival, w.prompt_tokens.sample, w.output_tokens.sample, rate, w.duration_s, seed
-                )
+            seed, specs = point_requests(spec, rate)
             t0 = time.perf_counter()
             live = _Live(t0)
             begin = asyncio.create_task(_counters_at(http, target, t0 + w.warmup_s))
@@ -252,7 +255,7 @@ async def _run_points(spec: CampaignSpec, target: Target, store: ResultStore, co
                     await sampler
             window_s = (w.duration_s - w.cooldown_s - w.warmup_s if end is not None
                         else time.perf_counter() - t0 - w.warmup_s)
-            _mark_phases(records, w.warmup_s, w.duration_s - w.cooldown_s if w.cooldown_s > 0 else math.inf)
+            mark_phases(records, w.warmup_s, w.duration_s - w.cooldown_s if w.cooldown_s > 0 else math.inf)
             if first is not None and last is not None:
                 measurement = window_energy(first.energy, last.energy, window_s)
                 backend = ",".join(sorted(last.backends)) or "unknown"
@@ -268,7 +271,7 @@ async def _run_points(spec: CampaignSpec, target: Target, store: ResultStore, co
             await _apply_setting(http, target, PolicySetting(policy=initial_policy))
 
 
-def _mark_phases(records: list[RequestRecord], measure_from: float, measure_until: float) -> None:
+def mark_phases(records: list[RequestRecord], measure_from: float, measure_until: float) -> None:
     for r in records:
         r.phase = ("warmup" if r.intended_send_s < measure_from
                    else "cooldown" if r.intended_send_s >= measure_until else "measure")
