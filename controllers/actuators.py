@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 
 from serving.router import REPLICA_GONE, Router
@@ -75,3 +77,73 @@ class EngineActuator:
 
     async def heartbeat(self, lease_s: float) -> None:
         """In-process engines die with their controller: nothing to watch."""
+
+
+class NodeAgentActuator:
+    """GPU clocks through the nodes' DVFS agents (the only privileged component); every other knob through
+    ``inner``. An agent that refuses the clock (no permission, not supported) marks the clock knob unavailable
+    with its reason, and the other knobs keep working."""
+
+    def __init__(self, agents: list[str], token: str, inner: ReplicaActuator, timeout_s: float = 5.0) -> None:
+        import httpx
+
+        self.agents = [a.rstrip("/") for a in agents]
+        self.inner = inner
+        self.http = httpx.AsyncClient(timeout=timeout_s, headers={"authorization": f"Bearer {token}"})
+        self.unavailable: dict[str, str] = {}
+        self.supported_clocks_mhz: tuple[float, ...] = ()
+        self.lease_s = 10.0
+
+    @property
+    def last_applied(self) -> dict[str, AppliedKnobs]:
+        return self.inner.last_applied
+
+    async def discover(self) -> None:
+        """Supported clocks common to every agent (the policy chooses among them)."""
+        sets = []
+        for agent in self.agents:
+            try:
+                state = (await self.http.get(f"{agent}/clocks")).json()
+            except Exception as e:  # an unreachable agent must not stop the controller
+                self.unavailable[agent] = f"unreachable: {e!r}"
+                continue
+            if not state.get("available"):
+                self.unavailable[agent] = state.get("reason") or "clock knob unavailable"
+            else:
+                sets.append(set(state["supported_mhz"]))
+        self.supported_clocks_mhz = tuple(sorted(set.intersection(*sets))) if sets else ()
+
+    async def apply(self, knobs: Knobs) -> list[AppliedKnobs]:
+        notes: list[str] = []
+        clock: float | None = None
+        if knobs.clock_mhz is not None:
+            for agent in self.agents:
+                if agent in self.unavailable:
+                    continue
+                resp = await self.http.post(f"{agent}/clocks", json={"clock_mhz": knobs.clock_mhz,
+                                                                      "lease_s": self.lease_s})
+                if resp.status_code == 200:
+                    body = resp.json()
+                    clock = float(body["applied_mhz"])
+                    notes.extend(body.get("notes", []))
+                else:
+                    reason = resp.json().get("error", {}).get("message", f"HTTP {resp.status_code}")
+                    self.unavailable[agent] = reason
+                    log.error("clock knob unavailable on %s: %s; carrying on with the other knobs", agent, reason)
+        rest = dataclasses.replace(knobs, clock_mhz=None)
+        applied = await self.inner.apply(rest)
+        return [dataclasses.replace(a, clock_mhz=clock, notes=[*a.notes, *notes]) for a in applied]
+
+    async def restore_defaults(self) -> None:
+        for agent in self.agents:
+            with contextlib.suppress(Exception):
+                await self.http.post(f"{agent}/reset")
+        await self.inner.restore_defaults()
+
+    async def heartbeat(self, lease_s: float) -> None:
+        self.lease_s = lease_s
+        for agent in self.agents:
+            if agent not in self.unavailable:
+                with contextlib.suppress(Exception):
+                    await self.http.post(f"{agent}/heartbeat", json={"lease_s": lease_s})
+        await self.inner.heartbeat(lease_s)

@@ -30,6 +30,10 @@ class ControllerConfig(BaseModel):
     token: str | None = Field(
         default=None, description="Bearer token of the control API; generated and printed once when not given."
     )
+    node_agents: list[str] = Field(
+        default_factory=list,
+        description="URLs of DVFS node agents that lock GPU clocks (token: TESTBED_NODE_AGENT_TOKEN).",
+    )
 
     @field_validator("policy")
     @classmethod

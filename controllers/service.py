@@ -7,8 +7,9 @@ import contextlib
 import dataclasses
 import hmac
 import logging
+import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,11 +18,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from controllers.actuators import ReplicaActuator
+from controllers.actuators import NodeAgentActuator, ReplicaActuator
 from controllers.config import ControllerConfig
 from controllers.loop import ControlLoop
-from controllers.observe import front_door_observer
-from controllers.policies import SLOTargets, build_policy, policy_names
+from controllers.observe import Observer, front_door_observer
+from controllers.policies import Observation, SLOTargets, build_policy, policy_names
 from profilers.clock import RealClock
 from serving.api import FrontDoor, error_response
 
@@ -42,16 +43,38 @@ class KnobChange(BaseModel):
     speculative_tokens: int | None = Field(default=None, ge=0, le=16)
 
 
+def _with_agent_clocks(observe: Observer, agents: NodeAgentActuator) -> Callable[[], Awaitable[Observation]]:
+    """GPU clocks come from the node agents, not from the replicas (a vLLM engine has no clock of its own)."""
+
+    async def observe_with_clocks() -> Observation:
+        if not agents.supported_clocks_mhz:
+            await agents.discover()
+        obs = await observe()
+        if obs.supported_clocks_mhz or not agents.supported_clocks_mhz:
+            return obs
+        return dataclasses.replace(obs, supported_clocks_mhz=agents.supported_clocks_mhz)
+
+    return observe_with_clocks
+
+
 class Controller:
     def __init__(self, config: ControllerConfig, door: FrontDoor) -> None:
         self.config = config
         self.door = door
         self.slo = SLOTargets(config.slo.ttft_s, config.slo.tpot_s)
         self.token = config.token or secrets.token_urlsafe(24)
-        self.actuator = ReplicaActuator(door.router)
+        replicas = ReplicaActuator(door.router)
+        self.actuator: ReplicaActuator | NodeAgentActuator = replicas
+        observe = front_door_observer(door)
+        if config.node_agents:
+            agent_token = os.environ.get("TESTBED_NODE_AGENT_TOKEN", "")
+            if not agent_token:
+                raise ValueError("controller.node_agents needs TESTBED_NODE_AGENT_TOKEN (the agents' token)")
+            self.actuator = NodeAgentActuator(config.node_agents, agent_token, replicas)
+            observe = _with_agent_clocks(observe, self.actuator)
         self.loop = ControlLoop(
             build_policy(config.policy, self.slo, **config.options),
-            front_door_observer(door),
+            observe,
             self.actuator,
             RealClock(),
             period_s=config.period_s,

@@ -122,6 +122,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node_agent(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from controllers.node_agent import NodeAgent, create_agent_app
+
+    token = os.environ.get("TESTBED_NODE_AGENT_TOKEN", "")
+    if not token:
+        raise ConfigError("set TESTBED_NODE_AGENT_TOKEN: the node agent changes GPU clocks only for callers "
+                          "presenting that token")
+    app = create_agent_app(NodeAgent(token), restore_on_exit=args.restore_on_exit)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from workloads.report import write_report
 
@@ -224,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     chk = mod.add_parser("check", help="check that a directory holds a servable checkpoint")
     chk.add_argument("dir")
     chk.set_defaults(func=cmd_model_check)
+
+    agent = sub.add_parser("node-agent", help="DVFS node agent: lock this node's GPU clocks for a controller "
+                           "(needs root on the GPU and TESTBED_NODE_AGENT_TOKEN)")
+    agent.add_argument("--host", default="127.0.0.1")
+    agent.add_argument("--port", type=int, default=9400)
+    agent.add_argument("--restore-on-exit", action=argparse.BooleanOptionalAction, default=True,
+                       help="reset the clocks to the driver's defaults at start-up and on exit (default: on)")
+    agent.set_defaults(func=cmd_node_agent)
 
     rep = sub.add_parser("report", help="(re)write report.html of a campaign directory")
     rep.add_argument("dir")
