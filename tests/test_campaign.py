@@ -326,3 +326,16 @@ def test_knob_and_policy_sweep_through_the_control_api(served, tmp_path: Path, c
     assert p["energy_per_token_j"].iloc[1] != pytest.approx(p["energy_per_token_j"].iloc[0], rel=1e-3)
     state = httpx.get(f"{served.url}/control").json()
     assert state["policy"] == "static"  # the sweep put the deployment's policy back
+
+
+def test_sampler_errors_mark_the_point_degraded() -> None:
+    from profilers.meter import CounterSample
+    from profilers.scrape import CounterSnapshot
+    from workloads.campaign import _sampler_failures
+
+    def snap(errors: dict[str, float]) -> CounterSnapshot:
+        return CounterSnapshot({"r/gpu0": CounterSample(1.0, "measured")}, {}, sampler_errors=errors)
+
+    assert _sampler_failures(snap({"r/gpu0": 2}), snap({"r/gpu0": 2})) == ""
+    assert _sampler_failures(snap({"r/gpu0": 2}), snap({"r/gpu0": 5, "r/gpu1": 0})) == "r/gpu0"
+    assert _sampler_failures(snap({}), snap({"r/gpu1": 1})) == "r/gpu1"

@@ -216,6 +216,11 @@ async def _apply_setting(http: httpx.AsyncClient, target: Target, setting: KnobS
         raise ControlError(f"{url} refused {setting_label(setting)}: HTTP {resp.status_code} {resp.text[:300]}")
 
 
+def _sampler_failures(begin: CounterSnapshot, end: CounterSnapshot) -> str:
+    """Devices whose power sampler failed between two scrapes (``llm_energy_sampler_errors_total`` rose)."""
+    return ", ".join(k for k, n in sorted(end.sampler_errors.items()) if n > begin.sampler_errors.get(k, 0.0))
+
+
 def _window_tokens(begin: CounterSnapshot, end: CounterSnapshot) -> int | None:
     """Tokens the server generated between two scrapes (None if it does not export token counters)."""
     if not end.generated_tokens:
@@ -263,6 +268,10 @@ async def _run_points(spec: CampaignSpec, target: Target, store: ResultStore, co
             else:
                 measurement, backend, tokens = Measurement(duration_s=window_s), "unknown", None
             summary = summarize_point(point, rate, records, measurement, backend, site, spec.slo, tokens)
+            if first is not None and last is not None and (failing := _sampler_failures(first, last)):
+                note = f"power sampler errors during the point on {failing}: energy there is incomplete"
+                summary["notes"] = "; ".join(n for n in (summary["notes"], note) if n)
+                summary["status"] = "degraded"
             summary["setting"] = setting_label(setting)
             clocks = [r["clock_mhz"] for r in live.rows if not math.isnan(float(r["clock_mhz"]))]  # type: ignore[arg-type]
             summary["clock_mhz_mean"] = sum(clocks) / len(clocks) if clocks else math.nan  # type: ignore[arg-type]
