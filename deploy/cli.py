@@ -122,6 +122,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_controller_run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from controllers.remote import RemoteController, RemoteControllerConfig, create_remote_app, tokens_from_env
+
+    config = load_yaml_model(Path(args.file), RemoteControllerConfig)
+    agent_token, control_token = tokens_from_env()
+    if not agent_token:
+        raise ConfigError("set TESTBED_NODE_AGENT_TOKEN: the node agents lock clocks only for its holder")
+    if not control_token:
+        control_token = secrets.token_urlsafe(24)
+        print(f"testbed: control API token (shown once): {control_token}", flush=True)
+    app = create_remote_app(RemoteController(config, agent_token, control_token))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def cmd_node_agent(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -238,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     chk = mod.add_parser("check", help="check that a directory holds a servable checkpoint")
     chk.add_argument("dir")
     chk.set_defaults(func=cmd_model_check)
+
+    ctl = sub.add_parser("controller", help="run the controller in its own process (Kubernetes)")
+    ctl_run = ctl.add_subparsers(dest="action", required=True).add_parser(
+        "run", help="observe a deployment's /metrics, lock clocks through node agents, serve the control API")
+    ctl_run.add_argument("file", help="controller YAML (policy, interval_s, slo, metrics_url, node agents)")
+    ctl_run.add_argument("--host", default="0.0.0.0")
+    ctl_run.add_argument("--port", type=int, default=8080)
+    ctl_run.set_defaults(func=cmd_controller_run)
 
     agent = sub.add_parser("node-agent", help="DVFS node agent: lock this node's GPU clocks for a controller "
                            "(needs root on the GPU and TESTBED_NODE_AGENT_TOKEN)")

@@ -1,0 +1,254 @@
+"""A controller in its own process (``testbed controller run``), as on Kubernetes: it observes a deployment
+through its Prometheus endpoint, locks GPU clocks through the nodes' DVFS agents and serves its own control API.
+
+Latency percentiles come from the front door's histograms, differenced between consecutive scrapes (what
+``histogram_quantile(rate(...))`` computes in PromQL); node agents are listed or found by resolving a
+(headless) Service name to every agent pod's address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from controllers.actuators import NodeAgentActuator
+from controllers.loop import ControlLoop
+from controllers.policies import Observation, SLOTargets, build_policy, policy_names
+from profilers.clock import RealClock
+from serving.api import error_response
+from serving.types import AppliedKnobs, Knobs
+
+log = logging.getLogger(__name__)
+
+
+class RemoteSLO(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ttft_p99_s: float = Field(gt=0)
+    tpot_p99_s: float = Field(gt=0)
+    attainment_target: float = Field(default=0.99, gt=0, le=1)
+
+
+class RemoteControllerConfig(BaseModel):
+    """The controller file the Helm chart renders (``controller.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: str = "slo_feedback"
+    options: dict[str, float | str] = Field(default_factory=dict)
+    interval_s: float = Field(default=10.0, gt=0, le=600)
+    slo: RemoteSLO
+    metrics_url: str = Field(description="The front door's /metrics.")
+    node_agents: list[str] = Field(default_factory=list, description="Agent URLs, when not found by service.")
+    node_agent_service: str | None = Field(default=None, description="DNS name resolving to every agent pod.")
+    node_agent_port: int = Field(default=9400, ge=1, le=65535)
+    max_changes_per_min: int = Field(default=6, ge=1, le=600)
+    lease_s: float = Field(default=60.0, gt=0, description="Agents restore default clocks if not renewed.")
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus' ``histogram_quantile`` over cumulative (upper bound, count) pairs."""
+    buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    prev_le, prev_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if math.isinf(le):
+                return prev_le
+            span = count - prev_count
+            return prev_le + (le - prev_le) * ((rank - prev_count) / span if span > 0 else 0.0)
+        prev_le, prev_count = le, count
+    return prev_le
+
+
+class MetricsObserver:
+    """Observations from consecutive scrapes of a testbed ``/metrics``."""
+
+    def __init__(self, metrics_url: str, http: httpx.AsyncClient) -> None:
+        self.url = metrics_url
+        self.http = http
+        self._last: dict[str, Any] | None = None
+
+    async def scrape(self) -> dict[str, Any]:
+        resp = await self.http.get(self.url)
+        resp.raise_for_status()
+        out: dict[str, Any] = {"t": time.monotonic(), "ttft": {}, "tpot": {}, "e2e_count": 0.0, "energy": 0.0,
+                               "tokens": 0.0, "power": 0.0, "running": 0.0, "waiting": 0.0, "clocks": []}
+        for fam in text_string_to_metric_families(resp.text):
+            for s in fam.samples:
+                if s.name in ("llm_energy_request_ttft_seconds_bucket", "llm_energy_request_tpot_seconds_bucket"):
+                    key = "ttft" if "ttft" in s.name else "tpot"
+                    le = float(s.labels["le"])
+                    out[key][le] = out[key].get(le, 0.0) + s.value
+                elif s.name == "llm_energy_request_e2e_seconds_count":
+                    out["e2e_count"] += s.value
+                elif s.name == "llm_energy_energy_joules_total":
+                    out["energy"] += s.value
+                elif s.name == "llm_energy_tokens_total" and s.labels.get("kind") == "generated":
+                    out["tokens"] += s.value
+                elif s.name == "llm_energy_power_watts":
+                    out["power"] += s.value
+                elif s.name == "llm_energy_clock_mhz":
+                    out["clocks"].append(s.value)
+                elif s.name == "llm_energy_requests_running":
+                    out["running"] += s.value
+                elif s.name == "llm_energy_requests_waiting":
+                    out["waiting"] += s.value
+        return out
+
+    async def __call__(self) -> Observation:
+        now = await self.scrape()
+        last, self._last = self._last, now
+        if last is None:
+            last = {**now, "ttft": {}, "tpot": {}, "e2e_count": now["e2e_count"], "energy": now["energy"],
+                    "tokens": now["tokens"]}
+        dt = max(1e-9, now["t"] - last["t"])
+
+        def quantile(key: str) -> float | None:
+            deltas = [(le, c - last[key].get(le, 0.0)) for le, c in now[key].items()]
+            return histogram_quantile(0.95, deltas)
+
+        completed = now["e2e_count"] - last["e2e_count"]
+        tokens = now["tokens"] - last["tokens"]
+        energy = now["energy"] - last["energy"]
+        return Observation(
+            t_s=now["t"],
+            arrival_rate_rps=completed / dt,
+            ttft_p95_s=quantile("ttft"),
+            tpot_p95_s=quantile("tpot"),
+            completed=int(completed),
+            power_w=now["power"],
+            energy_per_token_j=energy / tokens if tokens > 0 and energy >= 0 else None,
+            running=int(now["running"]),
+            waiting=int(now["waiting"]),
+            clock_mhz=max(now["clocks"]) if now["clocks"] else None,
+            max_num_seqs=None,
+        )
+
+
+class _NoOtherKnobs:
+    """Batch cap and speculation stay with the deployment; this controller only moves clocks."""
+
+    last_applied: dict[str, AppliedKnobs] = {}  # noqa: RUF012  (never written)
+
+    async def apply(self, knobs: Knobs) -> list[AppliedKnobs]:
+        return [AppliedKnobs(None, knobs.max_num_seqs or 0, 0.0)]
+
+    async def restore_defaults(self) -> None: ...
+
+    async def heartbeat(self, lease_s: float) -> None: ...
+
+
+def resolve_agents(config: RemoteControllerConfig) -> list[str]:
+    if config.node_agents:
+        return config.node_agents
+    if not config.node_agent_service:
+        return []
+    try:
+        infos = socket.getaddrinfo(config.node_agent_service, config.node_agent_port, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as e:
+        log.error("cannot resolve node agents at %s: %s", config.node_agent_service, e)
+        return []
+    hosts = sorted({i[4][0] for i in infos})
+    return [f"http://{h if ':' not in h else f'[{h}]'}:{config.node_agent_port}" for h in hosts]
+
+
+class RemoteController:
+    def __init__(self, config: RemoteControllerConfig, agent_token: str, control_token: str) -> None:
+        self.config = config
+        self.control_token = control_token
+        self.slo = SLOTargets(config.slo.ttft_p99_s, config.slo.tpot_p99_s)
+        self.http = httpx.AsyncClient(timeout=10.0)
+        self.agents = NodeAgentActuator(resolve_agents(config), agent_token, _NoOtherKnobs())  # type: ignore[arg-type]
+        observer = MetricsObserver(config.metrics_url, self.http)
+
+        async def observe() -> Observation:
+            if not self.agents.supported_clocks_mhz:
+                await self.agents.discover()
+            obs = await observer()
+            return Observation(**{**obs.__dict__, "supported_clocks_mhz": self.agents.supported_clocks_mhz})
+
+        self.loop = ControlLoop(
+            build_policy(config.policy, self.slo, **config.options), observe, self.agents, RealClock(),
+            period_s=config.interval_s, max_changes_per_min=config.max_changes_per_min, lease_s=config.lease_s,
+        )
+
+    def state(self) -> dict[str, Any]:
+        last = list(self.loop.stats.history)[-10:]
+        return {
+            "policy": self.loop.policy.name, "policies": policy_names(), "running": self.loop.running,
+            "node_agents": self.agents.agents, "unavailable": self.agents.unavailable,
+            "supported_clocks_mhz": list(self.agents.supported_clocks_mhz),
+            "clock_mhz": self.loop.current.clock_mhz,
+            "recent_decisions": [{"t_s": d.t_s, "reason": d.reason, "changed": d.changed} for d in last],
+        }
+
+
+def create_remote_app(controller: RemoteController) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_run_forever(controller))
+        try:
+            yield
+        finally:
+            task.cancel()  # the loop's finally asks every agent to restore default clocks
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    app = FastAPI(title="llm-energy-testbed controller", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    def authorized(request: Request) -> bool:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), controller.control_token.encode())
+
+    @app.get("/control")
+    async def get_control() -> dict[str, Any]:
+        return controller.state()
+
+    @app.post("/control/policy")
+    async def set_policy(request: Request) -> JSONResponse:
+        if not authorized(request):
+            return error_response(401, "needs 'Authorization: Bearer <TESTBED_CONTROL_TOKEN>'", code="unauthorized")
+        try:
+            body = await request.json()
+            policy = build_policy(str(body["policy"]), controller.slo, **body.get("options", {}))
+        except (KeyError, ValueError, TypeError, ValidationError) as e:
+            return error_response(400, f"invalid policy change: {e}", param="policy", code="invalid_request")
+        controller.loop.set_policy(policy)
+        return JSONResponse(controller.state())
+
+    return app
+
+
+async def _run_forever(controller: RemoteController) -> None:
+    """Keep controlling through transient failures (front door restarting): defaults are restored by each
+    failed run's ``finally``; the next run starts after a pause."""
+    while True:
+        try:
+            await controller.loop.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.error("controller: %s; default clocks restored, retrying in %.0f s", e, controller.config.interval_s)
+            await asyncio.sleep(controller.config.interval_s)
+
+
+def tokens_from_env() -> tuple[str, str]:
+    agent = os.environ.get("TESTBED_NODE_AGENT_TOKEN", "")
+    control = os.environ.get("TESTBED_CONTROL_TOKEN", "")
+    return agent, control
