@@ -113,3 +113,18 @@ def test_metrics_expose_core_families_with_provenance(served) -> None:
     assert water_scopes == {"site", "source"}
     energy = sum(s.value for s in families["llm_energy_energy_joules"].samples if s.name.endswith("_total"))
     assert energy > 0
+
+
+def test_front_door_socket_turns_nagle_off() -> None:
+    """With Nagle on, a response written as headers then body waits for the client's delayed ACK (~40 ms on
+    Linux): every latency the testbed measured through its front door would carry it."""
+    import socket
+
+    from deploy.serve import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP  # what asyncio checks before setting TCP_NODELAY per connection
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        sock.close()
