@@ -62,7 +62,10 @@ class EngineActuator:
     async def _capture_defaults(self) -> None:
         if self.defaults is None:
             now = [await e.apply(Knobs()) for e in self.engines]
-            self.defaults = [Knobs(clock_mhz=a.clock_mhz, max_num_seqs=a.max_num_seqs) for a in now]
+            self.defaults = [
+                Knobs(clock_mhz=a.clock_mhz, max_num_seqs=a.max_num_seqs, speculative_tokens=a.speculative_tokens)
+                for a in now
+            ]
 
     async def apply(self, knobs: Knobs) -> list[AppliedKnobs]:
         await self._capture_defaults()

@@ -38,6 +38,8 @@ class Observer:
         self._last = (energy, tokens)
         clocks = [rd.clock_mhz for rd in readings if rd.clock_mhz is not None]
         seqs = [tel.stats.max_num_seqs for tel in telemetry]
+        proposed = sum(tel.stats.spec_proposed_tokens for tel in telemetry)
+        accepted = sum(tel.stats.spec_accepted_tokens for tel in telemetry)
         return Observation(
             t_s=now,
             arrival_rate_rps=rate,
@@ -51,6 +53,7 @@ class Observer:
             clock_mhz=max(clocks) if clocks else None,
             max_num_seqs=max(seqs) if seqs else None,
             supported_clocks_mhz=tuple(sorted({c for tel in telemetry for c in tel.supported_clocks_mhz})),
+            spec_acceptance=accepted / proposed if proposed else None,
         )
 
 

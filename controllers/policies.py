@@ -26,6 +26,8 @@ class Observation:
     clock_mhz: float | None
     max_num_seqs: int | None
     supported_clocks_mhz: tuple[float, ...] = ()
+    spec_acceptance: float | None = None
+    """Share of proposed tokens accepted so far (None: speculation never ran)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,29 @@ class StaticPolicy:
         return Decision(knobs, "static")
 
 
+@dataclass
+class SpeculationByLoad:
+    """Speculative decoding on at low load, off at high load: a decode step is memory-bound when few sequences
+    run, so verifying k proposals costs little more than one token and every accepted proposal saves a step;
+    in a full batch the step turns compute-bound and verification is paid in full. Off as well when the
+    measured acceptance is too low to pay for it."""
+
+    k: int = 0
+    max_running: float = 16
+    min_acceptance: float = 0.1
+    """Accepted share of proposals below which verification costs more than it saves. The share counts only the
+    prefix before the first rejection, so it runs well below the per-position acceptance (0.33 at 0.6, k=4)."""
+
+    def choose(self, obs: Observation) -> tuple[int | None, str | None]:
+        if self.k <= 0:
+            return None, None  # this policy does not touch speculation
+        if obs.spec_acceptance is not None and obs.spec_acceptance < self.min_acceptance:
+            return 0, "spec_low_acceptance"
+        if obs.running + obs.waiting > self.max_running:
+            return 0, "spec_off_high_load"
+        return self.k, None
+
+
 @register_policy("slo_feedback")
 @dataclass
 class SLOFeedbackPolicy:
@@ -126,6 +151,9 @@ class SLOFeedbackPolicy:
     panic: float = 0.95
     kp: float = 0.3
     ki: float = 0.25
+    spec_k: int = 0
+    """Speculative decoding depth when load is low (0: leave speculation alone)."""
+    spec_max_running: float = 16
     name: str = "slo_feedback"
     _fraction: float = field(default=1.0, init=False)
     _last_error: float | None = field(default=None, init=False)
@@ -147,7 +175,8 @@ class SLOFeedbackPolicy:
             reason = "hold" if abs(error) < 0.02 else ("raise" if error > 0 else "headroom")
         target = clocks[0] + self._fraction * (clocks[-1] - clocks[0])
         clock = min((c for c in clocks if c >= target - 1e-9), default=clocks[-1])
-        return Decision(Knobs(clock_mhz=clock), reason)
+        spec, why = SpeculationByLoad(int(self.spec_k), self.spec_max_running).choose(obs)
+        return Decision(Knobs(clock_mhz=clock, speculative_tokens=spec), why or reason)
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -24,6 +24,15 @@ class EmulatedEngineConfig(BaseModel):
     max_num_seqs: int = Field(default=256, gt=0, le=4096, description="Batch cap (concurrent sequences).")
     max_num_batched_tokens: int = Field(default=8192, gt=0, description="Token budget of one iteration.")
     clock_mhz: float | None = Field(default=None, gt=0, description="Start clock; default is the maximum.")
+    speculative_tokens: int = Field(
+        default=0, ge=0, le=16, description="Speculative decoding: tokens proposed per step (0: off)."
+    )
+    spec_acceptance: float = Field(
+        default=0.6, ge=0, lt=1,
+        description="Probability that a proposed token is accepted given the ones before it were (the accepted "
+        "share vLLM reports is lower: a rejection discards the rest); proposals are free (n-gram), "
+        "verification costs k+1 tokens of compute.",
+    )
     seed: int = 0
 
     @property

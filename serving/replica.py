@@ -43,7 +43,8 @@ class Replica:
     async def start(self) -> dict[str, Any]:
         await self.engine.start()
         current = await self.engine.apply(Knobs())  # a no-op that reports the engine's start-up knobs
-        self.defaults = Knobs(clock_mhz=current.clock_mhz, max_num_seqs=current.max_num_seqs)
+        self.defaults = Knobs(clock_mhz=current.clock_mhz, max_num_seqs=current.max_num_seqs,
+                              speculative_tokens=current.speculative_tokens)
         node = ray.get_runtime_context().get_node_id()
         info = {"replica": self.replica, "pid": os.getpid(), "node_id": node}
         describe = getattr(self.engine, "describe", None)

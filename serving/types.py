@@ -71,6 +71,8 @@ class EngineStats:
     kv_used_tokens: int
     kv_capacity_tokens: int
     max_num_seqs: int
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ class AppliedKnobs:
     took_s: float
     restarted: bool = False
     notes: list[str] = field(default_factory=list)
+    speculative_tokens: int | None = None
+    """Speculative decoding depth in effect (None: the engine does not report it)."""
 
 
 class RequestRejectedError(ValueError):

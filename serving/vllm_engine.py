@@ -390,6 +390,8 @@ class VLLMEngine:
             kv_used_tokens=round(live.kv_usage * self.kv_capacity_tokens),
             kv_capacity_tokens=self.kv_capacity_tokens,
             max_num_seqs=self.config.max_num_seqs,
+            spec_proposed_tokens=live.spec_drafted,
+            spec_accepted_tokens=live.spec_accepted,
         )
 
     # --- power source (the replica exposes the engine's device) ----------------------------------

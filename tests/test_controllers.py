@@ -188,3 +188,16 @@ def test_controller_config_rejects_bad_policy_options(tmp_path) -> None:
         ControllerConfig(policy="slo_feedback", options={"gain": 3})
     with pytest.raises(ValidationError, match="not found"):
         ControllerConfig(policy="model_based", options={"profile": str(tmp_path / "none.csv")})
+
+
+def test_speculation_on_at_low_load_off_at_high_load_or_low_acceptance() -> None:
+    import dataclasses
+
+    p = build_policy("slo_feedback", SLO, spec_k=4, spec_max_running=8)
+    low = p.decide(obs())  # 3 running
+    assert low.knobs.speculative_tokens == 4
+    high = p.decide(dataclasses.replace(obs(), running=20))
+    assert high.knobs.speculative_tokens == 0 and high.reason == "spec_off_high_load"
+    poor = p.decide(dataclasses.replace(obs(), spec_acceptance=0.05))
+    assert poor.knobs.speculative_tokens == 0 and poor.reason == "spec_low_acceptance"
+    assert build_policy("slo_feedback", SLO).decide(obs()).knobs.speculative_tokens is None  # left alone

@@ -115,3 +115,29 @@ def test_model_too_large_for_device_memory() -> None:
                       head_dim=128, vocab_size=32000, dtype_bytes=2, max_position_embeddings=4096)
     with pytest.raises(ValueError, match="does not fit"):
         EmulatedEngine(EmulatedEngineConfig(), "r0", model=huge)
+
+
+async def test_speculative_decoding_cuts_steps_and_energy_at_low_load() -> None:
+    async def run(k: int) -> tuple[int, float, object]:
+        eng, _ = engine(speculative_tokens=k, spec_acceptance=0.7)
+        await eng.start()
+        events = await collect(eng, "s", 20, 64)
+        stats = eng.stats()
+        await eng.stop()
+        assert sum(len(e.token_ids) for e in events) == 64  # exactly max_tokens, never more
+        return stats.iterations, events[-1].energy_j, stats
+
+    plain_steps, plain_j, _ = await run(0)
+    spec_steps, spec_j, stats = await run(4)
+    assert spec_steps < plain_steps * 0.6  # ~2.8 tokens per step at 70% acceptance and k=4
+    assert spec_j < plain_j  # one weight read yields several tokens in a memory-bound step
+    # Accepted share of proposals: only the prefix up to the first rejection counts, E = (0.7+0.7^2+0.7^3+0.7^4)/4.
+    assert stats.spec_accepted_tokens / stats.spec_proposed_tokens == pytest.approx(0.443, abs=0.12)
+
+
+async def test_speculation_knob_applies_live() -> None:
+    eng, _ = engine()
+    await eng.apply(Knobs(speculative_tokens=3))
+    assert eng.speculative_tokens == 3
+    with pytest.raises(ValueError, match="between 0"):
+        await eng.apply(Knobs(speculative_tokens=40))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -102,6 +103,10 @@ class EmulatedEngine:
                 self.clock_mhz,
             )
         self.max_num_seqs = config.max_num_seqs
+        self.speculative_tokens = config.speculative_tokens
+        self._spec_rng = random.Random(config.seed)  # acceptance draws: reproducible per engine
+        self._spec_proposed = 0
+        self._spec_accepted = 0
         self.tokenizer = WordTokenizer()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
@@ -155,6 +160,8 @@ class EmulatedEngine:
             kv_used_tokens=self._kv_used,
             kv_capacity_tokens=self.kv_capacity_tokens,
             max_num_seqs=self.max_num_seqs,
+            spec_proposed_tokens=self._spec_proposed,
+            spec_accepted_tokens=self._spec_accepted,
         )
 
     async def apply(self, knobs: Knobs) -> AppliedKnobs:
@@ -173,9 +180,12 @@ class EmulatedEngine:
             if knobs.max_num_batched_tokens < 1:
                 raise ValueError("max_num_batched_tokens must be at least 1")
             self.config = self.config.model_copy(update={"max_num_batched_tokens": knobs.max_num_batched_tokens})
-        if knobs.speculative_tokens:
-            notes.append("speculative_tokens ignored: the emulated engine does not model speculative decoding")
-        return AppliedKnobs(self.clock_mhz, self.max_num_seqs, took_s=self.clock.now() - t0, notes=notes)
+        if knobs.speculative_tokens is not None:
+            if not 0 <= knobs.speculative_tokens <= 16:
+                raise ValueError("speculative_tokens must be between 0 (off) and 16")
+            self.speculative_tokens = knobs.speculative_tokens
+        return AppliedKnobs(self.clock_mhz, self.max_num_seqs, took_s=self.clock.now() - t0, notes=notes,
+                            speculative_tokens=self.speculative_tokens)
 
     def supported_clocks_mhz(self) -> list[float]:
         return sorted(self.device.clocks_mhz)
@@ -260,11 +270,12 @@ class EmulatedEngine:
     def _schedule(self) -> list[tuple[_Sequence, SequenceWork]]:
         budget = self.config.max_num_batched_tokens
         plan: list[tuple[_Sequence, SequenceWork]] = []
-        for seq in self._running:  # decodes first: one token each
+        for seq in self._running:  # decodes first: one token each, plus k proposals to verify if speculating
             if seq.prefilled == seq.prompt_len and budget > 0:
                 ctx = seq.prompt_len + seq.generated
-                plan.append((seq, SequenceWork(seq.request.request_id, 1, ctx, False)))
-                budget -= 1
+                k = max(0, min(self.speculative_tokens, seq.max_tokens - seq.generated - 1, budget - 1))
+                plan.append((seq, SequenceWork(seq.request.request_id, 1 + k, ctx, False)))
+                budget -= 1 + k
         for seq in self._running:  # then unfinished (chunked) prefills
             if seq.prefilled < seq.prompt_len and budget > 0:
                 chunk = min(budget, seq.prompt_len - seq.prefilled)
@@ -323,8 +334,19 @@ class EmulatedEngine:
                 if seq.done:  # cancelled while the iteration ran: its energy stays attributed
                     continue
                 if seq.prefilled == seq.prompt_len:
-                    self._emit_token(seq)
+                    for _ in range(1 if work.is_prefill else self._accepted(work.new_tokens - 1)):
+                        if not seq.done:
+                            self._emit_token(seq)
             self._energy_j = self._idle_j + self._prefill_j + self._decode_j
+
+    def _accepted(self, proposed: int) -> int:
+        """Tokens a verification step yields: the accepted prefix of the proposals plus the model's own token."""
+        accepted = 0
+        while accepted < proposed and self._spec_rng.random() < self.config.spec_acceptance:
+            accepted += 1
+        self._spec_proposed += proposed
+        self._spec_accepted += accepted
+        return 1 + accepted
 
     def _emit_token(self, seq: _Sequence) -> None:
         index = seq.generated
