@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -79,33 +78,14 @@ def peak_rss_mib(pid: int) -> dict[int, float]:
 
 def start_served(engine_cfg):  # type: ignore[no-untyped-def]
     """One replica behind the front door; uvicorn and the router run on their own thread and loop."""
-    import uvicorn
-
     from deploy.raycluster import init_ray
-    from deploy.serve import bind_socket, start_deployment
-    from serving.api import create_app
+    from deploy.serve import serve_in_background
     from serving.config import ServingConfig
 
     init_ray(num_cpus=2)
     config = ServingConfig(replicas=1, port=0, engine=engine_cfg, num_cpus_per_replica=1)
-    loop = asyncio.new_event_loop()
-    deployment = loop.run_until_complete(start_deployment(config))
-    sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(deployment.door), log_level="warning", lifespan="off"))
-    thread = threading.Thread(
-        target=lambda: loop.run_until_complete(server.serve(sockets=[sock])), daemon=True
-    )
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(timeout=10)
-        loop.run_until_complete(deployment.stop())
-
-    host, port = sock.getsockname()[:2]
-    return config, deployment, f"http://{host}:{port}", stop
+    server = serve_in_background(config)
+    return config, server.deployment, server.url, server.stop
 
 
 async def run_paths(engine_cfg, config, deployment, url, args) -> list[Run]:  # type: ignore[no-untyped-def]

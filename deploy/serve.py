@@ -7,12 +7,16 @@ import contextlib
 import logging
 import math
 import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 import uvicorn
+from fastapi import FastAPI
 
 from controllers.service import Controller, add_control_routes
 from deploy.config import DeploymentConfig
@@ -161,3 +165,46 @@ async def serve(config: DeploymentConfig, ready_file: Path | None = None) -> Non
         await deployment.stop()
         ray.shutdown()
         print("testbed: stopped cleanly", flush=True)
+
+
+@dataclass
+class BackgroundServer:
+    """A deployment and its front door served on a thread of their own (tests, benchmarks, notebooks), so the
+    caller's own event loop stays free for clients."""
+
+    url: str
+    deployment: Deployment
+    loop: asyncio.AbstractEventLoop
+    _server: uvicorn.Server
+    _thread: threading.Thread
+    _cleanups: list[Callable[[], Awaitable[None]]]
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        for cleanup in self._cleanups:
+            self.loop.run_until_complete(cleanup())
+        self.loop.run_until_complete(self.deployment.stop())
+
+
+def serve_in_background(
+    config: ServingConfig,
+    customize: Callable[[FastAPI, Deployment, asyncio.AbstractEventLoop], Callable[[], Awaitable[None]] | None]
+    | None = None,
+) -> BackgroundServer:
+    """Start the replicas and the front door on a free loopback port; ``customize`` may add routes (and return an
+    async cleanup run before the replicas stop)."""
+    loop = asyncio.new_event_loop()
+    deployment = loop.run_until_complete(start_deployment(config))
+    app = create_app(deployment.door)
+    cleanups = [c] if customize is not None and (c := customize(app, deployment, loop)) is not None else []
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    thread = threading.Thread(target=lambda: loop.run_until_complete(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the front door thread exited before it started serving")
+        time.sleep(0.02)
+    host, port = sock.getsockname()[:2]
+    return BackgroundServer(f"http://{host}:{port}", deployment, loop, server, thread, cleanups)

@@ -29,17 +29,13 @@ MAX_TOKENS_LONG = 200
 class VServed:
     url: str
     deployment: Any
-    loop: asyncio.AbstractEventLoop
     model_dir: Path
 
 
 @pytest.fixture(scope="module")
 def vserved(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VServed]:
-    import uvicorn
-
     from deploy.models import build_tiny
-    from deploy.serve import bind_socket, start_deployment
-    from serving.api import create_app
+    from deploy.serve import serve_in_background
     from serving.config import ServingConfig, VLLMEngineConfig
 
     model = build_tiny(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
@@ -47,22 +43,9 @@ def vserved(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     engine = VLLMEngineConfig(
         model=str(model), kv_cache_memory_bytes=1 << 20, max_num_seqs=16, max_model_len=512
     )
-    config = ServingConfig(replicas=2, port=0, engine=engine)
-    loop = asyncio.new_event_loop()
-    deployment = loop.run_until_complete(start_deployment(config))
-    sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(deployment.door), log_level="warning", lifespan="off"))
-    thread = threading.Thread(
-        target=lambda: loop.run_until_complete(server.serve(sockets=[sock])), daemon=True
-    )
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    host, port = sock.getsockname()[:2]
-    yield VServed(f"http://{host}:{port}", deployment, loop, model)
-    server.should_exit = True
-    thread.join(timeout=10)
-    loop.run_until_complete(deployment.stop())
+    server = serve_in_background(ServingConfig(replicas=2, port=0, engine=engine))
+    yield VServed(server.url, server.deployment, model)
+    server.stop()
 
 
 def _client(url: str) -> Any:
