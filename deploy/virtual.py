@@ -32,9 +32,9 @@ from serving.emulated.engine import EmulatedEngine
 from serving.replica import Telemetry
 from serving.router import ReplicaHandle, Router
 from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
-from workloads.arrivals import RequestSpec
-from workloads.campaign import Target, mark_phases, point_requests, write_manifest
-from workloads.client import RequestRecord
+from workloads.arrivals import ClosedLoopArrivals, LengthStream, RequestSpec
+from workloads.campaign import Target, mark_phases, offered_rate, point_requests, point_seed, write_manifest
+from workloads.client import ClosedLoop, RequestRecord
 from workloads.results import ResultStore, summarize_point
 from workloads.spec import CampaignSpec, KnobSetting, PolicySetting, WorkloadSpec, setting_label
 
@@ -231,19 +231,43 @@ class VirtualDeployment:
             rows.extend(self._rows(point, self.clock.now() - start))
             await self.clock.sleep(period_s)
 
+    async def _closed_loop(self, point: int, spec: ClosedLoop, seed: int, start: float, timeout_s: float,
+                           records: list[RequestRecord]) -> None:
+        """``spec.concurrency`` users, each sending its next request when its last one ends (as the real client)."""
+        lengths = LengthStream(spec.prompt_tokens, spec.output_tokens, seed)
+        end = start + spec.duration_s
+
+        async def user() -> None:
+            while self.clock.now() < end:
+                p, o = lengths.next()
+                rec = RequestRecord(point, len(records), self.clock.now() - start, p, o)
+                records.append(rec)
+                await self.request(rec, start, timeout_s)
+                if spec.think_time_s > 0:
+                    await self.clock.sleep(spec.think_time_s)
+
+        await asyncio.gather(*(user() for _ in range(spec.concurrency)))
+
     async def run_point(
-        self, point: int, specs: list[RequestSpec], w: WorkloadSpec
+        self, point: int, work: list[RequestSpec] | ClosedLoop, w: WorkloadSpec, seed: int = 0
     ) -> tuple[list[RequestRecord], Measurement, int, list[dict[str, object]]]:
-        """Send ``specs`` open-loop and meter the point as a real-time campaign does (warm-up and
-        cool-down excluded from the energy window, a power time series every ``sample_interval_s``)."""
-        records = [RequestRecord(point, i, s.t_s, s.prompt_tokens, s.max_output_tokens) for i, s in enumerate(specs)]
+        """Send ``work`` (open-loop requests or closed-loop users) and meter the point as a real-time campaign
+        does (warm-up and cool-down excluded from the energy window, a power time series every
+        ``sample_interval_s``)."""
         start = self.clock.now()
+        if isinstance(work, ClosedLoop):
+            records: list[RequestRecord] = []
+            sending = self._closed_loop(point, work, seed, start, w.request_timeout_s, records)
+        else:
+            records = [RequestRecord(point, i, s.t_s, s.prompt_tokens, s.max_output_tokens)
+                       for i, s in enumerate(work)]
+            sending = asyncio.gather(*(self.request(r, start, w.request_timeout_s) for r in records))
         rows: list[dict[str, object]] = []
         begin = asyncio.ensure_future(self._at(start + w.warmup_s))
         end = asyncio.ensure_future(self._at(start + w.duration_s - w.cooldown_s)) if w.cooldown_s > 0 else None
         sampler = asyncio.ensure_future(self._sample(point, start, w.sample_interval_s, rows))
         try:
-            await asyncio.gather(*(self.request(r, start, w.request_timeout_s) for r in records))
+            await sending
             (first, tok0) = await begin
             (last, tok1) = await end if end is not None else (self.counters(), self.generated_tokens())
         finally:
@@ -285,15 +309,24 @@ async def _campaign(spec: CampaignSpec, config: ServingConfig, clock: VirtualClo
             policy, ctl = _policy_for(setting, getattr(config, "controller", None))
             loop = deployment.control_loop(policy, ctl.period_s, ctl.max_changes_per_min) if policy else None
             control = asyncio.ensure_future(loop.run()) if loop else None
-            _, specs = point_requests(spec, rate)  # the same requests as a real-time run of the point
+            work: list[RequestSpec] | ClosedLoop
+            if spec.closed_loop:
+                assert isinstance(w.arrival, ClosedLoopArrivals)
+                seed = point_seed(spec, rate)
+                work = ClosedLoop(int(rate), w.duration_s, w.prompt_tokens, w.output_tokens, w.arrival.think_time_s)
+            else:
+                seed, work = point_requests(spec, rate)  # the same requests as a real-time run of the point
             try:
-                records, measurement, tokens, rows = await deployment.run_point(point, specs, w)
+                records, measurement, tokens, rows = await deployment.run_point(point, work, w, seed)
             finally:
                 if control is not None:  # its ``finally`` restores the engines' default knobs
                     control.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await control
-            summary = summarize_point(point, rate, records, measurement, "emulated", site, spec.slo, tokens)
+            summary = summarize_point(
+                point, offered_rate(spec, rate, records), records, measurement, "emulated", site, spec.slo, tokens
+            )
+            summary["concurrency"] = int(rate) if spec.closed_loop else math.nan
             summary["setting"] = setting_label(setting) if setting is not None else (
                 f"policy={policy.name}" if policy is not None else "as deployed")
             clocks = [float(r["clock_mhz"]) for r in rows if not math.isnan(float(r["clock_mhz"]))]  # type: ignore[arg-type]

@@ -339,3 +339,37 @@ def test_sampler_errors_mark_the_point_degraded() -> None:
     assert _sampler_failures(snap({"r/gpu0": 2}), snap({"r/gpu0": 2})) == ""
     assert _sampler_failures(snap({"r/gpu0": 2}), snap({"r/gpu0": 5, "r/gpu1": 0})) == "r/gpu0"
     assert _sampler_failures(snap({}), snap({"r/gpu1": 1})) == "r/gpu1"
+
+
+@pytest.mark.slow
+def test_closed_loop_campaign_sweeps_users(served, tmp_path: Path) -> None:
+    path = write_campaign(tmp_path, sweep={"concurrency": [1, 4]})
+    cfg = yaml.safe_load(path.read_text())
+    cfg["workload"]["arrival"] = {"kind": "closed"}
+    cfg["workload"]["duration_s"] = 2
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert main(["campaign", "run", str(path), "--out", str(out), "--url", served.url]) == 0
+    points = pd.read_csv(out / "points.csv")
+    assert points["concurrency"].tolist() == [1, 4]
+    assert (points["failed"] == 0).all()
+    # Four users keep four requests in flight: more sent per second than one user (whose requests are serial).
+    assert points["offered_rps"].iloc[1] > 1.5 * points["offered_rps"].iloc[0] > 0
+    requests = pd.read_parquet(out / "requests.parquet")
+    one = requests[requests["point"] == 0].sort_values("intended_send_s")
+    ends = (one["intended_send_s"] + one["e2e_s"]).to_numpy()
+    assert (one["intended_send_s"].to_numpy()[1:] >= ends[:-1] - 1e-3).all()  # one user: never two in flight
+
+
+@pytest.mark.parametrize(("sweep", "arrival", "expected"), [
+    ({"rate_rps": [2]}, {"kind": "closed"}, "closed-loop arrivals (workload.arrival.kind: closed) are swept by"),
+    ({"concurrency": [2]}, {"kind": "poisson"}, "sweep.rate_rps (offered request rates) is required"),
+])
+def test_load_must_match_the_arrival_kind(tmp_path, capsys, sweep, arrival, expected) -> None:
+    path = write_campaign(tmp_path, sweep=sweep)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["workload"]["arrival"] = arrival
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["campaign", "run", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -128,3 +128,17 @@ def test_compare_entry_with_an_unknown_field_names_it(tmp_path: Path, capsys) ->
     campaign.write_text(yaml.safe_dump(data))
     assert main(["campaign", "run", str(campaign), "--out", str(tmp_path / "out")]) == 2
     assert "compare.0.voltage: unknown key" in capsys.readouterr().err
+
+
+def test_closed_loop_in_virtual_time(tmp_path: Path) -> None:
+    data = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    data["workload"].update(duration_s=10, arrival={"kind": "closed"})
+    data["sweep"] = {"concurrency": [1, 8]}
+    spec = CampaignFile.model_validate(data)
+    points = run_virtual_campaign(spec, spec.deployment, tmp_path)
+    assert points["concurrency"].tolist() == [1, 8] and (points["failed"] == 0).all()
+    assert points["offered_rps"].iloc[1] > 3 * points["offered_rps"].iloc[0] > 0
+    requests = pd.read_parquet(tmp_path / "requests.parquet")
+    one = requests[requests["point"] == 0].sort_values("intended_send_s")
+    ends = (one["intended_send_s"] + one["e2e_s"]).to_numpy()
+    assert (one["intended_send_s"].to_numpy()[1:] >= ends[:-1] - 1e-9).all()

@@ -18,6 +18,10 @@ class RequestSpec:
     max_output_tokens: int
 
 
+class LengthSampler(Protocol):
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray: ...
+
+
 class ArrivalProcess(Protocol):
     def times(self, rng: np.random.Generator, rate_rps: float, duration_s: float) -> Iterator[float]: ...
 
@@ -81,8 +85,20 @@ class TraceArrivals(BaseModel):
     skip_bad_rows: bool = Field(default=False, description="Skip malformed rows (counted) instead of failing.")
 
 
+class ClosedLoopArrivals(BaseModel):
+    """A fixed number of users, each sending its next request when its last one ends (plus a think time).
+
+    The sweep's ``concurrency`` values are the numbers of users; the request rate is whatever the server sustains.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["closed"] = "closed"
+    think_time_s: float = Field(default=0.0, ge=0, le=3600, description="Pause between a response and the next.")
+
+
 Arrival = Annotated[
-    PoissonArrivals | ConstantArrivals | GammaArrivals | TraceArrivals, Field(discriminator="kind")
+    PoissonArrivals | ConstantArrivals | GammaArrivals | TraceArrivals | ClosedLoopArrivals,
+    Field(discriminator="kind"),
 ]
 
 
@@ -133,6 +149,24 @@ class LogNormalLength(BaseModel):
 
 
 LengthDistribution = Annotated[FixedLength | UniformLength | LogNormalLength, Field(discriminator="kind")]
+
+
+class LengthStream:
+    """Prompt and output lengths drawn on demand (closed loop: how many requests is not known in advance)."""
+
+    def __init__(self, prompt: LengthSampler, output: LengthSampler, seed: int, block: int = 256) -> None:
+        seeds = np.random.SeedSequence(seed).spawn(2)
+        self._rngs = (np.random.default_rng(seeds[0]), np.random.default_rng(seeds[1]))
+        self._dists = (prompt, output)
+        self._block = block
+        self._queue: list[tuple[int, int]] = []
+
+    def next(self) -> tuple[int, int]:
+        if not self._queue:
+            p = self._dists[0].sample(self._rngs[0], self._block).tolist()
+            o = self._dists[1].sample(self._rngs[1], self._block).tolist()
+            self._queue = [(int(a), int(b)) for a, b in zip(p, o, strict=True)][::-1]
+        return self._queue.pop()
 
 
 def build_requests(

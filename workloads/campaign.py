@@ -10,6 +10,7 @@ import math
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -20,11 +21,11 @@ import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from profilers.footprint import load_site_profile
+from profilers.footprint import SiteProfile, load_site_profile
 from profilers.meter import Measurement, window_energy
 from profilers.scrape import CounterSnapshot, MetricsUnavailableError, ascrape_counters
-from workloads.arrivals import RequestSpec, TraceArrivals, build_requests, build_trace_requests
-from workloads.client import LoadClient, RequestRecord
+from workloads.arrivals import ClosedLoopArrivals, RequestSpec, TraceArrivals, build_requests, build_trace_requests
+from workloads.client import ClosedLoop, LoadClient, RequestRecord
 from workloads.results import ResultStore, summarize_point
 from workloads.spec import CampaignSpec, KnobSetting, PolicySetting, setting_label
 
@@ -129,11 +130,16 @@ async def _model_name(client: httpx.AsyncClient, base_url: str) -> str:
         raise RuntimeError(f"cannot list models at {base_url}/v1/models ({e!r}); set `model:` in the campaign") from e
 
 
+def point_seed(spec: CampaignSpec, load: float) -> int:
+    """Seeded by the load (rate or users), so every knob setting or policy at a load (and a virtual-time run of
+    it) replays the same requests and settings compare on equal terms."""
+    return spec.seed * 10_007 + spec.sweep.loads.index(load)
+
+
 def point_requests(spec: CampaignSpec, rate: float) -> tuple[int, list[RequestSpec]]:
-    """The seed and requests of a point at ``rate``: seeded by the rate, so every knob setting or policy at a
-    rate (and a virtual-time run of it) replays the same requests and settings compare on equal terms."""
+    """The seed and requests of an open-loop point at ``rate``."""
     w = spec.workload
-    seed = spec.seed * 10_007 + spec.sweep.rate_rps.index(rate)
+    seed = point_seed(spec, rate)
     if isinstance(w.arrival, TraceArrivals):
         return seed, build_trace_requests(w.arrival, rate, w.duration_s, seed)
     return seed, build_requests(w.arrival, w.prompt_tokens.sample, w.output_tokens.sample, rate, w.duration_s, seed)
@@ -233,51 +239,84 @@ async def _run_points(spec: CampaignSpec, target: Target, store: ResultStore, co
     async with httpx.AsyncClient(timeout=10.0) as http:
         model = spec.model or await _model_name(http, target.base_url)
         client = LoadClient(
-            target.base_url, model, spec.workload.max_concurrency, spec.workload.request_timeout_s
+            target.base_url, model, spec.workload.max_concurrency, spec.workload.request_timeout_s,
+            processes=spec.workload.client_processes,
         )
-        done = store.finished_points()
-        w = spec.workload
-        initial_policy = await _current_policy(http, target) if spec.sweep.knobs or spec.sweep.policies else None
-        for point, (setting, rate) in enumerate(spec.sweep.points()):
-            if point in done:
-                console.print(f"point {point} ({setting_label(setting)}, {rate:g} req/s) already measured: skipped")
-                continue
-            if setting is not None:
-                await _apply_setting(http, target, setting)
-            seed, specs = point_requests(spec, rate)
-            t0 = time.perf_counter()
-            live = _Live(t0)
-            begin = asyncio.create_task(_counters_at(http, target, t0 + w.warmup_s))
-            end = (asyncio.create_task(_counters_at(http, target, t0 + w.duration_s - w.cooldown_s))
-                   if w.cooldown_s > 0 else None)
-            sampler = asyncio.create_task(_sample(http, target, point, live, w.sample_interval_s))
-            try:
-                records = await _drive(client, point, rate, specs, seed, console, live)
-                first, last = await begin, (await end if end is not None else await _counters(http, target))
-            finally:
-                sampler.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sampler
-            window_s = (w.duration_s - w.cooldown_s - w.warmup_s if end is not None
-                        else time.perf_counter() - t0 - w.warmup_s)
-            mark_phases(records, w.warmup_s, w.duration_s - w.cooldown_s if w.cooldown_s > 0 else math.inf)
-            if first is not None and last is not None:
-                measurement = window_energy(first.energy, last.energy, window_s)
-                backend = ",".join(sorted(last.backends)) or "unknown"
-                tokens = _window_tokens(first, last)
-            else:
-                measurement, backend, tokens = Measurement(duration_s=window_s), "unknown", None
-            summary = summarize_point(point, rate, records, measurement, backend, site, spec.slo, tokens)
-            if first is not None and last is not None and (failing := _sampler_failures(first, last)):
-                note = f"power sampler errors during the point on {failing}: energy there is incomplete"
-                summary["notes"] = "; ".join(n for n in (summary["notes"], note) if n)
-                summary["status"] = "degraded"
-            summary["setting"] = setting_label(setting)
-            clocks = [r["clock_mhz"] for r in live.rows if not math.isnan(float(r["clock_mhz"]))]  # type: ignore[arg-type]
-            summary["clock_mhz_mean"] = sum(clocks) / len(clocks) if clocks else math.nan  # type: ignore[arg-type]
-            store.add_point(summary, records, live.rows)
-        if initial_policy is not None:
-            await _apply_setting(http, target, PolicySetting(policy=initial_policy))
+        try:
+            await _run_points_with(spec, target, store, console, http, client, site)
+        finally:
+            client.close()
+
+
+async def _run_points_with(
+    spec: CampaignSpec, target: Target, store: ResultStore, console: Console, http: httpx.AsyncClient,
+    client: LoadClient, site: SiteProfile,
+) -> None:
+    done = store.finished_points()
+    w = spec.workload
+    initial_policy = await _current_policy(http, target) if spec.sweep.knobs or spec.sweep.policies else None
+    for point, (setting, rate) in enumerate(spec.sweep.points()):
+        if point in done:
+            unit = "users" if spec.closed_loop else "req/s"
+            console.print(f"point {point} ({setting_label(setting)}, {rate:g} {unit}) already measured: skipped")
+            continue
+        if setting is not None:
+            await _apply_setting(http, target, setting)
+        live = _Live(math.nan)
+        started: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+        def on_start(t0: float, live: _Live = live, started: asyncio.Future[float] = started) -> None:
+            live.t0 = t0
+            started.set_result(t0)
+
+        drive = asyncio.create_task(_drive(client, spec, point, rate, console, live, on_start))
+        await asyncio.wait([drive, started], return_when=asyncio.FIRST_COMPLETED)
+        if not started.done():
+            await drive  # failed before its first send: raises why
+        t0 = started.result()
+        begin = asyncio.create_task(_counters_at(http, target, t0 + w.warmup_s))
+        end = (asyncio.create_task(_counters_at(http, target, t0 + w.duration_s - w.cooldown_s))
+               if w.cooldown_s > 0 else None)
+        sampler = asyncio.create_task(_sample(http, target, point, live, w.sample_interval_s))
+        try:
+            records = await drive
+            first, last = await begin, (await end if end is not None else await _counters(http, target))
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+        window_s = (w.duration_s - w.cooldown_s - w.warmup_s if end is not None
+                    else time.perf_counter() - t0 - w.warmup_s)
+        mark_phases(records, w.warmup_s, w.duration_s - w.cooldown_s if w.cooldown_s > 0 else math.inf)
+        if first is not None and last is not None:
+            measurement = window_energy(first.energy, last.energy, window_s)
+            backend = ",".join(sorted(last.backends)) or "unknown"
+            tokens = _window_tokens(first, last)
+        else:
+            measurement, backend, tokens = Measurement(duration_s=window_s), "unknown", None
+        summary = summarize_point(
+            point, offered_rate(spec, rate, records), records, measurement, backend, site, spec.slo, tokens
+        )
+        summary["concurrency"] = int(rate) if spec.closed_loop else math.nan
+        if first is not None and last is not None and (failing := _sampler_failures(first, last)):
+            note = f"power sampler errors during the point on {failing}: energy there is incomplete"
+            summary["notes"] = "; ".join(n for n in (summary["notes"], note) if n)
+            summary["status"] = "degraded"
+        summary["setting"] = setting_label(setting)
+        clocks = [r["clock_mhz"] for r in live.rows if not math.isnan(float(r["clock_mhz"]))]  # type: ignore[arg-type]
+        summary["clock_mhz_mean"] = sum(clocks) / len(clocks) if clocks else math.nan  # type: ignore[arg-type]
+        store.add_point(summary, records, live.rows)
+    if initial_policy is not None:
+        await _apply_setting(http, target, PolicySetting(policy=initial_policy))
+
+
+def offered_rate(spec: CampaignSpec, load: float, records: list[RequestRecord]) -> float:
+    """The sweep's rate, or for closed-loop users the rate they sent at within the measured window."""
+    if not spec.closed_loop:
+        return load
+    w = spec.workload
+    until = w.duration_s - w.cooldown_s
+    return sum(w.warmup_s <= r.intended_send_s < until for r in records) / (until - w.warmup_s)
 
 
 def mark_phases(records: list[RequestRecord], measure_from: float, measure_until: float) -> None:
@@ -287,14 +326,26 @@ def mark_phases(records: list[RequestRecord], measure_from: float, measure_until
 
 
 async def _drive(
-    client: LoadClient, point: int, rate: float, specs: list, seed: int, console: Console, live: _Live
+    client: LoadClient, spec: CampaignSpec, point: int, load: float, console: Console, live: _Live,
+    on_start: Callable[[float], None],
 ) -> list[RequestRecord]:
+    w = spec.workload
+    seed = point_seed(spec, load)
+    if spec.closed_loop:
+        assert isinstance(w.arrival, ClosedLoopArrivals)
+        closed = ClosedLoop(int(load), w.duration_s, w.prompt_tokens, w.output_tokens, w.arrival.think_time_s)
+        specs: list[RequestSpec] = []
+        what = f"{int(load):>4} users"
+    else:
+        seed, specs = point_requests(spec, load)
+        what = f"{load:>7g} req/s"
     columns = (
-        TextColumn("[bold]point {task.fields[point]}[/] {task.fields[rate]:>7} req/s"), BarColumn(),
+        TextColumn("[bold]point {task.fields[point]}[/] {task.fields[load]}"), BarColumn(),
         MofNCompleteColumn(), TextColumn("failed {task.fields[failed]}  {task.fields[jpt]}"), TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("", total=len(specs), point=point, rate=f"{rate:g}", failed=0, jpt="")
+        task = progress.add_task("", total=None if spec.closed_loop else len(specs), point=point, load=what,
+                                 failed=0, jpt="")
         failed = 0
 
         def on_done(rec: RequestRecord) -> None:
@@ -303,7 +354,9 @@ async def _drive(
             jpt = f"{live.joules_per_token:.3g} J/token" if not math.isnan(live.joules_per_token) else ""
             progress.update(task, advance=1, failed=failed, jpt=jpt)
 
-        return await client.run(point, specs, seed, on_done)
+        if spec.closed_loop:
+            return await client.run_closed(point, closed, seed, on_done, on_start)
+        return await client.run(point, specs, seed, on_done, on_start)
 
 
 def run_campaign(

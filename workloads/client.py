@@ -1,24 +1,39 @@
-"""Open-loop async load client (httpx, streaming SSE) recording per-request latency and energy.
+"""Load client: open-loop (or closed-loop) streaming requests recording per-request latency and energy.
 
-The scheduler sends each request at its intended time whatever the server is doing (no coordinated
-omission): a slow response never delays a later send. Both intended and actual send times are kept.
+The schedule runs in its own process (or several, fed one schedule), apart from the campaign's sampler, progress
+display and result writing, so none of them delays a send. Within that process the scheduler writes each request at
+its intended time whatever the server is doing (no coordinated omission): a slow response never delays a later send,
+and the send time is taken right after the request is written to the socket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import itertools
 import json
 import math
+import multiprocessing.connection
+import os
+import socket
+import subprocess
+import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import httpx
+import numpy as np
 
-from workloads.arrivals import RequestSpec
+from workloads.arrivals import LengthSampler, LengthStream, RequestSpec
+from workloads.http1 import ConnectionPool, Endpoint, Exchange, post_request
 from workloads.prompts import synth_prompt
+
+PromptFn = Callable[[int, int], str]
+"""(number of prompt tokens, seed) -> prompt text with exactly that many tokens for the served tokenizer."""
 
 
 @dataclass
@@ -47,119 +62,260 @@ class RequestRecord:
     def ok(self) -> bool:
         return self.status == "ok"
 
+    @property
+    def send_lag_s(self) -> float:
+        """How late the request was written against its schedule (the generator's own precision)."""
+        return self.actual_send_s - self.intended_send_s
 
-class LoadClient:
-    def __init__(
-        self,
-        base_url: str,
-        model: str,
-        max_concurrency: int | None = None,
-        request_timeout_s: float = 300.0,
-        api_key: str | None = None,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.model = model
-        self.max_concurrency = max_concurrency
-        self.request_timeout_s = request_timeout_s
-        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
 
-    async def run(
-        self,
-        point: int,
-        specs: list[RequestSpec],
-        seed: int,
-        on_done: Callable[[RequestRecord], None] | None = None,
-    ) -> list[RequestRecord]:
-        records = [RequestRecord(point, i, s.t_s, s.prompt_tokens, s.max_output_tokens) for i, s in enumerate(specs)]
-        limits = httpx.Limits(
-            max_connections=self.max_concurrency or 4096, max_keepalive_connections=self.max_concurrency or 4096
-        )
-        timeout = httpx.Timeout(self.request_timeout_s, connect=10.0)
-        gate = asyncio.Semaphore(self.max_concurrency) if self.max_concurrency else None
-        async with httpx.AsyncClient(base_url=self.base_url, limits=limits, timeout=timeout, headers=self.headers) as c:
-            start = time.perf_counter()
-            tasks = []
-            for rec in records:
-                delay = start + rec.intended_send_s - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(self._one(c, rec, start, seed, gate, on_done)))
-            await asyncio.gather(*tasks)
-        return records
+@dataclass(frozen=True)
+class ClientSettings:
+    base_url: str
+    model: str
+    max_concurrency: int | None = None
+    request_timeout_s: float = 300.0
+    api_key: str | None = None
+    prompt_fn: PromptFn = synth_prompt
 
-    async def _one(
-        self,
-        client: httpx.AsyncClient,
-        rec: RequestRecord,
-        start: float,
-        seed: int,
-        gate: asyncio.Semaphore | None,
-        on_done: Callable[[RequestRecord], None] | None,
-    ) -> None:
+
+@dataclass(frozen=True)
+class ClosedLoop:
+    """``concurrency`` users, each sending its next request as soon as (plus ``think_time_s`` after) the last ends."""
+
+    concurrency: int
+    duration_s: float
+    prompt_tokens: LengthSampler
+    output_tokens: LengthSampler
+    think_time_s: float = 0.0
+
+
+@dataclass
+class RawResponse:
+    """What a generator process saw of one response: parsed into the record by the campaign process, so the
+    process that keeps the schedule spends nothing on JSON."""
+
+    sent_at: float
+    status: int
+    replica: str
+    error: str
+    pieces: list[tuple[float, bytes]]
+
+    @classmethod
+    def of(cls, ex: Exchange) -> RawResponse:
+        return cls(ex.sent_at, ex.status, ex.headers.get("x-replica", ""), ex.error, ex.pieces)
+
+
+class LoadGeneratorError(RuntimeError):
+    """A load-generator process failed or died: the point's records are incomplete."""
+
+
+# ----------------------------------------------------------------------------------------------- one point's run
+class _PointRun:
+    """Sends one point's requests from one process and turns each finished exchange into a record."""
+
+    def __init__(self, settings: ClientSettings, point: int, seed: int,
+                 emit: Callable[[RequestRecord, RawResponse], None]) -> None:
+        self.s = settings
+        self.point = point
+        self.seed = seed
+        self.emit = emit
+        self.endpoint = Endpoint.parse(settings.base_url)
+        self.pool = ConnectionPool(self.endpoint)
+        self.headers = {"authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+        self.pending = 0
+        self.all_sent = False
+        self.idle = asyncio.Event()
+        self.slot = asyncio.Event()
+        self.t0 = 0.0
+
+    def payload(self, rec: RequestRecord) -> bytes:
         body = {
-            "model": self.model,
-            "prompt": synth_prompt(rec.prompt_tokens, seed * 1_000_003 + rec.request_index),
+            "model": self.s.model,
+            "prompt": self.s.prompt_fn(rec.prompt_tokens, self.seed * 1_000_003 + rec.request_index),
             "max_tokens": rec.max_output_tokens,
             "stream": True,
             "stream_options": {"include_usage": True},
             "ignore_eos": True,  # exact output lengths (vLLM and the testbed honour it)
             "temperature": 0.0,
         }
-        try:
-            if gate is not None:
-                async with gate:
-                    await self._send(client, rec, start, body)
-            else:
-                await self._send(client, rec, start, body)
-        except httpx.HTTPError as e:
-            rec.status, rec.error = "failed", f"{type(e).__name__}: {e}".rstrip(": ")
-        except Exception as e:  # a malformed stream must not lose the record
-            rec.status, rec.error = "failed", f"client error {type(e).__name__}: {e}"
-        if on_done is not None:
-            on_done(rec)
+        return post_request(self.endpoint, "/v1/completions", json.dumps(body).encode(), self.headers)
 
-    async def _send(self, client: httpx.AsyncClient, rec: RequestRecord, start: float, body: dict[str, Any]) -> None:
-        t_send = time.perf_counter()
-        rec.actual_send_s = t_send - start
-        chunk_times: list[float] = []
-        usage: dict[str, Any] | None = None
-        async with client.stream("POST", "/v1/completions", json=body) as resp:
-            rec.http_status = resp.status_code
-            rec.replica = resp.headers.get("x-replica", "")
-            if resp.status_code != 200:
-                raw = await resp.aread()
-                rec.status, rec.error = "failed", f"HTTP {resp.status_code}: {_error_message(raw)}"
+    def send(self, rec: RequestRecord, payload: bytes, on_end: Callable[[Exchange], None] | None = None) -> None:
+        def done(ex: Exchange) -> None:
+            self.pending -= 1
+            rec.actual_send_s = ex.sent_at - self.t0 if ex.sent_at else math.nan
+            self.emit(rec, RawResponse.of(ex))
+            self.slot.set()
+            if on_end is not None:
+                on_end(ex)
+            if self.pending == 0 and self.all_sent:
+                self.idle.set()
+
+        ex = Exchange(payload, done, deadline=time.perf_counter() + self.s.request_timeout_s)
+        self.pending += 1
+        self.pool.send(ex)
+
+    async def _gate(self) -> None:
+        cap = self.s.max_concurrency
+        while cap and self.pending >= cap:
+            self.slot.clear()
+            await self.slot.wait()
+
+    async def _expire(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            self.pool.expire(time.perf_counter())
+
+    async def open_loop(self, records: list[RequestRecord], ready: Callable[[], float]) -> None:
+        await self._prepare(len(records), ready)
+        it = iter(records)
+        rec = next(it, None)
+        payload = self.payload(rec) if rec else b""
+        while rec is not None:
+            due = self.t0 + rec.intended_send_s
+            while (delay := due - time.perf_counter()) > 0:  # never early, whatever the loop's timer granularity
+                await asyncio.sleep(delay)
+            if self.s.max_concurrency:
+                await self._gate()
+            self.send(rec, payload)
+            rec = next(it, None)
+            if rec is not None:
+                payload = self.payload(rec)  # built in the gap before the next send, not on its path
+        await self._drain()
+
+    async def closed_loop(self, spec: ClosedLoop, first_index: int, stride: int, ready: Callable[[], float]) -> None:
+        lengths = LengthStream(spec.prompt_tokens, spec.output_tokens, self.seed)
+        counter = itertools.count()
+
+        def next_record() -> RequestRecord:
+            p, o = lengths.next()
+            index = first_index + stride * next(counter)
+            return RequestRecord(self.point, index, time.perf_counter() - self.t0, p, o)
+
+        loop = asyncio.get_running_loop()
+        end_at = 0.0
+
+        def user(_: Exchange | None = None) -> None:
+            if time.perf_counter() >= end_at:
+                if self.pending == 0:
+                    self.idle.set()
                 return
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                obj = json.loads(data)
-                if "error" in obj:
-                    rec.status, rec.error = "failed", f"stream error: {obj['error'].get('message', obj['error'])}"
-                    return
-                choices = obj.get("choices") or []
-                if choices and choices[0].get("text"):
-                    chunk_times.append(time.perf_counter())
-                if obj.get("usage"):
-                    usage = obj["usage"]
-                if obj.get("energy"):
-                    energy = obj["energy"]
-                    rec.energy_j = float(energy["joules"]) if energy.get("joules") is not None else math.nan
-                    rec.energy_provenance = energy.get("provenance") or ""
-                    rec.replica = energy.get("replica") or rec.replica
-        if not chunk_times:
-            rec.status, rec.error = "failed", "the stream ended without a token"
-            return
-        t_end = chunk_times[-1]
-        rec.output_tokens = int(usage["completion_tokens"]) if usage else len(chunk_times)
-        rec.ttft_s = chunk_times[0] - t_send
-        rec.e2e_s = t_end - t_send
-        rec.itl_s = [b - a for a, b in itertools.pairwise(chunk_times)]
-        rec.tpot_s = (rec.e2e_s - rec.ttft_s) / (rec.output_tokens - 1) if rec.output_tokens > 1 else math.nan
-        rec.status = "ok"
+            rec = next_record()
+            self.send(rec, self.payload(rec), on_end=after)
+
+        def after(_: Exchange) -> None:
+            if spec.think_time_s > 0:
+                loop.call_later(spec.think_time_s, user)
+            else:
+                loop.call_soon(user)
+
+        await self._prepare(spec.concurrency, ready)
+        end_at = self.t0 + spec.duration_s
+        await asyncio.sleep(max(0.0, self.t0 - time.perf_counter()))
+        for _ in range(spec.concurrency):
+            user()
+        await asyncio.sleep(max(0.0, end_at - time.perf_counter()))
+        self.all_sent = True
+        await self._drain()
+
+    async def _prepare(self, expected: int, ready: Callable[[], float]) -> None:
+        with contextlib.suppress(OSError, TimeoutError):  # a server that is down fails each request instead
+            await self.pool.warm(min(expected, self.s.max_concurrency or 32, 32))
+        self.t0 = ready()
+        self.expirer = asyncio.get_running_loop().create_task(self._expire())
+
+    async def _drain(self) -> None:
+        self.all_sent = True
+        if self.pending:
+            await self.idle.wait()
+        self.expirer.cancel()
+        await self.pool.aclose()
+
+
+def finish_record(rec: RequestRecord, ex: RawResponse) -> RequestRecord:
+    """Fill a record from a finished response: timing from the arrival time of each SSE event."""
+    rec.http_status = ex.status
+    rec.replica = ex.replica
+    if ex.error:
+        rec.status, rec.error = "failed", ex.error
+        return rec
+    if ex.status != 200:
+        rec.status, rec.error = "failed", f"HTTP {ex.status}: {_error_message(b''.join(p for _, p in ex.pieces))}"
+        return rec
+    try:
+        _read_stream(rec, ex)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # a malformed stream must not lose the record
+        rec.status, rec.error = "failed", f"client error {type(e).__name__}: {e}"
+    return rec
+
+
+def _events(pieces: list[tuple[float, bytes]]) -> list[tuple[float, bytes]]:
+    """SSE events with the arrival time of the read that completed each."""
+    out: list[tuple[float, bytes]] = []
+    buf = b""
+    for t, piece in pieces:
+        buf += piece.replace(b"\r\n", b"\n") if b"\r" in piece else piece
+        while (i := buf.find(b"\n\n")) >= 0:
+            out.append((t, buf[:i]))
+            buf = buf[i + 2:]
+    if buf.strip():
+        out.append((pieces[-1][0], buf))
+    return out
+
+
+def _read_stream(rec: RequestRecord, ex: RawResponse) -> None:
+    chunk_times: list[float] = []
+    usage: dict[str, Any] | None = None
+    for t, event in _events(ex.pieces):
+        for line in event.split(b"\n"):
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            if _plain_token(data):
+                chunk_times.append(t)
+                continue
+            obj = json.loads(data)
+            if "error" in obj:
+                err = obj["error"]
+                message = err.get("message", err) if isinstance(err, dict) else err
+                rec.status, rec.error = "failed", f"stream error: {message}"
+                return
+            choices = obj.get("choices") or []
+            if choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
+                chunk_times.append(t)
+            if obj.get("usage"):
+                usage = obj["usage"]
+            if obj.get("energy"):
+                energy = obj["energy"]
+                rec.energy_j = float(energy["joules"]) if energy.get("joules") is not None else math.nan
+                rec.energy_provenance = energy.get("provenance") or ""
+                rec.replica = energy.get("replica") or rec.replica
+    if not chunk_times:
+        rec.status, rec.error = "failed", "the stream ended without a token"
+        return
+    t_send = ex.sent_at
+    rec.output_tokens = int(usage["completion_tokens"]) if usage else len(chunk_times)
+    rec.ttft_s = chunk_times[0] - t_send
+    rec.e2e_s = chunk_times[-1] - t_send
+    rec.itl_s = [b - a for a, b in itertools.pairwise(chunk_times)]
+    rec.tpot_s = (rec.e2e_s - rec.ttft_s) / (rec.output_tokens - 1) if rec.output_tokens > 1 else math.nan
+    rec.status = "ok"
+
+
+_FULL_PARSE = (b'"usage":{', b'"usage": {', b'"energy"', b'"error"')
+
+
+def _plain_token(data: bytes) -> bool:
+    """A chunk carrying one non-empty piece of text and nothing else we read (most events): no JSON parse."""
+    if any(k in data for k in _FULL_PARSE) or not data.startswith(b"{"):
+        return False
+    for key in (b'"text":"', b'"content":"', b'"text": "', b'"content": "'):
+        i = data.find(key)
+        if i >= 0:
+            return data[i + len(key): i + len(key) + 1] != b'"'
+    return False
 
 
 def _error_message(raw: bytes) -> str:
@@ -168,3 +324,260 @@ def _error_message(raw: bytes) -> str:
         return str(err.get("message", err)) if isinstance(err, dict) else str(err)
     except (ValueError, KeyError, TypeError):
         return raw.decode(errors="replace")[:300]
+
+
+# ------------------------------------------------------------------------------------------- generator processes
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def worker_main(conn: multiprocessing.connection.Connection) -> None:
+    """A generator process (``python -m workloads.loadworker FD``): runs the points it is sent, streaming finished
+    records back in batches."""
+    gc.freeze()
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg[0] == "stop":
+            return
+        _run_point_here(conn, *msg[1:])
+
+
+def _run_point_here(conn: multiprocessing.connection.Connection, settings: ClientSettings, point: int, seed: int,
+                    work: list[RequestRecord] | tuple[ClosedLoop, int, int]) -> None:
+    batch: list[tuple[RequestRecord, RawResponse]] = []
+    last_flush = time.perf_counter()
+
+    def emit(rec: RequestRecord, raw: RawResponse) -> None:
+        nonlocal last_flush
+        batch.append((rec, raw))
+        now = time.perf_counter()
+        if len(batch) >= 512 or now - last_flush > 0.1:
+            conn.send(("records", batch.copy()))
+            batch.clear()
+            last_flush = now
+
+    def ready() -> float:
+        conn.send(("ready",))
+        return float(conn.recv())  # the common start time, perf_counter() being system-wide
+
+    loop = _new_loop()
+    # Cyclic GC pauses of tens of ms would show up as send lag; the records hold no cycles.
+    gc.disable()
+    try:
+        run = _PointRun(settings, point, seed, emit)
+        coro = run.closed_loop(*work, ready=ready) if isinstance(work, tuple) else run.open_loop(work, ready)
+        loop.run_until_complete(coro)
+        if batch:
+            conn.send(("records", batch))
+        conn.send(("end",))
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        loop.close()
+        gc.enable()
+        gc.collect()
+
+
+class LoadClient:
+    """Drives a target from ``processes`` generator processes (0: in this process, for small loads and tests)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        max_concurrency: int | None = None,
+        request_timeout_s: float = 300.0,
+        api_key: str | None = None,
+        processes: int = 1,
+        prompt_fn: PromptFn = synth_prompt,
+    ) -> None:
+        Endpoint.parse(base_url)  # a bad URL fails here, not in a worker
+        self.settings = ClientSettings(base_url, model, max_concurrency, request_timeout_s, api_key, prompt_fn)
+        self.processes = processes
+        self._workers: list[tuple[subprocess.Popen[bytes], multiprocessing.connection.Connection]] = []
+
+    async def run(
+        self,
+        point: int,
+        specs: list[RequestSpec],
+        seed: int,
+        on_done: Callable[[RequestRecord], None] | None = None,
+        on_start: Callable[[float], None] | None = None,
+    ) -> list[RequestRecord]:
+        """Send ``specs`` open loop; ``on_start`` gets the perf_counter() time the schedule starts from."""
+        records = [RequestRecord(point, i, s.t_s, s.prompt_tokens, s.max_output_tokens) for i, s in enumerate(specs)]
+        if self.processes == 0:
+            return await self._run_here(point, seed, records, on_done, on_start)
+        n = min(self.processes, max(1, len(records)))
+        works: list[Any] = [records[i::n] for i in range(n)]
+        out = await self._run_workers(point, seed, works, on_done, on_start)
+        out.sort(key=lambda r: r.request_index)
+        return out
+
+    async def run_closed(
+        self,
+        point: int,
+        spec: ClosedLoop,
+        seed: int,
+        on_done: Callable[[RequestRecord], None] | None = None,
+        on_start: Callable[[float], None] | None = None,
+    ) -> list[RequestRecord]:
+        """``spec.concurrency`` users for ``spec.duration_s``; records are sorted by send time."""
+        n = max(1, min(self.processes, spec.concurrency))
+        seeds = np.random.SeedSequence(seed).spawn(n)
+        works: list[Any] = []
+        for i in range(n):
+            users = spec.concurrency // n + (i < spec.concurrency % n)
+            part = ClosedLoop(users, spec.duration_s, spec.prompt_tokens, spec.output_tokens, spec.think_time_s)
+            works.append((part, i, n, int(seeds[i].generate_state(1)[0])))
+        if self.processes == 0:
+            part, first, stride, s = works[0]
+            out: list[RequestRecord] = []
+
+            def collect(rec: RequestRecord, raw: RawResponse) -> None:
+                out.append(finish_record(rec, raw))
+                if on_done is not None:
+                    on_done(rec)
+
+            run = _PointRun(self.settings, point, s, collect)
+            await run.closed_loop(part, first, stride, _start_now(on_start))
+        else:
+            out = await self._run_workers(point, seed, [w[:3] for w in works], on_done, on_start,
+                                          seeds=[w[3] for w in works])
+        out.sort(key=lambda r: r.intended_send_s)
+        return out
+
+    async def _run_here(self, point: int, seed: int, records: list[RequestRecord],
+                        on_done: Callable[[RequestRecord], None] | None,
+                        on_start: Callable[[float], None] | None) -> list[RequestRecord]:
+        def finish(rec: RequestRecord, raw: RawResponse) -> None:
+            finish_record(rec, raw)
+            if on_done is not None:
+                on_done(rec)
+
+        run = _PointRun(self.settings, point, seed, finish)
+        await run.open_loop(records, _start_now(on_start))
+        return records
+
+    def _start(self, n: int) -> None:
+        # A fresh interpreter (not multiprocessing's spawn) so the caller's __main__ is never re-imported.
+        while len(self._workers) < n:
+            ours, theirs = socket.socketpair()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "workloads.loadworker", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": _import_root()},
+            )
+            theirs.close()
+            self._workers.append((proc, multiprocessing.connection.Connection(ours.detach())))
+
+    async def _run_workers(
+        self, point: int, seed: int, works: list[Any],
+        on_done: Callable[[RequestRecord], None] | None, on_start: Callable[[float], None] | None,
+        seeds: list[int] | None = None,
+    ) -> list[RequestRecord]:
+        self._start(len(works))
+        loop = asyncio.get_running_loop()
+        workers = self._workers[: len(works)]
+        out: list[RequestRecord] = []
+        for i, (work, (_, conn)) in enumerate(zip(works, workers, strict=True)):
+            conn.send(("run", self.settings, point, seeds[i] if seeds else seed, work))
+        states = ["starting"] * len(workers)
+        waiter: asyncio.Future[None] = loop.create_future()
+
+        def check(i: int) -> None:
+            if waiter.done():
+                return
+            if all(s == "ready" for s in states):
+                t0 = time.perf_counter() + 0.05
+                for _, c in workers:
+                    c.send(t0)
+                for j in range(len(states)):
+                    states[j] = "running"
+                if on_start is not None:
+                    on_start(t0)
+            elif all(s == "ended" for s in states):
+                waiter.set_result(None)
+
+        def readable(i: int) -> None:
+            proc, conn = workers[i]
+            try:
+                while conn.poll():
+                    msg = conn.recv()
+                    if msg[0] == "records":
+                        for rec, raw in msg[1]:
+                            out.append(finish_record(rec, raw))
+                            if on_done is not None:
+                                on_done(rec)
+                    elif msg[0] in ("ready", "end"):
+                        states[i] = "ready" if msg[0] == "ready" else "ended"
+                        check(i)
+                    elif msg[0] == "error" and not waiter.done():
+                        waiter.set_exception(LoadGeneratorError(f"load generator process failed:\n{msg[1]}"))
+            except Exception as e:  # undecodable message: the worker and this process disagree on the code
+                if not isinstance(e, EOFError | OSError):
+                    loop.remove_reader(conn.fileno())
+                    if not waiter.done():
+                        waiter.set_exception(LoadGeneratorError(f"bad message from load generator: {e!r}"))
+                    return
+                loop.remove_reader(conn.fileno())
+                if not waiter.done():
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(1.0)
+                    waiter.set_exception(LoadGeneratorError(
+                        f"load generator process {proc.pid} died (exit code {proc.returncode}) during point {point}: "
+                        "its unfinished requests have no records; run the campaign again with --resume"))
+
+        for i, (_, conn) in enumerate(workers):
+            loop.add_reader(conn.fileno(), readable, i)
+        try:
+            await waiter
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            for _, conn in workers:
+                with contextlib.suppress(OSError, ValueError):
+                    loop.remove_reader(conn.fileno())
+        return out
+
+    def close(self) -> None:
+        for proc, conn in self._workers:
+            with contextlib.suppress(OSError, BrokenPipeError):
+                conn.send(("stop",))
+            conn.close()
+            try:
+                proc.wait(2.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._workers.clear()
+
+    async def __aenter__(self) -> LoadClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _start_now(on_start: Callable[[float], None] | None) -> Callable[[], float]:
+    def ready() -> float:
+        t0 = time.perf_counter()
+        if on_start is not None:
+            on_start(t0)
+        return t0
+
+    return ready
+
+
+def _import_root() -> str:
+    """PYTHONPATH for a generator process: where this package is imported from, then the caller's own path."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+

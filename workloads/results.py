@@ -16,7 +16,7 @@ from workloads.client import RequestRecord
 from workloads.spec import SLO
 
 POINT_COLUMNS = [
-    "point", "setting", "clock_mhz_mean", "backend", "offered_rps", "requests", "completed", "failed",
+    "point", "setting", "clock_mhz_mean", "backend", "offered_rps", "concurrency", "requests", "completed", "failed",
     "prompt_tokens", "output_tokens",
     "client_output_tokens", "duration_s", "achieved_rps", "output_tokens_per_s", "energy_j", "energy_per_token_j",
     "attributed_energy_j", "mean_power_w", "water_l", "water_per_token_ml", "carbon_g", "carbon_per_token_g",
@@ -74,6 +74,7 @@ def summarize_point(
         "clock_mhz_mean": math.nan,
         "backend": backend,
         "offered_rps": offered_rps,
+        "concurrency": math.nan,
         "requests": len(df),
         "completed": len(ok_all),
         "failed": int((df["status"] != "ok").sum()),

@@ -5,9 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
-from workloads.arrivals import Arrival, LengthDistribution, LogNormalLength, PoissonArrivals, UniformLength
+from workloads.arrivals import (
+    Arrival,
+    ClosedLoopArrivals,
+    LengthDistribution,
+    LogNormalLength,
+    PoissonArrivals,
+    UniformLength,
+)
 
 
 class WorkloadSpec(BaseModel):
@@ -27,6 +34,10 @@ class WorkloadSpec(BaseModel):
     )
     sample_interval_s: float = Field(default=1.0, gt=0, le=60, description="Power/clock time-series period.")
     max_concurrency: int | None = Field(default=None, gt=0, description="Cap on requests in flight.")
+    client_processes: int = Field(
+        default=1, ge=0, le=64,
+        description="Load-generator processes fed one schedule (0: in the campaign process; more for > 1,000 req/s).",
+    )
     request_timeout_s: float = Field(default=300.0, gt=0)
 
 
@@ -66,19 +77,28 @@ class KnobSetting(BaseModel):
 
 
 class Sweep(BaseModel):
-    """Points are every setting (knobs, then policies; none: the deployment as it is) at every rate."""
+    """Points are every setting (knobs, then policies; none: the deployment as it is) at every load: the offered
+    request rates of an open-loop workload, or the numbers of users of a closed-loop one."""
 
     model_config = ConfigDict(extra="forbid")
 
-    rate_rps: list[PositiveFloat] = Field(min_length=1, description="Offered request rates, one point each.")
+    rate_rps: list[PositiveFloat] = Field(default_factory=list, description="Offered request rates, one point each.")
+    concurrency: list[PositiveInt] = Field(
+        default_factory=list, description="Closed-loop users (arrival kind: closed), one point each."
+    )
     knobs: list[KnobSetting] = Field(default_factory=list, description="Pinned knob settings to compare.")
     policies: list[PolicySetting] = Field(default_factory=list, description="Controller policies to compare.")
 
     def settings(self) -> list[KnobSetting | PolicySetting | None]:
         return [*self.knobs, *self.policies] or [None]
 
+    @property
+    def loads(self) -> list[float]:
+        """The swept load values: request rates, or closed-loop user counts."""
+        return [float(c) for c in self.concurrency] if self.concurrency else list(self.rate_rps)
+
     def points(self) -> list[tuple[KnobSetting | PolicySetting | None, float]]:
-        return [(s, r) for s in self.settings() for r in self.rate_rps]
+        return [(s, r) for s in self.settings() for r in self.loads]
 
 
 def setting_label(setting: KnobSetting | PolicySetting | None) -> str:
@@ -101,6 +121,25 @@ class CampaignSpec(BaseModel):
     workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
     slo: SLO = Field(default_factory=SLO)
     sweep: Sweep
+
+    @model_validator(mode="after")
+    def _load_matches_arrivals(self) -> CampaignSpec:
+        closed = isinstance(self.workload.arrival, ClosedLoopArrivals)
+        if closed and (self.sweep.rate_rps or not self.sweep.concurrency):
+            raise ValueError(
+                "closed-loop arrivals (workload.arrival.kind: closed) are swept by sweep.concurrency (numbers of "
+                "users), not sweep.rate_rps: the request rate is whatever the server sustains"
+            )
+        if not closed and (self.sweep.concurrency or not self.sweep.rate_rps):
+            raise ValueError(
+                "sweep.rate_rps (offered request rates) is required for open-loop arrivals; sweep.concurrency "
+                "needs workload.arrival.kind: closed"
+            )
+        return self
+
+    @property
+    def closed_loop(self) -> bool:
+        return isinstance(self.workload.arrival, ClosedLoopArrivals)
 
     def config_hash(self) -> str:
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
