@@ -23,8 +23,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from profilers.footprint import load_site_profile
 from profilers.meter import Measurement, window_energy
 from profilers.scrape import CounterSnapshot, MetricsUnavailableError, ascrape_counters
-from workloads.arrivals import RequestSpec, TraceArrivals, build_requests, build_trace_requests
+from workloads.arrivals import (
+    FixedLength,
+    LengthDistribution,
+    RequestSpec,
+    TraceArrivals,
+    TraceLength,
+    UniformLength,
+    build_requests,
+    build_trace_requests,
+)
 from workloads.client import LoadClient, RequestRecord
+from workloads.prompts import PromptFn, TokenizerError, prompt_synthesiser
 from workloads.results import ResultStore, summarize_point
 from workloads.spec import CampaignSpec, KnobSetting, PolicySetting, setting_label
 
@@ -49,6 +59,70 @@ class Target:
     @property
     def metrics(self) -> str:
         return self.metrics_url or f"{self.base_url.rstrip('/')}/metrics"
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """How prompt texts are made: ``tokenizer`` (``word`` or a tokenizer path, recorded in the manifest)."""
+
+    tokenizer: str
+    fn: PromptFn
+
+
+def campaign_prompts(spec: CampaignSpec, served_tokenizer: str | None = None) -> Prompts:
+    """The prompt synthesiser of the campaign. ``served_tokenizer``: the tokenizer of the deployment the
+    campaign starts (a vLLM model directory, or ``word`` for emulated engines), which ``auto`` resolves to;
+    None for a target given by URL, where ``auto`` means ``word``. Loads the tokenizer now: a bad path fails
+    before anything starts."""
+    tokenizer = spec.workload.tokenizer
+    if tokenizer == "auto":
+        tokenizer = served_tokenizer or "word"
+    fn = prompt_synthesiser(tokenizer)
+    shortest = getattr(fn, "special_tokens", 0) + 1
+    lowest = _lowest_length(spec.workload.prompt_tokens)
+    if lowest < shortest:
+        raise TokenizerError(
+            f"workload.prompt_tokens can ask for {lowest}-token prompts, but {tokenizer} adds "
+            f"{shortest - 1} special token(s) to every prompt: set its minimum to at least {shortest}"
+        )
+    return Prompts(tokenizer, fn)
+
+
+def _lowest_length(dist: LengthDistribution) -> int:
+    if isinstance(dist, FixedLength):
+        return dist.value
+    return dist.low if isinstance(dist, UniformLength) else dist.min
+
+
+def _trace_refs(spec: CampaignSpec) -> list[TraceArrivals | TraceLength]:
+    w = spec.workload
+    return [x for x in (w.arrival, w.prompt_tokens, w.output_tokens) if isinstance(x, TraceArrivals | TraceLength)]
+
+
+def with_skip_bad_rows(spec: CampaignSpec) -> CampaignSpec:
+    """The campaign with every trace it reads set to skip malformed rows (``--skip-bad-rows``)."""
+    w = spec.workload
+    fields = {"arrival": w.arrival, "prompt_tokens": w.prompt_tokens, "output_tokens": w.output_tokens}
+    update = {
+        name: dist.model_copy(update={"skip_bad_rows": True})
+        for name, dist in fields.items() if isinstance(dist, TraceArrivals | TraceLength)
+    }
+    return spec.model_copy(update={"workload": w.model_copy(update=update)}) if update else spec
+
+
+def trace_inputs(spec: CampaignSpec) -> list[dict[str, object]]:
+    """Every trace the campaign reads, loaded (malformed rows raise :class:`~workloads.traces.TraceError`
+    unless skipped) with its row and skipped-row counts, for the manifest and the console."""
+    from workloads.traces import load_trace_cached
+
+    out: list[dict[str, object]] = []
+    for ref in _trace_refs(spec):
+        trace = load_trace_cached(ref.path, ref.skip_bad_rows)
+        entry = {"path": trace.source, "requests": len(trace), "skipped_rows": trace.skipped_rows,
+                 "skip_bad_rows": ref.skip_bad_rows}
+        if entry not in out:
+            out.append(entry)
+    return out
 
 
 def prepare_out_dir(out: Path, spec: CampaignSpec, resume: bool, overwrite: bool) -> None:
@@ -106,14 +180,18 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def write_manifest(out: Path, spec: CampaignSpec, target: Target, status: str) -> None:
+def write_manifest(
+    out: Path, spec: CampaignSpec, target: Target, status: str, extra: dict[str, object] | None = None
+) -> None:
     path = out / MANIFEST
     manifest = json.loads(path.read_text()) if path.exists() else {"created": datetime.now(UTC).isoformat()}
     manifest.update({
         "name": spec.name, "status": status, "config_hash": spec.config_hash(), "seed": spec.seed,
         "site": spec.site, "target": target.base_url, "versions": _versions(),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+        "traces": trace_inputs(spec),
         "updated": datetime.now(UTC).isoformat(),
+        **(extra or {}),
     })
     tmp = path.with_name(".manifest.tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
@@ -228,7 +306,9 @@ def _window_tokens(begin: CounterSnapshot, end: CounterSnapshot) -> int | None:
     return int(sum(max(0.0, n - begin.generated_tokens.get(r, 0.0)) for r, n in end.generated_tokens.items()))
 
 
-async def _run_points(spec: CampaignSpec, target: Target, store: ResultStore, console: Console) -> None:
+async def _run_points(
+    spec: CampaignSpec, target: Target, store: ResultStore, console: Console, prompt_fn: PromptFn
+) -> None:
     site = load_site_profile(spec.site)
     async with httpx.AsyncClient(timeout=10.0) as http:
         model = spec.model or await _model_name(http, target.base_url)
@@ -252,7 +332,7 @@ async def _run_points(spec: CampaignSpec, target: Target, store: ResultStore, co
                    if w.cooldown_s > 0 else None)
             sampler = asyncio.create_task(_sample(http, target, point, live, w.sample_interval_s))
             try:
-                records = await _drive(client, point, rate, specs, seed, console, live)
+                records = await _drive(client, point, rate, specs, seed, console, live, prompt_fn)
                 first, last = await begin, (await end if end is not None else await _counters(http, target))
             finally:
                 sampler.cancel()
@@ -287,7 +367,8 @@ def mark_phases(records: list[RequestRecord], measure_from: float, measure_until
 
 
 async def _drive(
-    client: LoadClient, point: int, rate: float, specs: list, seed: int, console: Console, live: _Live
+    client: LoadClient, point: int, rate: float, specs: list, seed: int, console: Console, live: _Live,
+    prompt_fn: PromptFn,
 ) -> list[RequestRecord]:
     columns = (
         TextColumn("[bold]point {task.fields[point]}[/] {task.fields[rate]:>7} req/s"), BarColumn(),
@@ -303,21 +384,24 @@ async def _drive(
             jpt = f"{live.joules_per_token:.3g} J/token" if not math.isnan(live.joules_per_token) else ""
             progress.update(task, advance=1, failed=failed, jpt=jpt)
 
-        return await client.run(point, specs, seed, on_done)
+        return await client.run(point, specs, seed, on_done, prompt_fn=prompt_fn)
 
 
 def run_campaign(
-    spec: CampaignSpec, target: Target, out: Path, console: Console | None = None
+    spec: CampaignSpec, target: Target, out: Path, console: Console | None = None, prompts: Prompts | None = None
 ) -> pd.DataFrame:
     """Run every point not yet in ``out`` and return ``points.csv`` as a frame.
 
     ``out`` must have been checked with :func:`prepare_out_dir`. Each point is written as soon as it is
     measured, so an interrupted campaign keeps every finished point and ``--resume`` continues it.
+    ``prompts``: from :func:`campaign_prompts` (default: the workload's tokenizer, ``auto`` meaning ``word``).
     """
     console = console or Console()
+    prompts = prompts or campaign_prompts(spec)
     store = ResultStore(out)
     store.repair()
-    write_manifest(out, spec, target, "running")
-    asyncio.run(_run_points(spec, target, store, console))
-    write_manifest(out, spec, target, "finished")
+    extra = {"tokenizer": prompts.tokenizer}
+    write_manifest(out, spec, target, "running", extra)
+    asyncio.run(_run_points(spec, target, store, console, prompts.fn))
+    write_manifest(out, spec, target, "finished", extra)
     return store.points()

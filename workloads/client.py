@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from workloads.arrivals import RequestSpec
-from workloads.prompts import synth_prompt
+from workloads.prompts import PromptFn, synth_prompt
 
 
 @dataclass
@@ -69,6 +69,7 @@ class LoadClient:
         specs: list[RequestSpec],
         seed: int,
         on_done: Callable[[RequestRecord], None] | None = None,
+        prompt_fn: PromptFn = synth_prompt,
     ) -> list[RequestRecord]:
         records = [RequestRecord(point, i, s.t_s, s.prompt_tokens, s.max_output_tokens) for i, s in enumerate(specs)]
         limits = httpx.Limits(
@@ -83,7 +84,7 @@ class LoadClient:
                 delay = start + rec.intended_send_s - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(self._one(c, rec, start, seed, gate, on_done)))
+                tasks.append(asyncio.create_task(self._one(c, rec, start, seed, gate, on_done, prompt_fn)))
             await asyncio.gather(*tasks)
         return records
 
@@ -95,10 +96,11 @@ class LoadClient:
         seed: int,
         gate: asyncio.Semaphore | None,
         on_done: Callable[[RequestRecord], None] | None,
+        prompt_fn: PromptFn = synth_prompt,
     ) -> None:
         body = {
             "model": self.model,
-            "prompt": synth_prompt(rec.prompt_tokens, seed * 1_000_003 + rec.request_index),
+            "prompt": prompt_fn(rec.prompt_tokens, seed * 1_000_003 + rec.request_index),
             "max_tokens": rec.max_output_tokens,
             "stream": True,
             "stream_options": {"include_usage": True},
