@@ -134,3 +134,21 @@ def test_trace_lengths_bad_file_and_bounds(tmp_path) -> None:
         TraceLength(path=str(p), column="prompt").sample(np.random.default_rng(0), 3)
     assert TraceLength(path=str(p), column="prompt", skip_bad_rows=True).sample(
         np.random.default_rng(0), 3).tolist() == [5, 5, 5]
+
+
+def test_rate_scaling_keeps_the_trace_clock_and_samples_requests() -> None:
+    tr = load_trace("azure_conv_2023")
+    reqs = build_trace_requests(TraceArrivals(path="azure_conv_2023", start_s=600, speedup=1.0), 2.0, 300, seed=3)
+    assert len(reqs) / 300 == pytest.approx(2.0, rel=0.1)
+    # Every request is one of the window's own, at its own (unscaled) offset: a subset, not a compression.
+    own = {round(float(t) - 600, 6) for t in tr.t_s[(tr.t_s >= 600) & (tr.t_s < 900)]}
+    assert {round(r.t_s, 6) for r in reqs} <= own
+    fast = build_trace_requests(TraceArrivals(path="azure_conv_2023", speedup=4.0), 10.0, 200, seed=3)
+    assert len(fast) / 200 == pytest.approx(10.0, rel=0.1) and max(r.t_s for r in fast) < 200
+    with pytest.raises(TraceError, match=r"fewer than the 50 requests/s asked for: raise speedup"):
+        build_trace_requests(TraceArrivals(path="azure_conv_2023", speedup=1.0), 50.0, 100, seed=0)
+
+
+def test_time_scaling_with_sampling_still_hits_the_rate() -> None:
+    reqs = build_trace_requests(TraceArrivals(path="azure_conv_2023", sample=0.25), 11.0, 300, seed=0)
+    assert len(reqs) / 300 == pytest.approx(11.0, rel=0.15)

@@ -197,13 +197,25 @@ class PiecewiseArrivals(RateProfile):
 class TraceArrivals(BaseModel):
     """Replay of a request trace: arrival times and token counts both come from the trace.
 
-    The sweep's ``rate_rps`` time-scales the trace to that mean rate; ``duration_s`` bounds the replayed window.
+    Two ways to reach the sweep's ``rate_rps`` (the mean rate over the point):
+
+    - time scaling (default, ``speedup`` unset): the trace's clock runs faster or slower so that its mean rate
+      becomes ``rate_rps``; every request of the window is sent, bursts keep their shape, compressed in time;
+    - rate scaling (``speedup`` set): the trace's clock runs at ``speedup`` (1: real time) and requests of
+      the window are sampled (seeded) down to ``rate_rps``; the time structure keeps its own scale.
+
+    ``start_s`` picks the window in the trace's own time; ``duration_s`` of the workload bounds it; ``sample``
+    thins the trace further (a seeded fraction of requests) before the rate is matched.
     """
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["trace"] = "trace"
     path: str = Field(description="CSV path (Azure or BurstGPT format) or a shipped trace, e.g. azure_conv_2023.")
     start_s: float = Field(default=0.0, ge=0, description="Where the window starts, in the trace's own time.")
+    speedup: float | None = Field(
+        default=None, gt=0, le=10_000,
+        description="Fixed time scaling (2: twice as fast); the rate is then matched by sampling requests.",
+    )
     sample: float = Field(default=1.0, gt=0, le=1, description="Fraction of requests kept (seeded).")
     skip_bad_rows: bool = Field(default=False, description="Skip malformed rows (counted) instead of failing.")
 
@@ -316,14 +328,26 @@ def build_requests(
 
 
 def build_trace_requests(spec: TraceArrivals, rate_rps: float, duration_s: float, seed: int) -> list[RequestSpec]:
-    """The trace window replayed at ``rate_rps`` on average for ``duration_s`` seconds."""
-    from workloads.traces import load_trace_cached, replay_window
+    """The trace window replayed at ``rate_rps`` on average for ``duration_s`` seconds (time or rate scaling)."""
+    from workloads.traces import TraceError, load_trace_cached, replay_window
 
     trace = load_trace_cached(spec.path, skip_bad_rows=spec.skip_bad_rows)
-    speedup = rate_rps / trace.mean_rate_rps
-    window = replay_window(
-        trace, start_s=spec.start_s, duration_s=duration_s * speedup, speedup=speedup, sample=spec.sample, seed=seed
-    )
+    if spec.speedup is None:
+        speedup = rate_rps / (trace.mean_rate_rps * spec.sample)
+        window = replay_window(trace, start_s=spec.start_s, duration_s=duration_s * speedup, speedup=speedup,
+                               sample=spec.sample, seed=seed)
+    else:
+        span = duration_s * spec.speedup
+        in_window = int(np.count_nonzero((trace.t_s >= spec.start_s) & (trace.t_s < spec.start_s + span)))
+        available = in_window * spec.sample / duration_s
+        if available < rate_rps:
+            raise TraceError(
+                f"{trace.source}: the window at {spec.start_s:g} s holds {available:.3g} requests/s at speedup "
+                f"{spec.speedup:g} (sample {spec.sample:g}), fewer than the {rate_rps:g} requests/s asked for: "
+                "raise speedup, or drop it to time-scale the trace instead"
+            )
+        window = replay_window(trace, start_s=spec.start_s, duration_s=span, speedup=spec.speedup,
+                               sample=spec.sample * rate_rps / available, seed=seed)
     return [
         RequestSpec(float(t), int(p), int(o))
         for t, p, o in zip(window.t_s, window.prompt_tokens, window.output_tokens, strict=True)

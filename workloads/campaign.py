@@ -116,6 +116,9 @@ def trace_inputs(spec: CampaignSpec) -> list[dict[str, object]]:
     from workloads.traces import load_trace_cached
 
     out: list[dict[str, object]] = []
+    if isinstance(spec.workload.arrival, TraceArrivals):  # a window too short or too slow fails now, not mid-sweep
+        for rate in spec.sweep.rate_rps:
+            build_trace_requests(spec.workload.arrival, rate, spec.workload.duration_s, spec.seed)
     for ref in _trace_refs(spec):
         trace = load_trace_cached(ref.path, ref.skip_bad_rows)
         entry = {"path": trace.source, "requests": len(trace), "skipped_rows": trace.skipped_rows,
