@@ -77,3 +77,32 @@ def test_campaign_prompts_resolve_auto() -> None:
     assert spec.workload.tokenizer == "auto"
     assert campaign_prompts(spec, None).tokenizer == "word"
     assert campaign_prompts(spec, "word").fn is synth_prompt
+
+
+def test_manifest_and_report_sections(tmp_path: Path) -> None:
+    """A campaign's manifest (versions, config hash, hardware, site profile, seed) and report (every section,
+    self-contained) from a quick virtual-time run."""
+    from deploy.config import CampaignFile
+    from profilers.footprint import load_site_profile
+
+    campaign = _campaign(tmp_path, {"arrival": {"kind": "diurnal", "period_s": 4},
+                                    "prompt_tokens": {"kind": "fixed", "value": 32},
+                                    "output_tokens": {"kind": "fixed", "value": 8}})
+    data = yaml.safe_load(campaign.read_text())
+    data.update(site="aws", seed=9, sweep={"rate_rps": [2, 6]})
+    campaign.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    assert main(["campaign", "run", str(campaign), "--out", str(out)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    spec = CampaignFile.model_validate(data)
+    assert m["config_hash"] == spec.config_hash() and m["seed"] == 9 and m["status"] == "finished"
+    assert m["site"] == "aws" and m["site_profile"] == load_site_profile("aws").model_dump(mode="json")
+    assert {"python", "llm-energy-testbed", "ray", "httpx"} <= set(m["versions"])
+    hw = m["machine"]
+    assert hw["logical_cpus"] >= 1 and hw["cpu"] and hw["memory_gib"] > 0 and isinstance(hw["gpus"], list)
+    html = (out / "report.html").read_text()
+    for section in ("Summary", "Energy per token", "Latency", "Pareto front", "Water and carbon",
+                    "Power and clock over time", "Per replica"):
+        assert f"<h2>{section}</h2>" in html
+    assert html.count("src='data:image/png;base64,") == 5
+    assert "http://" not in html and "https://" not in html and "<script" not in html  # self-contained

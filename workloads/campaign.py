@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import logging
@@ -18,7 +19,16 @@ from pathlib import Path
 import httpx
 import pandas as pd
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.text import Text
 
 from profilers.footprint import load_site_profile
 from profilers.meter import Measurement, window_energy
@@ -183,6 +193,34 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _hardware() -> dict[str, object]:
+    """The load-generating machine: CPU, cores, memory and any NVIDIA GPUs (the target's devices are
+    recorded from its /metrics as ``target_devices`` once the campaign reaches it)."""
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info: dict[str, object] = {"platform": platform.platform(), "cpu": cpu, "logical_cpus": os.cpu_count()}
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            info["gpus"] = [str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)))
+                            for i in range(pynvml.nvmlDeviceGetCount())]
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver or no library: no NVIDIA GPU on this machine
+        info["gpus"] = []
+    return info
+
+
 def write_manifest(
     out: Path, spec: CampaignSpec, target: Target, status: str, extra: dict[str, object] | None = None
 ) -> None:
@@ -191,7 +229,7 @@ def write_manifest(
     manifest.update({
         "name": spec.name, "status": status, "config_hash": spec.config_hash(), "seed": spec.seed,
         "site": spec.site, "target": target.base_url, "versions": _versions(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+        "machine": _hardware(), "site_profile": load_site_profile(spec.site).model_dump(mode="json"),
         "traces": trace_inputs(spec),
         "updated": datetime.now(UTC).isoformat(),
         **(extra or {}),
@@ -310,11 +348,16 @@ def _window_tokens(begin: CounterSnapshot, end: CounterSnapshot) -> int | None:
 
 
 async def _run_points(
-    spec: CampaignSpec, target: Target, store: ResultStore, console: Console, prompt_fn: PromptFn
+    spec: CampaignSpec, target: Target, store: ResultStore, console: Console, prompt_fn: PromptFn,
+    manifest_extra: dict[str, object],
 ) -> None:
     site = load_site_profile(spec.site)
     async with httpx.AsyncClient(timeout=10.0) as http:
         model = spec.model or await _model_name(http, target.base_url)
+        if (snap := await _counters(http, target)) is not None:
+            manifest_extra["target_devices"] = sorted(snap.energy)  # replica/device
+            manifest_extra["target_backends"] = sorted(snap.backends)
+            write_manifest(store.out, spec, target, "running", manifest_extra)
         client = LoadClient(
             target.base_url, model, spec.workload.max_concurrency, spec.workload.request_timeout_s
         )
@@ -335,7 +378,8 @@ async def _run_points(
                    if w.cooldown_s > 0 else None)
             sampler = asyncio.create_task(_sample(http, target, point, live, w.sample_interval_s))
             try:
-                records = await _drive(client, point, rate, specs, seed, console, live, prompt_fn)
+                records = await _drive(client, (point, len(spec.sweep.points())), rate, specs, seed, console, live,
+                                       prompt_fn)
                 first, last = await begin, (await end if end is not None else await _counters(http, target))
             finally:
                 sampler.cancel()
@@ -369,16 +413,30 @@ def mark_phases(records: list[RequestRecord], measure_from: float, measure_until
                    else "cooldown" if r.intended_send_s >= measure_until else "measure")
 
 
+class _DueColumn(ProgressColumn):
+    """Requests the open-loop schedule has released by now (``due``), next to those completed."""
+
+    def __init__(self, times: list[float], t0: float) -> None:
+        super().__init__()
+        self.times, self.t0 = times, t0
+
+    def render(self, task: Task) -> Text:
+        return Text(f"due {bisect.bisect_right(self.times, time.perf_counter() - self.t0)}")
+
+
 async def _drive(
-    client: LoadClient, point: int, rate: float, specs: list, seed: int, console: Console, live: _Live,
-    prompt_fn: PromptFn,
+    client: LoadClient, point: tuple[int, int], rate: float, specs: list[RequestSpec], seed: int,
+    console: Console, live: _Live, prompt_fn: PromptFn,
 ) -> list[RequestRecord]:
+    """Run a point's requests with a progress line: point k/n, requests due and done, failures, live J/token."""
     columns = (
-        TextColumn("[bold]point {task.fields[point]}[/] {task.fields[rate]:>7} req/s"), BarColumn(),
-        MofNCompleteColumn(), TextColumn("failed {task.fields[failed]}  {task.fields[jpt]}"), TimeElapsedColumn(),
+        TextColumn("[bold]point {task.fields[k]}/{task.fields[n]}[/] {task.fields[rate]:>7} req/s"), BarColumn(),
+        _DueColumn([s.t_s for s in specs], live.t0), TextColumn("done"), MofNCompleteColumn(),
+        TextColumn("failed {task.fields[failed]}  {task.fields[jpt]}"), TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("", total=len(specs), point=point, rate=f"{rate:g}", failed=0, jpt="")
+        task = progress.add_task("", total=len(specs), k=point[0] + 1, n=point[1], rate=f"{rate:g}", failed=0,
+                                 jpt="")
         failed = 0
 
         def on_done(rec: RequestRecord) -> None:
@@ -387,7 +445,7 @@ async def _drive(
             jpt = f"{live.joules_per_token:.3g} J/token" if not math.isnan(live.joules_per_token) else ""
             progress.update(task, advance=1, failed=failed, jpt=jpt)
 
-        return await client.run(point, specs, seed, on_done, prompt_fn=prompt_fn)
+        return await client.run(point[0], specs, seed, on_done, prompt_fn=prompt_fn)
 
 
 def run_campaign(
@@ -403,8 +461,8 @@ def run_campaign(
     prompts = prompts or campaign_prompts(spec)
     store = ResultStore(out)
     store.repair()
-    extra = {"tokenizer": prompts.tokenizer}
+    extra: dict[str, object] = {"tokenizer": prompts.tokenizer}
     write_manifest(out, spec, target, "running", extra)
-    asyncio.run(_run_points(spec, target, store, console, prompts.fn))
+    asyncio.run(_run_points(spec, target, store, console, prompts.fn, extra))
     write_manifest(out, spec, target, "finished", extra)
     return store.points()
