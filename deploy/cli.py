@@ -43,6 +43,14 @@ def _preflight(config: ServingConfig) -> None:
         raise ConfigError(f"deployment.engine.model: {e}") from e
 
 
+def served_tokenizer(config: ServingConfig) -> str | None:
+    """What ``workload.tokenizer: auto`` means for a deployment the campaign starts: the vLLM model's directory
+    (where this machine can read it), ``word`` for emulated engines."""
+    if config.engine.kind == "vllm":
+        return config.engine.model if Path(config.engine.model).exists() else None
+    return "word"
+
+
 def cmd_campaign_run(args: argparse.Namespace) -> int:
     from deploy.local import DeploymentStartError, LocalDeployment
     from serving.emulated.physics import DeviceFitError, PresetError
@@ -84,8 +92,8 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
         except TokenizerError as e:
             raise ConfigError(f"workload.tokenizer: {e}") from e
         if spec.workload.tokenizer == "auto" and served_tokenizer is None:
-            console.print("note: prompt lengths count words (workload.tokenizer: auto with --url); set "
-                          "workload.tokenizer to the served model's tokenizer directory for exact token counts")
+            console.print("note: prompt lengths count words (workload.tokenizer: auto, and the served model's "
+                          "tokenizer is not known here); set workload.tokenizer to its directory for exact counts")
         return prompts
 
     def run_one(spec: CampaignFile, out: Path):  # type: ignore[no-untyped-def]
@@ -93,11 +101,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
         if spec.clock == "real" and not args.url:
             _preflight(d)
         if spec.clock == "real":
-            # `auto`: the tokenizer of the model the deployment serves (where this machine can read it).
-            served = None if args.url else "word"
-            if not args.url and d.engine.kind == "vllm":
-                served = d.engine.model if Path(d.engine.model).exists() else None
-            prompts = prompts_for(spec, served)
+            prompts = prompts_for(spec, None if args.url else served_tokenizer(d))
         prepare_out_dir(out, spec, resume=args.resume, overwrite=args.overwrite)
         (out / "campaign.yaml").write_text(Path(args.file).read_text())
         if spec.clock == "virtual":

@@ -106,3 +106,14 @@ def test_manifest_and_report_sections(tmp_path: Path) -> None:
         assert f"<h2>{section}</h2>" in html
     assert html.count("src='data:image/png;base64,") == 5
     assert "http://" not in html and "https://" not in html and "<script" not in html  # self-contained
+
+
+def test_auto_tokenizer_of_a_started_deployment(tmp_path: Path) -> None:
+    from deploy.cli import served_tokenizer
+    from serving.config import EmulatedEngineConfig, ServingConfig, VLLMEngineConfig
+
+    assert served_tokenizer(ServingConfig(engine=EmulatedEngineConfig())) == "word"
+    (tmp_path / "m").mkdir()
+    assert served_tokenizer(ServingConfig(engine=VLLMEngineConfig(model=str(tmp_path / "m")))) == str(tmp_path / "m")
+    # A model only the remote nodes hold: the campaign cannot read its tokenizer here (auto falls back to word).
+    assert served_tokenizer(ServingConfig(engine=VLLMEngineConfig(model=str(tmp_path / "elsewhere")))) is None
