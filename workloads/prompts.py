@@ -68,6 +68,8 @@ def _load(path: Path) -> tuple[Callable[[list[str]], list[int]], dict[str, int],
             tok: Any = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as e:
             raise TokenizerError(f"cannot load a tokenizer from {path}: {e}") from e
+        # Counting only: a prompt past the model's context is the server's to refuse, not a tokenizer warning.
+        tok.model_max_length = 1 << 30
 
         def count_hf(texts: list[str]) -> list[int]:
             return [len(ids) for ids in tok(texts, add_special_tokens=True)["input_ids"]]
