@@ -47,6 +47,11 @@ def test_campaign_against_running_deployment(served, tmp_path: Path, capsys) -> 
     for k in (1, 2):
         assert f"point {k}/2" in printed
     assert "due " in printed and "done" in printed and "J/token" in printed
+    import json
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {d.split("/")[0] for d in manifest["target_devices"]} == {"replica-0", "replica-1"}
+    assert manifest["target_backends"] == ["emulated"] and manifest["tokenizer"] == "word"
     points = pd.read_csv(out / "points.csv")
     assert list(points.columns) == POINT_COLUMNS
     assert set(REQUIRED) <= set(points.columns)

@@ -354,10 +354,6 @@ async def _run_points(
     site = load_site_profile(spec.site)
     async with httpx.AsyncClient(timeout=10.0) as http:
         model = spec.model or await _model_name(http, target.base_url)
-        if (snap := await _counters(http, target)) is not None:
-            manifest_extra["target_devices"] = sorted(snap.energy)  # replica/device
-            manifest_extra["target_backends"] = sorted(snap.backends)
-            write_manifest(store.out, spec, target, "running", manifest_extra)
         client = LoadClient(
             target.base_url, model, spec.workload.max_concurrency, spec.workload.request_timeout_s
         )
@@ -381,6 +377,11 @@ async def _run_points(
                 records = await _drive(client, (point, len(spec.sweep.points())), rate, specs, seed, console, live,
                                        prompt_fn)
                 first, last = await begin, (await end if end is not None else await _counters(http, target))
+                if last is not None and "target_devices" not in manifest_extra:
+                    # From the point's own readings: an extra scrape would sit inside others' metering windows.
+                    manifest_extra["target_devices"] = sorted(last.energy)  # replica/device
+                    manifest_extra["target_backends"] = sorted(last.backends)
+                    write_manifest(store.out, spec, target, "running", manifest_extra)
             finally:
                 sampler.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
