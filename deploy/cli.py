@@ -54,16 +54,8 @@ def served_tokenizer(config: ServingConfig) -> str | None:
 def cmd_campaign_run(args: argparse.Namespace) -> int:
     from deploy.local import DeploymentStartError, LocalDeployment
     from serving.emulated.physics import DeviceFitError, PresetError
-    from workloads.campaign import (
-        ControlError,
-        OutputDirError,
-        Target,
-        campaign_prompts,
-        prepare_out_dir,
-        run_campaign,
-        trace_inputs,
-        with_skip_bad_rows,
-    )
+    from workloads.campaign import ControlError, OutputDirError, Target, prepare_out_dir, run_campaign
+    from workloads.inputs import campaign_prompts, trace_inputs, with_skip_bad_rows
     from workloads.prompts import TokenizerError
     from workloads.report import write_report
     from workloads.traces import TraceError

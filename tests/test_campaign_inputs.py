@@ -69,7 +69,7 @@ def test_unknown_tokenizer_path_fails_before_the_campaign(tmp_path: Path, capsys
 
 
 def test_campaign_prompts_resolve_auto() -> None:
-    from workloads.campaign import campaign_prompts
+    from workloads.inputs import campaign_prompts
     from workloads.prompts import synth_prompt
     from workloads.spec import CampaignSpec
 

@@ -99,7 +99,7 @@ def test_bad_tokenizer_paths(tmp_path: Path) -> None:
 
 
 def test_campaign_refuses_lengths_below_the_special_tokens(tmp_path: Path) -> None:
-    from workloads.campaign import campaign_prompts
+    from workloads.inputs import campaign_prompts
     from workloads.spec import CampaignSpec
 
     directory = _build(tmp_path, "bytelevel", True)
