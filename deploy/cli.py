@@ -43,11 +43,22 @@ def _preflight(config: ServingConfig) -> None:
         raise ConfigError(f"deployment.engine.model: {e}") from e
 
 
+def served_tokenizer(config: ServingConfig) -> str | None:
+    """What ``workload.tokenizer: auto`` means for a deployment the campaign starts: the vLLM model's directory
+    (where this machine can read it), ``word`` for emulated engines."""
+    if config.engine.kind == "vllm":
+        return config.engine.model if Path(config.engine.model).exists() else None
+    return "word"
+
+
 def cmd_campaign_run(args: argparse.Namespace) -> int:
     from deploy.local import DeploymentStartError, LocalDeployment
     from serving.emulated.physics import DeviceFitError, PresetError
     from workloads.campaign import ControlError, OutputDirError, Target, prepare_out_dir, run_campaign
+    from workloads.inputs import campaign_prompts, trace_inputs, with_skip_bad_rows
+    from workloads.prompts import TokenizerError
     from workloads.report import write_report
+    from workloads.traces import TraceError
 
     # Outside a terminal rich assumes 80 columns and squeezes the summary table; logs can be wider.
     console = Console() if sys.stdout.isatty() else Console(width=170)
@@ -57,8 +68,32 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
     if spec.clock == "virtual" and args.url:
         raise ConfigError("clock: virtual simulates the emulated deployment in-process; drop --url")
     out = Path(args.out)
+    if args.skip_bad_rows:
+        spec = with_skip_bad_rows(spec)
+    try:  # every trace is read (and checked) before anything starts
+        for t in trace_inputs(spec):
+            if t["skip_bad_rows"]:
+                console.print(f"trace {t['path']}: {t['requests']} requests, {t['skipped_rows']} malformed "
+                              "row(s) skipped")
+    except TraceError as e:
+        raise ConfigError(str(e) + ("" if args.skip_bad_rows else "\n(--skip-bad-rows skips malformed rows)")) from e
+
+    def prompts_for(spec: CampaignFile, served_tokenizer: str | None):  # type: ignore[no-untyped-def]
+        try:
+            prompts = campaign_prompts(spec, served_tokenizer)
+        except TokenizerError as e:
+            raise ConfigError(f"workload.tokenizer: {e}") from e
+        if spec.workload.tokenizer == "auto" and served_tokenizer is None:
+            console.print("note: prompt lengths count words (workload.tokenizer: auto, and the served model's "
+                          "tokenizer is not known here); set workload.tokenizer to its directory for exact counts")
+        return prompts
 
     def run_one(spec: CampaignFile, out: Path):  # type: ignore[no-untyped-def]
+        d = spec.deployment
+        if spec.clock == "real" and not args.url:
+            _preflight(d)
+        if spec.clock == "real":
+            prompts = prompts_for(spec, None if args.url else served_tokenizer(d))
         prepare_out_dir(out, spec, resume=args.resume, overwrite=args.overwrite)
         (out / "campaign.yaml").write_text(Path(args.file).read_text())
         if spec.clock == "virtual":
@@ -67,10 +102,8 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
             points = run_virtual_campaign(spec, spec.deployment, out, console)
         elif args.url:
             token = args.control_token or os.environ.get("TESTBED_CONTROL_TOKEN")
-            points = run_campaign(spec, Target(args.url, args.metrics_url, token), out, console)
+            points = run_campaign(spec, Target(args.url, args.metrics_url, token), out, console, prompts)
         else:
-            d = spec.deployment
-            _preflight(d)
             what = getattr(d.engine, "device", "")
             console.print(f"starting the deployment: {d.replicas} x {d.engine.kind} {what} "
                           f"replicas of {d.model_name} (log: {out / 'deployment.log'})")
@@ -78,7 +111,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
             token = d.controller.token or secrets.token_urlsafe(24)
             deployment = d.model_copy(update={"controller": d.controller.model_copy(update={"token": token})})
             with LocalDeployment(deployment, out / "deployment.log") as url:
-                points = run_campaign(spec, Target(url, args.metrics_url, token), out, console)
+                points = run_campaign(spec, Target(url, args.metrics_url, token), out, console, prompts)
         write_report(out)
         return points
 
@@ -233,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "sweeps; default: $TESTBED_CONTROL_TOKEN)")
     run.add_argument("--resume", action="store_true", help="continue a campaign in --out, skipping finished points")
     run.add_argument("--overwrite", action="store_true", help="discard a campaign already in --out")
+    run.add_argument("--skip-bad-rows", action="store_true", help="skip malformed trace rows (counted, printed "
+                     "and recorded in the manifest) instead of stopping (overrides skip_bad_rows in the file)")
     run.set_defaults(func=cmd_campaign_run)
 
     srv = sub.add_parser("serve", help="run a deployment (replicas + front door + /metrics) until Ctrl-C/SIGTERM")

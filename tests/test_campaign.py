@@ -39,9 +39,19 @@ def write_campaign(tmp_path: Path, **over) -> Path:
 
 
 @pytest.mark.slow
-def test_campaign_against_running_deployment(served, tmp_path: Path) -> None:
+def test_campaign_against_running_deployment(served, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "out"
     assert main(["campaign", "run", str(write_campaign(tmp_path)), "--out", str(out), "--url", served.url]) == 0
+    # The progress line of each point: point k/n, requests due and done, live energy per token.
+    printed = capsys.readouterr().out
+    for k in (1, 2):
+        assert f"point {k}/2" in printed
+    assert "due " in printed and "done" in printed and "J/token" in printed
+    import json
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {d.split("/")[0] for d in manifest["target_devices"]} == {"replica-0", "replica-1"}
+    assert manifest["target_backends"] == ["emulated"] and manifest["tokenizer"] == "word"
     points = pd.read_csv(out / "points.csv")
     assert list(points.columns) == POINT_COLUMNS
     assert set(REQUIRED) <= set(points.columns)

@@ -92,3 +92,63 @@ def test_gamma_burstiness() -> None:
     gaps = np.diff(t)
     assert gaps.mean() == pytest.approx(1 / 20, rel=0.05)
     assert gaps.std() / gaps.mean() == pytest.approx(3.0, rel=0.1)
+
+
+def test_trace_lengths_follow_the_trace_columns(tmp_path) -> None:
+    from workloads.arrivals import TraceLength
+    from workloads.spec import WorkloadSpec
+
+    p = write(tmp_path, AZURE_HEADER + "".join(f"2023-11-16 18:00:{i:02d},{10 * (i % 3 + 1)},{i % 2}\n"
+                                               for i in range(30)))
+    w = WorkloadSpec.model_validate({"prompt_tokens": {"kind": "trace", "path": str(p)},
+                                     "output_tokens": {"kind": "trace", "path": str(p), "max": 1}})
+    assert w.prompt_tokens.column == "prompt" and w.output_tokens.column == "output"  # type: ignore[union-attr]
+    rng = np.random.default_rng(4)
+    prompts = w.prompt_tokens.sample(rng, 30_000)
+    # The empirical distribution: only values of the column, at their frequencies (1/3 each).
+    assert set(prompts.tolist()) == {10, 20, 30}
+    for v in (10, 20, 30):
+        assert (prompts == v).mean() == pytest.approx(1 / 3, abs=0.015)
+    # Zero output counts in the trace are clipped to min (1): a request must ask for a token.
+    assert set(w.output_tokens.sample(rng, 1000).tolist()) == {1}
+    a = TraceLength(path=str(p), column="prompt").sample(np.random.default_rng(1), 50)
+    assert a.tolist() == TraceLength(path=str(p), column="prompt").sample(np.random.default_rng(1), 50).tolist()
+
+
+def test_shipped_trace_lengths_match_the_trace() -> None:
+    from workloads.arrivals import TraceLength
+
+    x = TraceLength(path="azure_conv_2023", column="output").sample(np.random.default_rng(0), 50_000)
+    assert x.mean() == pytest.approx(load_trace("azure_conv_2023").output_tokens.clip(1).mean(), rel=0.03)
+
+
+def test_trace_lengths_bad_file_and_bounds(tmp_path) -> None:
+    from pydantic import ValidationError
+
+    from workloads.arrivals import TraceLength
+
+    with pytest.raises(ValidationError, match=r"max \(5\) must be >= min \(10\)"):
+        TraceLength(path="azure_conv_2023", min=10, max=5)
+    p = write(tmp_path, AZURE_HEADER + "2023-11-16 18:00:01,5,5\n2023-11-16 18:00:02,x,5\n")
+    with pytest.raises(TraceError, match="line 3, column ContextTokens"):
+        TraceLength(path=str(p), column="prompt").sample(np.random.default_rng(0), 3)
+    assert TraceLength(path=str(p), column="prompt", skip_bad_rows=True).sample(
+        np.random.default_rng(0), 3).tolist() == [5, 5, 5]
+
+
+def test_rate_scaling_keeps_the_trace_clock_and_samples_requests() -> None:
+    tr = load_trace("azure_conv_2023")
+    reqs = build_trace_requests(TraceArrivals(path="azure_conv_2023", start_s=600, speedup=1.0), 2.0, 300, seed=3)
+    assert len(reqs) / 300 == pytest.approx(2.0, rel=0.1)
+    # Every request is one of the window's own, at its own (unscaled) offset: a subset, not a compression.
+    own = {round(float(t) - 600, 6) for t in tr.t_s[(tr.t_s >= 600) & (tr.t_s < 900)]}
+    assert {round(r.t_s, 6) for r in reqs} <= own
+    fast = build_trace_requests(TraceArrivals(path="azure_conv_2023", speedup=4.0), 10.0, 200, seed=3)
+    assert len(fast) / 200 == pytest.approx(10.0, rel=0.1) and max(r.t_s for r in fast) < 200
+    with pytest.raises(TraceError, match=r"fewer than the 50 requests/s asked for: raise speedup"):
+        build_trace_requests(TraceArrivals(path="azure_conv_2023", speedup=1.0), 50.0, 100, seed=0)
+
+
+def test_time_scaling_with_sampling_still_hits_the_rate() -> None:
+    reqs = build_trace_requests(TraceArrivals(path="azure_conv_2023", sample=0.25), 11.0, 300, seed=0)
+    assert len(reqs) / 300 == pytest.approx(11.0, rel=0.15)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import logging
 import math
+import os
 import platform
 import shutil
 import time
@@ -19,13 +21,24 @@ from pathlib import Path
 import httpx
 import pandas as pd
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.text import Text
 
 from profilers.footprint import SiteProfile, load_site_profile
 from profilers.meter import Measurement, window_energy
 from profilers.scrape import CounterSnapshot, MetricsUnavailableError, ascrape_counters
 from workloads.arrivals import ClosedLoopArrivals, RequestSpec, TraceArrivals, build_requests, build_trace_requests
 from workloads.client import ClosedLoop, LoadClient, RequestRecord
+from workloads.inputs import Prompts, campaign_prompts, trace_inputs
+from workloads.prompts import PromptFn
 from workloads.results import ResultStore, summarize_point
 from workloads.spec import CampaignSpec, KnobSetting, PolicySetting, setting_label
 
@@ -107,14 +120,44 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def write_manifest(out: Path, spec: CampaignSpec, target: Target, status: str) -> None:
+def _hardware() -> dict[str, object]:
+    """The load-generating machine: CPU, cores, memory and any NVIDIA GPUs (the target's devices are
+    recorded from its /metrics as ``target_devices`` once the campaign reaches it)."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info: dict[str, object] = {"platform": platform.platform(), "cpu": cpu, "logical_cpus": os.cpu_count()}
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            info["gpus"] = [str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)))
+                            for i in range(pynvml.nvmlDeviceGetCount())]
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver or no library: no NVIDIA GPU on this machine
+        info["gpus"] = []
+    return info
+
+
+def write_manifest(
+    out: Path, spec: CampaignSpec, target: Target, status: str, extra: dict[str, object] | None = None
+) -> None:
     path = out / MANIFEST
     manifest = json.loads(path.read_text()) if path.exists() else {"created": datetime.now(UTC).isoformat()}
     manifest.update({
         "name": spec.name, "status": status, "config_hash": spec.config_hash(), "seed": spec.seed,
         "site": spec.site, "target": target.base_url, "versions": _versions(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+        "machine": _hardware(), "site_profile": load_site_profile(spec.site).model_dump(mode="json"),
+        "traces": trace_inputs(spec),
         "updated": datetime.now(UTC).isoformat(),
+        **(extra or {}),
     })
     tmp = path.with_name(".manifest.tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
@@ -234,23 +277,26 @@ def _window_tokens(begin: CounterSnapshot, end: CounterSnapshot) -> int | None:
     return int(sum(max(0.0, n - begin.generated_tokens.get(r, 0.0)) for r, n in end.generated_tokens.items()))
 
 
-async def _run_points(spec: CampaignSpec, target: Target, store: ResultStore, console: Console) -> None:
+async def _run_points(
+    spec: CampaignSpec, target: Target, store: ResultStore, console: Console, prompt_fn: PromptFn,
+    manifest_extra: dict[str, object],
+) -> None:
     site = load_site_profile(spec.site)
     async with httpx.AsyncClient(timeout=10.0) as http:
         model = spec.model or await _model_name(http, target.base_url)
         client = LoadClient(
             target.base_url, model, spec.workload.max_concurrency, spec.workload.request_timeout_s,
-            processes=spec.workload.client_processes,
+            processes=spec.workload.client_processes, prompt_fn=prompt_fn,
         )
         try:
-            await _run_points_with(spec, target, store, console, http, client, site)
+            await _run_points_with(spec, target, store, console, http, client, site, manifest_extra)
         finally:
             client.close()
 
 
 async def _run_points_with(
     spec: CampaignSpec, target: Target, store: ResultStore, console: Console, http: httpx.AsyncClient,
-    client: LoadClient, site: SiteProfile,
+    client: LoadClient, site: SiteProfile, manifest_extra: dict[str, object],
 ) -> None:
     done = store.finished_points()
     w = spec.workload
@@ -269,7 +315,8 @@ async def _run_points_with(
             live.t0 = t0
             started.set_result(t0)
 
-        drive = asyncio.create_task(_drive(client, spec, point, rate, console, live, on_start))
+        drive = asyncio.create_task(_drive(client, spec, (point, len(spec.sweep.points())), rate, console, live,
+                                           on_start))
         await asyncio.wait([drive, started], return_when=asyncio.FIRST_COMPLETED)
         if not started.done():
             await drive  # failed before its first send: raises why
@@ -281,6 +328,11 @@ async def _run_points_with(
         try:
             records = await drive
             first, last = await begin, (await end if end is not None else await _counters(http, target))
+            if last is not None and "target_devices" not in manifest_extra:
+                # From the point's own readings: an extra scrape would sit inside others' metering windows.
+                manifest_extra["target_devices"] = sorted(last.energy)  # replica/device
+                manifest_extra["target_backends"] = sorted(last.backends)
+                write_manifest(store.out, spec, target, "running", manifest_extra)
         finally:
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -325,10 +377,23 @@ def mark_phases(records: list[RequestRecord], measure_from: float, measure_until
                    else "cooldown" if r.intended_send_s >= measure_until else "measure")
 
 
+class _DueColumn(ProgressColumn):
+    """Requests the open-loop schedule has released by now (``due``), next to those completed."""
+
+    def __init__(self, times: list[float], live: _Live) -> None:
+        super().__init__()
+        self.times, self.live = times, live
+
+    def render(self, task: Task) -> Text:
+        elapsed = time.perf_counter() - self.live.t0  # nan until the generator has started
+        return Text(f"due {bisect.bisect_right(self.times, elapsed) if elapsed == elapsed else 0}")
+
+
 async def _drive(
-    client: LoadClient, spec: CampaignSpec, point: int, load: float, console: Console, live: _Live,
+    client: LoadClient, spec: CampaignSpec, point: tuple[int, int], load: float, console: Console, live: _Live,
     on_start: Callable[[float], None],
 ) -> list[RequestRecord]:
+    """Run a point's requests with a progress line: point k/n, requests due and done, failures, live J/token."""
     w = spec.workload
     seed = point_seed(spec, load)
     if spec.closed_loop:
@@ -340,12 +405,14 @@ async def _drive(
         seed, specs = point_requests(spec, load)
         what = f"{load:>7g} req/s"
     columns = (
-        TextColumn("[bold]point {task.fields[point]}[/] {task.fields[load]}"), BarColumn(),
-        MofNCompleteColumn(), TextColumn("failed {task.fields[failed]}  {task.fields[jpt]}"), TimeElapsedColumn(),
+        TextColumn("[bold]point {task.fields[k]}/{task.fields[n]}[/] {task.fields[load]}"), BarColumn(),
+        *(() if spec.closed_loop else (_DueColumn([s.t_s for s in specs], live),)),
+        TextColumn("done"), MofNCompleteColumn(),
+        TextColumn("failed {task.fields[failed]}  {task.fields[jpt]}"), TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("", total=None if spec.closed_loop else len(specs), point=point, load=what,
-                                 failed=0, jpt="")
+        task = progress.add_task("", total=None if spec.closed_loop else len(specs), k=point[0] + 1, n=point[1],
+                                 load=what, failed=0, jpt="")
         failed = 0
 
         def on_done(rec: RequestRecord) -> None:
@@ -355,22 +422,25 @@ async def _drive(
             progress.update(task, advance=1, failed=failed, jpt=jpt)
 
         if spec.closed_loop:
-            return await client.run_closed(point, closed, seed, on_done, on_start)
-        return await client.run(point, specs, seed, on_done, on_start)
+            return await client.run_closed(point[0], closed, seed, on_done, on_start)
+        return await client.run(point[0], specs, seed, on_done, on_start)
 
 
 def run_campaign(
-    spec: CampaignSpec, target: Target, out: Path, console: Console | None = None
+    spec: CampaignSpec, target: Target, out: Path, console: Console | None = None, prompts: Prompts | None = None
 ) -> pd.DataFrame:
     """Run every point not yet in ``out`` and return ``points.csv`` as a frame.
 
     ``out`` must have been checked with :func:`prepare_out_dir`. Each point is written as soon as it is
     measured, so an interrupted campaign keeps every finished point and ``--resume`` continues it.
+    ``prompts``: from :func:`campaign_prompts` (default: the workload's tokenizer, ``auto`` meaning ``word``).
     """
     console = console or Console()
+    prompts = prompts or campaign_prompts(spec)
     store = ResultStore(out)
     store.repair()
-    write_manifest(out, spec, target, "running")
-    asyncio.run(_run_points(spec, target, store, console))
-    write_manifest(out, spec, target, "finished")
+    extra: dict[str, object] = {"tokenizer": prompts.tokenizer}
+    write_manifest(out, spec, target, "running", extra)
+    asyncio.run(_run_points(spec, target, store, console, prompts.fn, extra))
+    write_manifest(out, spec, target, "finished", extra)
     return store.points()

@@ -30,10 +30,7 @@ import numpy as np
 
 from workloads.arrivals import LengthSampler, LengthStream, RequestSpec
 from workloads.http1 import ConnectionPool, Endpoint, Exchange, post_request
-from workloads.prompts import synth_prompt
-
-PromptFn = Callable[[int, int], str]
-"""(number of prompt tokens, seed) -> prompt text with exactly that many tokens for the served tokenizer."""
+from workloads.prompts import PromptFn, synth_prompt
 
 
 @dataclass
@@ -170,18 +167,27 @@ class _PointRun:
         await self._prepare(len(records), ready)
         it = iter(records)
         rec = next(it, None)
-        payload = self.payload(rec) if rec else b""
+        payload = self._payload_or_fail(rec) if rec else None
         while rec is not None:
             due = self.t0 + rec.intended_send_s
             while (delay := due - time.perf_counter()) > 0:  # never early, whatever the loop's timer granularity
                 await asyncio.sleep(delay)
             if self.s.max_concurrency:
                 await self._gate()
-            self.send(rec, payload)
+            if payload is not None:
+                self.send(rec, payload)
             rec = next(it, None)
             if rec is not None:
-                payload = self.payload(rec)  # built in the gap before the next send, not on its path
+                payload = self._payload_or_fail(rec)  # built in the gap before the next send, not on its path
         await self._drain()
+
+    def _payload_or_fail(self, rec: RequestRecord) -> bytes | None:
+        """The request's bytes, or None after recording it failed (a prompt the tokenizer cannot make)."""
+        try:
+            return self.payload(rec)
+        except Exception as e:
+            self.emit(rec, RawResponse(0.0, 0, "", f"prompt synthesis failed: {type(e).__name__}: {e}", []))
+            return None
 
     async def closed_loop(self, spec: ClosedLoop, first_index: int, stride: int, ready: Callable[[], float]) -> None:
         lengths = LengthStream(spec.prompt_tokens, spec.output_tokens, self.seed)
@@ -285,6 +291,8 @@ def _read_stream(rec: RequestRecord, ex: RawResponse) -> None:
             choices = obj.get("choices") or []
             if choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
                 chunk_times.append(t)
+            elif choices and choices[0].get("text") == "" and choices[0].get("finish_reason") is None:
+                chunk_times.append(t)  # a token whose text is not printable yet (part of a multi-byte character)
             if obj.get("usage"):
                 usage = obj["usage"]
             if obj.get("energy"):

@@ -13,6 +13,8 @@ from workloads.arrivals import (
     LengthDistribution,
     LogNormalLength,
     PoissonArrivals,
+    RateProfile,
+    TraceLength,
     UniformLength,
 )
 
@@ -39,7 +41,12 @@ class WorkloadSpec(BaseModel):
         description="Load-generator processes fed one schedule (0: in the campaign process; more for > 1,000 req/s).",
     )
     request_timeout_s: float = Field(default=300.0, gt=0)
-
+    tokenizer: str = Field(
+        default="auto", min_length=1,
+        description="Whose tokens prompt lengths count: word (the emulated engines' one token per word), a "
+        "local tokenizer directory or tokenizer.json (a vLLM model's), or auto: the model directory of the "
+        "vLLM deployment the campaign starts, word otherwise.",
+    )
 
     @model_validator(mode="after")
     def _steady_window(self) -> WorkloadSpec:
@@ -48,6 +55,11 @@ class WorkloadSpec(BaseModel):
                 f"warmup_s + cooldown_s ({self.warmup_s + self.cooldown_s:g}) must be shorter than "
                 f"duration_s ({self.duration_s:g})"
             )
+        if isinstance(self.arrival, RateProfile):
+            self.arrival.shape_mean(self.duration_s)  # raises if the profile is 0 over the whole point
+        for dist, column in ((self.prompt_tokens, "prompt"), (self.output_tokens, "output")):
+            if isinstance(dist, TraceLength) and dist.column is None:
+                dist.column = column
         return self
 
 

@@ -4,6 +4,7 @@ sampled and time-scaled for replay."""
 from __future__ import annotations
 
 import csv
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -116,6 +117,17 @@ def load_trace(name_or_path: str, skip_bad_rows: bool = False) -> Trace:
         raise TraceError(f"{path}: no usable request rows" + (f" ({skipped} skipped)" if skipped else ""))
     t = np.asarray(times)
     return Trace(str(path), t - t[0], np.asarray(prompts), np.asarray(outputs), skipped)
+
+
+def load_trace_cached(name_or_path: str, skip_bad_rows: bool = False) -> Trace:
+    """:func:`load_trace`, read once per file version (points of a campaign reuse it)."""
+    path = resolve_trace_path(name_or_path)
+    return _load_cached(str(path), path.stat().st_mtime_ns, skip_bad_rows)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(path: str, mtime_ns: int, skip_bad_rows: bool) -> Trace:
+    return load_trace(path, skip_bad_rows=skip_bad_rows)
 
 
 def _row(
