@@ -250,3 +250,29 @@ def test_bad_target_urls_are_refused_up_front() -> None:
         LoadClient("localhost:8000", "m")
     assert Endpoint.parse("https://h.example/api/").path_prefix == "/api"
     assert Endpoint.parse("http://[::1]:81").host_header == "[::1]:81"
+
+
+async def test_tokens_without_printable_text_still_count() -> None:
+    async def partial_utf8(req: dict, _: int) -> bytes:
+        events = [{"choices": [{"index": 0, "text": "", "finish_reason": None}]},  # first byte of a character
+                  {"choices": [{"index": 0, "text": "é", "finish_reason": "length"}]},
+                  {"choices": [], "usage": {"completion_tokens": 2}}]
+        body = "".join(f"data: {json.dumps(e)}\n\n" for e in events).encode() + b"data: [DONE]\n\n"
+        return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+
+    async with Server(partial_utf8) as url:
+        recs = await LoadClient(url, "m", processes=0).run(0, specs(1, 1.0, out=2), seed=1)
+    assert recs[0].ok and recs[0].output_tokens == 2 and len(recs[0].itl_s) == 1
+
+
+async def test_a_prompt_the_synthesiser_cannot_make_is_recorded_failed() -> None:
+    def picky(n_tokens: int, seed: int) -> str:
+        if n_tokens < 2:
+            raise ValueError("1 token cannot hold the BOS token and text")
+        return "x " * n_tokens
+
+    async with Server(ok) as url:
+        client = LoadClient(url, "m", processes=0, prompt_fn=picky)
+        recs = await client.run(0, [RequestSpec(0.0, 1, 2), RequestSpec(0.01, 4, 2)], seed=1)
+    assert recs[0].status == "failed" and recs[0].error.startswith("prompt synthesis failed: ValueError: 1 token")
+    assert recs[1].ok
