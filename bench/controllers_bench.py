@@ -31,6 +31,9 @@ POLICIES = {
     # Off above 64 sequences in flight (2 replicas): an H100 step of a 7B model stays memory-bound up to ~240
     # tokens (989 TFLOP/s x 0.7 / (3.35 TB/s x 0.85) per weight byte), i.e. ~48 sequences x (k+1) per replica.
     "slo_feedback+spec": {"policy": "slo_feedback", "options": {"spec_k": 4, "spec_max_running": 64}},
+    "slo_feedback+batch": {"policy": "slo_feedback", "options": {"batch_cap": 32}},
+    "slo_feedback+batch+spec": {"policy": "slo_feedback",
+                                "options": {"batch_cap": 32, "spec_k": 4, "spec_max_running": 64}},
 }
 
 
