@@ -32,32 +32,36 @@ from workloads.traces import load_trace
 
 # "+spec": speculative decoding (k=4) switched on at low load and off at high load, on top of DVFS. The emulated
 # engine's acceptance is 0.6 per position (an assumption: the trace has no text to measure it on).
+# "+batch": the batch cap in the router: each replica is filled up to 32 requests before the next takes load, so
+# at light load one replica runs a fuller batch while the other idles (70 W instead of ~200 W of small batches);
+# 32 keeps a step memory-bound with k=4 (160 tokens) and is spread again on SLO pressure or a queue.
+SPEC = {"spec_k": 4, "spec_max_running": 64}
 POLICIES = {
     "static": {"policy": "static"},
     "slo_feedback": {"policy": "slo_feedback"},
-    "model_based": {"policy": "model_based"},
     # Off above 64 sequences in flight (2 replicas): an H100 step of a 7B model stays memory-bound up to ~240
     # tokens (989 TFLOP/s x 0.7 / (3.35 TB/s x 0.85) per weight byte), i.e. ~48 sequences x (k+1) per replica.
-    "slo_feedback+spec": {"policy": "slo_feedback", "options": {"spec_k": 4, "spec_max_running": 64}},
-    "model_based(profile)": {"policy": "model_based", "options": {"profile": None}},
-    "model_based+batch+spec": {"policy": "model_based", "options": {"batch_cap": 32, "spec_k": 4, "hold": 0}},
+    "slo_feedback+spec": {"policy": "slo_feedback", "options": SPEC},
     "slo_feedback+batch": {"policy": "slo_feedback", "options": {"batch_cap": 32}},
-    "slo_feedback+batch+spec": {"policy": "slo_feedback",
-                                "options": {"batch_cap": 32, "spec_k": 4, "spec_max_running": 64}},
+    "slo_feedback+batch+spec": {"policy": "slo_feedback", "options": {"batch_cap": 32, **SPEC}},
+    "model_based": {"policy": "model_based"},
+    # Profiles online: every (packing, speculation) structure with a ladder of clocks, plans kept per load.
+    "model_based+batch+spec": {"policy": "model_based", "options": {"batch_cap": 32, "spec_k": 4, "hold": 0}},
+    # Plans from the curves of a knob sweep (clock x packing x speculation x rate) run beforehand.
+    "model_based(profile)": {"policy": "model_based", "options": {"profile": None}},
 }
 
 
-PROFILE_CLOCKS = (510, 810, 1410, 1980)
-PROFILE_SCALES = (0.5, 0.75, 1.05, 1.5, 2.1, 3.0)
+PROFILE_CLOCKS = (345, 660, 1110, 1980)
+PROFILE_SCALES = (0.6, 1.0, 1.4, 2.1)
 """Rates of the profiling sweep, as multiples of the trace's mean rate (the planner takes the smallest
 profiled rate at least as high as the one it observes)."""
 
 
-def profile_campaign(base_rate: float, window_s: float = 90.0) -> CampaignFile:
+def profile_campaign(base_rate: float, window_s: float = 45.0) -> CampaignFile:
     knobs = [{"clock_mhz": c, "pack_per_replica": pack, "speculative_tokens": k}
              for c, pack, k in itertools.product(PROFILE_CLOCKS, (0, 32), (0, 4))]
-    spec = campaign(base_rate, window_s, []).model_dump()
-    spec["workload"].update(arrival={"kind": "trace", "path": "azure_conv_2023", "start_s": 1800.0}, warmup_s=20.0)
+    spec = _spec(base_rate, window_s, warmup_s=10.0, start_s=1800.0)
     spec["sweep"] = {"rate_rps": [base_rate * x for x in PROFILE_SCALES], "knobs": knobs}
     return CampaignFile.model_validate(spec)
 
@@ -76,18 +80,24 @@ def profile(path: Path | None, base_rate: float) -> Path:
 
 
 def campaign(rate: float, window_s: float, policies: list[str], options: dict | None = None) -> CampaignFile:
-    return CampaignFile.model_validate({
+    spec = _spec(rate, window_s)
+    spec["sweep"] = {"rate_rps": [rate], "policies": [_with(POLICIES[p], options or {}) for p in policies]}
+    return CampaignFile.model_validate(spec)
+
+
+def _spec(rate: float, window_s: float, warmup_s: float = 60.0, start_s: float = 0.0) -> dict:
+    return {
         "name": "controllers-bench", "clock": "virtual", "site": "azure", "seed": 0,
         "deployment": {
             "replicas": 2,
             "engine": {"kind": "emulated", "device": "h100_sxm", "model": "llama-2-7b", "max_model_len": 4096},
             "controller": {"slo": {"ttft_s": 2.0, "tpot_s": 0.1}, "period_s": 1.0, "max_changes_per_min": 30},
         },
-        "workload": {"arrival": {"kind": "trace", "path": "azure_conv_2023"}, "duration_s": window_s,
-                     "warmup_s": 60.0},
+        "workload": {"arrival": {"kind": "trace", "path": "azure_conv_2023", "start_s": start_s},
+                     "duration_s": window_s, "warmup_s": warmup_s},
         "slo": {"ttft_s": 2.0, "tpot_s": 0.1},
-        "sweep": {"rate_rps": [rate], "policies": [_with(POLICIES[p], options or {}) for p in policies]},
-    })
+        "sweep": {"rate_rps": [rate]},
+    }
 
 
 def _with(setting: dict, options: dict) -> dict:
