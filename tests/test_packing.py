@@ -136,3 +136,54 @@ def test_model_based_from_a_sweep_with_every_knob(tmp_path) -> None:
     assert p.decide(obs(rate=2.0)).knobs.pack_per_replica == 32
     # Latency at the SLO: the load is heavier than its rate says, so the next bin's plan.
     assert p.decide(obs(rate=2.0, tpot=0.12)).knobs.pack_per_replica == 0
+
+
+async def test_an_oscillating_load_moves_the_knobs_no_more_than_the_limit() -> None:
+    """Real policies (clock + packing + speculation) against a load swinging between idle and overload."""
+    import asyncio
+
+    from controllers.loop import ControlLoop
+    from serving.types import AppliedKnobs
+
+    class Clock:
+        t = 0.0
+
+        def now(self) -> float:
+            return self.t
+
+        async def sleep(self, s: float) -> None:
+            self.t += s
+            await asyncio.sleep(0)
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.applied: list[tuple[float, Knobs]] = []
+
+        async def apply(self, knobs: Knobs) -> list[AppliedKnobs]:
+            self.applied.append((clock.t, knobs))
+            return [AppliedKnobs(knobs.clock_mhz, 256, 0.0)]
+
+        async def restore_defaults(self) -> None: ...
+
+        async def heartbeat(self, lease_s: float) -> None: ...
+
+    clock = Clock()
+
+    async def observe() -> Observation:
+        busy = int(clock.t) // 7 % 2 == 1  # 7 s calm, 7 s overloaded, ...
+        return obs(t=clock.t, tpot=0.12 if busy else 0.01, waiting=20 if busy else 0,
+                   rate=12.0 if busy else 2.0, running=40 if busy else 2, energy=0.3)
+
+    for policy in (build_policy("slo_feedback", SLO, batch_cap=16, spec_k=4),
+                   build_policy("model_based", SLO, dwell=2, hold=0, batch_cap=16, spec_k=4)):
+        clock.t, act = 0.0, Recorder()
+
+        loop = ControlLoop(policy, observe, act, clock, period_s=1.0, max_changes_per_min=6)
+        for _ in range(300):  # five minutes
+            await loop.step()
+            await clock.sleep(1.0)
+        times = [t for t, _ in act.applied]
+        assert len(times) > 6  # the knobs did move...
+        for t0 in times:  # ...but never more than 6 times in any 60 s
+            assert sum(1 for t in times if t0 <= t < t0 + 60) <= 6, (policy.name, t0)
+        assert loop.stats.decisions.get((policy.name, "rate_limited"), 0) > 0
