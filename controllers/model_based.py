@@ -8,7 +8,8 @@ Curves of energy per token and tail latency against load come either from a knob
 first, the policy walks the clock down from the maximum, holding each setting for ``dwell`` periods and
 abandoning that structure's lower clocks as soon as latency nears the SLO. It then runs the cheapest
 setting that kept the SLO, and remembers it for that load (rate bins ``replan`` wide): when the arrival
-rate moves to another bin it re-plans, reusing the plan of a bin it has seen and profiling only a new one
+rate moves to another bin it re-plans, reusing the plan of a bin it has seen (or of the nearest heavier one,
+which still meets the SLO at less load) and profiling only a heavier load than any planned
 (DynamoLLM / throttLL'eM style). Latency at or over the SLO drops the plan of the current bin and profiles
 again from the safe end.
 """
@@ -69,7 +70,15 @@ class _Trial:
     structure: int
     periods: int = 0
     energy: list[float] = field(default_factory=list)
+    tokens: list[float] = field(default_factory=list)
     worst_pressure: float = 0.0
+
+    def per_token(self) -> float:
+        """Energy per token over the whole trial (a ratio of sums: a quiet second does not weigh like a busy
+        one); per-period means when token counts are not observed."""
+        if len(self.tokens) == len(self.energy) and sum(self.tokens) > 0:
+            return sum(e * n for e, n in zip(self.energy, self.tokens, strict=True)) / sum(self.tokens)
+        return sum(self.energy) / len(self.energy)
 
 
 @register_policy("model_based")
@@ -160,10 +169,19 @@ class ModelBasedPolicy:
                      and abs(obs.arrival_rate_rps - self._planned_rate) > self.replan * self._planned_rate)
             if not moved and (self.hold <= 0 or self._held < self.hold):
                 return Decision(self._chosen, "hold")
-            known = self._plans.get(self._bin(obs.arrival_rate_rps)) if moved else None
-            if known is not None:  # a load seen before: its plan, no profiling
-                self._chosen, self._held, self._planned_rate = known, 0, obs.arrival_rate_rps
-                return Decision(known, "replan_known_load")
+            if moved:
+                b = self._bin(obs.arrival_rate_rps)
+                known = self._plans.get(b)
+                if known is not None:  # a load seen before: its plan, no profiling
+                    self._chosen, self._held, self._planned_rate = known, 0, obs.arrival_rate_rps
+                    return Decision(known, "replan_known_load")
+                # A lighter load than one already planned: that plan still meets the SLO (latency grows with
+                # load), so it is used rather than profiling again; only heavier loads are profiled anew.
+                heavier = [k for k in self._plans if k > b]
+                if heavier:
+                    plan = self._plans[min(heavier)]
+                    self._chosen, self._held, self._planned_rate = plan, 0, obs.arrival_rate_rps
+                    return Decision(plan, "replan_heavier_load_plan")
             self._restart(clocks, obs)
         if not self._queue and not self._trials:
             self._restart(clocks, obs)
@@ -171,6 +189,8 @@ class ModelBasedPolicy:
         trial.periods += 1
         if obs.energy_per_token_j is not None:
             trial.energy.append(obs.energy_per_token_j)
+            if obs.tokens is not None:
+                trial.tokens.append(obs.tokens)
         if pressure is not None:
             trial.worst_pressure = max(trial.worst_pressure, pressure)
         if trial.worst_pressure > self.margin:
@@ -200,7 +220,7 @@ class ModelBasedPolicy:
     def _choose(self, clocks: list[float], obs: Observation) -> Decision:
         feasible = [t for t in self._trials if t.worst_pressure <= self.margin and t.energy]
         if feasible:
-            best = min(feasible, key=lambda t: sum(t.energy) / len(t.energy))
+            best = min(feasible, key=_Trial.per_token)
             self._chosen = best.knobs
             self._plans[self._bin(self._planned_rate or obs.arrival_rate_rps)] = best.knobs
         else:

@@ -28,6 +28,8 @@ class Observation:
     supported_clocks_mhz: tuple[float, ...] = ()
     spec_acceptance: float | None = None
     """Share of proposed tokens accepted so far (None: speculation never ran)."""
+    tokens: float | None = None
+    """Tokens generated since the previous observation (what ``energy_per_token_j`` divides by)."""
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,9 @@ def test_model_based_replans_when_the_load_moves_and_reuses_known_plans() -> Non
     again, reasons, _ = drive(p, 5, rate=5.0, start=160)
     assert "profiling" not in reasons and "replan_known_load" in reasons
     assert again.pack_per_replica == low.pack_per_replica == 32 and again.clock_mhz == low.clock_mhz
+    # A new load between the two: the heavier load's plan still meets the SLO there, so no profiling either.
+    between, reasons, _ = drive(p, 5, rate=7.5, start=165)
+    assert "profiling" not in reasons and "replan_heavier_load_plan" in reasons and between == high
 
 
 def test_model_based_from_a_sweep_with_every_knob(tmp_path) -> None:
