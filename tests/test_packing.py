@@ -190,3 +190,13 @@ async def test_an_oscillating_load_moves_the_knobs_no_more_than_the_limit() -> N
         for t0 in times:  # ...but never more than 6 times in any 60 s
             assert sum(1 for t in times if t0 <= t < t0 + 60) <= 6, (policy.name, t0)
         assert loop.stats.decisions.get((policy.name, "rate_limited"), 0) > 0
+
+
+def test_trial_energy_is_a_ratio_of_sums_so_quiet_periods_do_not_dominate() -> None:
+    from controllers.model_based import _Trial
+
+    quiet_then_busy = _Trial(Knobs(clock_mhz=510.0), 0, energy=[5.0, 0.3], tokens=[10.0, 1000.0])
+    steady = _Trial(Knobs(clock_mhz=1980.0), 0, energy=[0.5, 0.5], tokens=[1000.0, 1000.0])
+    assert quiet_then_busy.per_token() == pytest.approx((50.0 + 300.0) / 1010.0)
+    assert quiet_then_busy.per_token() < steady.per_token()  # a mean of per-period ratios would say 2.65 > 0.5
+    assert _Trial(Knobs(), 0, energy=[1.0, 3.0]).per_token() == 2.0  # no token counts: the plain mean
