@@ -200,3 +200,24 @@ def test_trial_energy_is_a_ratio_of_sums_so_quiet_periods_do_not_dominate() -> N
     assert quiet_then_busy.per_token() == pytest.approx((50.0 + 300.0) / 1010.0)
     assert quiet_then_busy.per_token() < steady.per_token()  # a mean of per-period ratios would say 2.65 > 0.5
     assert _Trial(Knobs(), 0, energy=[1.0, 3.0]).per_token() == 2.0  # no token counts: the plain mean
+
+
+async def test_observer_reports_the_tokens_its_energy_per_token_divides_by() -> None:
+    from controllers.observe import Observer
+    from serving.api import RecentRequests
+    from serving.replica import Telemetry
+
+    engine = EmulatedEngine(EmulatedEngineConfig(model="qwen2.5-0.5b"), "r0")
+    state = {"tokens": 0, "energy": 0.0}
+
+    async def telemetry() -> list[Telemetry]:
+        stats = dataclasses.replace(engine.stats(), generated_tokens_total=state["tokens"])
+        reading = dataclasses.replace(engine.read()[0], energy_j=state["energy"])
+        return [Telemetry(stats, engine.devices(), [reading], tuple(engine.supported_clocks_mhz()))]
+
+    observe = Observer(RecentRequests(), telemetry, lambda: 0.0)
+    first = await observe()
+    assert first.tokens is None and first.energy_per_token_j is None  # nothing to difference yet
+    state.update(tokens=100, energy=30.0)
+    second = await observe()
+    assert second.tokens == 100 and second.energy_per_token_j == pytest.approx(0.3)
