@@ -39,23 +39,34 @@ class ReplicaActuator:
 
     async def apply(self, knobs: Knobs) -> list[AppliedKnobs]:
         applied = await self._each("apply", knobs)
+        route(self.router, knobs)
         for a in applied:
             for note in a.notes:
                 log.info("actuator: %s", note)
         return applied
 
     async def restore_defaults(self) -> None:
+        self.router.pack_per_replica = 0
         await self._each("restore_defaults")
 
     async def heartbeat(self, lease_s: float) -> None:
         await self._each("heartbeat", lease_s)
 
 
+def route(router: Router | None, knobs: Knobs) -> None:
+    """The router's share of the knobs: admission that packs the load onto as few replicas as it can."""
+    if router is not None and knobs.pack_per_replica is not None:
+        if knobs.pack_per_replica < 0:
+            raise ValueError("pack_per_replica must be 0 (spread the load) or a positive request count")
+        router.pack_per_replica = knobs.pack_per_replica
+
+
 class EngineActuator:
     """Knobs applied to engines in this process (virtual-time runs); defaults are their start-up knobs."""
 
-    def __init__(self, engines: list) -> None:  # type: ignore[type-arg]
+    def __init__(self, engines: list, router: Router | None = None) -> None:  # type: ignore[type-arg]
         self.engines = engines
+        self.router = router
         self.defaults: list[Knobs] | None = None
         self.last_applied: dict[str, AppliedKnobs] = {}
 
@@ -71,10 +82,13 @@ class EngineActuator:
         await self._capture_defaults()
         applied = [await e.apply(knobs) for e in self.engines]
         self.last_applied.update({e.replica: a for e, a in zip(self.engines, applied, strict=True)})
+        route(self.router, knobs)
         return applied
 
     async def restore_defaults(self) -> None:
         await self._capture_defaults()
+        if self.router is not None:
+            self.router.pack_per_replica = 0
         for e, d in zip(self.engines, self.defaults or [], strict=True):
             await e.apply(d)
 

@@ -32,9 +32,10 @@ class Observer:
         readings = [rd for tel in telemetry for rd in tel.readings]
         energy = sum(rd.energy_j for rd in readings)
         tokens = float(sum(tel.stats.generated_tokens_total for tel in telemetry))
-        per_token = None
+        per_token = new_tokens = None
         if self._last is not None and tokens > self._last[1] and energy >= self._last[0]:
-            per_token = (energy - self._last[0]) / (tokens - self._last[1])
+            new_tokens = tokens - self._last[1]
+            per_token = (energy - self._last[0]) / new_tokens
         self._last = (energy, tokens)
         clocks = [rd.clock_mhz for rd in readings if rd.clock_mhz is not None]
         seqs = [tel.stats.max_num_seqs for tel in telemetry]
@@ -54,6 +55,7 @@ class Observer:
             max_num_seqs=max(seqs) if seqs else None,
             supported_clocks_mhz=tuple(sorted({c for tel in telemetry for c in tel.supported_clocks_mhz})),
             spec_acceptance=accepted / proposed if proposed else None,
+            tokens=new_tokens,
         )
 
 

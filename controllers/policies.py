@@ -28,6 +28,8 @@ class Observation:
     supported_clocks_mhz: tuple[float, ...] = ()
     spec_acceptance: float | None = None
     """Share of proposed tokens accepted so far (None: speculation never ran)."""
+    tokens: float | None = None
+    """Tokens generated since the previous observation (what ``energy_per_token_j`` divides by)."""
 
 
 @dataclass(frozen=True)
@@ -95,11 +97,12 @@ class StaticPolicy:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     speculative_tokens: int | None = None
+    pack_per_replica: int | None = None
     name: str = "static"
 
     def __post_init__(self) -> None:
         # Options arrive as numbers from YAML/JSON.
-        for name in ("max_num_seqs", "max_num_batched_tokens", "speculative_tokens"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "speculative_tokens", "pack_per_replica"):
             if getattr(self, name) is not None:
                 setattr(self, name, int(getattr(self, name)))
 
@@ -107,7 +110,8 @@ class StaticPolicy:
         clock = self.clock_mhz
         if clock is None and obs.supported_clocks_mhz:
             clock = max(obs.supported_clocks_mhz)
-        knobs = Knobs(clock, self.max_num_seqs, self.max_num_batched_tokens, self.speculative_tokens)
+        knobs = Knobs(clock, self.max_num_seqs, self.max_num_batched_tokens, self.speculative_tokens,
+                      self.pack_per_replica)
         return Decision(knobs, "static")
 
 
@@ -134,6 +138,50 @@ class SpeculationByLoad:
         return self.k, None
 
 
+@dataclass
+class Consolidation:
+    """Batch cap in the router, used for energy: fill each replica up to ``cap`` requests before the next.
+
+    A decode step streams the weights once whatever the batch, so a replica decoding 4 sequences draws almost
+    the power of one decoding 30 (H100, 7B: ~200 W at 510 MHz either way), while a replica without work
+    draws idle power (~70 W). Spreading a light load over every replica keeps them all busy with small
+    batches; packing it onto as few as the cap allows lets the rest idle. The cap bounds the batch where the
+    step stops being memory-bound (larger batches only lengthen the step: no energy left to amortize).
+    Packing costs latency (one replica does all the prefills), so the load is spread again as soon as the
+    SLO pressure passes ``limit`` or requests queue; packing is retried after ``hold`` periods, a hold that
+    doubles each time packing fails again soon (up to ``max_hold``).
+    """
+
+    cap: int = 0
+    """Requests per replica before the next one takes load (0: leave routing alone)."""
+    limit: float = 0.7
+    max_waiting: int = 4
+    """Requests queued for admission beyond which packing is given up (the early sign of overload)."""
+    hold: int = 30
+    max_hold: int = 480
+    _spread_for: int = field(default=0, init=False)
+    _packed_for: int = field(default=0, init=False)
+    _backoff: int = field(default=0, init=False)
+
+    def choose(self, pressure: float | None, waiting: int = 0) -> tuple[int | None, str | None]:
+        """The router's ``pack_per_replica`` (None: not this policy's knob) and why it changed, if it did."""
+        if self.cap <= 0:
+            return None, None
+        if self._spread_for > 0:
+            self._spread_for -= 1
+            return 0, None
+        # Latency is seen only once requests complete (a long answer later); a queue is seen at once.
+        if (pressure is not None and pressure >= self.limit) or waiting > self.max_waiting:
+            failed_soon = self._packed_for < 2 * max(self._backoff, self.hold)
+            self._backoff = min(self.max_hold, 2 * self._backoff if failed_soon and self._backoff else self.hold)
+            self._spread_for, self._packed_for = self._backoff, 0
+            return 0, "spread_slo_risk"
+        self._packed_for += 1
+        if self._packed_for > 4 * self.max_hold:
+            self._backoff = 0
+        return self.cap, None
+
+
 @register_policy("slo_feedback")
 @dataclass
 class SLOFeedbackPolicy:
@@ -144,6 +192,10 @@ class SLOFeedbackPolicy:
     pile up. The output is the clock as a fraction of the supported range, snapped up to a supported clock.
     The velocity form (change = kp x change of error + ki x error) has no integrator to wind up while the
     output sits at a bound, so leaving a bound does not overshoot.
+
+    With ``batch_cap`` the load is packed onto as few replicas as that cap allows while pressure stays below
+    the setpoint, and spread again (the cheaper way back to the setpoint) when it does not
+    (:class:`Consolidation`). With ``spec_k`` speculation follows load (:class:`SpeculationByLoad`).
     """
 
     slo: SLOTargets
@@ -154,9 +206,16 @@ class SLOFeedbackPolicy:
     spec_k: int = 0
     """Speculative decoding depth when load is low (0: leave speculation alone)."""
     spec_max_running: float = 16
+    batch_cap: int = 0
+    """Pack up to this many requests per replica while there is headroom (0: leave routing alone)."""
     name: str = "slo_feedback"
     _fraction: float = field(default=1.0, init=False)
     _last_error: float | None = field(default=None, init=False)
+    _packing: Consolidation = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.spec_k, self.batch_cap = int(self.spec_k), int(self.batch_cap)
+        self._packing = Consolidation(self.batch_cap, limit=self.setpoint)
 
     def decide(self, obs: Observation) -> Decision:
         clocks = sorted(obs.supported_clocks_mhz)
@@ -175,8 +234,10 @@ class SLOFeedbackPolicy:
             reason = "hold" if abs(error) < 0.02 else ("raise" if error > 0 else "headroom")
         target = clocks[0] + self._fraction * (clocks[-1] - clocks[0])
         clock = min((c for c in clocks if c >= target - 1e-9), default=clocks[-1])
-        spec, why = SpeculationByLoad(int(self.spec_k), self.spec_max_running).choose(obs)
-        return Decision(Knobs(clock_mhz=clock, speculative_tokens=spec), why or reason)
+        spec, why = SpeculationByLoad(self.spec_k, self.spec_max_running).choose(obs)
+        pack, why_cap = self._packing.choose(pressure, obs.waiting)
+        knobs = Knobs(clock_mhz=clock, speculative_tokens=spec, pack_per_replica=pack)
+        return Decision(knobs, why or why_cap or reason)
 
 
 def percentile(values: list[float], q: float) -> float | None:

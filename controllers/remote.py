@@ -134,6 +134,7 @@ class MetricsObserver:
             completed=int(completed),
             power_w=now["power"],
             energy_per_token_j=energy / tokens if tokens > 0 and energy >= 0 else None,
+            tokens=tokens if tokens > 0 else None,
             running=int(now["running"]),
             waiting=int(now["waiting"]),
             clock_mhz=max(now["clocks"]) if now["clocks"] else None,

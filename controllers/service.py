@@ -41,6 +41,7 @@ class KnobChange(BaseModel):
     max_num_seqs: int | None = Field(default=None, ge=1)
     max_num_batched_tokens: int | None = Field(default=None, ge=1)
     speculative_tokens: int | None = Field(default=None, ge=0, le=16)
+    pack_per_replica: int | None = Field(default=None, ge=0)
 
 
 def _with_agent_clocks(observe: Observer, agents: NodeAgentActuator) -> Callable[[], Awaitable[Observation]]:
@@ -102,6 +103,7 @@ class Controller:
             "policies": policy_names(),
             "running": self.loop.running,
             "knobs": _knobs(self.loop.current),
+            "pack_per_replica": self.door.router.pack_per_replica,
             "applied": {r: {"clock_mhz": a.clock_mhz, "max_num_seqs": a.max_num_seqs, "notes": a.notes}
                         for r, a in self.actuator.last_applied.items()},
             "slo": {"ttft_s": self.slo.ttft_s, "tpot_s": self.slo.tpot_s},
@@ -138,6 +140,7 @@ class _ControllerCollector(Collector):
             if a.clock_mhz is not None:
                 knob.add_metric([replica, "clock_mhz"], a.clock_mhz)
             knob.add_metric([replica, "max_num_seqs"], a.max_num_seqs)
+        knob.add_metric(["router", "pack_per_replica"], self.c.door.router.pack_per_replica)
         decisions = CounterMetricFamily("llm_energy_controller_decisions", "Control decisions by policy and reason.",
                                         labels=["policy", "reason"])
         for (policy, reason), n in self.c.loop.stats.decisions.items():

@@ -202,7 +202,8 @@ class VirtualDeployment:
     def control_loop(self, policy: Policy, period_s: float, max_changes_per_min: int) -> ControlLoop:
         """The real control loop on the virtual clock, observing and actuating these engines in-process."""
         observer = Observer(self.recent, self.telemetry, self.clock.now)
-        return ControlLoop(policy, observer, EngineActuator(self.engines), self.clock, period_s, max_changes_per_min)
+        actuator = EngineActuator(self.engines, self.router)
+        return ControlLoop(policy, observer, actuator, self.clock, period_s, max_changes_per_min)
 
     def generated_tokens(self) -> int:
         return sum(e.stats().generated_tokens_total for e in self.engines)

@@ -56,6 +56,8 @@ class Router:
         self.policy = policy
         self.retries = retries
         self._rr = itertools.cycle(range(len(replicas)))
+        self.pack_per_replica = 0
+        """Set by a controller (knob ``pack_per_replica``): fill replicas in order up to this many requests."""
 
     def live(self) -> list[ReplicaHandle]:
         return [r for r in self.replicas if r.alive]
@@ -70,6 +72,12 @@ class Router:
                 r = self.replicas[next(self._rr)]
                 if r in candidates:
                     return r
+        if self.pack_per_replica > 0:
+            # The busiest replica with room (ties: the first listed): the load packs onto as few replicas as the
+            # limit allows and the others drain; every replica full: the least loaded.
+            room = [r for r in candidates if r.outstanding < self.pack_per_replica]
+            if room:
+                return max(room, key=lambda r: (r.outstanding, -self.replicas.index(r)))
         # Ties go to the replica that was given the fewest requests, so light load still spreads.
         return min(candidates, key=lambda r: (r.outstanding, r.routed))
 

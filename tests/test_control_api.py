@@ -31,26 +31,30 @@ def test_reading_needs_no_token_changing_does(served) -> None:
 
 def test_pinning_knobs_applies_clamped_values_and_exports_them(served) -> None:
     try:
-        r = httpx.post(f"{served.url}/control/knobs", json={"clock_mhz": 1000, "max_num_seqs": 16}, headers=AUTH)
-        assert r.status_code == 200
+        r = httpx.post(f"{served.url}/control/knobs", json={"clock_mhz": 1000, "max_num_seqs": 16,
+                                                             "pack_per_replica": 8}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["pack_per_replica"] == 8  # the router packs up to 8 a replica
         applied = r.json()["applied"]
         assert {a["clock_mhz"] for a in applied.values()} == {960.0}  # nearest supported clock
         assert any("clamped" in n for a in applied.values() for n in a["notes"])
         values = knob_values(served.url)
         assert values[("replica-0", "clock_mhz")] == 960.0 and values[("replica-1", "max_num_seqs")] == 16
+        assert values[("router", "pack_per_replica")] == 8
         text = httpx.get(f"{served.url}/metrics").text
         assert 'llm_energy_controller_decisions_total{policy="static"' in text
         clock = 'llm_energy_clock_mhz{backend="emulated",device="emu0",provenance="modeled",replica="replica-0"}'
         assert f"{clock} 960.0" in text
-        bad = httpx.post(f"{served.url}/control/knobs", json={"clock_mhz": -5}, headers=AUTH)
-        assert bad.status_code == 400
+        for bad_knobs in ({"clock_mhz": -5}, {"pack_per_replica": -1}):
+            bad = httpx.post(f"{served.url}/control/knobs", json=bad_knobs, headers=AUTH)
+            assert bad.status_code == 400
         unknown = httpx.post(f"{served.url}/control/policy", json={"policy": "magic"}, headers=AUTH)
         assert unknown.status_code == 400 and "known" in unknown.json()["error"]["message"]
         ok = httpx.post(f"{served.url}/control/policy", json={"policy": "slo_feedback", "options": {"setpoint": 0.6}},
                         headers=AUTH)
         assert ok.status_code == 200 and ok.json()["policy"] == "slo_feedback"
     finally:
-        httpx.post(f"{served.url}/control/knobs", json={"clock_mhz": 1980, "max_num_seqs": 256}, headers=AUTH)
+        httpx.post(f"{served.url}/control/knobs", json={"clock_mhz": 1980, "max_num_seqs": 256, "pack_per_replica": 0},
+                   headers=AUTH)
 
 
 async def test_watchdog_restores_defaults_when_the_controller_goes_silent(ray_local) -> None:

@@ -86,6 +86,9 @@ class KnobSetting(BaseModel):
     max_num_seqs: int | None = Field(default=None, ge=1)
     max_num_batched_tokens: int | None = Field(default=None, ge=1)
     speculative_tokens: int | None = Field(default=None, ge=0, le=16, description="n-gram speculation; 0: off.")
+    pack_per_replica: int | None = Field(
+        default=None, ge=0, description="Router admission: fill each replica up to this many requests; 0: spread."
+    )
 
 
 class Sweep(BaseModel):
