@@ -1,14 +1,18 @@
 """Real time vs virtual time on the same campaign: per-point energy per token and p50 latencies.
 
-    python bench/virtual_vs_real.py [CAMPAIGN.yaml] [--out DIR]
+    python bench/virtual_vs_real.py [CAMPAIGN.yaml] [--out DIR] [--rate R ...] [--model M] [--repeat N]
 
-Runs the campaign twice (Ray + HTTP in real time, then in-process in virtual time, same seeds, same
-requests) and prints the relative difference of each point's figures.
+Runs the campaign in real time (Ray + HTTP, latency trace on), then in virtual time (in-process, same seeds,
+same requests) twice: with the campaign's `virtual:` path latency (the measured defaults unless the file
+sets it) and with the path latency measured in this real run's trace (``profilers/trace.py``), which
+separates how well the engine model agrees from how busy the host was. Prints each point's figures and
+their relative differences; ``--repeat`` runs the real side N times and reports the spread.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -19,42 +23,72 @@ from rich.console import Console
 from rich.table import Table
 
 from deploy.cli import main as testbed
+from profilers.trace import TRACE_ENV, path_latency, read_trace
 
-FIGURES = ["energy_per_token_j", "output_tokens_per_s", "ttft_p50_s", "tpot_p50_s", "e2e_p50_s"]
+FIGURES = ["energy_per_token_j", "ttft_p50_s", "tpot_p50_s", "e2e_p50_s"]
 
 
-def run(campaign: Path, out: Path, clock: str) -> tuple[pd.DataFrame, float]:
-    data = yaml.safe_load(campaign.read_text())
-    data["clock"] = clock
-    path = out / f"{clock}.yaml"
+def run(data: dict, out: Path, name: str) -> tuple[pd.DataFrame, float]:
+    path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     t0 = time.perf_counter()
-    code = testbed(["campaign", "run", str(path), "--out", str(out / clock), "--overwrite"])
+    code = testbed(["campaign", "run", str(path), "--out", str(out / name), "--overwrite"])
     if code != 0:
-        raise SystemExit(f"{clock}-time run failed with exit code {code}")
-    return pd.read_csv(out / clock / "points.csv"), time.perf_counter() - t0
+        raise SystemExit(f"the {name} run failed with exit code {code}")
+    return pd.read_csv(out / name / "points.csv"), time.perf_counter() - t0
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("campaign", nargs="?", type=Path, default=Path("examples/quickstart.yaml"))
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--rate", type=float, nargs="+", default=None, help="request rates instead of the sweep's")
+    p.add_argument("--model", default=None, help="engine model instead of the campaign's")
+    p.add_argument("--repeat", type=int, default=1, help="real-time runs (the spread shows the host's noise)")
     args = p.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="virtual-vs-real-"))
     out.mkdir(parents=True, exist_ok=True)
-    real, real_wall = run(args.campaign, out, "real")
-    virtual, virtual_wall = run(args.campaign, out, "virtual")
-    table = Table(
-        title=f"virtual vs real ({args.campaign}); wall {real_wall:.0f} s real, {virtual_wall:.1f} s virtual",
-    )
+    data = yaml.safe_load(args.campaign.read_text())
+    if args.rate:
+        data["sweep"] = {"rate_rps": args.rate}
+    if args.model:
+        data["deployment"]["engine"]["model"] = args.model
+    reals, walls, latencies = [], [], []
+    for i in range(args.repeat):
+        trace_dir = out / f"trace-{i}"
+        trace_dir.mkdir(exist_ok=True)
+        os.environ[TRACE_ENV] = str(trace_dir)  # inherited by the deployment process and its Ray workers
+        real, wall = run({**data, "clock": "real"}, out, f"real-{i}")
+        del os.environ[TRACE_ENV]
+        reals.append(real)
+        walls.append(wall)
+        latencies.append(path_latency(read_trace(trace_dir)))
+    virtual, virtual_wall = run({**data, "clock": "virtual"}, out, "virtual")
+    measured = {k: sum(m[k] for m in latencies) / len(latencies) for k in latencies[0]}
+    calibrated, _ = run({**data, "clock": "virtual", "virtual": measured}, out, "virtual-measured")
+    console = Console(width=240)
+    configured = data.get("virtual") or "defaults"
+    console.print(f"path latency: virtual run: {configured}; measured in the real run(s): {latencies}")
+    table = Table(title=f"virtual vs real ({args.campaign}, model {data['deployment']['engine']['model']}); "
+                  f"wall {sum(walls) / len(walls):.0f} s real, {virtual_wall:.1f} s virtual; "
+                  "diff = virtual vs real (min..max over real runs); measured = virtual with the real runs' "
+                  "path latency")
     table.add_column("point", justify="right")
     table.add_column("req/s", justify="right")
     for f in FIGURES:
-        table.add_column(f"{f} real / virtual / diff", justify="right")
-    for (_, r), (_, v) in zip(real.iterrows(), virtual.iterrows(), strict=True):
-        cells = [f"{r[f]:.4g} / {v[f]:.4g} / {(v[f] - r[f]) / r[f]:+.1%}" for f in FIGURES]
-        table.add_row(str(r["point"]), f"{r['offered_rps']:g}", *cells)
-    Console(width=220).print(table)
+        table.add_column(f"{f}\nreal / virtual: diff [measured]", justify="right")
+    for point in range(len(virtual)):
+        v, c = virtual.iloc[point], calibrated.iloc[point]
+        cells = []
+        for f in FIGURES:
+            rs = [r.iloc[point][f] for r in reals]
+            r_mid = sorted(rs)[len(rs) // 2]
+            d = sorted((v[f] - r) / r for r in rs)
+            dc = sorted((c[f] - r) / r for r in rs)
+            spread = f"{d[0]:+.1%}" if len(d) == 1 else f"{d[len(d) // 2]:+.1%} ({d[0]:+.1%}..{d[-1]:+.1%})"
+            cells.append(f"{r_mid:.4g} / {v[f]:.4g}: {spread} [{dc[len(dc) // 2]:+.1%}]")
+        table.add_row(str(v["point"]), f"{v['offered_rps']:g}", *cells)
+    console.print(table)
 
 
 if __name__ == "__main__":

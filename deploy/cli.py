@@ -64,7 +64,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
         if spec.clock == "virtual":
             from deploy.virtual import run_virtual_campaign
 
-            points = run_virtual_campaign(spec, spec.deployment, out, console)
+            points = run_virtual_campaign(spec, spec.deployment, out, console, spec.virtual)
         elif args.url:
             token = args.control_token or os.environ.get("TESTBED_CONTROL_TOKEN")
             points = run_campaign(spec, Target(args.url, args.metrics_url, token), out, console)

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from profilers import trace
 from workloads.arrivals import RequestSpec
 from workloads.prompts import synth_prompt
 
@@ -126,6 +127,10 @@ class LoadClient:
         async with client.stream("POST", "/v1/completions", json=body) as resp:
             rec.http_status = resp.status_code
             rec.replica = resp.headers.get("x-replica", "")
+            rid = resp.headers.get("x-request-id", "")
+            if trace.enabled() and rid:
+                trace.mark(rid, "client.send", t_send)
+                trace.mark(rid, "client.headers")
             if resp.status_code != 200:
                 raw = await resp.aread()
                 rec.status, rec.error = "failed", f"HTTP {resp.status_code}: {_error_message(raw)}"
@@ -143,6 +148,8 @@ class LoadClient:
                 choices = obj.get("choices") or []
                 if choices and choices[0].get("text"):
                     chunk_times.append(time.perf_counter())
+                    if len(chunk_times) == 1 and trace.enabled():
+                        trace.mark(rid, "client.first_chunk", chunk_times[0])
                 if obj.get("usage"):
                     usage = obj["usage"]
                 if obj.get("energy"):
@@ -154,6 +161,8 @@ class LoadClient:
             rec.status, rec.error = "failed", "the stream ended without a token"
             return
         t_end = chunk_times[-1]
+        if trace.enabled():
+            trace.mark(rid, "client.last_chunk", t_end)
         rec.output_tokens = int(usage["completion_tokens"]) if usage else len(chunk_times)
         rec.ttft_s = chunk_times[0] - t_send
         rec.e2e_s = t_end - t_send

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from profilers import trace
 from profilers.clock import Clock, RealClock
 from profilers.types import DeviceInfo, PowerReading, Provenance
 from serving.config import EmulatedEngineConfig
@@ -240,6 +241,7 @@ class EmulatedEngine:
                 code="context_length_exceeded",
             )
         seq = _Sequence(request, prompt_len, max_tokens, asyncio.Queue())
+        trace.mark(request.request_id, "engine.admit", self.clock.now())
         self._waiting.append(seq)
         self._wake.set()
         return seq
@@ -314,6 +316,12 @@ class EmulatedEngine:
             self._energy_j = self._idle_j + self._prefill_j + self._decode_j
             cost = iteration_cost(self.device, self.model, [w for _, w in plan], self.clock_mhz)
             self._inflight = (t0, cost)
+            if trace.enabled():
+                woke = self.clock.now()
+                for seq, work in plan:
+                    if work.is_prefill and work.context_tokens == 0:
+                        trace.mark(seq.request.request_id, "engine.iteration_woke", woke)
+                        trace.mark(seq.request.request_id, "engine.iteration_start", t0)
             try:
                 await self.clock.sleep(t0 + cost.time_s - self.clock.now())
             finally:
@@ -356,6 +364,10 @@ class EmulatedEngine:
         seq.generated += 1
         self._generated_tokens += 1
         finished = seq.generated >= seq.max_tokens
+        if trace.enabled() and (index == 0 or finished):  # modeled emission time, then the clock's
+            which = "first" if index == 0 else "last"
+            trace.mark(rid, f"engine.{which}_token_modeled", self._accounted_until)
+            trace.mark(rid, f"engine.{which}_token", self.clock.now())
         if finished:
             seq.done = True
             self._running.remove(seq)
