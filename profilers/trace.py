@@ -18,7 +18,7 @@ from typing import TextIO
 TRACE_ENV = "TESTBED_LATENCY_TRACE"
 
 _file: TextIO | None = None
-_pid: int | None = None
+_key: tuple[int, str] | None = None
 
 
 def enabled() -> bool:
@@ -27,12 +27,13 @@ def enabled() -> bool:
 
 def mark(request_id: str, stage: str, t: float | None = None) -> None:
     """Record that ``request_id`` reached ``stage`` now (or at monotonic time ``t``); a no-op when off."""
-    if not os.environ.get(TRACE_ENV):
+    directory = os.environ.get(TRACE_ENV)
+    if not directory:
         return
-    global _file, _pid
-    if _file is None or _pid != os.getpid():  # a forked child opens a file of its own
-        _pid = os.getpid()
-        _file = (Path(os.environ[TRACE_ENV]) / f"trace-{_pid}.tsv").open("a", buffering=1)
+    global _file, _key
+    if _file is None or _key != (os.getpid(), directory):  # a forked child or a new directory: a new file
+        _key = (os.getpid(), directory)
+        _file = (Path(directory) / f"trace-{_key[0]}.tsv").open("a", buffering=1)
     _file.write(f"{request_id}\t{stage}\t{time.monotonic() if t is None else t:.7f}\n")
 
 

@@ -55,6 +55,7 @@ class _Sequence:
     prefill_j: float = 0.0
     decode_j: float = 0.0
     done: bool = False
+    admitted_s: float = 0.0
     kv_reserved: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -240,8 +241,8 @@ class EmulatedEngine:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        seq = _Sequence(request, prompt_len, max_tokens, asyncio.Queue())
-        trace.mark(request.request_id, "engine.admit", self.clock.now())
+        seq = _Sequence(request, prompt_len, max_tokens, asyncio.Queue(), admitted_s=self.clock.now())
+        trace.mark(request.request_id, "engine.admit", seq.admitted_s)
         self._waiting.append(seq)
         self._wake.set()
         return seq
@@ -269,7 +270,8 @@ class EmulatedEngine:
         elif seq in self._waiting:
             self._waiting.remove(seq)
 
-    def _schedule(self) -> list[tuple[_Sequence, SequenceWork]]:
+    def _schedule(self, t0: float) -> list[tuple[_Sequence, SequenceWork]]:
+        """The iteration starting at ``t0``: requests admitted after ``t0`` wait for the next one."""
         budget = self.config.max_num_batched_tokens
         plan: list[tuple[_Sequence, SequenceWork]] = []
         for seq in self._running:  # decodes first: one token each, plus k proposals to verify if speculating
@@ -285,6 +287,7 @@ class EmulatedEngine:
                 budget -= chunk
         while (
             self._waiting
+            and self._waiting[0].admitted_s <= t0
             and budget > 0
             and len(self._running) < self.max_num_seqs
             and self._kv_used + self._waiting[0].kv_reserved <= self.kv_capacity_tokens
@@ -300,18 +303,20 @@ class EmulatedEngine:
     async def _run(self) -> None:
         busy_until: float | None = None  # modeled end of the previous iteration while the engine stays busy
         while True:
-            plan = self._schedule()
+            now = self.clock.now()
+            # Back-to-back iterations start at the previous one's modeled end, so a real clock's sleep
+            # overshoot (~1 ms per iteration on a loaded host) does not accumulate into the timeline;
+            # a lag beyond MAX_LAG_S (a starved host) is given up rather than caught up in a burst.
+            t0 = busy_until if busy_until is not None and now - busy_until <= MAX_LAG_S else now
+            plan = self._schedule(t0)  # a request that arrived during the overshoot waits, as in virtual time
+            if not plan and t0 < now:  # only such requests: the engine was idle since busy_until
+                t0 = now
+                plan = self._schedule(t0)
             if not plan:
                 busy_until = None
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            t0 = self.clock.now()
-            # Back-to-back iterations start at the previous one's modeled end, so a real clock's sleep
-            # overshoot (~1 ms per iteration on a loaded host) does not accumulate into the timeline;
-            # a lag beyond MAX_LAG_S (a starved host) is given up rather than caught up in a burst.
-            if busy_until is not None and t0 - busy_until <= MAX_LAG_S:
-                t0 = busy_until
             self._idle_j += self._pending_idle_j(t0)
             self._energy_j = self._idle_j + self._prefill_j + self._decode_j
             cost = iteration_cost(self.device, self.model, [w for _, w in plan], self.clock_mhz)
