@@ -79,6 +79,11 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
             deployment = d.model_copy(update={"controller": d.controller.model_copy(update={"token": token})})
             with LocalDeployment(deployment, out / "deployment.log") as url:
                 points = run_campaign(spec, Target(url, args.metrics_url, token), out, console)
+        if spec.deployment.engine.kind == "emulated" and not args.url and not points.empty:
+            from deploy.compare import with_floor
+
+            points = with_floor(points, out, spec)  # the device's physical floor next to each point
+            points.to_csv(out / "points.csv", index=False)
         write_report(out)
         return points
 
