@@ -51,8 +51,10 @@ def main() -> None:
     p.add_argument("campaign", nargs="?", type=Path, default=Path("examples/quickstart.yaml"))
     p.add_argument("--rate", type=float, default=None, help="one request rate instead of the campaign's sweep")
     p.add_argument("--duration", type=float, default=None, help="seconds per point instead of the campaign's")
+    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    out = Path(tempfile.mkdtemp(prefix="real-path-"))
+    out = args.out or Path(tempfile.mkdtemp(prefix="real-path-"))
+    out.mkdir(parents=True, exist_ok=True)
     data = yaml.safe_load(args.campaign.read_text())
     data["clock"] = "real"
     if args.rate is not None:
@@ -61,7 +63,7 @@ def main() -> None:
         data["workload"]["duration_s"] = args.duration
     (out / "campaign.yaml").write_text(yaml.safe_dump(data))
     trace_dir = out / "trace"
-    trace_dir.mkdir()
+    trace_dir.mkdir(exist_ok=True)
     os.environ[TRACE_ENV] = str(trace_dir)  # inherited by the deployment process and its Ray workers
     from deploy.cli import main as testbed
 

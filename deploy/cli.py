@@ -123,8 +123,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     updates = {k: v for k, v in given if v is not None}
     config = config.model_validate({**config.model_dump(), **updates})
     _preflight(config)
-    asyncio.run(serve(config, Path(args.ready_file) if args.ready_file else None))
+    with asyncio.Runner(loop_factory=_fast_loop()) as runner:
+        runner.run(serve(config, Path(args.ready_file) if args.ready_file else None))
     return 0
+
+
+def _fast_loop():  # type: ignore[no-untyped-def]
+    """uvloop's event loop where it is installed: the front door handles every streamed token, and the
+    standard loop costs about twice its CPU per chunk."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def cmd_controller_run(args: argparse.Namespace) -> int:
