@@ -129,6 +129,7 @@ class EmulatedEngine:
         # token of each request, which saves the per-token event plumbing (the model is unchanged).
         self.on_token: Callable[[str, float], None] | None = None
         self.stream_every_token = True
+        self._trace = trace.enabled()  # read once: the token loop is hot in virtual time
 
     # --- Engine protocol -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -242,7 +243,8 @@ class EmulatedEngine:
                 code="context_length_exceeded",
             )
         seq = _Sequence(request, prompt_len, max_tokens, asyncio.Queue(), admitted_s=self.clock.now())
-        trace.mark(request.request_id, "engine.admit", seq.admitted_s)
+        if self._trace:
+            trace.mark(request.request_id, "engine.admit", seq.admitted_s)
         self._waiting.append(seq)
         self._wake.set()
         return seq
@@ -321,7 +323,7 @@ class EmulatedEngine:
             self._energy_j = self._idle_j + self._prefill_j + self._decode_j
             cost = iteration_cost(self.device, self.model, [w for _, w in plan], self.clock_mhz)
             self._inflight = (t0, cost)
-            if trace.enabled():
+            if self._trace:
                 woke = self.clock.now()
                 for seq, work in plan:
                     if work.is_prefill and work.context_tokens == 0:
@@ -369,7 +371,7 @@ class EmulatedEngine:
         seq.generated += 1
         self._generated_tokens += 1
         finished = seq.generated >= seq.max_tokens
-        if trace.enabled() and (index == 0 or finished):  # modeled emission time, then the clock's
+        if self._trace and (index == 0 or finished):  # modeled emission time, then the clock's
             which = "first" if index == 0 else "last"
             trace.mark(rid, f"engine.{which}_token_modeled", self._accounted_until)
             trace.mark(rid, f"engine.{which}_token", self.clock.now())
