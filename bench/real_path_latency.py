@@ -87,7 +87,7 @@ def main() -> None:
         d = [(t[b] - t[a]) * 1e3 for t in traces if a in t and b in t]
         table.add_row(name, "", f"{q(d, 0.5):.2f}", f"{q(d, 0.9):.2f}", style="bold")
     Console(width=160).print(table)
-    print(f"trace: {trace_dir}\nmeasured path latency (log-normal: median, ln(p90 / p50) / 1.2816), for the "
+    print(f"trace: {trace_dir}\nmeasured path latency (log-normal: median, ln(p75 / p50) / 0.6745), for the "
           "campaign file's `virtual:` section:")
     print(f"virtual: {path_latency(read_trace(trace_dir))}".replace("'", ""))
 

@@ -3,9 +3,9 @@
     python bench/virtual_vs_real.py [CAMPAIGN.yaml] [--out DIR] [--rate R ...] [--model M] [--repeat N]
 
 Runs the campaign in real time (Ray + HTTP, latency trace on), then in virtual time (in-process, same seeds,
-same requests) twice: with the campaign's `virtual:` path latency (the measured defaults unless the file
-sets it) and with the path latency measured in this real run's trace (``profilers/trace.py``), which
-separates how well the engine model agrees from how busy the host was. Prints each point's figures and
+same requests): with the campaign's `virtual:` path latency (the measured defaults unless the file sets
+it), and once per point with the path latency traced at that point of the real runs (``profilers/trace.py``),
+which separates how well the engine model agrees from how busy the host was. Prints each point's figures and
 their relative differences; ``--repeat`` runs the real side N times and reports the spread.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +37,17 @@ def run(data: dict, out: Path, name: str) -> tuple[pd.DataFrame, float]:
     if code != 0:
         raise SystemExit(f"the {name} run failed with exit code {code}")
     return pd.read_csv(out / name / "points.csv"), time.perf_counter() - t0
+
+
+def per_point(traces: dict[str, dict[str, float]], counts: list[int]) -> list[dict[str, float]]:
+    """The path latency of each point: points run one after another, so requests in send order split by the
+    points' request counts."""
+    done = sorted((t for t in traces.values() if "client.send" in t), key=lambda t: t["client.send"])
+    out, i = [], 0
+    for n in counts:
+        out.append(path_latency(dict(enumerate(done[i:i + n]))))
+        i += n
+    return out
 
 
 def main() -> None:
@@ -62,13 +74,17 @@ def main() -> None:
         del os.environ[TRACE_ENV]
         reals.append(real)
         walls.append(wall)
-        latencies.append(path_latency(read_trace(trace_dir)))
+        latencies.append(per_point(read_trace(trace_dir), real["requests"].tolist()))
     virtual, virtual_wall = run({**data, "clock": "virtual"}, out, "virtual")
-    measured = {k: sum(m[k] for m in latencies) / len(latencies) for k in latencies[0]}
-    calibrated, _ = run({**data, "clock": "virtual", "virtual": measured}, out, "virtual-measured")
     console = Console(width=240)
-    configured = data.get("virtual") or "defaults"
-    console.print(f"path latency: virtual run: {configured}; measured in the real run(s): {latencies}")
+    console.print(f"path latency of the virtual run: {data.get('virtual') or 'defaults'}")
+    rows = []  # point p of a virtual run with the path latency traced at point p (median over the real runs)
+    for point in range(len(virtual)):
+        measured = {k: statistics.median(lat[point][k] for lat in latencies) for k in latencies[0][point]}
+        console.print(f"point {point}: path latency measured in the real run(s): {measured}")
+        frame, _ = run({**data, "clock": "virtual", "virtual": measured}, out, f"virtual-measured-{point}")
+        rows.append(frame.iloc[point])
+    calibrated = pd.DataFrame(rows)
     table = Table(title=f"virtual vs real ({args.campaign}, model {data['deployment']['engine']['model']}); "
                   f"wall {sum(walls) / len(walls):.0f} s real, {virtual_wall:.1f} s virtual; "
                   "diff = virtual vs real (min..max over real runs); measured = virtual with the real runs' "

@@ -53,12 +53,13 @@ def _quantile(xs: list[float], p: float) -> float:
 
 
 def lognormal_fit(xs: list[float]) -> tuple[float, float]:
-    """Median and shape ``sigma`` of the log-normal through the sample's p50 and p90."""
+    """Median and shape ``sigma`` of the log-normal through the sample's p50 and p75: the body of the
+    distribution, which sets the median of a sum, not the tail of a host's stalls."""
     if not xs:
         raise ValueError("no samples to fit")
     median = statistics.median(xs)
-    p90 = _quantile(xs, 0.9)
-    return median, (math.log(p90 / median) / 1.2816 if median > 0 and p90 > median else 0.0)
+    p75 = _quantile(xs, 0.75)
+    return median, (math.log(p75 / median) / 0.6745 if median > 0 and p75 > median else 0.0)
 
 
 def path_latency(traces: dict[str, dict[str, float]]) -> dict[str, float]:
