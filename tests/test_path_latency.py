@@ -4,6 +4,7 @@ the engine admits requests at iteration boundaries the same way on either clock.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 from pathlib import Path
 
@@ -144,3 +145,25 @@ async def test_no_iteration_starts_before_a_request_in_it_arrived(
     stages = trace.read_trace(tmp_path)
     assert len(stages) == 60
     assert all(s["engine.iteration_start"] >= s["engine.admit"] for s in stages.values())
+
+
+async def test_tokens_between_the_first_and_last_travel_together() -> None:
+    """The stream interval cuts messages, not latency: the first token and the last leave when generated."""
+    clock = VirtualClock()
+    engine = EmulatedEngine(EmulatedEngineConfig(max_model_len=1024, stream_interval_s=0.02), "r", clock=clock)
+    token_times: list[float] = []
+    engine.on_token = lambda rid, t: token_times.append(t)
+    seen: list[tuple[float, int, bool]] = []
+
+    async def go() -> None:
+        await engine.start()
+        req = GenerationRequest("a", prompt_token_ids=[1] * 64, max_tokens=40)
+        async for ev in engine.generate(req):
+            seen.append((clock.now(), len(ev.token_ids), ev.finished))
+        await engine.stop()
+
+    await clock.run(go())
+    assert sum(n for _, n, _ in seen) == 40 and seen[-1][2]
+    assert seen[0] == (token_times[0], 1, False) and seen[-1][0] == token_times[-1]
+    assert len(seen) < 40 / 2  # ~6.7 ms per decode step: about three tokens per message
+    assert all(b - a >= 0.02 - 1e-9 for (a, _, _), (b, _, _) in itertools.pairwise(seen[1:-1]))
