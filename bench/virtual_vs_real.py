@@ -39,15 +39,20 @@ def run(data: dict, out: Path, name: str) -> tuple[pd.DataFrame, float]:
     return pd.read_csv(out / name / "points.csv"), time.perf_counter() - t0
 
 
-def per_point(traces: dict[str, dict[str, float]], counts: list[int]) -> list[dict[str, float]]:
-    """The path latency of each point: points run one after another, so requests in send order split by the
-    points' request counts."""
+def split(traces: dict[str, dict[str, float]], counts: list[int]) -> list[list[dict[str, float]]]:
+    """Traced requests per point: points run one after another, so requests in send order split by the points'
+    request counts."""
     done = sorted((t for t in traces.values() if "client.send" in t), key=lambda t: t["client.send"])
     out, i = [], 0
     for n in counts:
-        out.append(path_latency(dict(enumerate(done[i:i + n]))))
+        out.append(done[i:i + n])
         i += n
     return out
+
+
+def engine_ttft_p50(traced: list[dict[str, float]]) -> float:
+    """TTFT as the engine sees it: admission to the first token's modeled emission (no HTTP, no Ray)."""
+    return statistics.median(t["engine.first_token_modeled"] - t["engine.admit"] for t in traced)
 
 
 def main() -> None:
@@ -65,7 +70,7 @@ def main() -> None:
         data["sweep"] = {"rate_rps": args.rate}
     if args.model:
         data["deployment"]["engine"]["model"] = args.model
-    reals, walls, latencies = [], [], []
+    reals, walls, latencies, engine_side = [], [], [], []
     for i in range(args.repeat):
         trace_dir = out / f"trace-{i}"
         trace_dir.mkdir(exist_ok=True)
@@ -74,7 +79,9 @@ def main() -> None:
         del os.environ[TRACE_ENV]
         reals.append(real)
         walls.append(wall)
-        latencies.append(per_point(read_trace(trace_dir), real["requests"].tolist()))
+        points = split(read_trace(trace_dir), real["requests"].tolist())
+        latencies.append([path_latency(dict(enumerate(p))) for p in points])
+        engine_side.append([engine_ttft_p50(p) for p in points])
     virtual, virtual_wall = run({**data, "clock": "virtual"}, out, "virtual")
     console = Console(width=240)
     console.print(f"path latency of the virtual run: {data.get('virtual') or 'defaults'}")
@@ -105,6 +112,19 @@ def main() -> None:
             cells.append(f"{r_mid:.4g} / {v[f]:.4g}: {spread} [{dc[len(dc) // 2]:+.1%}]")
         table.add_row(str(v["point"]), f"{v['offered_rps']:g}", *cells)
     console.print(table)
+    # What the virtual run simulates step by step, without the path: the engines' own TTFT.
+    bare = {"request_latency_s": 0, "response_latency_s": 0}
+    engines, _ = run({**data, "clock": "virtual", "virtual": bare}, out, "virtual-engines")
+    view = Table(title="TTFT p50 inside the engines (admission to first token): real (trace) vs virtual (no path)")
+    for col in ("point", "req/s", "real ms (runs)", "virtual ms", "diff"):
+        view.add_column(col, justify="right")
+    for point in range(len(engines)):
+        rs = sorted(e[point] for e in engine_side)
+        v = engines.iloc[point]["ttft_p50_s"]
+        mid = rs[len(rs) // 2]
+        view.add_row(str(point), f"{engines.iloc[point]['offered_rps']:g}",
+                     " ".join(f"{r * 1e3:.2f}" for r in rs), f"{v * 1e3:.2f}", f"{(v - mid) / mid:+.1%}")
+    console.print(view)
 
 
 if __name__ == "__main__":
