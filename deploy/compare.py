@@ -16,6 +16,7 @@ COMPARE_COLUMNS = {
     "offered_rps": "offered req/s",
     "output_tokens_per_s": "out tok/s",
     "energy_per_token_j": "J/token",
+    "x_floor": "x floor",
     "mean_power_w": "mean W",
     "ttft_p99_s": "TTFT p99 s",
     "tpot_p99_s": "TPOT p99 s",
@@ -51,7 +52,9 @@ def run_comparison(
         sub = variant_spec(spec, variant)
         console.rule(f"{variant.name}: {sub.deployment.engine.device} / {sub.deployment.engine.model}")
         points = run_one(sub, out / variant.name)
-        frames.append(with_floor(points, out / variant.name, sub).assign(device=variant.name))
+        if "floor_j_per_token" not in points.columns:
+            points = with_floor(points, out / variant.name, sub)
+        frames.append(points.assign(device=variant.name))
     table = pd.concat(frames, ignore_index=True)
     table.to_csv(out / "compare.csv", index=False)
     print_comparison(console, table)

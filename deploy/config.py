@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import random
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
@@ -42,6 +44,38 @@ class EngineVariant(BaseModel):
         return self.label or Path(self.device).stem
 
 
+class PathLatency(BaseModel):
+    """What the real serving path adds to a request that the engine model does not; a virtual-time run adds
+    it so its latencies are those a client of a real-time run measures. Each request draws its two delays
+    from log-normal distributions (median, shape ``sigma``; 0 makes them constant), seeded by the request.
+    Defaults: the testbed's own path (httpx client, uvicorn front door, router, Ray actor) on a shared 2-core
+    host, medians over three traced real-time runs of the quickstart (2 and 8 req/s, host load ~4;
+    ``python bench/real_path_latency.py`` prints these four values); re-measure for another host or deployment,
+    or set the medians to 0 to simulate the engines alone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_latency_s: float = Field(
+        default=0.0080, ge=0, le=10,
+        description="Median, client send to engine admission: HTTP request, front door, router, Ray actor call.",
+    )
+    response_latency_s: float = Field(
+        default=0.0049, ge=0, le=10,
+        description="Median, a token's modeled emission to the client reading it: the engine's timer overshoot, "
+        "Ray streaming, front door SSE, client parsing. Shifts every token of the request (TPOT unchanged).",
+    )
+    request_sigma: float = Field(default=0.6, ge=0, le=3, description="Log-normal shape of the request latency.")
+    response_sigma: float = Field(default=0.59, ge=0, le=3, description="Log-normal shape of the response latency.")
+
+    def draw(self, key: str) -> tuple[float, float]:
+        """(request, response) latency of the request ``key``: reproducible, independent of arrival order."""
+        rng = random.Random(key)
+        return (
+            self.request_latency_s * math.exp(self.request_sigma * rng.gauss()),
+            self.response_latency_s * math.exp(self.response_sigma * rng.gauss()),
+        )
+
+
 class CampaignFile(CampaignSpec):
     """A campaign plus the deployment to start for it (ignored with ``--url``)."""
 
@@ -50,6 +84,10 @@ class CampaignFile(CampaignSpec):
         default="real",
         description="real: serve over Ray and HTTP and sleep the modeled time; virtual: simulate the same "
         "engines and router in-process on a discrete-event clock (emulated engines only).",
+    )
+    virtual: PathLatency = Field(
+        default_factory=PathLatency,
+        description="clock: virtual only: the latency of the real serving path, added to each request.",
     )
     compare: list[EngineVariant] | None = Field(
         default=None, min_length=1,

@@ -24,6 +24,9 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(
+            # "local": a new instance even when another one runs on this host (`ray start`, another
+            # deployment): without an address Ray joins the latest cluster started here, and fails on num_cpus.
+            address="local",
             num_cpus=int(num_cpus) if num_cpus else None,
             include_dashboard=False,
             log_to_driver=False,

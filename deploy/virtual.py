@@ -3,6 +3,11 @@
 Every wait in the engines goes through :class:`VirtualClock`; when every task is blocked, the clock jumps
 to the next timer instead of sleeping, so a campaign runs as fast as the model can be evaluated. The
 results use the same schema as a real-time campaign (``points.csv``, ``requests.parquet``).
+
+What HTTP and Ray add on a real path is not simulated step by step but as two measured delays drawn per
+request (:class:`deploy.config.PathLatency`): the request reaches the router that long after the client
+sends it, and the client reads each token that long after the engine emits it. Everything in between
+(routing, admission at iteration boundaries, batching) is the same code as in real time.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from controllers.config import ControllerConfig
 from controllers.loop import ControlLoop
 from controllers.observe import Observer
 from controllers.policies import Policy, SLOTargets, build_policy
+from deploy.config import PathLatency
 from profilers.footprint import load_site_profile
 from profilers.meter import Measurement, snapshot, window_energy
 from serving.api import RecentRequests
@@ -140,8 +146,10 @@ class LocalActor:
 class VirtualDeployment:
     """Replicas of an emulated engine behind the real router, all on one virtual clock."""
 
-    def __init__(self, config: ServingConfig, clock: VirtualClock) -> None:
+    def __init__(self, config: ServingConfig, clock: VirtualClock, latency: PathLatency | None = None) -> None:
         self.clock = clock
+        self.latency = latency or PathLatency()
+        self.seed = config.engine.seed
         self.engines = [EmulatedEngine(config.engine, f"replica-{i}", clock=clock) for i in range(config.replicas)]
         self._token_times: dict[str, list[float]] = {}
         for e in self.engines:
@@ -170,6 +178,8 @@ class VirtualDeployment:
         t_send = self.clock.now()
         rec.actual_send_s = t_send - start_s
         self.recent.arrive(t_send)
+        there, back = self.latency.draw(f"{self.seed}:{rec.point}:{rec.request_index}")
+        await self.clock.sleep(there)  # HTTP, front door, Ray actor call
         req = GenerationRequest(
             request_id=f"p{rec.point}-{rec.request_index}",
             prompt_token_ids=[0] * rec.prompt_tokens,
@@ -184,7 +194,7 @@ class VirtualDeployment:
             rec.status, rec.http_status, rec.error = "failed", 400, str(e)
             return
         assert last is not None
-        times = self._token_times.pop(req.request_id)
+        times = [t + back for t in self._token_times.pop(req.request_id)]  # when the client reads them
         rec.replica, rec.output_tokens = last.replica, last.output_tokens
         rec.energy_j, rec.energy_provenance = last.energy_j, last.provenance
         rec.ttft_s = times[0] - t_send
@@ -297,9 +307,11 @@ def _policy_for(
     return (build_policy(ctl.policy, slo, **ctl.options) if ctl.enabled else None), ctl
 
 
-async def _campaign(spec: CampaignSpec, config: ServingConfig, clock: VirtualClock, store: ResultStore) -> None:
+async def _campaign(
+    spec: CampaignSpec, config: ServingConfig, clock: VirtualClock, store: ResultStore, latency: PathLatency | None
+) -> None:
     site = load_site_profile(spec.site)
-    deployment = VirtualDeployment(config, clock)
+    deployment = VirtualDeployment(config, clock, latency)
     await deployment.start()
     try:
         w = spec.workload
@@ -338,9 +350,11 @@ async def _campaign(spec: CampaignSpec, config: ServingConfig, clock: VirtualClo
 
 
 def run_virtual_campaign(
-    spec: CampaignSpec, config: ServingConfig, out: Path, console: Console | None = None
+    spec: CampaignSpec, config: ServingConfig, out: Path, console: Console | None = None,
+    latency: PathLatency | None = None,
 ) -> pd.DataFrame:
-    """Run every point not yet in ``out`` in virtual time; return ``points.csv`` as a frame."""
+    """Run every point not yet in ``out`` in virtual time; return ``points.csv`` as a frame. ``latency``: what
+    the real serving path adds to each request (default: the testbed's own path as measured)."""
     console = console or Console()
     out.mkdir(parents=True, exist_ok=True)
     store = ResultStore(out)
@@ -351,6 +365,6 @@ def run_virtual_campaign(
         f"virtual time: {config.replicas} x {config.engine.device} replicas of {config.engine.model}, "
         f"{len(spec.sweep.points())} point(s)"
     )
-    asyncio.run(clock.run(_campaign(spec, config, clock, store)))
+    asyncio.run(clock.run(_campaign(spec, config, clock, store, latency)))
     write_manifest(out, spec, target, "finished")
     return store.points()

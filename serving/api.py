@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from profilers import trace
 from profilers.exporter import ExportSnapshot, build_registry
 from profilers.footprint import SiteProfile
 from serving.router import NoReplicaError, ReplicaFailedError, Router
@@ -134,6 +135,7 @@ class FrontDoor:
             ignore_eos=body.ignore_eos, temperature=body.temperature, seed=body.seed, messages=messages,
         )
         t_arrival = time.perf_counter()
+        trace.mark(rid, "door.receive", t_arrival)
         self.recent.arrive(t_arrival)
         stream = self.router.stream(request)
         # Take the first event before answering, so a rejected request gets a 400, not a broken stream.
@@ -146,12 +148,13 @@ class FrontDoor:
         except StopAsyncIteration:
             return error_response(500, "the engine finished without producing a token", code="empty_stream")
         timing = _Timing(t_arrival, time.perf_counter())
+        trace.mark(rid, "door.first_event", timing.first)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
                 self._sse(rid, first, stream, chat, include_usage, timing),
                 media_type="text/event-stream",
-                headers={"x-replica": first.replica, "cache-control": "no-cache"},
+                headers={"x-replica": first.replica, "x-request-id": rid, "cache-control": "no-cache"},
             )
         text, last = [first.text], first
         try:
@@ -215,6 +218,7 @@ class FrontDoor:
         self, rid: str, first: TokenEvent, rest: AsyncIterator[TokenEvent], chat: bool, include_usage: bool,
         timing: _Timing,
     ) -> AsyncIterator[str]:
+        trace.mark(rid, "door.first_chunk")
         yield _sse(self._chunk(rid, first, chat, first=True))
         last = first
         try:

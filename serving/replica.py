@@ -12,6 +12,7 @@ from typing import Any
 
 import ray
 
+from profilers import trace
 from profilers.types import DeviceInfo, PowerReading
 from serving.config import parse_engine_config
 from serving.engine import Engine, build_engine
@@ -55,7 +56,10 @@ class Replica:
         return {"replica": self.replica, "backend": self.engine.backend, **(describe() if describe else {})}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        trace.mark(request.request_id, "actor.receive")
         async for event in self.engine.generate(request):
+            if event.index == 0:
+                trace.mark(request.request_id, "actor.first_event")
             yield event
 
     async def telemetry(self) -> Telemetry:

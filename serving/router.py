@@ -11,6 +11,7 @@ from typing import Any
 
 import ray.exceptions
 
+from profilers import trace
 from profilers.exporter import DeviceSample, ExportSnapshot, ReplicaSample
 from serving.replica import Telemetry
 from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
@@ -95,9 +96,12 @@ class Router:
             replica.outstanding += 1
             replica.routed += 1
             try:
+                trace.mark(request.request_id, "router.dispatch")
                 gen = replica.actor.generate.options(num_returns="streaming").remote(request)
                 async for ref in gen:
                     event: TokenEvent = await ref
+                    if not started:
+                        trace.mark(request.request_id, "router.first_event")
                     started = True
                     yield event
                 return

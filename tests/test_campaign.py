@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from deploy.cli import main
+from profilers import trace
 from profilers.footprint import J_PER_KWH, load_site_profile
 from workloads.results import POINT_COLUMNS
 
@@ -172,8 +173,10 @@ def test_resume_skips_finished_points(served, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_cli_starts_and_stops_its_own_deployment(tmp_path: Path, capsys) -> None:
-    """The quickstart path: `testbed campaign run` without --url brings up Ray + front door in a child process."""
+def test_cli_starts_and_stops_its_own_deployment(tmp_path: Path, capsys, monkeypatch) -> None:
+    """The quickstart path: `testbed campaign run` without --url brings up Ray + front door in a child process.
+    With the latency trace on, every process of the path marks each request's stages on one time line."""
+    monkeypatch.setenv(trace.TRACE_ENV, str(tmp_path))
     path = write_campaign(
         tmp_path, deployment={"replicas": 2, "engine": {"model": "qwen2.5-0.5b", "max_model_len": 2048}},
         workload={"duration_s": 2, "output_tokens": {"kind": "fixed", "value": 8}}, sweep={"rate_rps": [3]},
@@ -185,6 +188,16 @@ def test_cli_starts_and_stops_its_own_deployment(tmp_path: Path, capsys) -> None
     assert p["completed"] == p["requests"] > 0 and p["energy_j"] > 0
     log = (out / "deployment.log").read_text()
     assert "serving qwen2.5-0.5b" in log and "stopped cleanly" in log
+    assert p["floor_j_per_token"] > 0 and p["x_floor"] > 1
+    stages = trace.read_trace(tmp_path)
+    path = ["client.send", "door.receive", "router.dispatch", "actor.receive", "engine.admit",
+            "engine.iteration_start", "engine.first_token_modeled", "engine.first_token", "actor.first_event",
+            "router.first_event", "door.first_chunk", "client.first_chunk"]
+    assert len(stages) == p["requests"]
+    for marks in stages.values():
+        times = [marks[s] for s in path]
+        assert times == sorted(times), marks  # one monotonic clock across client, front door, actor, engine
+    assert trace.path_latency(stages)["request_latency_s"] > 0
 
 
 @pytest.mark.slow

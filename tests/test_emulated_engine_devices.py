@@ -31,7 +31,8 @@ async def _generate(engine: EmulatedEngine, clock: VirtualClock, n_tokens: int) 
 )
 async def test_every_kind_serves_a_small_decoder(device: str, dtype: str | None) -> None:
     clock = VirtualClock()
-    cfg = EmulatedEngineConfig(device=device, model="smollm2-135m", dtype=dtype, max_model_len=1024)
+    cfg = EmulatedEngineConfig(device=device, model="smollm2-135m", dtype=dtype, max_model_len=1024,
+                               stream_interval_s=0)  # one event per token
     engine = EmulatedEngine(cfg, "replica-0", clock=clock)
     events = await _generate(engine, clock, 8)
     assert [e.index for e in events] == list(range(8)) and events[-1].finished
@@ -91,7 +92,7 @@ class _OvershootingClock(VirtualClock):
 
 async def test_sleep_overshoot_does_not_accumulate_into_the_timeline() -> None:
     clock = _OvershootingClock()
-    engine = EmulatedEngine(EmulatedEngineConfig(max_model_len=1024), "r", clock=clock)
+    engine = EmulatedEngine(EmulatedEngineConfig(max_model_len=1024, stream_interval_s=0), "r", clock=clock)
     events = await _generate(engine, clock, 40)
     assert len(events) == 40
     # Back-to-back iterations follow the modeled timeline: at most one overshoot is charged as idle,

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from profilers import trace
 from workloads.arrivals import LengthSampler, LengthStream, RequestSpec
 from workloads.http1 import ConnectionPool, Endpoint, Exchange, post_request
 from workloads.prompts import PromptFn, synth_prompt
@@ -96,10 +97,13 @@ class RawResponse:
     replica: str
     error: str
     pieces: list[tuple[float, bytes]]
+    request_id: str = ""
+    headers_at: float = 0.0
 
     @classmethod
     def of(cls, ex: Exchange) -> RawResponse:
-        return cls(ex.sent_at, ex.status, ex.headers.get("x-replica", ""), ex.error, ex.pieces)
+        return cls(ex.sent_at, ex.status, ex.headers.get("x-replica", ""), ex.error, ex.pieces,
+                   ex.headers.get("x-request-id", ""), ex.headers_at)
 
 
 class LoadGeneratorError(RuntimeError):
@@ -304,6 +308,10 @@ def _read_stream(rec: RequestRecord, ex: RawResponse) -> None:
         rec.status, rec.error = "failed", "the stream ended without a token"
         return
     t_send = ex.sent_at
+    if trace.enabled() and ex.request_id:  # the latency trace across the serving path (profilers/trace.py)
+        for stage, t in (("client.send", t_send), ("client.headers", ex.headers_at),
+                         ("client.first_chunk", chunk_times[0]), ("client.last_chunk", chunk_times[-1])):
+            trace.mark(ex.request_id, stage, t)
     rec.output_tokens = int(usage["completion_tokens"]) if usage else len(chunk_times)
     rec.ttft_s = chunk_times[0] - t_send
     rec.e2e_s = chunk_times[-1] - t_send

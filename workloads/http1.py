@@ -62,6 +62,7 @@ class Exchange:
     sent_at: float = 0.0
     """perf_counter() right after the request was handed to the socket."""
     status: int = 0
+    headers_at: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
     pieces: list[tuple[float, bytes]] = field(default_factory=list)
     """Body pieces (chunked encoding already removed), each with the perf_counter() of the read that brought it."""
@@ -120,6 +121,7 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self.exchange is not None:
             self.exchange.status = self.parser.get_status_code()
+            self.exchange.headers_at = self.read_at
 
     def on_body(self, body: bytes) -> None:
         if self.exchange is not None:

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from profilers import trace
 from profilers.clock import Clock, RealClock
 from profilers.types import DeviceInfo, PowerReading, Provenance
 from serving.config import EmulatedEngineConfig
@@ -54,6 +55,8 @@ class _Sequence:
     prefill_j: float = 0.0
     decode_j: float = 0.0
     done: bool = False
+    admitted_s: float = 0.0
+    last_token: asyncio.Event = field(default_factory=asyncio.Event)
     kv_reserved: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -127,6 +130,7 @@ class EmulatedEngine:
         # token of each request, which saves the per-token event plumbing (the model is unchanged).
         self.on_token: Callable[[str, float], None] | None = None
         self.stream_every_token = True
+        self._trace = trace.enabled()  # read once: the token loop is hot in virtual time
 
     # --- Engine protocol -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -239,16 +243,24 @@ class EmulatedEngine:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        seq = _Sequence(request, prompt_len, max_tokens, asyncio.Queue())
+        seq = _Sequence(request, prompt_len, max_tokens, asyncio.Queue(), admitted_s=self.clock.now())
+        if self._trace:
+            trace.mark(request.request_id, "engine.admit", seq.admitted_s)
         self._waiting.append(seq)
         self._wake.set()
         return seq
 
     async def _stream(self, seq: _Sequence) -> AsyncIterator[TokenEvent]:
+        interval = self.config.stream_interval_s
         try:
+            first = True
             while True:
-                # One message per token costs ~0.5 ms on the Ray path: ship what has piled up as one.
+                # One message per token costs ~1 ms of CPU on the Ray and HTTP path: after the first token,
+                # hold tokens for up to the stream interval (the last one ends the wait) and ship them as one.
                 pending = [await seq.events.get()]
+                if not first and interval > 0 and not pending[-1].finished:
+                    await self._hold(seq, interval)
+                first = False
                 while not seq.events.empty():
                     pending.append(seq.events.get_nowait())
                 event = merge_events(pending)
@@ -259,6 +271,14 @@ class EmulatedEngine:
             if not seq.done:  # the client went away: free its batch slot and KV cache
                 self._release(seq)
 
+    async def _hold(self, seq: _Sequence, interval: float) -> None:
+        waits = [asyncio.ensure_future(seq.last_token.wait()), asyncio.ensure_future(self.clock.sleep(interval))]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
     def _release(self, seq: _Sequence) -> None:
         seq.done = True
         if seq in self._running:
@@ -267,7 +287,8 @@ class EmulatedEngine:
         elif seq in self._waiting:
             self._waiting.remove(seq)
 
-    def _schedule(self) -> list[tuple[_Sequence, SequenceWork]]:
+    def _schedule(self, t0: float) -> list[tuple[_Sequence, SequenceWork]]:
+        """The iteration starting at ``t0``: requests admitted after ``t0`` wait for the next one."""
         budget = self.config.max_num_batched_tokens
         plan: list[tuple[_Sequence, SequenceWork]] = []
         for seq in self._running:  # decodes first: one token each, plus k proposals to verify if speculating
@@ -283,6 +304,7 @@ class EmulatedEngine:
                 budget -= chunk
         while (
             self._waiting
+            and self._waiting[0].admitted_s <= t0
             and budget > 0
             and len(self._running) < self.max_num_seqs
             and self._kv_used + self._waiting[0].kv_reserved <= self.kv_capacity_tokens
@@ -298,22 +320,30 @@ class EmulatedEngine:
     async def _run(self) -> None:
         busy_until: float | None = None  # modeled end of the previous iteration while the engine stays busy
         while True:
-            plan = self._schedule()
+            now = self.clock.now()
+            # Back-to-back iterations start at the previous one's modeled end, so a real clock's sleep
+            # overshoot (~1 ms per iteration on a loaded host) does not accumulate into the timeline;
+            # a lag beyond MAX_LAG_S (a starved host) is given up rather than caught up in a burst.
+            t0 = busy_until if busy_until is not None and now - busy_until <= MAX_LAG_S else now
+            plan = self._schedule(t0)  # a request that arrived during the overshoot waits, as in virtual time
+            if not plan and t0 < now:  # only such requests: the engine was idle since busy_until
+                t0 = now
+                plan = self._schedule(t0)
             if not plan:
                 busy_until = None
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            t0 = self.clock.now()
-            # Back-to-back iterations start at the previous one's modeled end, so a real clock's sleep
-            # overshoot (~1 ms per iteration on a loaded host) does not accumulate into the timeline;
-            # a lag beyond MAX_LAG_S (a starved host) is given up rather than caught up in a burst.
-            if busy_until is not None and t0 - busy_until <= MAX_LAG_S:
-                t0 = busy_until
             self._idle_j += self._pending_idle_j(t0)
             self._energy_j = self._idle_j + self._prefill_j + self._decode_j
             cost = iteration_cost(self.device, self.model, [w for _, w in plan], self.clock_mhz)
             self._inflight = (t0, cost)
+            if self._trace:
+                woke = self.clock.now()
+                for seq, work in plan:
+                    if work.is_prefill and work.context_tokens == 0:
+                        trace.mark(seq.request.request_id, "engine.iteration_woke", woke)
+                        trace.mark(seq.request.request_id, "engine.iteration_start", t0)
             try:
                 await self.clock.sleep(t0 + cost.time_s - self.clock.now())
             finally:
@@ -356,8 +386,13 @@ class EmulatedEngine:
         seq.generated += 1
         self._generated_tokens += 1
         finished = seq.generated >= seq.max_tokens
+        if self._trace and (index == 0 or finished):  # modeled emission time, then the clock's
+            which = "first" if index == 0 else "last"
+            trace.mark(rid, f"engine.{which}_token_modeled", self._accounted_until)
+            trace.mark(rid, f"engine.{which}_token", self.clock.now())
         if finished:
             seq.done = True
+            seq.last_token.set()
             self._running.remove(seq)
             self._kv_used -= seq.kv_reserved
         elif index > 0 and not self.stream_every_token:
