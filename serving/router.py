@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +14,7 @@ from typing import Any
 import ray.exceptions
 
 from profilers.exporter import DeviceSample, ExportSnapshot, ReplicaSample
-from serving.replica import Telemetry
+from serving.replica import StreamError, Telemetry
 from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,56 @@ class ReplicaFailedError(RuntimeError):
     """The replica died after it had streamed tokens; the request cannot be resumed transparently."""
 
 
+class _ChannelClosed:
+    """Put in a request's queue when the channel's stream ends: carries why."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class Channel:
+    """This router's stream of event batches from one replica (``Replica.submit``/``Replica.events``), split
+    into one queue per request. One reader task per replica, started on first use."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+        self.id = uuid.uuid4().hex
+        self.queues: dict[str, asyncio.Queue[TokenEvent | StreamError | _ChannelClosed]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    def open(self, request_id: str) -> asyncio.Queue[TokenEvent | StreamError | _ChannelClosed]:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read())
+        queue: asyncio.Queue[TokenEvent | StreamError | _ChannelClosed] = asyncio.Queue()
+        self.queues[request_id] = queue
+        return queue
+
+    def close(self, request_id: str) -> None:
+        self.queues.pop(request_id, None)
+
+    async def _read(self) -> None:
+        error: BaseException = RuntimeError("the replica closed the event stream")
+        try:
+            async for ref in self.actor.events.options(num_returns="streaming").remote(self.id):
+                for item in await ref:
+                    if (queue := self.queues.get(item.request_id)) is not None:
+                        queue.put_nowait(item)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # the actor died, or its node: every open request learns it
+            error = e
+        for queue in self.queues.values():
+            queue.put_nowait(_ChannelClosed(error))
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reader
+
+
 @dataclass
 class ReplicaHandle:
     name: str
@@ -37,6 +89,16 @@ class ReplicaHandle:
     routed: int = 0
     alive: bool = True
     backend: str = "emulated"
+    channel: Channel | None = None
+    """Set for Ray replica actors (they offer ``submit``/``events``); in-process stand-ins stream per request."""
+
+    def __post_init__(self) -> None:
+        if self.channel is None and _has_channel(self.actor):
+            self.channel = Channel(self.actor)
+
+
+def _has_channel(actor: Any) -> bool:
+    return hasattr(actor, "submit") and hasattr(actor, "events")
 
 
 def _unwrap(error: BaseException) -> BaseException:
@@ -87,9 +149,8 @@ class Router:
             replica.outstanding += 1
             replica.routed += 1
             try:
-                gen = replica.actor.generate.options(num_returns="streaming").remote(request)
-                async for ref in gen:
-                    event: TokenEvent = await ref
+                events = self._channel_events(replica, request) if replica.channel else self._events(replica, request)
+                async for event in events:
                     started = True
                     yield event
                 return
@@ -108,6 +169,37 @@ class Router:
                 raise
             finally:
                 replica.outstanding -= 1
+
+    @staticmethod
+    async def _events(replica: ReplicaHandle, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        async for ref in replica.actor.generate.options(num_returns="streaming").remote(request):
+            yield await ref
+
+    @staticmethod
+    async def _channel_events(replica: ReplicaHandle, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        channel = replica.channel
+        assert channel is not None
+        rid = request.request_id
+        queue = channel.open(rid)  # before submitting: the first events may arrive before submit returns
+        finished = False
+        try:
+            await replica.actor.submit.remote(request, channel.id)
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, _ChannelClosed | StreamError):
+                    raise item.error
+                finished = item.finished
+                yield item
+        finally:
+            channel.close(rid)
+            if not finished:  # the client went away or the stream failed: free the engine's slot
+                with contextlib.suppress(Exception):
+                    replica.actor.cancel.remote(rid)
+
+    async def stop(self) -> None:
+        for r in self.replicas:
+            if r.channel is not None:
+                await r.channel.stop()
 
     async def telemetry(self, timeout_s: float = 2.0) -> list[tuple[ReplicaHandle, Telemetry]]:
         """Telemetry of every live replica that answers in time; a replica whose actor is gone is marked dead."""
