@@ -187,6 +187,7 @@ async def run_paths(
             "raymsg": lambda n, c: closed_loop(routed(raymsg), n, c),
             "http": lambda n, c: closed_loop(http_one, n, c),
         }
+        paths = {k: v for k, v in paths.items() if k in args.paths}
         for run in paths.values():
             await run(8, 4)  # warm-up
         runs: dict[tuple[str, int], Run] = {}
@@ -221,7 +222,7 @@ def peak_rss_mib(pid: int) -> dict[int, float]:
 
 
 def print_table(runs: list[Run], args: argparse.Namespace) -> None:
-    base = {r.concurrency: r for r in runs if r.path == "direct"}
+    base = {r.concurrency: r for r in runs if r.path == "direct"} or {r.concurrency: r for r in runs}
     print(
         f"\nvLLM serving-path overhead ({args.rounds} rounds x >={args.requests} requests x {args.max_tokens} "
         "tokens, closed loop)"
@@ -250,6 +251,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--model", help="checkpoint directory (default: build the tiny model into a temp dir)")
+    p.add_argument("--paths", nargs="+", default=["direct", "raymsg", "router", "http"],
+                   help="paths to run (direct is the baseline of the ratios: keep it for the table)")
     args = p.parse_args()
 
     import ray

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import json
 import logging
 import os
 import pickle
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -67,10 +70,11 @@ class Replica:
     """Actor body (wrapped with ``ray.remote`` as :data:`ReplicaActor`).
 
     Two ways to stream: ``generate`` (one Ray message per event, for callers that want one request) and the
-    channel, for routers: ``submit``/``cancel`` over Ray, and the events of all of a router's requests produced
-    by one engine iteration as one frame on a TCP connection to the replica (``stream_address``), or as one Ray
-    message (``events``). A Ray message costs ~0.5 ms of CPU in this process (which also runs the engine's output
-    handling) and ~0.7 ms in the reader; a frame on a socket costs tens of microseconds."""
+    channel, for routers: a TCP connection to the replica (``stream_address``) carrying requests and cancellations
+    one way and, the other way, the events of all of the router's requests produced by one engine iteration as one
+    frame; or the same over Ray (``submit``/``cancel`` calls, ``events`` messages). A Ray message costs ~0.5 ms of
+    CPU in this process (which also runs the engine's output handling) and ~0.7 ms in the caller, a Ray call more;
+    a frame on a socket costs tens of microseconds."""
 
     def __init__(self, replica: str, engine_config: dict[str, Any]) -> None:
         self.replica = replica
@@ -81,6 +85,7 @@ class Replica:
         self._outboxes: dict[str, _Outbox] = {}
         self._pumps: dict[str, tuple[str, asyncio.Task[None]]] = {}
         self._server: asyncio.Server | None = None
+        self._secret = secrets.token_hex(16)
 
     async def start(self) -> dict[str, Any]:
         await self.engine.start()
@@ -149,34 +154,38 @@ class Replica:
         finally:
             self._close_channel(channel)
 
-    async def stream_address(self) -> tuple[str, int]:
-        """Where a router connects for the channel's events on a socket (see :meth:`_serve_channel`)."""
+    async def stream_address(self) -> tuple[str, int, str]:
+        """Where a router connects for its channel on a socket, and the secret it must present (handed out
+        through Ray only, so only members of the Ray cluster can open a channel). See :meth:`_serve_channel`."""
         if self._server is None:
             host = ray.util.get_node_ip_address()
             self._server = await asyncio.start_server(self._serve_channel, host, 0)
         host, port = self._server.sockets[0].getsockname()[:2]
-        return host, port
+        return host, port, self._secret
 
     async def _serve_channel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One router's channel: it sends the channel id (a random 128-bit name, known only to it and to this
-        actor through Ray) and a newline, then reads frames: 4-byte length, pickled batch, as :meth:`events`."""
+        """One router's channel on a socket. The router sends ``SECRET CHANNEL\\n``, then JSON frames
+        (4-byte length, ``{"submit": request}`` or ``{"cancel": request_id}``); this side sends frames of pickled
+        batches, as :meth:`events` yields them. Rejected requests come back as :class:`StreamError`."""
         channel = None
         try:
-            channel = (await asyncio.wait_for(reader.readline(), 30)).decode().strip()
-            if not channel:
+            line = (await asyncio.wait_for(reader.readline(), 30)).decode(errors="replace").split()
+            if len(line) != 2 or not hmac.compare_digest(line[0], self._secret):
+                log.warning("replica %s: refused a channel connection without the secret", self.replica)
                 return
+            channel = line[1]
             outbox = self._outbox(channel)
-            eof = asyncio.ensure_future(reader.read())  # the router closing its end ends the channel
-            while not eof.done():
+            commands = asyncio.ensure_future(self._channel_commands(reader, channel, outbox))
+            while not commands.done():
                 ready = asyncio.ensure_future(outbox.ready.wait())
-                await asyncio.wait([ready, eof], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([ready, commands], return_when=asyncio.FIRST_COMPLETED)
                 if not ready.done():
                     ready.cancel()
                     break
                 data = _dumps(outbox.drain())
                 writer.write(len(data).to_bytes(4, "big") + data)
                 await writer.drain()
-            eof.cancel()
+            commands.cancel()
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -185,6 +194,20 @@ class Replica:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    async def _channel_commands(self, reader: asyncio.StreamReader, channel: str, outbox: _Outbox) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                size = int.from_bytes(await reader.readexactly(4), "big")
+                command = json.loads(await reader.readexactly(size))
+                if "submit" in command:
+                    request = GenerationRequest(**command["submit"])
+                    try:
+                        await self.submit(request, channel)
+                    except Exception as e:  # rejected: the router raises it to its client
+                        outbox.put(StreamError(request.request_id, e))
+                elif "cancel" in command:
+                    await self.cancel(command["cancel"])
 
     async def telemetry(self) -> Telemetry:
         source = self.engine

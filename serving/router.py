@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
+import json
 import logging
 import pickle
 import uuid
@@ -42,10 +44,10 @@ class _ChannelClosed:
 
 
 class Channel:
-    """This router's stream of event batches from one replica, split into one queue per request: requests start
-    with ``Replica.submit`` (a Ray call); their events come on a TCP connection to the replica
-    (``transport="socket"``, ``Replica.stream_address``) or as Ray messages (``"ray"``, ``Replica.events``).
-    One reader task per replica, started on first use."""
+    """This router's requests to one replica and their events, split into one queue per request. ``"socket"``: a
+    TCP connection to the replica (``Replica.stream_address``) carries requests one way and one frame of events
+    per engine iteration the other; ``"ray"``: ``Replica.submit``/``cancel`` calls and ``Replica.events``
+    messages. One reader task per replica, started on first use, restarted after a failure."""
 
     def __init__(self, actor: Any, transport: str = "socket") -> None:
         self.actor = actor
@@ -53,13 +55,37 @@ class Channel:
         self.id = uuid.uuid4().hex
         self.queues: dict[str, asyncio.Queue[TokenEvent | StreamError | _ChannelClosed]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._writer: asyncio.Future[asyncio.StreamWriter] | None = None
 
     def open(self, request_id: str) -> asyncio.Queue[TokenEvent | StreamError | _ChannelClosed]:
         if self._reader is None or self._reader.done():
+            self._writer = asyncio.get_running_loop().create_future()
             self._reader = asyncio.create_task(self._read())
         queue: asyncio.Queue[TokenEvent | StreamError | _ChannelClosed] = asyncio.Queue()
         self.queues[request_id] = queue
         return queue
+
+    async def submit(self, request: GenerationRequest) -> None:
+        """Start a request (after :meth:`open`); over the socket a rejection arrives in its queue."""
+        if self.transport == "ray":
+            await self.actor.submit.remote(request, self.id)
+            return
+        assert self._writer is not None
+        writer = await asyncio.shield(self._writer)  # raises the channel's error if it could not connect
+        self._send(writer, {"submit": dataclasses.asdict(request)})
+
+    def cancel(self, request_id: str) -> None:
+        if self.transport == "ray":
+            self.actor.cancel.remote(request_id)
+        elif self._writer is not None and self._writer.done() and not self._writer.exception():
+            self._send(self._writer.result(), {"cancel": request_id})
+
+    @staticmethod
+    def _send(writer: asyncio.StreamWriter, command: dict[str, Any]) -> None:
+        if writer.is_closing():
+            raise ConnectionResetError("the replica's channel is closed")
+        data = json.dumps(command, separators=(",", ":")).encode()
+        writer.write(len(data).to_bytes(4, "big") + data)
 
     def close(self, request_id: str) -> None:
         self.queues.pop(request_id, None)
@@ -83,14 +109,19 @@ class Channel:
             error = await self._why_closed(e)
         except BaseException as e:  # the actor died, or its node: every open request learns it
             error = e
+        if self._writer is not None and not self._writer.done():
+            self._writer.set_exception(error)
+            self._writer.exception()  # retrieved: no "never retrieved" warning when no request waits on it
         for queue in self.queues.values():
             queue.put_nowait(_ChannelClosed(error))
 
     async def _read_socket(self) -> None:
-        host, port = await self.actor.stream_address.remote()
+        host, port, secret = await self.actor.stream_address.remote()
         reader, writer = await asyncio.open_connection(host, port)
         try:
-            writer.write(self.id.encode() + b"\n")
+            writer.write(f"{secret} {self.id}\n".encode())
+            assert self._writer is not None
+            self._writer.set_result(writer)
             while True:
                 size = int.from_bytes(await reader.readexactly(4), "big")
                 self._dispatch(pickle.loads(await reader.readexactly(size)))
@@ -221,7 +252,8 @@ class Router:
         queue = channel.open(rid)  # before submitting: the first events may arrive before submit returns
         finished = False
         try:
-            await replica.actor.submit.remote(request, channel.id)
+            with contextlib.suppress(OSError):  # a broken socket: the reader puts the diagnosed reason in the queue
+                await channel.submit(request)
             while not finished:
                 item = await queue.get()
                 if isinstance(item, _ChannelClosed | StreamError):
@@ -232,7 +264,7 @@ class Router:
             channel.close(rid)
             if not finished:  # the client went away or the stream failed: free the engine's slot
                 with contextlib.suppress(Exception):
-                    replica.actor.cancel.remote(rid)
+                    channel.cancel(rid)
 
     async def stop(self) -> None:
         for r in self.replicas:

