@@ -7,17 +7,19 @@ Four ways to drive the same engine configuration with the same prompts, closed l
           reach. Running the client in the bench process instead would charge the baseline with a transport that
           is not the engine; running AsyncLLM in the bench process would put the client and the engine's output
           handling under one interpreter lock.
-  router  the production ``Router`` in this process over the same actor, no HTTP: requests start with a Ray call,
-          their events come on the replica's event socket (one frame per engine iteration): the cost of the hop
+  router  the production ``Router`` in this process over the same actor, no HTTP: requests and their events go
+          over the replica's channel socket (one frame of events per engine iteration): the cost of the hop
           between the front door and the replica.
-  raymsg  the same with the events as Ray messages (one per engine iteration) instead of the socket.
+  raymsg  the same channel over Ray (a Ray call per request, a Ray message per engine iteration).
   http    the OpenAI front door as in production: ``testbed serve`` in a child process of its own, attached to
           this Ray cluster, with its own replica actor of the same configuration; this process is the client
           (aiohttp, SSE), so the client and the server never share an interpreter lock.
 Rounds interleave the paths, so load from other processes hits all of them alike. Prints throughput, TTFT and
 end-to-end p50, their differences from ``direct``, the engine start time and the peak resident memory of a
-replica process tree. On a small machine the client, the front door and the engine share the cores: the
-``http`` figures then include the client's own CPU time, which a real deployment spends elsewhere.
+replica process tree, and the CPU time per token of all the testbed's processes (bench, front door, both replica
+trees), which other load on the machine does not skew. On a small machine the client, the front door and the
+engine share the cores: the ``http`` figures then include the client's own CPU time, which a real deployment
+spends elsewhere.
 
     python bench/vllm_overhead.py [--requests 64] [--concurrency 1 4 8 16] [--max-tokens 32] [--model DIR]
 """
