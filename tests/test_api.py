@@ -128,3 +128,19 @@ def test_front_door_socket_turns_nagle_off() -> None:
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_precomputed_sse_chunk_is_byte_identical_to_the_generic_one(chat: bool, monkeypatch) -> None:
+    import serving.api
+    from profilers.footprint import load_site_profile
+    from serving.api import FrontDoor, _json_str, _sse
+    from serving.types import TokenEvent
+
+    monkeypatch.setattr(serving.api.time, "time", lambda: 1700000000.5)  # both chunks in the same second
+
+    door = FrontDoor(router=None, model_name="m", max_model_len=8, site=load_site_profile("azure"))  # type: ignore[arg-type]
+    before, after = door._middle_chunk("cmpl-1", chat)
+    for text in ["plain", 'quote " and \\ back', "é ü 漢\n\t", ""]:
+        ev = TokenEvent("cmpl-1", "r", text, [1], 3)
+        assert before + _json_str(text) + after == _sse(door._chunk("cmpl-1", ev, chat, first=False))

@@ -112,3 +112,34 @@ def test_power_source_falls_back_to_the_cpu_model_and_says_why(caplog: pytest.Lo
         assert "not used: nvml:" in text and "rapl:" in text
     else:
         assert source.devices()[0].backend in ("nvml", "rapl")
+
+
+def _fake_checkpoint(d: Path, vocab: int) -> Path:
+    d.mkdir()
+    (d / "config.json").write_text(f'{{"vocab_size": {vocab}}}')
+    (d / "model.safetensors").write_bytes(b"")
+    (d / "tokenizer.json").write_text("{}")
+    return d
+
+
+def test_draft_model_speculation_needs_a_draft_with_the_targets_vocabulary(tmp_path: Path) -> None:
+    from serving.config import SpeculativeConfig
+    from serving.vllm_engine import check_draft_model
+
+    with pytest.raises(ValidationError, match="method draft_model needs draft_model: the checkpoint directory"):
+        SpeculativeConfig(method="draft_model")
+    with pytest.raises(ValidationError, match="draft_model is only used by method draft_model"):
+        SpeculativeConfig(draft_model="/m")
+    target = _fake_checkpoint(tmp_path / "target", 2048)
+    cfg = VLLMEngineConfig(
+        model=str(target), speculative={"method": "draft_model", "draft_model": str(tmp_path / "missing")}
+    )
+    with pytest.raises(ModelDirError, match=rf"{tmp_path / 'missing'} does not exist"):
+        check_draft_model(cfg)
+    other = _fake_checkpoint(tmp_path / "other-vocab", 32000)
+    cfg = VLLMEngineConfig(model=str(target), speculative={"method": "draft_model", "draft_model": str(other)})
+    with pytest.raises(ModelDirError, match=r"other-vocab has a vocabulary of 32000 tokens, the target .* 2048"):
+        check_draft_model(cfg)
+    same = _fake_checkpoint(tmp_path / "draft", 2048)
+    spec = {"method": "draft_model", "draft_model": str(same)}
+    check_draft_model(VLLMEngineConfig(model=str(target), speculative=spec))

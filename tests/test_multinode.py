@@ -14,15 +14,24 @@ import pytest
 SCENARIO = Path(__file__).with_name("multinode_scenario.py")
 
 
+def _tiny_model(tmp_path: Path) -> str:
+    pytest.importorskip("vllm", reason="vllm is not installed: pip install 'llm-energy-testbed[cpu]'")
+    from deploy.models import build_tiny
+
+    return str(build_tiny(tmp_path / "tiny-llama", seed=0))
+
+
 @pytest.mark.slow
-def test_node_removal_mid_stream_and_while_idle() -> None:
+@pytest.mark.parametrize("engine", ["emulated", "vllm"])
+def test_node_removal_mid_stream_and_while_idle(engine: str, tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    model = [_tiny_model(tmp_path)] if engine == "vllm" else []
     proc = subprocess.run(
-        [sys.executable, str(SCENARIO), "8", "6"],
+        [sys.executable, str(SCENARIO), "8", "6", *model],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600 if model else 300,
         env=env,
         cwd=root,
     )

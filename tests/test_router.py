@@ -57,3 +57,116 @@ async def test_death_mid_stream_is_reported_not_hidden(ray_local) -> None:
             await run(router, "after")
     finally:
         await dep.stop()
+
+
+def test_outbox_ships_one_event_per_request_and_keeps_errors() -> None:
+    from serving.replica import StreamError, _Outbox
+    from serving.types import TokenEvent
+
+    box = _Outbox()
+    for i in range(3):  # a reader that fell behind: three events of request a, one of b
+        box.put(TokenEvent("a", "r", "x", [i], i, output_tokens=i + 1))
+    box.put(TokenEvent("b", "r", "y", [7], 0, output_tokens=1))
+    box.put(StreamError("b", RuntimeError("engine failed")))
+    batch = box.drain()
+    assert [(type(i).__name__, i.request_id) for i in batch] == [
+        ("TokenEvent", "a"), ("TokenEvent", "b"), ("StreamError", "b")
+    ]
+    assert batch[0].token_ids == [0, 1, 2] and batch[0].text == "xxx" and batch[0].output_tokens == 3
+    assert not box.ready.is_set() and box.drain() == []
+
+
+async def _socket_batches(actor, channel: str):  # type: ignore[no-untyped-def]
+    import pickle
+
+    host, port, secret = await actor.stream_address.remote()
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"{secret} {channel}\n".encode())
+    try:
+        while True:
+            size = int.from_bytes(await reader.readexactly(4), "big")
+            yield pickle.loads(await reader.readexactly(size))
+    finally:
+        writer.close()
+
+
+async def _ray_batches(actor, channel: str):  # type: ignore[no-untyped-def]
+    async for ref in actor.events.options(num_returns="streaming").remote(channel):
+        yield await ref
+
+
+@pytest.mark.parametrize("transport", ["socket", "ray"])
+async def test_channel_ships_an_iteration_of_many_requests_in_one_message(ray_local, transport: str) -> None:
+    dep = await start_deployment(cfg(replicas=1))
+    try:
+        actor = dep.router.replicas[0].actor
+        channel = f"test-channel-{transport}"
+        batches = (_socket_batches if transport == "socket" else _ray_batches)(actor, channel)
+        if transport == "socket":  # connect first; events submitted before a connection would wait for it
+            reading = asyncio.ensure_future(anext(batches))
+        await asyncio.gather(*(
+            actor.submit.remote(GenerationRequest(f"c{i}", prompt="a b c", max_tokens=20), channel) for i in range(8)
+        ))
+        tokens: dict[str, int] = {}
+        sizes = []
+        finished: set[str] = set()
+
+        def take(batch) -> None:  # type: ignore[no-untyped-def]
+            sizes.append(len(batch))
+            for ev in batch:
+                tokens[ev.request_id] = tokens.get(ev.request_id, 0) + len(ev.token_ids)
+                if ev.finished:
+                    finished.add(ev.request_id)
+
+        if transport == "socket":
+            take(await reading)
+        async for batch in batches:
+            take(batch)
+            if len(finished) == 8:
+                break
+        await batches.aclose()
+        assert tokens == {f"c{i}": 20 for i in range(8)}
+        assert max(sizes) > 1  # requests decoded in the same iteration travel together
+        assert len(sizes) < 8 * 20  # far fewer messages than tokens
+        # A request the engine rejects fails at submit, with the engine's own message.
+        with pytest.raises(ray.exceptions.RayTaskError, match="maximum context length"):
+            await actor.submit.remote(GenerationRequest("big", prompt="a", max_tokens=5000), channel)
+        # Without the secret (handed out through Ray only) the replica closes the connection, reading nothing.
+        host, port, _ = await actor.stream_address.remote()
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"not-the-secret some-channel\n")
+        assert await asyncio.wait_for(reader.read(), 30) == b""
+        writer.close()
+    finally:
+        await dep.stop()
+
+
+async def test_rejected_request_over_the_socket_is_the_engines_error(ray_local) -> None:
+    from serving.types import RequestRejectedError
+
+    dep = await start_deployment(cfg(replicas=1))
+    try:
+        with pytest.raises(RequestRejectedError, match="maximum context length"):
+            await run(dep.router, "too-big", 5000)
+        assert dep.router.replicas[0].alive and await run(dep.router, "fine", 4) == 4
+    finally:
+        await dep.stop()
+
+
+async def test_abandoned_stream_is_cancelled_in_the_engine(ray_local) -> None:
+    dep = await start_deployment(cfg(replicas=1))
+    try:
+        router = dep.router
+        stream = router.stream(GenerationRequest("gone", prompt="a b", max_tokens=1000))
+        await anext(stream)
+        await stream.aclose()  # the client went away after one chunk
+        actor = router.replicas[0].actor
+        for _ in range(100):
+            tel = await actor.telemetry.remote()
+            if tel.stats.running == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert tel.stats.running == 0 and tel.stats.generated_tokens_total < 1000
+        assert await run(router, "next", 7) == 7  # the channel still serves the next request
+    finally:
+        await dep.stop()

@@ -262,3 +262,35 @@ def test_killed_replica_mid_stream_every_request_accounted_for(vserved: VServed)
     assert failed, "the killed replica had streams in flight"
     assert all("replica replica-0 died" in v for v in failed), failed
     assert not victim.alive
+
+
+def test_draft_model_speculation_on_the_cpu_build(vserved: VServed) -> None:
+    """The target as its own draft: with greedy sampling every proposed token must be accepted."""
+    from serving.config import VLLMEngineConfig
+    from serving.types import GenerationRequest
+    from serving.vllm_engine import VLLMEngine
+
+    draft = str(vserved.model_dir)
+    cfg = VLLMEngineConfig(
+        model=draft, kv_cache_memory_bytes=8 << 20, max_num_seqs=4,
+        speculative={"method": "draft_model", "draft_model": draft, "num_speculative_tokens": 3},
+    )
+
+    async def run() -> tuple[list[Any], Any, dict[str, Any]]:
+        engine = VLLMEngine(cfg, "draft-test")
+        await engine.start()
+        try:
+            async def one(i: int) -> Any:
+                req = GenerationRequest(f"d{i}", prompt=f"the man {i}", max_tokens=30, ignore_eos=True, temperature=0)
+                return [ev async for ev in engine.generate(req)][-1]
+
+            finals = await asyncio.gather(*(one(i) for i in range(3)))
+            return finals, engine.stats(), engine.describe()
+        finally:
+            await engine.stop()
+
+    finals, stats, info = asyncio.run(run())
+    assert [f.output_tokens for f in finals] == [30] * 3
+    assert info["speculative_method"] == "draft_model" and info["speculative_tokens"] == 3
+    assert stats.spec_proposed_tokens > 0
+    assert stats.spec_accepted_tokens == stats.spec_proposed_tokens
