@@ -9,6 +9,7 @@ and the send time is taken right after the request is written to the socket.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import itertools
@@ -16,6 +17,7 @@ import json
 import math
 import multiprocessing.connection
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -106,6 +108,10 @@ class RawResponse:
                    ex.headers.get("x-request-id", ""), ex.headers_at)
 
 
+_BUILD_AHEAD_S = 0.005
+"""How far ahead of its due time a request's bytes are built."""
+
+
 class LoadGeneratorError(RuntimeError):
     """A load-generator process failed or died: the point's records are incomplete."""
 
@@ -169,10 +175,17 @@ class _PointRun:
 
     async def open_loop(self, records: list[RequestRecord], ready: Callable[[], float]) -> None:
         await self._prepare(len(records), ready)
-        it = iter(records)
-        rec = next(it, None)
-        payload = self._payload_or_fail(rec) if rec else None
-        while rec is not None:
+        ahead: collections.deque[tuple[RequestRecord, bytes | None]] = collections.deque()
+        upcoming = iter(records)
+        nxt = next(upcoming, None)
+        while ahead or nxt is not None:
+            # Build the bytes of every request due within the horizon while there is slack, so a clump of
+            # Poisson arrivals is a run of writes, not of prompt synthesis and JSON encoding.
+            horizon = time.perf_counter() - self.t0 + _BUILD_AHEAD_S
+            while nxt is not None and (not ahead or nxt.intended_send_s <= horizon):
+                ahead.append((nxt, self._payload_or_fail(nxt)))
+                nxt = next(upcoming, None)
+            rec, payload = ahead.popleft()
             due = self.t0 + rec.intended_send_s
             while (delay := due - time.perf_counter()) > 0:  # never early, whatever the loop's timer granularity
                 await asyncio.sleep(delay)
@@ -180,9 +193,6 @@ class _PointRun:
                 await self._gate()
             if payload is not None:
                 self.send(rec, payload)
-            rec = next(it, None)
-            if rec is not None:
-                payload = self._payload_or_fail(rec)  # built in the gap before the next send, not on its path
         await self._drain()
 
     def _payload_or_fail(self, rec: RequestRecord) -> bytes | None:
@@ -365,17 +375,28 @@ def worker_main(conn: multiprocessing.connection.Connection) -> None:
         _run_point_here(conn, *msg[1:])
 
 
+def _pack(rec: RequestRecord, raw: RawResponse) -> tuple[Any, ...]:
+    return (rec.request_index, rec.intended_send_s, rec.prompt_tokens, rec.max_output_tokens, rec.actual_send_s,
+            raw.sent_at, raw.status, raw.replica, raw.error, raw.pieces, raw.request_id, raw.headers_at)
+
+
+def _unpack(point: int, t: tuple[Any, ...]) -> tuple[RequestRecord, RawResponse]:
+    rec = RequestRecord(point, t[0], t[1], t[2], t[3], actual_send_s=t[4])
+    return rec, RawResponse(*t[5:])
+
+
 def _run_point_here(conn: multiprocessing.connection.Connection, settings: ClientSettings, point: int, seed: int,
                     work: list[RequestRecord] | tuple[ClosedLoop, int, int]) -> None:
-    batch: list[tuple[RequestRecord, RawResponse]] = []
+    batch: list[tuple[Any, ...]] = []
     last_flush = time.perf_counter()
 
     def emit(rec: RequestRecord, raw: RawResponse) -> None:
+        # Small, frequent batches of plain tuples: pickling 100 dataclasses at once held the loop ~2 ms (send lag).
         nonlocal last_flush
-        batch.append((rec, raw))
+        batch.append(_pack(rec, raw))
         now = time.perf_counter()
-        if len(batch) >= 512 or now - last_flush > 0.1:
-            conn.send(("records", batch.copy()))
+        if len(batch) >= 32 or now - last_flush > 0.02:
+            conn.send_bytes(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
             batch.clear()
             last_flush = now
 
@@ -391,7 +412,7 @@ def _run_point_here(conn: multiprocessing.connection.Connection, settings: Clien
         coro = run.closed_loop(*work, ready=ready) if isinstance(work, tuple) else run.open_loop(work, ready)
         loop.run_until_complete(coro)
         if batch:
-            conn.send(("records", batch))
+            conn.send_bytes(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
         conn.send(("end",))
     except Exception:
         conn.send(("error", traceback.format_exc()))
@@ -525,10 +546,11 @@ class LoadClient:
             proc, conn = workers[i]
             try:
                 while conn.poll():
-                    msg = conn.recv()
-                    if msg[0] == "records":
-                        for rec, raw in msg[1]:
-                            out.append(finish_record(rec, raw))
+                    msg = pickle.loads(conn.recv_bytes())
+                    if isinstance(msg, list):  # finished requests
+                        for packed in msg:
+                            rec = finish_record(*_unpack(point, packed))
+                            out.append(rec)
                             if on_done is not None:
                                 on_done(rec)
                     elif msg[0] in ("ready", "end"):
