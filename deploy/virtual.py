@@ -254,6 +254,8 @@ class VirtualDeployment:
                 rec = RequestRecord(point, len(records), self.clock.now() - start, p, o)
                 records.append(rec)
                 await self.request(rec, start, timeout_s)
+                if rec.ok:  # the user has its response once the last token crossed the path back
+                    await self.clock.sleep_until(start + rec.intended_send_s + rec.e2e_s)
                 if spec.think_time_s > 0:
                     await self.clock.sleep(spec.think_time_s)
 

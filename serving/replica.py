@@ -115,6 +115,7 @@ class Replica:
 
     async def submit(self, request: GenerationRequest, channel: str) -> None:
         """Start a request whose events go to ``channel``; a request the engine rejects raises here."""
+        trace.mark(request.request_id, "actor.receive")
         stream = self.engine.generate(request)  # validates before any event exists
         outbox = self._outbox(channel)
         rid = request.request_id
@@ -123,6 +124,8 @@ class Replica:
     async def _pump(self, rid: str, stream: AsyncIterator[TokenEvent], outbox: _Outbox) -> None:
         try:
             async for event in stream:
+                if event.index == 0:
+                    trace.mark(rid, "actor.first_event")
                 outbox.put(event)
         except asyncio.CancelledError:
             pass  # cancelled by the router: the client went away

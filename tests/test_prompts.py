@@ -117,3 +117,11 @@ def test_campaign_refuses_lengths_below_the_special_tokens(tmp_path: Path) -> No
         "prompt_tokens": {"kind": "fixed", "value": 5}}})
     p = campaign_prompts(auto, str(directory))
     assert p.tokenizer == str(directory) and _reference_count(directory, p.fn(5, 0)) == 5
+
+
+def test_tokenizer_prompts_travel_to_a_generator_process_by_path(tmp_path: Path) -> None:
+    import pickle
+
+    prompts = TokenizerPrompts(_build(tmp_path, "bytelevel", bos=True))
+    copy = pickle.loads(pickle.dumps(prompts))
+    assert copy.path == prompts.path and copy(12, 5) == prompts(12, 5) and copy.count(copy(12, 5)) == 12

@@ -24,6 +24,17 @@ async def run(router, rid: str, tokens: int = 5) -> int:
     return n
 
 
+async def _dead(actor, timeout_s: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            await actor.describe.remote()
+        except ray.exceptions.RayActorError:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the killed actor still answers")
+
+
 async def test_requests_spread_and_survive_a_killed_replica(ray_local) -> None:
     dep = await start_deployment(cfg())
     try:
@@ -32,6 +43,7 @@ async def test_requests_spread_and_survive_a_killed_replica(ray_local) -> None:
         assert {r.routed for r in router.replicas} == {2}  # light load still spreads over both
         victim = router.replicas[0]
         ray.kill(victim.actor, no_restart=True)
+        await _dead(victim.actor)  # ray.kill returns before the process is gone; a request meanwhile may be served
         # The router learns of the death on the next request it sends there and retries on the other replica.
         results = await asyncio.gather(*(run(router, f"b{i}") for i in range(6)))
         assert results == [5] * 6

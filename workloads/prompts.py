@@ -115,6 +115,13 @@ class TokenizerPrompts:
                 "of an exact length with it"
             )
 
+    def __getstate__(self) -> dict[str, str]:
+        # A load-generator process gets the path and loads the tokenizer itself (the encoder is a closure).
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.__init__(state["path"])  # type: ignore[misc]
+
     def count(self, text: str) -> int:
         """Prompt tokens of ``text`` as the server counts them."""
         return self._count([text])[0]
