@@ -203,6 +203,13 @@ class _PointRun:
             self.emit(rec, RawResponse(0.0, 0, "", f"prompt synthesis failed: {type(e).__name__}: {e}", []))
             return None
 
+    async def work(self, work: list[RequestRecord] | tuple[ClosedLoop, int, int], ready: Callable[[], float]) -> None:
+        """Open-loop records, or (closed-loop users, first request index, index stride)."""
+        if isinstance(work, tuple):
+            await self.closed_loop(*work, ready=ready)
+        else:
+            await self.open_loop(work, ready)
+
     async def closed_loop(self, spec: ClosedLoop, first_index: int, stride: int, ready: Callable[[], float]) -> None:
         lengths = LengthStream(spec.prompt_tokens, spec.output_tokens, self.seed)
         counter = itertools.count()
@@ -409,8 +416,7 @@ def _run_point_here(conn: multiprocessing.connection.Connection, settings: Clien
     gc.disable()
     try:
         run = _PointRun(settings, point, seed, emit)
-        coro = run.closed_loop(*work, ready=ready) if isinstance(work, tuple) else run.open_loop(work, ready)
-        loop.run_until_complete(coro)
+        loop.run_until_complete(run.work(work, ready))
         if batch:
             conn.send_bytes(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
         conn.send(("end",))
@@ -450,11 +456,8 @@ class LoadClient:
     ) -> list[RequestRecord]:
         """Send ``specs`` open loop; ``on_start`` gets the perf_counter() time the schedule starts from."""
         records = [RequestRecord(point, i, s.t_s, s.prompt_tokens, s.max_output_tokens) for i, s in enumerate(specs)]
-        if self.processes == 0:
-            return await self._run_here(point, seed, records, on_done, on_start)
-        n = min(self.processes, max(1, len(records)))
-        works: list[Any] = [records[i::n] for i in range(n)]
-        out = await self._run_workers(point, seed, works, on_done, on_start)
+        n = max(1, min(self.processes, len(records)))
+        out = await self._dispatch(point, [(records[i::n], seed) for i in range(n)], on_done, on_start)
         out.sort(key=lambda r: r.request_index)
         return out
 
@@ -469,39 +472,34 @@ class LoadClient:
         """``spec.concurrency`` users for ``spec.duration_s``; records are sorted by send time."""
         n = max(1, min(self.processes, spec.concurrency))
         seeds = np.random.SeedSequence(seed).spawn(n)
-        works: list[Any] = []
+        works: list[tuple[Any, int]] = []
         for i in range(n):
             users = spec.concurrency // n + (i < spec.concurrency % n)
             part = ClosedLoop(users, spec.duration_s, spec.prompt_tokens, spec.output_tokens, spec.think_time_s)
-            works.append((part, i, n, int(seeds[i].generate_state(1)[0])))
-        if self.processes == 0:
-            part, first, stride, s = works[0]
-            out: list[RequestRecord] = []
-
-            def collect(rec: RequestRecord, raw: RawResponse) -> None:
-                out.append(finish_record(rec, raw))
-                if on_done is not None:
-                    on_done(rec)
-
-            run = _PointRun(self.settings, point, s, collect)
-            await run.closed_loop(part, first, stride, _start_now(on_start))
-        else:
-            out = await self._run_workers(point, seed, [w[:3] for w in works], on_done, on_start,
-                                          seeds=[w[3] for w in works])
+            works.append(((part, i, n), int(seeds[i].generate_state(1)[0])))
+        out = await self._dispatch(point, works, on_done, on_start)
         out.sort(key=lambda r: r.intended_send_s)
         return out
 
-    async def _run_here(self, point: int, seed: int, records: list[RequestRecord],
-                        on_done: Callable[[RequestRecord], None] | None,
-                        on_start: Callable[[float], None] | None) -> list[RequestRecord]:
+    async def _dispatch(
+        self, point: int, works: list[tuple[Any, int]],
+        on_done: Callable[[RequestRecord], None] | None, on_start: Callable[[float], None] | None,
+    ) -> list[RequestRecord]:
+        """Each (work, seed) to a generator process, or the one of them here when ``processes`` is 0."""
+        if self.processes > 0:
+            return await self._run_workers(point, works, on_done, on_start)
+        (work, seed), = works
+        out: list[RequestRecord] = []
+
         def finish(rec: RequestRecord, raw: RawResponse) -> None:
-            finish_record(rec, raw)
+            out.append(finish_record(rec, raw))
             if on_done is not None:
                 on_done(rec)
 
         run = _PointRun(self.settings, point, seed, finish)
-        await run.open_loop(records, _start_now(on_start))
-        return records
+        ready = _start_now(on_start)
+        await run.work(work, ready)
+        return out
 
     def _start(self, n: int) -> None:
         # A fresh interpreter (not multiprocessing's spawn) so the caller's __main__ is never re-imported.
@@ -515,16 +513,15 @@ class LoadClient:
             self._workers.append((proc, multiprocessing.connection.Connection(ours.detach())))
 
     async def _run_workers(
-        self, point: int, seed: int, works: list[Any],
+        self, point: int, works: list[tuple[Any, int]],
         on_done: Callable[[RequestRecord], None] | None, on_start: Callable[[float], None] | None,
-        seeds: list[int] | None = None,
     ) -> list[RequestRecord]:
         self._start(len(works))
         loop = asyncio.get_running_loop()
         workers = self._workers[: len(works)]
         out: list[RequestRecord] = []
-        for i, (work, (_, conn)) in enumerate(zip(works, workers, strict=True)):
-            conn.send(("run", self.settings, point, seeds[i] if seeds else seed, work))
+        for (work, seed), (_, conn) in zip(works, workers, strict=True):
+            conn.send(("run", self.settings, point, seed, work))
         states = ["starting"] * len(workers)
         waiter: asyncio.Future[None] = loop.create_future()
 

@@ -89,7 +89,6 @@ class _Connection(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.read_at = 0.0
         self.used = False
-        self._header_name = b""
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -229,10 +228,6 @@ class ConnectionPool:
                 conn.exchange = None
                 conn.close()
                 ex.end("ReadTimeout: no complete response before the request timeout")
-
-    @property
-    def in_flight(self) -> int:
-        return len(self.busy) + len(self._tasks)
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
