@@ -386,7 +386,7 @@ class _DueColumn(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         elapsed = time.perf_counter() - self.live.t0  # nan until the generator has started
-        return Text(f"due {bisect.bisect_right(self.times, elapsed) if elapsed == elapsed else 0}")
+        return Text(f"due {0 if math.isnan(elapsed) else bisect.bisect_right(self.times, elapsed)}")
 
 
 async def _drive(
