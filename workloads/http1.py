@@ -139,8 +139,9 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.exchange = ex
         self.used = True
-        self.transport.write(ex.payload)
+        # Stamped before the write: the server may read the request before write() returns to us.
         ex.sent_at = time.perf_counter()
+        self.transport.write(ex.payload)
 
     def _fail(self, error: str) -> None:
         ex, self.exchange = self.exchange, None
