@@ -110,6 +110,8 @@ class RawResponse:
 
 _BUILD_AHEAD_S = 0.005
 """How far ahead of its due time a request's bytes are built."""
+_SPIN_S = 0.001
+"""How close to its due time a send stops sleeping and spins the loop (timers have 1 ms granularity)."""
 
 
 class LoadGeneratorError(RuntimeError):
@@ -187,8 +189,10 @@ class _PointRun:
                 nxt = next(upcoming, None)
             rec, payload = ahead.popleft()
             due = self.t0 + rec.intended_send_s
-            while (delay := due - time.perf_counter()) > 0:  # never early, whatever the loop's timer granularity
-                await asyncio.sleep(delay)
+            # Never early. The loop's timers have millisecond granularity (the epoll timeout), so sleep to within
+            # _SPIN_S of the due time, then spin through loop iterations: responses are still read while spinning.
+            while (delay := due - time.perf_counter()) > 0:
+                await asyncio.sleep(0 if delay < _SPIN_S else delay - _SPIN_S)
             if self.s.max_concurrency:
                 await self._gate()
             if payload is not None:
