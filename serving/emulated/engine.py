@@ -23,10 +23,9 @@ from serving.emulated.physics import (
     DeviceSpec,
     IterationCost,
     ModelShape,
-    SequenceWork,
-    iteration_cost,
     load_device,
     load_model_shape,
+    step_cost,
 )
 from serving.engine import register_engine
 from serving.tokenizer import WordTokenizer
@@ -287,20 +286,21 @@ class EmulatedEngine:
         elif seq in self._waiting:
             self._waiting.remove(seq)
 
-    def _schedule(self, t0: float) -> list[tuple[_Sequence, SequenceWork]]:
-        """The iteration starting at ``t0``: requests admitted after ``t0`` wait for the next one."""
+    def _schedule(self, t0: float) -> list[tuple[_Sequence, int, int, bool]]:
+        """The iteration starting at ``t0`` as (sequence, new tokens, context tokens, is prefill) items:
+        requests admitted after ``t0`` wait for the next one."""
         budget = self.config.max_num_batched_tokens
-        plan: list[tuple[_Sequence, SequenceWork]] = []
+        spec = self.speculative_tokens
+        plan: list[tuple[_Sequence, int, int, bool]] = []
         for seq in self._running:  # decodes first: one token each, plus k proposals to verify if speculating
             if seq.prefilled == seq.prompt_len and budget > 0:
-                ctx = seq.prompt_len + seq.generated
-                k = max(0, min(self.speculative_tokens, seq.max_tokens - seq.generated - 1, budget - 1))
-                plan.append((seq, SequenceWork(seq.request.request_id, 1 + k, ctx, False)))
+                k = max(0, min(spec, seq.max_tokens - seq.generated - 1, budget - 1)) if spec else 0
+                plan.append((seq, 1 + k, seq.prompt_len + seq.generated, False))
                 budget -= 1 + k
         for seq in self._running:  # then unfinished (chunked) prefills
             if seq.prefilled < seq.prompt_len and budget > 0:
                 chunk = min(budget, seq.prompt_len - seq.prefilled)
-                plan.append((seq, SequenceWork(seq.request.request_id, chunk, seq.prefilled, True)))
+                plan.append((seq, chunk, seq.prefilled, True))
                 budget -= chunk
         while (
             self._waiting
@@ -313,7 +313,7 @@ class EmulatedEngine:
             self._running.append(seq)
             self._kv_used += seq.kv_reserved
             chunk = min(budget, seq.prompt_len)
-            plan.append((seq, SequenceWork(seq.request.request_id, chunk, 0, True)))
+            plan.append((seq, chunk, 0, True))
             budget -= chunk
         return plan
 
@@ -336,12 +336,12 @@ class EmulatedEngine:
                 continue
             self._idle_j += self._pending_idle_j(t0)
             self._energy_j = self._idle_j + self._prefill_j + self._decode_j
-            cost = iteration_cost(self.device, self.model, [w for _, w in plan], self.clock_mhz)
+            cost = step_cost(self.device, self.model, [(n, ctx) for _, n, ctx, _ in plan], self.clock_mhz)
             self._inflight = (t0, cost)
             if self._trace:
                 woke = self.clock.now()
-                for seq, work in plan:
-                    if work.is_prefill and work.context_tokens == 0:
+                for seq, _, ctx, is_prefill in plan:
+                    if is_prefill and ctx == 0:
                         trace.mark(seq.request.request_id, "engine.iteration_woke", woke)
                         trace.mark(seq.request.request_id, "engine.iteration_start", t0)
             try:
@@ -351,22 +351,24 @@ class EmulatedEngine:
                 self._accounted_until = t0 + cost.time_s
             self._iterations += 1
             busy_until = t0 + cost.time_s
-            for seq, work in plan:
-                share = cost.per_request_j[work.request_id]
-                if work.is_prefill:
+            for (seq, n, _, is_prefill), share in zip(plan, cost.shares_j, strict=True):
+                if is_prefill:
                     seq.prefill_j += share
                     self._prefill_j += share
-                    seq.prefilled += work.new_tokens
-                    self._prompt_tokens += work.new_tokens
+                    seq.prefilled += n
+                    self._prompt_tokens += n
                 else:
                     seq.decode_j += share
                     self._decode_j += share
                 if seq.done:  # cancelled while the iteration ran: its energy stays attributed
                     continue
                 if seq.prefilled == seq.prompt_len:
-                    for _ in range(1 if work.is_prefill else self._accepted(work.new_tokens - 1)):
-                        if not seq.done:
-                            self._emit_token(seq)
+                    if is_prefill or n == 1:
+                        self._emit_token(seq)
+                    else:
+                        for _ in range(self._accepted(n - 1)):
+                            if not seq.done:
+                                self._emit_token(seq)
             self._energy_j = self._idle_j + self._prefill_j + self._decode_j
 
     def _accepted(self, proposed: int) -> int:

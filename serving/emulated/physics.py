@@ -13,16 +13,18 @@ is throttled: the iteration is stretched until power equals TDP (what a power-ca
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from importlib import resources
+from operator import itemgetter
 from pathlib import Path
 
 import yaml
 from pydantic import ValidationError
 
 from serving.emulated.devices import DeviceFitError, DeviceSpec, Execution, device_from_dict
-from serving.emulated.shapes import ModelShape, SequenceWork, WorkCounts, count_tuple
+from serving.emulated.shapes import ModelShape, SequenceWork, WorkCounts, count_rows
 
 __all__ = [
     "DeviceFitError",
@@ -40,6 +42,7 @@ __all__ = [
     "load_model_shape",
     "peak_tops_per_w",
     "run_metrics",
+    "step_cost",
 ]
 
 
@@ -47,75 +50,82 @@ class PresetError(ValueError):
     """A device preset or model shape that cannot be used; names the file and the field."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: building a frozen one costs 2 us more, per iteration in virtual time
 class IterationCost:
     time_s: float
     energy_j: float
     static_j: float
-    per_request_j: dict[str, float]
+    shares_j: list[float]
+    """Each work item's share of ``energy_j``, in the order the items were given."""
     compute_s: float
     memory_s: float
     throttled: bool
     ops: float = 0.0
     """Operations done (2 per MAC): the numerator of TOPS and TOPS/W."""
     tokens: int = 0
+    request_ids: tuple[str, ...] = ()
 
     @property
     def power_w(self) -> float:
         return self.energy_j / self.time_s if self.time_s > 0 else 0.0
 
+    @property
+    def per_request_j(self) -> dict[str, float]:
+        """Shares by request id (items of one request summed)."""
+        out: dict[str, float] = {}
+        for rid, j in zip(self.request_ids, self.shares_j, strict=True):
+            out[rid] = out.get(rid, 0.0) + j
+        return out
+
 
 def _price(
     device: DeviceSpec,
-    rows: list[tuple[str, int, float, float, float, float]],
-    total: WorkCounts,
-    ex: Execution,
-    time_s: float,
+    items: list[tuple[int, int]],
+    model: ModelShape,
     clock_mhz: float,
-) -> IterationCost:
-    """Energy of an iteration lasting at least ``time_s``, split so the request shares add up exactly."""
+    ideal: bool = False,
+) -> tuple[IterationCost, Execution]:
+    """Time and energy of an iteration doing ``items`` ((new tokens, context tokens) each), split so the
+    item shares add up exactly. ``ideal``: the roofline bound (peak rates, no overhead)."""
+    if not items:
+        raise ValueError("an iteration needs at least one sequence")
+    rows = count_rows(model.work_constants, items)
+    weight_macs, attn_macs, kv_bytes, act_bytes = map(sum, zip(*rows, strict=True))
+    tokens = sum(map(itemgetter(0), items))
+    ex = device.execute(model, WorkCounts(tokens, weight_macs, attn_macs, kv_bytes, act_bytes), clock_mhz)
+    time_s = (max(ex.ideal_compute_s, ex.ideal_memory_s) if ideal
+              else max(ex.compute_s, ex.memory_s) + device.overhead_s)
     e_w, e_a, e_kv, e_act, e_tok = ex.weight_mac_j, ex.attn_mac_j, ex.kv_byte_j, ex.act_byte_j, ex.token_j
-    own: dict[str, float] = {}
-    tokens: dict[str, int] = {}
-    for rid, n, wm, am, kv, act in rows:
-        own[rid] = own.get(rid, 0.0) + wm * e_w + am * e_a + kv * e_kv + act * e_act + n * e_tok
-        tokens[rid] = tokens.get(rid, 0) + n
-    dynamic_j = sum(own.values()) + ex.weight_stream_j
+    own = [wm * e_w + am * e_a + kv * e_kv + act * e_act + n * e_tok
+           for (n, _), (wm, am, kv, act) in zip(items, rows, strict=True)]
+    dynamic_j = sum(own) + ex.weight_stream_j
     static_w = device.static_power_w(clock_mhz)
     throttled = dynamic_j / time_s + static_w > device.tdp_w
     if throttled:
         time_s = dynamic_j / (device.tdp_w - static_w)
     static_j = static_w * time_s
-    shared_per_token = (ex.weight_stream_j + static_j) / total.tokens
-    per_request = {rid: j + shared_per_token * tokens[rid] for rid, j in own.items()}
-    return IterationCost(
+    shared_per_token = (ex.weight_stream_j + static_j) / tokens
+    shares = [j + shared_per_token * n for j, (n, _) in zip(own, items, strict=True)]
+    cost = IterationCost(
         time_s=time_s,
         energy_j=dynamic_j + static_j,
         static_j=static_j,
-        per_request_j=per_request,
+        shares_j=shares,
         compute_s=ex.compute_s,
         memory_s=ex.memory_s,
         throttled=throttled,
-        ops=2 * total.macs,
-        tokens=total.tokens,
+        ops=2 * (weight_macs + attn_macs),
+        tokens=tokens,
     )
+    return cost, ex
 
 
-def _count(
-    model: ModelShape, work: list[SequenceWork]
-) -> tuple[list[tuple[str, int, float, float, float, float]], WorkCounts]:
-    if not work:
-        raise ValueError("an iteration needs at least one sequence")
-    c = model.work_constants
-    rows = []
-    t = 0
-    sw = sa = skv = sact = 0.0
-    for w in work:
-        wm, am, kv, act = count_tuple(c, w.new_tokens, w.context_tokens)
-        rows.append((w.request_id, w.new_tokens, wm, am, kv, act))
-        t += w.new_tokens
-        sw, sa, skv, sact = sw + wm, sa + am, skv + kv, sact + act
-    return rows, WorkCounts(t, sw, sa, skv, sact)
+def step_cost(
+    device: DeviceSpec, model: ModelShape, items: list[tuple[int, int]], clock_mhz: float
+) -> IterationCost:
+    """:func:`iteration_cost` of ``(new tokens, context tokens)`` items, shares in item order (the engine's
+    hot path: no per-request objects)."""
+    return _price(device, items, model, clock_mhz)[0]
 
 
 def iteration_cost(
@@ -127,18 +137,15 @@ def iteration_cost(
     weights once and static power for the iteration) is split by the tokens each request processed, so
     the shares add up to the iteration's energy exactly.
     """
-    rows, total = _count(model, work)
-    ex = device.execute(model, total, clock_mhz)
-    return _price(device, rows, total, ex, max(ex.compute_s, ex.memory_s) + device.overhead_s, clock_mhz)
+    cost, _ = _price(device, [(w.new_tokens, w.context_tokens) for w in work], model, clock_mhz)
+    return dataclasses.replace(cost, request_ids=tuple(w.request_id for w in work))
 
 
 def _ideal_cost(
     device: DeviceSpec, model: ModelShape, work: list[SequenceWork], clock_mhz: float
 ) -> tuple[IterationCost, Execution]:
     """The roofline bound: peak rates, no overhead, same energies per unit of work."""
-    rows, total = _count(model, work)
-    ex = device.execute(model, total, clock_mhz)
-    return _price(device, rows, total, ex, max(ex.ideal_compute_s, ex.ideal_memory_s), clock_mhz), ex
+    return _price(device, [(w.new_tokens, w.context_tokens) for w in work], model, clock_mhz, ideal=True)
 
 
 # --- whole-workload figures ----------------------------------------------------------------------
