@@ -8,7 +8,6 @@ python bench/emulator_bench.py --virtual --trace PATH/azure_llm_2023_conv.csv   
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
 from importlib import resources
 from pathlib import Path
@@ -127,7 +126,7 @@ def _virtual_run(specs: list, replicas: int = 2) -> tuple[float, float, int, flo
         return sum(r.status == "ok" for r in records)
 
     t0, c0 = time.perf_counter(), time.process_time()
-    ok = asyncio.run(clock.run(go()))
+    ok = clock.execute(go())
     return time.perf_counter() - t0, clock.now(), ok, time.process_time() - c0
 
 

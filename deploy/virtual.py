@@ -17,7 +17,8 @@ import contextlib
 import heapq
 import itertools
 import math
-from collections.abc import AsyncIterator, Awaitable
+import selectors
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,12 +49,21 @@ T = TypeVar("T")
 
 
 class VirtualClock:
-    """A discrete-event clock (the :class:`profilers.clock.Clock` protocol) for one asyncio loop."""
+    """A discrete-event clock (the :class:`profilers.clock.Clock` protocol) driving its own event loop.
 
-    def __init__(self, start_s: float = 0.0) -> None:
+    :meth:`execute` runs a coroutine on a loop whose selector is the clock: the moment the loop has nothing
+    ready to run (it would block waiting for I/O), the clock jumps to its next timer and wakes that sleeper.
+    Time thus advances exactly when every task waits, at the cost of one loop pass per event.
+    """
+
+    def __init__(self, start_s: float = 0.0, deadlock_after_s: float = 5.0) -> None:
         self._now = start_s
         self._timers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
+        self._driving = False
+        self.deadlock_after_s = deadlock_after_s
+        """Real seconds to wait for a wakeup from outside the loop (a thread) once no timer is left, before
+        calling the run deadlocked."""
 
     def now(self) -> float:
         return self._now
@@ -69,16 +79,17 @@ class VirtualClock:
     async def sleep_until(self, t_s: float) -> None:
         await self.sleep(t_s - self._now)
 
-    async def run(self, main: Awaitable[T]) -> T:
-        """Run ``main`` to completion, advancing time whenever nothing else can run."""
-        task = asyncio.ensure_future(main)
-        while not task.done():
-            await self._settle()
-            if task.done():
-                break
-            if not self._fire_next():
-                raise RuntimeError("virtual time deadlock: every task waits and no timer is pending")
-        return task.result()
+    def execute(self, main: Coroutine[Any, Any, T]) -> T:
+        """Run ``main`` to completion on a new event loop driven by this clock; return its result."""
+        with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(_ClockSelector(self))) as runner:
+            return runner.run(self._drive(main))
+
+    async def _drive(self, main: Coroutine[Any, Any, T]) -> T:
+        self._driving = True
+        try:
+            return await main
+        finally:
+            self._driving = False
 
     def _fire_next(self) -> bool:
         while self._timers:
@@ -90,14 +101,32 @@ class VirtualClock:
             return True
         return False
 
-    @staticmethod
-    async def _settle() -> None:
-        # Yield until no callback is ready: then every other task is blocked on a future or a timer.
-        # ``_ready`` is the default loop's run queue (CPython asyncio); no public API exposes it.
-        loop = asyncio.get_running_loop()
-        await asyncio.sleep(0)
-        while loop._ready:  # type: ignore[attr-defined]
-            await asyncio.sleep(0)
+
+class _ClockSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+    """The loop's selector: asked to wait (nothing is ready), it advances the virtual clock instead.
+
+    The loop asks with timeout 0 while callbacks are ready; any other timeout means every task waits. With
+    no virtual timer left, only a thread can still wake the loop (through its self-pipe): the selector waits
+    ``deadlock_after_s`` for that before reporting a deadlock.
+    """
+
+    def __init__(self, clock: VirtualClock) -> None:
+        super().__init__()
+        self._clock = clock
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout != 0 and self._clock._driving:
+            if self._clock._fire_next():
+                return []  # the woken sleeper's callback is ready: the loop runs it in this pass
+            if timeout is None:
+                if events := super().select(self._clock.deadlock_after_s):
+                    return events
+                self._clock._driving = False
+                raise RuntimeError(
+                    "virtual time deadlock: every task waits, no timer is pending and nothing woke the loop "
+                    f"for {self._clock.deadlock_after_s:g} s"
+                )
+        return super().select(timeout)
 
 
 class _Done:
@@ -160,7 +189,11 @@ class VirtualDeployment:
         self.recent = RecentRequests()  # what a controller observes, on the virtual time line
 
     def _on_token(self, request_id: str, t_s: float) -> None:
-        self._token_times.setdefault(request_id, []).append(t_s)
+        times = self._token_times.get(request_id)  # not setdefault: it would build a list per token
+        if times is None:
+            self._token_times[request_id] = [t_s]
+        else:
+            times.append(t_s)
 
     async def start(self) -> None:
         for e in self.engines:
@@ -367,6 +400,6 @@ def run_virtual_campaign(
         f"virtual time: {config.replicas} x {config.engine.device} replicas of {config.engine.model}, "
         f"{len(spec.sweep.points())} point(s)"
     )
-    asyncio.run(clock.run(_campaign(spec, config, clock, store, latency)))
+    clock.execute(_campaign(spec, config, clock, store, latency))
     write_manifest(out, spec, target, "finished")
     return store.points()

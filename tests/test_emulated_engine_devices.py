@@ -14,7 +14,7 @@ from serving.emulated.physics import PresetError
 from serving.types import GenerationRequest
 
 
-async def _generate(engine: EmulatedEngine, clock: VirtualClock, n_tokens: int) -> list:  # type: ignore[type-arg]
+def _generate(engine: EmulatedEngine, clock: VirtualClock, n_tokens: int) -> list:  # type: ignore[type-arg]
     async def go() -> list:  # type: ignore[type-arg]
         await engine.start()
         req = GenerationRequest("r1", prompt_token_ids=[1] * 32, max_tokens=n_tokens)
@@ -22,19 +22,19 @@ async def _generate(engine: EmulatedEngine, clock: VirtualClock, n_tokens: int) 
         await engine.stop()
         return events
 
-    return await clock.run(go())
+    return clock.execute(go())
 
 
 @pytest.mark.parametrize(
     ("device", "dtype"),
     [("h100_sxm", None), ("hastily_cim", "int8"), ("kv260_fpga", "int8"), ("transpim", None)],
 )
-async def test_every_kind_serves_a_small_decoder(device: str, dtype: str | None) -> None:
+def test_every_kind_serves_a_small_decoder(device: str, dtype: str | None) -> None:
     clock = VirtualClock()
     cfg = EmulatedEngineConfig(device=device, model="smollm2-135m", dtype=dtype, max_model_len=1024,
                                stream_interval_s=0)  # one event per token
     engine = EmulatedEngine(cfg, "replica-0", clock=clock)
-    events = await _generate(engine, clock, 8)
+    events = _generate(engine, clock, 8)
     assert [e.index for e in events] == list(range(8)) and events[-1].finished
     stats = engine.stats()
     total = stats.attributed_prefill_j + stats.attributed_decode_j + stats.idle_j
@@ -43,13 +43,13 @@ async def test_every_kind_serves_a_small_decoder(device: str, dtype: str | None)
     assert clock.now() > 0
 
 
-async def test_fpga_is_slower_and_leaner_than_a_gpu_per_token() -> None:
+def test_fpga_is_slower_and_leaner_than_a_gpu_per_token() -> None:
     results = {}
     for device, dtype in (("h100_sxm", None), ("kv260_fpga", "int8")):
         clock = VirtualClock()
         cfg = EmulatedEngineConfig(device=device, model="smollm2-135m", dtype=dtype, max_model_len=1024)
         engine = EmulatedEngine(cfg, "r", clock=clock)
-        events = await _generate(engine, clock, 16)
+        events = _generate(engine, clock, 16)
         results[device] = (clock.now(), events[-1].energy_j)
     assert results["kv260_fpga"][0] > 10 * results["h100_sxm"][0]
     assert results["kv260_fpga"][1] < results["h100_sxm"][1]
@@ -90,10 +90,10 @@ class _OvershootingClock(VirtualClock):
         await super().sleep(max(0.0, seconds) + 0.001)
 
 
-async def test_sleep_overshoot_does_not_accumulate_into_the_timeline() -> None:
+def test_sleep_overshoot_does_not_accumulate_into_the_timeline() -> None:
     clock = _OvershootingClock()
     engine = EmulatedEngine(EmulatedEngineConfig(max_model_len=1024, stream_interval_s=0), "r", clock=clock)
-    events = await _generate(engine, clock, 40)
+    events = _generate(engine, clock, 40)
     assert len(events) == 40
     # Back-to-back iterations follow the modeled timeline: at most one overshoot is charged as idle,
     # not one per iteration (40 ms x 70 W = 2.8 J).

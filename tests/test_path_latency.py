@@ -121,7 +121,7 @@ class _OvershootingClock(VirtualClock):
         await super().sleep(max(0.0, seconds) + 0.001)
 
 
-async def test_no_iteration_starts_before_a_request_in_it_arrived(
+def test_no_iteration_starts_before_a_request_in_it_arrived(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Back-to-back iterations are back-dated to the previous modeled end; a request that arrives during the
@@ -141,13 +141,13 @@ async def test_no_iteration_starts_before_a_request_in_it_arrived(
         await asyncio.gather(*(one(i) for i in range(60)))
         await engine.stop()
 
-    await clock.run(go())
+    clock.execute(go())
     stages = trace.read_trace(tmp_path)
     assert len(stages) == 60
     assert all(s["engine.iteration_start"] >= s["engine.admit"] for s in stages.values())
 
 
-async def test_tokens_between_the_first_and_last_travel_together() -> None:
+def test_tokens_between_the_first_and_last_travel_together() -> None:
     """The stream interval cuts messages, not latency: the first token and the last leave when generated."""
     clock = VirtualClock()
     engine = EmulatedEngine(EmulatedEngineConfig(max_model_len=1024, stream_interval_s=0.02), "r", clock=clock)
@@ -162,7 +162,7 @@ async def test_tokens_between_the_first_and_last_travel_together() -> None:
             seen.append((clock.now(), len(ev.token_ids), ev.finished))
         await engine.stop()
 
-    await clock.run(go())
+    clock.execute(go())
     assert sum(n for _, n, _ in seen) == 40 and seen[-1][2]
     assert seen[0] == (token_times[0], 1, False) and seen[-1][0] == token_times[-1]
     assert len(seen) < 40 / 2  # ~6.7 ms per decode step: about three tokens per message

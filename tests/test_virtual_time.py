@@ -18,7 +18,7 @@ from workloads.results import POINT_COLUMNS, TIMESERIES_COLUMNS
 ROOT = Path(__file__).resolve().parents[1]
 
 
-async def test_clock_jumps_to_the_next_timer_in_order() -> None:
+def test_clock_jumps_to_the_next_timer_in_order() -> None:
     clock, seen = VirtualClock(), []
 
     async def sleeper(name: str, s: float) -> None:
@@ -29,15 +29,32 @@ async def test_clock_jumps_to_the_next_timer_in_order() -> None:
         await asyncio.gather(sleeper("b", 5.0), sleeper("a", 1.0), sleeper("c", 3600.0))
 
     t0 = time.perf_counter()
-    await clock.run(main_task())
+    clock.execute(main_task())
     assert seen == [("a", 1.0), ("b", 5.0), ("c", 3600.0)]
     assert time.perf_counter() - t0 < 5.0
 
 
-async def test_deadlock_is_reported() -> None:
-    clock = VirtualClock()
+def test_deadlock_is_reported() -> None:
+    clock = VirtualClock(deadlock_after_s=0.2)
+
+    async def wait_forever() -> None:
+        await asyncio.Event().wait()
+
     with pytest.raises(RuntimeError, match="deadlock"):
-        await clock.run(asyncio.Event().wait())
+        clock.execute(wait_forever())
+
+
+def test_threads_still_wake_a_virtual_loop() -> None:
+    """Work handed to a thread completes through the loop's real wakeup while virtual timers wait."""
+    clock = VirtualClock(deadlock_after_s=2.0)
+
+    async def main_task() -> tuple[str, float]:
+        slept = asyncio.ensure_future(clock.sleep(3600.0))
+        result = await asyncio.to_thread(lambda: (time.sleep(0.05), "from a thread")[1])
+        await slept
+        return result, clock.now()
+
+    assert clock.execute(main_task()) == ("from a thread", 3600.0)
 
 
 def _spec(**changes: object) -> CampaignFile:

@@ -351,6 +351,7 @@ class EmulatedEngine:
                 self._accounted_until = t0 + cost.time_s
             self._iterations += 1
             busy_until = t0 + cost.time_s
+            now = self.clock.now()  # every token of the iteration is emitted at its end
             for (seq, n, _, is_prefill), share in zip(plan, cost.shares_j, strict=True):
                 if is_prefill:
                     seq.prefill_j += share
@@ -364,11 +365,11 @@ class EmulatedEngine:
                     continue
                 if seq.prefilled == seq.prompt_len:
                     if is_prefill or n == 1:
-                        self._emit_token(seq)
+                        self._emit_token(seq, now)
                     else:
                         for _ in range(self._accepted(n - 1)):
                             if not seq.done:
-                                self._emit_token(seq)
+                                self._emit_token(seq, now)
             self._energy_j = self._idle_j + self._prefill_j + self._decode_j
 
     def _accepted(self, proposed: int) -> int:
@@ -380,18 +381,18 @@ class EmulatedEngine:
         self._spec_accepted += accepted
         return 1 + accepted
 
-    def _emit_token(self, seq: _Sequence) -> None:
+    def _emit_token(self, seq: _Sequence, now: float) -> None:
         index = seq.generated
         rid = seq.request.request_id
         if self.on_token is not None:
-            self.on_token(rid, self.clock.now())
+            self.on_token(rid, now)
         seq.generated += 1
         self._generated_tokens += 1
         finished = seq.generated >= seq.max_tokens
         if self._trace and (index == 0 or finished):  # modeled emission time, then the clock's
             which = "first" if index == 0 else "last"
             trace.mark(rid, f"engine.{which}_token_modeled", self._accounted_until)
-            trace.mark(rid, f"engine.{which}_token", self.clock.now())
+            trace.mark(rid, f"engine.{which}_token", now)
         if finished:
             seq.done = True
             seq.last_token.set()
