@@ -49,23 +49,23 @@ class PathLatency(BaseModel):
     it so its latencies are those a client of a real-time run measures. Each request draws its two delays
     from log-normal distributions (median, shape ``sigma``; 0 makes them constant), seeded by the request.
     Defaults: the testbed's own path (httpx client, uvicorn front door, router, Ray actor) on a shared 2-core
-    host, medians over three traced real-time runs of the quickstart (2 and 8 req/s, host load ~4;
-    ``python bench/real_path_latency.py`` prints these four values); re-measure for another host or deployment,
-    or set the medians to 0 to simulate the engines alone."""
+    host with nothing else running (the quickstart's 2 and 8 req/s, host load < 1;
+    ``python bench/real_path_latency.py`` prints these four values); re-measure for another host, a loaded one or
+    another deployment, or set the medians to 0 to simulate the engines alone."""
 
     model_config = ConfigDict(extra="forbid")
 
     request_latency_s: float = Field(
-        default=0.0080, ge=0, le=10,
+        default=0.0017, ge=0, le=10,
         description="Median, client send to engine admission: HTTP request, front door, router, Ray actor call.",
     )
     response_latency_s: float = Field(
-        default=0.0049, ge=0, le=10,
+        default=0.0016, ge=0, le=10,
         description="Median, a token's modeled emission to the client reading it: the engine's timer overshoot, "
         "Ray streaming, front door SSE, client parsing. Shifts every token of the request (TPOT unchanged).",
     )
-    request_sigma: float = Field(default=0.6, ge=0, le=3, description="Log-normal shape of the request latency.")
-    response_sigma: float = Field(default=0.59, ge=0, le=3, description="Log-normal shape of the response latency.")
+    request_sigma: float = Field(default=0.24, ge=0, le=3, description="Log-normal shape of the request latency.")
+    response_sigma: float = Field(default=0.32, ge=0, le=3, description="Log-normal shape of the response latency.")
 
     def draw(self, key: str) -> tuple[float, float]:
         """(request, response) latency of the request ``key``: reproducible, independent of arrival order."""
