@@ -24,15 +24,28 @@ async def run(router, rid: str, tokens: int = 5) -> int:
     return n
 
 
-async def _dead(actor, timeout_s: float = 30.0) -> None:
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie serves nothing
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+async def _dead(actor, pid: int, timeout_s: float = 30.0) -> None:
+    """Until Ray reports the actor dead and its process has exited: Ray marks a killed actor dead before the
+    process is gone, and until then the process still serves its channel socket."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while asyncio.get_running_loop().time() < deadline:
         try:
             await actor.describe.remote()
-        except ray.exceptions.RayActorError:
-            return
+        except ray.exceptions.ActorDiedError:
+            if not _running(pid):
+                return
+        except ray.exceptions.ActorUnavailableError:
+            pass
         await asyncio.sleep(0.1)
-    raise AssertionError("the killed actor still answers")
+    raise AssertionError("the killed actor still answers or its process still runs")
 
 
 async def test_requests_spread_and_survive_a_killed_replica(ray_local) -> None:
@@ -42,8 +55,9 @@ async def test_requests_spread_and_survive_a_killed_replica(ray_local) -> None:
         assert await asyncio.gather(*(run(router, f"a{i}") for i in range(4))) == [5] * 4
         assert {r.routed for r in router.replicas} == {2}  # light load still spreads over both
         victim = router.replicas[0]
+        pid = next(i["pid"] for i in dep.replica_info if i["replica"] == victim.name)
         ray.kill(victim.actor, no_restart=True)
-        await _dead(victim.actor)  # ray.kill returns before the process is gone; a request meanwhile may be served
+        await _dead(victim.actor, pid)  # ray.kill returns before the process is gone; a request meanwhile may be served
         # The router learns of the death on the next request it sends there and retries on the other replica.
         results = await asyncio.gather(*(run(router, f"b{i}") for i in range(6)))
         assert results == [5] * 6
