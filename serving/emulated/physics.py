@@ -80,8 +80,8 @@ class IterationCost:
 
 def _price(
     device: DeviceSpec,
-    items: list[tuple[int, int]],
     model: ModelShape,
+    items: list[tuple[int, int]],
     clock_mhz: float,
     ideal: bool = False,
 ) -> tuple[IterationCost, Execution]:
@@ -125,7 +125,7 @@ def step_cost(
 ) -> IterationCost:
     """:func:`iteration_cost` of ``(new tokens, context tokens)`` items, shares in item order (the engine's
     hot path: no per-request objects)."""
-    return _price(device, items, model, clock_mhz)[0]
+    return _price(device, model, items, clock_mhz)[0]
 
 
 def iteration_cost(
@@ -137,7 +137,7 @@ def iteration_cost(
     weights once and static power for the iteration) is split by the tokens each request processed, so
     the shares add up to the iteration's energy exactly.
     """
-    cost, _ = _price(device, [(w.new_tokens, w.context_tokens) for w in work], model, clock_mhz)
+    cost, _ = _price(device, model, [(w.new_tokens, w.context_tokens) for w in work], clock_mhz)
     return dataclasses.replace(cost, request_ids=tuple(w.request_id for w in work))
 
 
@@ -145,7 +145,7 @@ def _ideal_cost(
     device: DeviceSpec, model: ModelShape, work: list[SequenceWork], clock_mhz: float
 ) -> tuple[IterationCost, Execution]:
     """The roofline bound: peak rates, no overhead, same energies per unit of work."""
-    return _price(device, [(w.new_tokens, w.context_tokens) for w in work], model, clock_mhz, ideal=True)
+    return _price(device, model, [(w.new_tokens, w.context_tokens) for w in work], clock_mhz, ideal=True)
 
 
 # --- whole-workload figures ----------------------------------------------------------------------
