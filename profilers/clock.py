@@ -16,10 +16,15 @@ class Clock(Protocol):
 
 
 class RealClock:
-    """Monotonic wall time; `sleep` yields to the event loop."""
+    """Monotonic wall time; `sleep` yields to the event loop and never returns before its deadline."""
 
     def now(self) -> float:
         return time.monotonic()
 
     async def sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
         await asyncio.sleep(max(0.0, seconds))
+        # uvloop rounds timers to whole milliseconds against a cached loop time and wakes up to ~1.3 ms
+        # early; an emulated iteration that ended before its modeled end would emit tokens too soon.
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(left)
