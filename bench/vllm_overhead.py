@@ -44,7 +44,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +53,14 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from profilers import trace  # noqa: E402
 from serving.replica import Replica  # noqa: E402
 from serving.types import GenerationRequest  # noqa: E402
 from workloads.client import RawResponse, RequestRecord, finish_record  # noqa: E402
 from workloads.http1 import ConnectionPool, Endpoint, Exchange, post_request  # noqa: E402
 
 PROMPT = "the time of the man who said that we have been in the first years"
-Sample = tuple[float, float, int]  # TTFT s, E2E s, output tokens
+Sample = tuple[float, float, int, str]  # TTFT s, E2E s, output tokens, request id
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Run:
     e2e: list[float]
     cpu_s: float = 0.0
     """CPU time of every process of the testbed (bench, front door, both replica trees) during the runs."""
+    request_ids: list[str] = field(default_factory=list)
 
     @property
     def tok_s(self) -> float:
@@ -114,6 +116,13 @@ async def drive(one: Callable[[], Awaitable[Sample]], n: int, load: str) -> tupl
     return await open_loop(one, n, float(load.removesuffix("/s")))
 
 
+def _traced(request_id: str, sent: float, first: float) -> float:
+    """Marks the client's side of the latency trace (when on) and returns the TTFT."""
+    trace.mark(request_id, "client.send", sent)
+    trace.mark(request_id, "client.first_chunk", first)
+    return first - sent
+
+
 def _request(max_tokens: int) -> GenerationRequest:
     return GenerationRequest(uuid.uuid4().hex, prompt=PROMPT, max_tokens=max_tokens, ignore_eos=True, temperature=0)
 
@@ -123,13 +132,15 @@ class BenchReplica(Replica):
 
     async def direct(self, n: int, load: str, max_tokens: int) -> tuple[float, list[Sample]]:
         async def one() -> Sample:
+            request = _request(max_tokens)
             t0 = time.perf_counter()
             first, last = 0.0, None
-            async for ev in self.engine.generate(_request(max_tokens)):
+            async for ev in self.engine.generate(request):
                 first = first or time.perf_counter()
                 last = ev
             assert last is not None
-            return first - t0, time.perf_counter() - t0, last.output_tokens
+            rid = request.request_id
+            return _traced(rid, t0, first), time.perf_counter() - t0, last.output_tokens, rid
 
         return await drive(one, n, load)
 
@@ -181,13 +192,15 @@ async def run_paths(
 
     def routed(r: Router) -> Callable[[], Awaitable[Sample]]:
         async def one() -> Sample:
+            request = _request(args.max_tokens)
             t0 = time.perf_counter()
             first, last = 0.0, None
-            async for ev in r.stream(_request(args.max_tokens)):
+            async for ev in r.stream(request):
                 first = first or time.perf_counter()
                 last = ev
             assert last is not None
-            return first - t0, time.perf_counter() - t0, last.output_tokens
+            rid = request.request_id
+            return _traced(rid, t0, first), time.perf_counter() - t0, last.output_tokens, rid
 
         return one
 
@@ -205,10 +218,11 @@ async def run_paths(
         ex = Exchange(payload, lambda _: done.set_result(None))
         pool.send(ex)
         await done
-        rec = finish_record(RequestRecord(0, 0, 0.0, 0, args.max_tokens), RawResponse.of(ex))
+        raw = RawResponse.of(ex)
+        rec = finish_record(RequestRecord(0, 0, 0.0, 0, args.max_tokens), raw)  # marks the client's stages
         if not rec.ok:
             raise RuntimeError(f"http request failed: {rec.error}")
-        return rec.ttft_s, rec.e2e_s, rec.output_tokens
+        return rec.ttft_s, rec.e2e_s, rec.output_tokens, raw.request_id
 
     conn = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(url, connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as session:
@@ -218,13 +232,14 @@ async def run_paths(
             first, tokens = 0.0, 0
             async with session.post("/v1/completions", json=body) as resp:
                 resp.raise_for_status()
+                rid = resp.headers.get("x-request-id", "")
                 async for line in resp.content:
                     if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                         continue
                     first = first or time.perf_counter()
                     if b'"usage"' in line:
                         tokens = json.loads(line[6:])["usage"]["completion_tokens"]
-            return first - t0, time.perf_counter() - t0, tokens
+            return _traced(rid, t0, first), time.perf_counter() - t0, tokens, rid
 
         paths: dict[str, Callable[[int, str], Awaitable[tuple[float, list[Sample]]]]] = {
             "direct": lambda n, c: actor.direct.remote(n, c, args.max_tokens),
@@ -250,6 +265,7 @@ async def run_paths(
                     r.wall_s += wall
                     r.ttft += [s[0] for s in samples]
                     r.e2e += [s[1] for s in samples]
+                    r.request_ids += [s[3] for s in samples]
     await router.stop()
     await raymsg.stop()
     await pool.aclose()
@@ -294,6 +310,32 @@ def print_table(runs: list[Run], args: argparse.Namespace) -> None:
         )
 
 
+STAGES = ["client.send", "door.receive", "router.dispatch", "actor.receive", "engine.admit", "engine.first_token",
+          "actor.first_event", "router.first_event", "door.first_chunk", "client.first_chunk"]
+
+
+def print_stages(runs: list[Run], directory: Path) -> None:
+    """Median time between consecutive stages of the first token's path, per path and load: where the added
+    TTFT goes. A stage a path does not cross is left out of its row."""
+    marks = trace.read_trace(directory)
+    print("\nfirst-token path, median ms from the previous stage (latency trace)")
+    names = [s.split(".", 1)[1][:12] for s in STAGES[1:]]
+    head = f"{'path':<7} {'load':>5} " + " ".join(f"{n:>12}" for n in names)
+    print(head)
+    print("-" * len(head))
+    for r in runs:
+        traced = [marks[rid] for rid in r.request_ids if rid in marks]
+        cells = []
+        for stage in STAGES[1:]:
+            gaps = []
+            for m in traced:
+                before = [s for s in STAGES[: STAGES.index(stage)] if s in m]
+                if stage in m and before:
+                    gaps.append(m[stage] - m[before[-1]])
+            cells.append(f"{statistics.median(gaps) * 1e3:>12.3f}" if gaps else f"{'':>12}")
+        print(f"{r.path:<7} {r.load:>5} " + " ".join(cells))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=64, help="requests per run (at least 4 x concurrency)")
@@ -305,6 +347,9 @@ def main() -> None:
     p.add_argument("--model", help="checkpoint directory (default: build the tiny model into a temp dir)")
     p.add_argument("--paths", nargs="+", default=["direct", "raymsg", "router", "http"],
                    help="paths to run (direct is the baseline of the ratios: keep it for the table)")
+    p.add_argument("--trace", action="store_true",
+                   help="record the latency trace (profilers/trace.py) in every process and print where each "
+                        "path's first token spends its time")
     args = p.parse_args()
 
     import ray
@@ -318,6 +363,9 @@ def main() -> None:
         from deploy.models import build_tiny
 
         model = str(build_tiny(Path(tmp.name) / "tiny-llama", seed=0))
+    if args.trace:  # before Ray starts, so its workers and the front door inherit it
+        os.environ[trace.TRACE_ENV] = str(Path(tmp.name) / "trace")
+        (Path(tmp.name) / "trace").mkdir()
     cfg = VLLMEngineConfig(model=model, kv_cache_memory_bytes=64 << 20, max_num_seqs=64)
     engine = cfg.model_dump(mode="json")
 
@@ -339,6 +387,8 @@ def main() -> None:
             proc.wait(60)
         ray.shutdown()
     print_table(runs, args)
+    if args.trace:
+        print_stages(runs, Path(tmp.name) / "trace")
     print("\nper replica")
     print(f"{'engine start s':>14} {'peak RSS MiB (actor + engine core)':>36}")
     parts = " + ".join(f"{v:.0f}" for v in rss.values())

@@ -3,6 +3,7 @@ health and Prometheus metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -12,9 +13,9 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from profilers import trace
@@ -151,9 +152,8 @@ class FrontDoor:
         trace.mark(rid, "door.first_event", timing.first)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
+            return SSEResponse(
                 self._sse(rid, first, stream, chat, include_usage, timing),
-                media_type="text/event-stream",
                 headers={"x-replica": first.replica, "x-request-id": rid, "cache-control": "no-cache"},
             )
         text, last = [first.text], first
@@ -165,6 +165,20 @@ class FrontDoor:
             return error_response(502, str(e), code="replica_failed")
         self._observe(last, timing)
         return JSONResponse(self._final_body(rid, "".join(text), last, chat), headers={"x-replica": last.replica})
+
+    async def completion(self, body: CompletionRequest) -> Response:
+        if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
+            if len(body.prompt) != 1:
+                return error_response(400, "batched prompts are not supported: send one prompt per request",
+                                      param="prompt", code="unsupported")
+            return await self.handle(body, body.prompt[0], None, chat=False)
+        if isinstance(body.prompt, list):
+            return await self.handle(body, None, list(body.prompt), chat=False)  # token ids
+        return await self.handle(body, body.prompt, None, chat=False)
+
+    async def chat_completion(self, body: ChatRequest) -> Response:
+        messages = [m.model_dump(include={"role", "content"}) for m in body.messages]
+        return await self.handle(body, render_chat(messages), None, chat=True, messages=messages)
 
     def _observe(self, last: TokenEvent, timing: _Timing) -> None:
         e2e = time.perf_counter() - timing.arrival
@@ -269,36 +283,118 @@ def _sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+class SSEResponse:
+    """A server-sent event stream as a raw ASGI response. Starlette's ``StreamingResponse`` opens an anyio task
+    group per stream to notice a client that goes away; one watcher task does that here, at a fraction of the
+    cost on the first token's path. A client that disconnects cancels the stream, which cancels its request in
+    the engine."""
+
+    media_type = b"text/event-stream; charset=utf-8"
+
+    def __init__(self, chunks: AsyncIterator[str], headers: dict[str, str]) -> None:
+        self.chunks = chunks
+        self.raw_headers = [(b"content-type", self.media_type),
+                            *((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        stream_task = asyncio.current_task()
+        assert stream_task is not None
+        state = {"finished": False, "disconnected": False}
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not state["finished"]:
+                state["disconnected"] = True
+                stream_task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+            state["finished"] = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not state["disconnected"]:
+                raise
+            stream_task.uncancel()  # the client went away: nothing left to answer
+        finally:
+            state["finished"] = True
+            watcher.cancel()
+            aclose = getattr(self.chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()  # closes the router's stream: cancels the request in the engine if unfinished
+
+
+def _invalid_request(errors: list[Any]) -> JSONResponse:
+    """A 400 in OpenAI's error shape from pydantic's (or FastAPI's) validation errors."""
+
+    def where(e: Any) -> str:
+        return ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+
+    first = where(errors[0]) if errors else ""
+    msg = "; ".join(f"{where(e)}: {e['msg']}" if where(e) else e["msg"] for e in errors)
+    return error_response(400, f"invalid request: {msg}", param=first or None, code="invalid_request")
+
+
+class GenerationFastPath:
+    """ASGI middleware that answers ``POST /v1/completions`` and ``POST /v1/chat/completions`` itself: the body
+    read from ASGI, validated by pydantic from its JSON bytes, the request streamed by :class:`SSEResponse`.
+    FastAPI's own path (dependency solving, validation of the decoded JSON, Starlette's task group per stream)
+    cost ~0.9 ms per request before the first token on a small host, most of what the front door added to a
+    request's time to first token. Every other request goes on to the FastAPI app."""
+
+    def __init__(self, app: Any, door: FrontDoor) -> None:
+        self.app = app
+        self.routes: dict[str, tuple[type[_Common], Any]] = {
+            "/v1/completions": (CompletionRequest, door.completion),
+            "/v1/chat/completions": (ChatRequest, door.chat_completion),
+        }
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        route = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            response: Any = error_response(405, f"{scope['path']} takes POST, not {scope['method']}",
+                                           code="method_not_allowed")
+        elif (raw := await _read_body(receive)) is None:
+            return  # the client went away before its request was complete
+        else:
+            model, handler = route
+            try:
+                body = model.model_validate_json(raw)
+            except ValidationError as e:
+                response = _invalid_request(e.errors(include_url=False))
+            else:
+                response = await handler(body)
+        await response(scope, receive, send)
+
+
+async def _read_body(receive: Any) -> bytes | None:
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(parts)
+
+
 def create_app(door: FrontDoor) -> FastAPI:
     app = FastAPI(title="llm-energy-testbed front door", docs_url=None, redoc_url=None)
+    app.add_middleware(GenerationFastPath, door=door)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        msg = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in errs)
-        return error_response(400, f"invalid request: {msg}", param=loc or None, code="invalid_request")
+        return _invalid_request(list(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), code=None)
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Response:
-        if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
-            if len(body.prompt) != 1:
-                return error_response(400, "batched prompts are not supported: send one prompt per request",
-                                      param="prompt", code="unsupported")
-            return await door.handle(body, body.prompt[0], None, chat=False)
-        if isinstance(body.prompt, list):
-            return await door.handle(body, None, list(body.prompt), chat=False)  # token ids
-        return await door.handle(body, body.prompt, None, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest) -> Response:
-        messages = [m.model_dump(include={"role", "content"}) for m in body.messages]
-        return await door.handle(body, render_chat(messages), None, chat=True, messages=messages)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from profilers import trace
 from profilers.cpu_model import CpuPowerModel
 from profilers.source import PowerSource
 from profilers.sources import probe_sources
@@ -321,12 +322,14 @@ class VLLMEngine:
         ledger = self._inflight[rid] = _Ledger()
         self._idle_event.clear()
         index = 0
+        trace.mark(rid, "engine.admit")
         gen = self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, rid)
         try:
             async for out in gen:
                 comp = out.outputs[0]
                 new = list(comp.token_ids)
                 if index == 0 and new:
+                    trace.mark(rid, "engine.first_token")  # vLLM's output handler has detokenized it
                     ledger.pending_prefill += len(ids) * self.config.prefill_token_weight
                 ledger.pending_decode += len(new)
                 if out.finished:

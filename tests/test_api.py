@@ -97,6 +97,53 @@ def test_malformed_json_and_unknown_model(served) -> None:
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
+def test_request_body_sent_in_chunks_and_validation_messages(served) -> None:
+    def parts():  # a chunked request body: the front door reads every ASGI message of it
+        yield b'{"model": "' + MODEL.encode()
+        yield b'", "prompt": "a b", "max_tokens": 2}'
+
+    r = httpx.post(f"{served.url}/v1/completions", content=parts(), headers={"content-type": "application/json"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    r = httpx.post(f"{served.url}/v1/completions", content=b"{not json")
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] is None and "Invalid JSON" in err["message"]
+    r = httpx.post(f"{served.url}/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "bot"}]})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "messages.0.role" and "messages.0.content" in err["message"]
+
+
+def test_generation_endpoints_take_post_only(served) -> None:
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        r = httpx.get(f"{served.url}{path}")
+        assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_client_that_goes_away_mid_stream_frees_the_engine(served) -> None:
+    """Closing the connection after the first chunk cancels the request in the engine: it stops generating
+    (1,000 tokens would take seconds) and the front door keeps serving."""
+    import time
+
+    import ray
+
+    actors = [r.actor for r in served.deployment.router.replicas]
+
+    def stats() -> list:
+        return [t.stats for t in ray.get([a.telemetry.remote() for a in actors])]
+
+    before = sum(s.generated_tokens_total for s in stats())
+    body = {"model": MODEL, "prompt": "a b", "max_tokens": 1000, "stream": True}
+    with httpx.stream("POST", f"{served.url}/v1/completions", json=body) as r:
+        assert next(r.iter_lines()).startswith("data: ")
+    deadline = time.monotonic() + 5
+    while any(s.running for s in stats()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = stats()
+    assert not any(s.running for s in after), "the engine still runs the abandoned request"
+    assert sum(s.generated_tokens_total for s in after) - before < 1000
+    r = httpx.post(f"{served.url}/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
 def test_metrics_expose_core_families_with_provenance(served) -> None:
     httpx.post(f"{served.url}/v1/completions", json={"model": MODEL, "prompt": "a b", "max_tokens": 3})
     text = httpx.get(f"{served.url}/metrics").text
