@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import json
 import logging
@@ -72,8 +71,9 @@ class Channel:
             await self.actor.submit.remote(request, self.id)
             return
         assert self._writer is not None
-        writer = await asyncio.shield(self._writer)  # raises the channel's error if it could not connect
-        self._send(writer, {"submit": dataclasses.asdict(request)})
+        # Connected: no await (a task step per request); else wait, raising the channel's error if it failed.
+        writer = self._writer.result() if self._writer.done() else await asyncio.shield(self._writer)
+        self._send(writer, {"submit": request.__dict__})  # a flat dataclass: no deep copy (asdict) needed
 
     def cancel(self, request_id: str) -> None:
         if self.transport == "ray":
