@@ -25,7 +25,7 @@ trees), which other load on the machine does not skew. On a small machine the cl
 engine share the cores: the ``http`` figures then include the client's own CPU time, which a real deployment
 spends elsewhere.
 
-    python bench/vllm_overhead.py [--requests 64] [--concurrency 1 4 8 16] [--rates 10 20] [--max-tokens 32]
+    python bench/vllm_overhead.py [--requests 64] [--concurrency 1 4 8 16] [--rates 10 20] [--max-tokens 32] [--trace]
 """
 
 from __future__ import annotations
@@ -172,11 +172,13 @@ def tree_cpu_s(pids: list[int]) -> float:
     """CPU seconds of these processes and their descendants (load-independent: what each path costs)."""
     from profilers.cpu_model import descendants, process_cpu_seconds
 
-    total = 0.0
+    tree = set(pids)
     for pid in pids:
-        for p in [pid, *descendants(pid)]:
-            with contextlib.suppress(OSError, ValueError, IndexError):  # exited meanwhile
-                total += process_cpu_seconds(p)
+        tree.update(descendants(pid))  # a set: the bench's own tree holds the Ray cluster it started, replicas too
+    total = 0.0
+    for p in tree:
+        with contextlib.suppress(OSError, ValueError, IndexError):  # exited meanwhile
+            total += process_cpu_seconds(p)
     return total
 
 
