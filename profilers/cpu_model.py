@@ -59,7 +59,12 @@ def cpu_model_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
 
 
 class CpuPowerModel:
-    """PowerSource for the CPU share of one process tree (provenance ``modeled``)."""
+    """PowerSource for the CPU share of one process tree (provenance ``modeled``).
+
+    Finding the tree walks all of ``/proc`` (milliseconds on an idle host, more on a busy node), and a read can
+    sit on a serving engine's token path: the walk runs at most every ``rescan_s`` and when :meth:`rescan` asks
+    (an engine calls it once its processes have started). A process found late is not lost: its CPU time since it
+    started counts from the read that finds it."""
 
     backend = "cpu_model"
 
@@ -71,7 +76,7 @@ class CpuPowerModel:
         device: str = "cpu0",
         proc: Path = Path("/proc"),
         now: Callable[[], float] = time.monotonic,
-        rescan_s: float = 2.0,
+        rescan_s: float = 30.0,
     ) -> None:
         if idle_w < 0 or core_w < 0:
             raise ValueError(f"power model parameters must be >= 0 W (idle_w={idle_w}, core_w={core_w})")
@@ -117,6 +122,10 @@ class CpuPowerModel:
                 self._cpu_of_gone += cpu
         self._last_cpu = seen
         return self._cpu_of_gone + sum(seen.values())
+
+    def rescan(self) -> None:
+        """Walk the process tree again at the next read (the tree changed: an engine started its processes)."""
+        self._scanned_at = -1e18
 
     def busy_cores_since_start(self) -> float:
         dt = self._now() - self._t0

@@ -227,6 +227,8 @@ class VLLMEngine:
         self.tokenizer = self.engine.get_tokenizer()
         cache = self.engine.vllm_config.cache_config
         self.kv_capacity_tokens = int((cache.num_gpu_blocks or 0) * (cache.block_size or 0))
+        if (rescan := getattr(self.power, "rescan", None)) is not None:
+            rescan()  # the engine-core process is new: the CPU power model must watch it
         return time.perf_counter() - t0
 
     async def start(self) -> None:
@@ -482,6 +484,7 @@ class VLLMEngine:
             self.config = new_config
             try:
                 start_s = await self._start_engine()
+                self._account()  # nothing in flight: the restart's energy (loading, profiling) is idle energy
             finally:
                 self._open.set()
         took = time.perf_counter() - t0

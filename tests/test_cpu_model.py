@@ -74,6 +74,23 @@ def test_energy_is_idle_plus_core_power_times_cpu_seconds_of_the_tree(tmp_path: 
     assert m.read()[0].energy_j == pytest.approx(10 * 3.0 + 20 * 1.5)
 
 
+def test_tree_is_walked_again_on_rescan_or_after_rescan_s_and_a_late_child_loses_nothing(tmp_path: Path) -> None:
+    proc, clock = tmp_path, FakeClock()
+    (proc / "cpuinfo").write_text("model name\t: Test CPU\n")
+    _write_stat(proc, 10, 1, 1.0, 0.0)
+    m = CpuPowerModel(idle_w=0, core_w=10, pid=10, proc=proc, now=clock, rescan_s=30)
+    _write_stat(proc, 11, 10, 3.0, 0.0)  # an engine-core process started after the model: 3 s of CPU already
+    clock.t += 1.0
+    assert m.read()[0].energy_j == pytest.approx(0.0)  # not walked yet: a read on the token path stays cheap
+    m.rescan()
+    assert m.read()[0].energy_j == pytest.approx(10 * 3.0)  # found: its CPU since it started counts
+    _write_stat(proc, 12, 10, 2.0, 0.0)
+    clock.t += 29.0
+    assert m.read()[0].energy_j == pytest.approx(10 * 3.0)
+    clock.t += 1.0  # rescan_s after the last walk
+    assert m.read()[0].energy_j == pytest.approx(10 * 5.0)
+
+
 def test_descendants_and_stat_with_spaces_in_command(tmp_path: Path) -> None:
     _write_stat(tmp_path, 5, 1, 0.25, 0.25, comm="ray::Replica (a) b")
     _write_stat(tmp_path, 6, 5, 0, 0)
