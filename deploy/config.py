@@ -48,24 +48,24 @@ class PathLatency(BaseModel):
     """What the real serving path adds to a request that the engine model does not; a virtual-time run adds
     it so its latencies are those a client of a real-time run measures. Each request draws its two delays
     from log-normal distributions (median, shape ``sigma``; 0 makes them constant), seeded by the request.
-    Defaults: the testbed's own path (httpx client, uvicorn front door, router, Ray actor) on a shared 2-core
-    host with nothing else running (the quickstart's 2 and 8 req/s, host load < 1;
+    Defaults: the testbed's own path (its raw HTTP client, uvicorn front door, router, replica channel) on a
+    shared 2-core host with nothing else running (the quickstart's 2 and 8 req/s, host load < 1;
     ``python bench/real_path_latency.py`` prints these four values); re-measure for another host, a loaded one or
     another deployment, or set the medians to 0 to simulate the engines alone."""
 
     model_config = ConfigDict(extra="forbid")
 
     request_latency_s: float = Field(
-        default=0.0017, ge=0, le=10,
+        default=0.0013, ge=0, le=10,
         description="Median, client send to engine admission: HTTP request, front door, router, Ray actor call.",
     )
     response_latency_s: float = Field(
-        default=0.0016, ge=0, le=10,
+        default=0.0014, ge=0, le=10,
         description="Median, a token's modeled emission to the client reading it: the engine's timer overshoot, "
         "Ray streaming, front door SSE, client parsing. Shifts every token of the request (TPOT unchanged).",
     )
-    request_sigma: float = Field(default=0.24, ge=0, le=3, description="Log-normal shape of the request latency.")
-    response_sigma: float = Field(default=0.32, ge=0, le=3, description="Log-normal shape of the response latency.")
+    request_sigma: float = Field(default=0.23, ge=0, le=3, description="Log-normal shape of the request latency.")
+    response_sigma: float = Field(default=0.29, ge=0, le=3, description="Log-normal shape of the response latency.")
 
     def draw(self, key: str) -> tuple[float, float]:
         """(request, response) latency of the request ``key``: reproducible, independent of arrival order."""
