@@ -12,16 +12,17 @@ throughput each path sustains) and at Poisson arrival rates the engine sustains 
           over the replica's channel socket (one frame of events per engine iteration): the cost of the hop
           between the front door and the replica.
   raymsg  the same channel over Ray (a Ray call per request, a Ray message per engine iteration).
-  http    the OpenAI front door as in production: ``testbed serve`` in a child process of its own, attached to
-          this Ray cluster, with its own replica actor of the same configuration; this process is the client
-          (the testbed's load-generator client: raw HTTP/1.1 keep-alive, SSE parsed when the response ends), so
-          the client and the server never share an interpreter lock.
+  http    the OpenAI front door as in production (``create_app`` over a ``Router``, uvicorn on uvloop) in a child
+          process of its own, attached to this Ray cluster and routing to the same replica actor as ``direct`` and
+          ``router`` (the same engine, not a second one); this process is the client (the testbed's load-generator
+          client: raw HTTP/1.1 keep-alive, SSE parsed when the response ends), so the client and the server never
+          share an interpreter lock.
   aiohttp the same front door read with aiohttp line by line (not run unless named in ``--paths``): what a
           heavier client adds on a machine it shares with the server.
 Rounds interleave the paths, so load from other processes hits all of them alike. Prints throughput, TTFT and
 end-to-end p50, their differences from ``direct``, the engine start time and the peak resident memory of a
-replica process tree, and the CPU time per token of all the testbed's processes (bench, front door, both replica
-trees), which other load on the machine does not skew. On a small machine the client, the front door and the
+replica process tree, and the CPU time per token of all the testbed's processes (bench, front door, the replica
+tree, Ray), which other load on the machine does not skew. On a small machine the client, the front door and the
 engine share the cores: the ``http`` figures then include the client's own CPU time, which a real deployment
 spends elsewhere.
 
@@ -36,7 +37,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -73,7 +73,7 @@ class Run:
     ttft: list[float]
     e2e: list[float]
     cpu_s: float = 0.0
-    """CPU time of every process of the testbed (bench, front door, both replica trees) during the runs."""
+    """CPU time of every process of the testbed (bench, front door, the replica tree, Ray) during the runs."""
     request_ids: list[str] = field(default_factory=list)
 
     @property
@@ -145,27 +145,55 @@ class BenchReplica(Replica):
         return await drive(one, n, load)
 
 
-def start_front_door(engine: dict[str, Any], address: str, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``testbed serve`` in a child process, attached to this Ray cluster."""
-    import yaml
+ACTOR_NAME, NAMESPACE = "vllm-overhead-bench", "vllm-overhead-bench"
 
-    cfg = {"replicas": 1, "port": 0, "ray_address": address, "num_cpus_per_replica": 1, "engine": engine,
-           "controller": {"enabled": False}}  # the front door and router alone: no control loop polling replicas
-    (tmp / "serve.yaml").write_text(yaml.safe_dump(cfg))
+
+def start_front_door(
+    model_name: str, max_model_len: int, address: str, tmp: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    """The production front door (``create_app`` over a ``Router``, uvicorn on uvloop) in a child process attached
+    to this Ray cluster, routing to the bench's own replica actor: the same engine as ``direct`` and ``router``."""
     ready = tmp / "ready"
-    log = open(tmp / "serve.log", "wb")  # noqa: SIM115
+    log = open(tmp / "door.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deploy.cli", "serve", str(tmp / "serve.yaml"), "--ready-file", str(ready)],
+        [sys.executable, str(Path(__file__).resolve()), "--serve-door", address, model_name, str(max_model_len),
+         str(ready)],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 120
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"the front door did not start:\n{(tmp / 'serve.log').read_text()[-3000:]}")
-        time.sleep(0.2)
+            raise RuntimeError(f"the front door did not start:\n{(tmp / 'door.log').read_text()[-3000:]}")
+        time.sleep(0.1)
     time.sleep(0.1)
     return proc, ready.read_text().strip()
+
+
+def serve_door(address: str, model_name: str, max_model_len: int, ready: Path) -> None:
+    """The child process of :func:`start_front_door`."""
+    import ray
+    import uvicorn
+    import uvloop
+
+    from deploy.raycluster import init_ray
+    from deploy.serve import bind_socket
+    from profilers.footprint import builtin_site_names, load_site_profile
+    from serving.api import FrontDoor, create_app
+    from serving.router import ReplicaHandle, Router
+
+    async def main() -> None:
+        init_ray(address)
+        actor = ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
+        router = Router([ReplicaHandle("bench", actor, backend="vllm")])
+        door = FrontDoor(router, model_name, max_model_len, load_site_profile(builtin_site_names()[0]))
+        sock = bind_socket("127.0.0.1", 0)
+        server = uvicorn.Server(uvicorn.Config(create_app(door), log_level="warning", access_log=False,
+                                               lifespan="off"))
+        ready.write_text(f"http://127.0.0.1:{sock.getsockname()[1]}")
+        await server.serve(sockets=[sock])
+
+    uvloop.run(main())
 
 
 def tree_cpu_s(pids: list[int]) -> float:
@@ -352,7 +380,13 @@ def main() -> None:
     p.add_argument("--trace", action="store_true",
                    help="record the latency trace (profilers/trace.py) in every process and print where each "
                         "path's first token spends its time")
+    p.add_argument("--serve-door", nargs=4, metavar=("RAY_ADDRESS", "MODEL_NAME", "MAX_MODEL_LEN", "READY_FILE"),
+                   help=argparse.SUPPRESS)  # the http path's front door process
     args = p.parse_args()
+    if args.serve_door:
+        address, model_name, max_model_len, ready = args.serve_door
+        serve_door(address, model_name, int(max_model_len), Path(ready))
+        return
 
     import ray
 
@@ -373,14 +407,14 @@ def main() -> None:
 
     init_ray(num_cpus=4)
     address = ray.get_runtime_context().gcs_address
-    actor = ray.remote(BenchReplica).options(num_cpus=1, max_concurrency=4096).remote("bench", engine)
+    actor = ray.remote(BenchReplica).options(
+        num_cpus=1, max_concurrency=4096, name=ACTOR_NAME, namespace=NAMESPACE
+    ).remote("bench", engine)
     proc = None
     try:
         info = ray.get(actor.start.remote())
-        proc, url = start_front_door(engine, address, Path(tmp.name))
-        # The front door's replica: the pid its CPU power model watches, as logged at start-up.
-        logged = re.search(r"utilisation of pid (\d+)", (Path(tmp.name) / "serve.log").read_text())
-        pids = [os.getpid(), proc.pid, info["pid"], *([int(logged.group(1))] if logged else [])]
+        proc, url = start_front_door(cfg.served_name, cfg.max_model_len, address, Path(tmp.name))
+        pids = [os.getpid(), proc.pid, info["pid"]]
         runs = asyncio.run(run_paths(actor, url, cfg.served_name, args, pids))
         rss = peak_rss_mib(info["pid"])
     finally:
