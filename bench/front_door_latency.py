@@ -56,15 +56,14 @@ class InstantRouter:
 
 
 def serve(sock: socket.socket) -> None:
-    import uvicorn
     import uvloop
 
+    from deploy.serve import front_door_server
     from profilers.footprint import builtin_site_names, load_site_profile
     from serving.api import FrontDoor, create_app
 
     door = FrontDoor(InstantRouter(), MODEL, 2048, load_site_profile(builtin_site_names()[0]))  # type: ignore[arg-type]
-    server = uvicorn.Server(uvicorn.Config(create_app(door), log_level="warning", access_log=False, lifespan="off"))
-    uvloop.run(server.serve(sockets=[sock]))
+    uvloop.run(front_door_server(create_app(door)).serve(sockets=[sock]))
 
 
 async def drive(url: str, n: int, gap_s: float) -> list[str]:

@@ -173,11 +173,10 @@ def start_front_door(
 def serve_door(address: str, model_name: str, max_model_len: int, ready: Path) -> None:
     """The child process of :func:`start_front_door`."""
     import ray
-    import uvicorn
     import uvloop
 
     from deploy.raycluster import init_ray
-    from deploy.serve import bind_socket
+    from deploy.serve import bind_socket, front_door_server
     from profilers.footprint import builtin_site_names, load_site_profile
     from serving.api import FrontDoor, create_app
     from serving.router import ReplicaHandle, Router
@@ -188,10 +187,8 @@ def serve_door(address: str, model_name: str, max_model_len: int, ready: Path) -
         router = Router([ReplicaHandle("bench", actor, backend="vllm")])
         door = FrontDoor(router, model_name, max_model_len, load_site_profile(builtin_site_names()[0]))
         sock = bind_socket("127.0.0.1", 0)
-        server = uvicorn.Server(uvicorn.Config(create_app(door), log_level="warning", access_log=False,
-                                               lifespan="off"))
         ready.write_text(f"http://127.0.0.1:{sock.getsockname()[1]}")
-        await server.serve(sockets=[sock])
+        await front_door_server(create_app(door)).serve(sockets=[sock])
 
     uvloop.run(main())
 

@@ -136,6 +136,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def front_door_server(app: Any) -> uvicorn.Server:
+    """uvicorn as the front door runs everywhere (serve, tests, benches): uvloop and httptools where installed
+    (uvicorn's "auto"), no access log and no lifespan, so a bench measures the configuration users serve with."""
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+
+
 async def serve(config: DeploymentConfig, ready_file: Path | None = None) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn handles both), then restore default knobs, stop the replicas and Ray."""
     sock = bind_socket(config.host, config.port)
@@ -148,7 +154,7 @@ async def serve(config: DeploymentConfig, ready_file: Path | None = None) -> Non
         controller.start()
         if config.controller.token is None:
             print(f"testbed: control API token (shown once): {controller.token}", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    server = front_door_server(app)
     host, port = sock.getsockname()[:2]
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     print(f"testbed: serving {config.model_name} on {url} ({config.replicas} replicas); metrics at {url}/metrics",
@@ -200,7 +206,7 @@ def serve_in_background(
     app = create_app(deployment.door)
     cleanups = [c] if customize is not None and (c := customize(app, deployment, loop)) is not None else []
     sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    server = front_door_server(app)
     thread = threading.Thread(target=lambda: loop.run_until_complete(server.serve(sockets=[sock])), daemon=True)
     thread.start()
     while not server.started:
