@@ -1,6 +1,6 @@
 import pytest
 
-from serving.emulated.physics import SequenceWork, iteration_cost, load_device, load_model_shape
+from serving.emulated.physics import SequenceWork, iteration_cost, load_device, load_model_shape, step_cost
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,10 @@ def test_request_shares_add_up_to_iteration_energy(h100, llama8b) -> None:
     cost = iteration_cost(h100, llama8b, work, 1410)
     assert sum(cost.per_request_j.values()) == pytest.approx(cost.energy_j, rel=1e-12)
     assert cost.per_request_j["p"] > cost.per_request_j["r0"]
+    fast = step_cost(h100, llama8b, [(w.new_tokens, w.context_tokens) for w in work], 1410)
+    assert fast.shares_j == cost.shares_j  # the engine's hot path prices the same items the same way
+    with pytest.raises(ValueError, match="no request ids"):
+        _ = fast.per_request_j
 
 
 def test_lower_clock_saves_energy_on_compute_bound_work(h100, llama8b) -> None:

@@ -71,7 +71,9 @@ class IterationCost:
 
     @property
     def per_request_j(self) -> dict[str, float]:
-        """Shares by request id (items of one request summed)."""
+        """Shares by request id (items of one request summed); costs from :func:`iteration_cost` only."""
+        if len(self.request_ids) != len(self.shares_j):
+            raise ValueError("this cost carries no request ids (step_cost): use shares_j, in item order")
         out: dict[str, float] = {}
         for rid, j in zip(self.request_ids, self.shares_j, strict=True):
             out[rid] = out.get(rid, 0.0) + j
