@@ -24,11 +24,11 @@ shared 2-core host, more than the differences being measured.)
   aiohttp the same front door read with aiohttp line by line (not run unless named in ``--paths``): what a
           heavier client adds on a machine it shares with the server.
 Rounds repeat both kinds of run; the tables give the range of the per-round ratios and added TTFT. Prints
-throughput, TTFT and end-to-end p50, their differences from ``direct``, the engine start time and the peak resident memory of a
-replica process tree, and the CPU time per token of all the testbed's processes (bench, front door, the replica
-tree, Ray), which other load on the machine does not skew. On a small machine the client, the front door and the
-engine share the cores: the ``http`` figures then include the client's own CPU time, which a real deployment
-spends elsewhere.
+throughput, TTFT and end-to-end p50, their differences from ``direct``, the engine start time and the peak resident
+memory of a replica process tree, and the CPU time per token of all the testbed's processes (bench, front door, the
+replica tree, Ray), which other load on the machine does not skew. On a small machine the client, the front door
+and the engine share the cores: the ``http`` figures then include the client's own CPU time, which a real
+deployment spends elsewhere.
 
     python bench/vllm_overhead.py [--requests 64] [--concurrency 1 4 8 16] [--rates 10 20] [--max-tokens 32] [--trace]
 """
