@@ -11,7 +11,7 @@ import os
 import pickle
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,10 +50,15 @@ class _Outbox:
     def __init__(self) -> None:
         self.items: dict[str, list[TokenEvent | StreamError]] = {}
         self.ready = asyncio.Event()
+        self.on_ready: Callable[[], None] | None = None
+        """Called when the outbox stops being empty (the socket channel schedules its flush)."""
 
     def put(self, item: TokenEvent | StreamError) -> None:
         self.items.setdefault(item.request_id, []).append(item)
-        self.ready.set()
+        if not self.ready.is_set():
+            self.ready.set()
+            if self.on_ready is not None:
+                self.on_ready()
 
     def drain(self) -> list[TokenEvent | StreamError]:
         batch: list[TokenEvent | StreamError] = []
@@ -182,17 +187,15 @@ class Replica:
                 return
             channel = line[1]
             outbox = self._outbox(channel)
-            commands = asyncio.ensure_future(self._channel_commands(reader, channel, outbox))
-            while not commands.done():
-                ready = asyncio.ensure_future(outbox.ready.wait())
-                await asyncio.wait([ready, commands], return_when=asyncio.FIRST_COMPLETED)
-                if not ready.done():
-                    ready.cancel()
-                    break
-                data = _dumps(outbox.drain())
-                writer.write(len(data).to_bytes(4, "big") + data)
-                await writer.drain()
-            commands.cancel()
+            flush = _ChannelFlush(outbox, writer)
+            outbox.on_ready = flush.schedule
+            if outbox.items:
+                flush.schedule()
+            try:
+                await self._channel_commands(reader, channel, outbox)
+            finally:
+                outbox.on_ready = None
+                flush.stop()
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -248,6 +251,46 @@ class Replica:
         if self._server is not None:
             self._server.close()
         await self.engine.stop()
+
+
+class _ChannelFlush:
+    """Ships a socket channel's outbox as one frame at the end of the event-loop turn in which it filled: the
+    request pumps woken by one engine iteration are already queued to run in that turn, so the frame holds the
+    whole iteration. A callback, not a task waiting on an event: a task costs three loop turns (its wait, the
+    wait's completion, the task) between the engine's output and the socket. While the socket's buffer is over
+    :attr:`HIGH_WATER` (a slow reader), events stay in the outbox, which merges them per request."""
+
+    HIGH_WATER = 1 << 20
+
+    def __init__(self, outbox: _Outbox, writer: asyncio.StreamWriter) -> None:
+        self.outbox = outbox
+        self.writer = writer
+        self.scheduled = False
+        self.draining: asyncio.Task[None] | None = None
+
+    def schedule(self) -> None:
+        if not self.scheduled and self.draining is None:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        if self.draining is not None or not self.outbox.items or self.writer.is_closing():
+            return
+        data = _dumps(self.outbox.drain())
+        self.writer.write(len(data).to_bytes(4, "big") + data)
+        if self.writer.transport.get_write_buffer_size() > self.HIGH_WATER:
+            self.draining = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        with contextlib.suppress(ConnectionError):
+            await self.writer.drain()
+            self.draining = None
+            self.flush()
+
+    def stop(self) -> None:
+        if self.draining is not None:
+            self.draining.cancel()
 
 
 def _dumps(batch: list[TokenEvent | StreamError]) -> bytes:

@@ -102,6 +102,58 @@ def test_outbox_ships_one_event_per_request_and_keeps_errors() -> None:
     assert not box.ready.is_set() and box.drain() == []
 
 
+class _SlowSocket:
+    """A stream writer whose peer stops reading: frames pile up in its buffer until ``caught_up`` is set."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.buffered = 0
+        self.caught_up = asyncio.Event()
+        self.transport = self
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.frames.append(data)
+        self.buffered += len(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    async def drain(self) -> None:
+        await self.caught_up.wait()
+        self.buffered = 0
+
+
+async def test_socket_channel_ships_one_frame_per_loop_turn_and_merges_while_the_reader_lags() -> None:
+    import pickle
+
+    from serving.replica import _ChannelFlush, _Outbox
+    from serving.types import TokenEvent
+
+    box, sock = _Outbox(), _SlowSocket()
+    flush = _ChannelFlush(box, sock)  # type: ignore[arg-type]
+    flush.HIGH_WATER = 1  # the first frame fills the buffer
+    box.on_ready = flush.schedule
+    for rid in "ab":  # one engine iteration: two requests' events in one frame
+        box.put(TokenEvent(rid, "r", "x", [0], 0, output_tokens=1))
+    await asyncio.sleep(0)
+    assert len(sock.frames) == 1
+    assert [e.request_id for e in pickle.loads(sock.frames[0][4:])] == ["a", "b"]
+    for i in range(1, 4):  # three more iterations while the reader lags: nothing is written, nothing is lost
+        box.put(TokenEvent("a", "r", "y", [i], i, output_tokens=i + 1))
+        await asyncio.sleep(0)
+    assert len(sock.frames) == 1
+    sock.caught_up.set()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert len(sock.frames) == 2
+    (merged,) = pickle.loads(sock.frames[1][4:])
+    assert merged.token_ids == [1, 2, 3] and merged.text == "yyy" and merged.output_tokens == 4
+    flush.stop()
+
+
 async def _socket_batches(actor, channel: str):  # type: ignore[no-untyped-def]
     import pickle
 
