@@ -370,33 +370,52 @@ def print_table(runs: list[Run], args: argparse.Namespace) -> None:
         return f"{fmt.format(min(per_round))}..{fmt.format(max(per_round))}"
 
     closed = [r for r in ordered if not r.mixed]
-    if closed:
-        print(f"\nclosed loops ({args.rounds} rounds x >={args.requests} requests x {args.max_tokens} tokens, paths "
-              "in turn): throughput")
-        head = (f"{'path':<7} {'load':>5} {'tok/s':>8} {'ratio':>6} {'rounds':>11} {'TTFT p50 ms':>12} "
-                f"{'+TTFT ms':>9} {'E2E p50 ms':>11} {'+E2E ms':>8} {'CPU ms/tok':>10}")
-        print(head + "\n" + "-" * len(head))
-        for r in closed:
-            b = base[r.load]
-            ratios = [x / y for x, y in zip(r.round_tok_s, b.round_tok_s, strict=True)]
-            print(f"{r.path:<7} {r.load:>5} {r.tok_s:>8.1f} {r.tok_s / b.tok_s:>6.3f} "
-                  f"{spread(ratios, '{:.2f}'):>11} {ms(r.ttft):>12.2f} {ms(r.ttft) - ms(b.ttft):>9.2f} "
-                  f"{ms(r.e2e):>11.2f} {ms(r.e2e) - ms(b.e2e):>8.2f} {r.cpu_s * 1e3 / r.tokens:>10.3f}")
+    rows = []
+    for r in closed:
+        b = base[r.load]
+        ratios = [x / y for x, y in zip(r.round_tok_s, b.round_tok_s, strict=True)]
+        rows.append([r.path, r.load, f"{r.tok_s:.1f}", f"{r.tok_s / b.tok_s:.3f}", spread(ratios, "{:.2f}"),
+                     f"{ms(r.ttft):.2f}", f"{ms(r.ttft) - ms(b.ttft):.2f}", f"{ms(r.e2e):.2f}",
+                     f"{ms(r.e2e) - ms(b.e2e):.2f}", f"{r.cpu_s * 1e3 / r.tokens:.3f}"])
+    _table(
+        f"closed loops ({args.rounds} rounds x >={args.requests} requests x {args.max_tokens} tokens, paths in "
+        "turn): throughput",
+        [("path", 7), ("load", 5), ("tok/s", 8), ("ratio", 6), ("rounds", 11), ("TTFT p50 ms", 12), ("+TTFT ms", 9),
+         ("E2E p50 ms", 11), ("+E2E ms", 8), ("CPU ms/tok", 10)],
+        rows,
+    )
     mixed = [r for r in ordered if r.mixed]
-    if mixed:
-        print(f"\nPoisson arrivals, the path of each drawn at random ({args.rounds} rounds x {args.requests} "
-              "requests per path): the latency each path adds at the same engine load")
-        head = (f"{'path':<7} {'load':>5} {'TTFT p50 ms':>12} {'+TTFT ms':>9} {'+TTFT rounds':>13} "
-                f"{'TTFT p90 ms':>12} {'E2E p50 ms':>11} {'+E2E ms':>8} {'run tok/s':>10} {'CPU ms/tok':>10}")
-        print(head + "\n" + "-" * len(head))
-        for r in mixed:
-            b = base[r.load]
-            total = sum(x.tokens for x in mixed if x.load == r.load)
-            p90 = statistics.quantiles(r.ttft, n=10)[-1] * 1e3
-            added = [(x - y) * 1e3 for x, y in zip(r.round_ttft_p50, b.round_ttft_p50, strict=True)]
-            print(f"{r.path:<7} {r.load:>5} {ms(r.ttft):>12.2f} {ms(r.ttft) - ms(b.ttft):>9.2f} "
-                  f"{spread(added, '{:+.2f}'):>13} {p90:>12.2f} {ms(r.e2e):>11.2f} "
-                  f"{ms(r.e2e) - ms(b.e2e):>8.2f} {total / r.wall_s:>10.1f} {r.cpu_s * 1e3 / total:>10.3f}")
+    rows = []
+    for r in mixed:
+        b = base[r.load]
+        total = sum(x.tokens for x in mixed if x.load == r.load)  # a mixed run's tokens and CPU are the run's
+        added = [(x - y) * 1e3 for x, y in zip(r.round_ttft_p50, b.round_ttft_p50, strict=True)]
+        rows.append([r.path, r.load, f"{ms(r.ttft):.2f}", f"{ms(r.ttft) - ms(b.ttft):.2f}", spread(added, "{:+.2f}"),
+                     f"{statistics.quantiles(r.ttft, n=10)[-1] * 1e3:.2f}", f"{ms(r.e2e):.2f}",
+                     f"{ms(r.e2e) - ms(b.e2e):.2f}", f"{total / r.wall_s:.1f}", f"{r.cpu_s * 1e3 / total:.3f}"])
+    _table(
+        f"Poisson arrivals, the path of each drawn at random ({args.rounds} rounds x {args.requests} requests per "
+        "path): the latency each path adds at the same engine load",
+        [("path", 7), ("load", 5), ("TTFT p50 ms", 12), ("+TTFT ms", 9), ("+TTFT rounds", 13), ("TTFT p90 ms", 12),
+         ("E2E p50 ms", 11), ("+E2E ms", 8), ("run tok/s", 10), ("CPU ms/tok", 10)],
+        rows,
+    )
+
+
+def _table(title: str, columns: list[tuple[str, int]], rows: list[list[str]]) -> None:
+    """A titled table, the first column left-aligned; nothing when there are no rows."""
+    if not rows:
+        return
+
+    def line(cells: list[str]) -> str:
+        return " ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, (_, w)) in enumerate(zip(cells, columns, strict=True))
+        )
+
+    head = line([name for name, _ in columns])
+    print(f"\n{title}\n{head}\n" + "-" * len(head))
+    for row in rows:
+        print(line(row))
 
 
 STAGES = ["client.send", "door.receive", "router.dispatch", "actor.receive", "engine.admit", "engine.first_token",
@@ -407,11 +426,7 @@ def print_stages(runs: list[Run], directory: Path) -> None:
     """Median time between consecutive stages of the first token's path, per path and load: where the added
     TTFT goes. A stage a path does not cross is left out of its row."""
     marks = trace.read_trace(directory)
-    print("\nfirst-token path, median ms from the previous stage (latency trace)")
-    names = [s.split(".", 1)[1][:12] for s in STAGES[1:]]
-    head = f"{'path':<7} {'load':>5} " + " ".join(f"{n:>12}" for n in names)
-    print(head)
-    print("-" * len(head))
+    rows = []
     for r in runs:
         traced = [marks[rid] for rid in r.request_ids if rid in marks]
         cells = []
@@ -421,8 +436,11 @@ def print_stages(runs: list[Run], directory: Path) -> None:
                 before = [s for s in STAGES[: STAGES.index(stage)] if s in m]
                 if stage in m and before:
                     gaps.append(m[stage] - m[before[-1]])
-            cells.append(f"{statistics.median(gaps) * 1e3:>12.3f}" if gaps else f"{'':>12}")
-        print(f"{r.path:<7} {r.load:>5} " + " ".join(cells))
+            cells.append(f"{statistics.median(gaps) * 1e3:.3f}" if gaps else "")
+        rows.append([r.path, r.load, *cells])
+    names = [s.split(".", 1)[1][:12] for s in STAGES[1:]]
+    _table("first-token path, median ms from the previous stage (latency trace)",
+           [("path", 7), ("load", 5), *((n, 12) for n in names)], rows)
 
 
 def main() -> None:
