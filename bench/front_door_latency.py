@@ -1,12 +1,15 @@
 """The front door's own share of a request's time to first token, with a router that answers at once.
 
-The real front door (``create_app`` under uvicorn with uvloop and httptools, in a child process) over a stub router
-whose stream yields its events immediately; this process sends streamed completions one at a time with the
+The real front door (``create_app`` under uvicorn with uvloop and the door's own protocol, in a child process) over a
+stub router whose stream yields its events immediately; this process sends streamed completions one at a time with the
 testbed's raw HTTP/1.1 client and reads the latency trace (``profilers/trace.py``) back. What is left is the door:
 HTTP parsing, request validation, building the request, answering the first event, and the socket hops between
 client and door. Prints the median of each stage over the requests after a warm-up.
 
-    python bench/front_door_latency.py [--requests 1000] [--gap-ms 5]
+With ``--compare``, a second door serves every request through ASGI with uvicorn's stock protocol (as before
+``serving/http_door.py``), the two taking turns request by request.
+
+    python bench/front_door_latency.py [--requests 1000] [--gap-ms 5] [--compare]
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class InstantRouter:
                              finish_reason="length" if done else None, prompt_tokens=2, output_tokens=i + 1)
 
 
-def serve(sock: socket.socket) -> None:
+def serve(sock: socket.socket, door_http: bool) -> None:
     import uvloop
 
     from deploy.serve import front_door_server
@@ -63,30 +66,35 @@ def serve(sock: socket.socket) -> None:
     from serving.api import FrontDoor, create_app
 
     door = FrontDoor(InstantRouter(), MODEL, 2048, load_site_profile(builtin_site_names()[0]))  # type: ignore[arg-type]
-    uvloop.run(front_door_server(create_app(door)).serve(sockets=[sock]))
+    uvloop.run(front_door_server(create_app(door), door_http).serve(sockets=[sock]))
 
 
-async def drive(url: str, n: int, gap_s: float) -> list[str]:
+async def drive(urls: list[str], n: int, gap_s: float) -> list[list[str]]:
+    """``n`` requests to each front door, one at a time and taking turns (every door meets the same host state);
+    the request ids sent to each."""
     from workloads.client import RawResponse, RequestRecord, finish_record
     from workloads.http1 import ConnectionPool, Endpoint, Exchange, post_request
 
-    endpoint = Endpoint.parse(url)
-    pool = ConnectionPool(endpoint)
     body = {"model": MODEL, "prompt": "a b", "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True}}
-    payload = post_request(endpoint, "/v1/completions", json.dumps(body).encode())
-    request_ids = []
+    doors = []
+    for url in urls:
+        endpoint = Endpoint.parse(url)
+        doors.append((ConnectionPool(endpoint), post_request(endpoint, "/v1/completions", json.dumps(body).encode())))
+    request_ids: list[list[str]] = [[] for _ in urls]
     for _ in range(n):
-        done = asyncio.get_running_loop().create_future()
-        ex = Exchange(payload, lambda _, done=done: done.set_result(None))
-        pool.send(ex)
-        await done
-        raw = RawResponse.of(ex)
-        rec = finish_record(RequestRecord(0, 0, 0.0, 0, 8), raw)  # marks the client's stages
-        if not rec.ok:
-            raise RuntimeError(f"request failed: {rec.error}")
-        request_ids.append(raw.request_id)
-        await asyncio.sleep(gap_s)  # one request at a time: the door's latency, not its queueing
-    await pool.aclose()
+        for (pool, payload), ids in zip(doors, request_ids, strict=True):
+            done = asyncio.get_running_loop().create_future()
+            ex = Exchange(payload, lambda _, done=done: done.set_result(None))
+            pool.send(ex)
+            await done
+            raw = RawResponse.of(ex)
+            rec = finish_record(RequestRecord(0, 0, 0.0, 0, 8), raw)  # marks the client's stages
+            if not rec.ok:
+                raise RuntimeError(f"request failed: {rec.error}")
+            ids.append(raw.request_id)
+            await asyncio.sleep(gap_s)  # one request at a time: the door's latency, not its queueing
+    for pool, _ in doors:
+        await pool.aclose()
     return request_ids
 
 
@@ -95,27 +103,37 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--gap-ms", type=float, default=5.0, help="pause between requests")
+    p.add_argument("--compare", action="store_true",
+                   help="beside the front door, the same app with every request through ASGI and uvicorn's own "
+                        "protocol (requests take turns between the two)")
     args = p.parse_args()
     import uvloop
 
+    from deploy.serve import bind_socket
+
     directory = Path(tempfile.mkdtemp(prefix="door-trace-"))
     os.environ[trace.TRACE_ENV] = str(directory)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    server = multiprocessing.get_context("fork").Process(target=serve, args=(sock,), daemon=True)
-    server.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    kinds = [("door protocol", True), ("ASGI only", False)] if args.compare else [("door protocol", True)]
+    servers, urls = [], []
+    for _, door_http in kinds:
+        sock = bind_socket("127.0.0.1", 0)
+        servers.append(multiprocessing.get_context("fork").Process(target=serve, args=(sock, door_http), daemon=True))
+        servers[-1].start()
+        urls.append(f"http://127.0.0.1:{sock.getsockname()[1]}")
     time.sleep(1.0)
     try:
-        ids = uvloop.run(drive(url, args.warmup + args.requests, args.gap_ms / 1e3))[args.warmup:]
+        ids = [i[args.warmup:] for i in uvloop.run(drive(urls, args.warmup + args.requests, args.gap_ms / 1e3))]
     finally:
-        server.terminate()
-        server.join(10)
+        for server in servers:
+            server.terminate()
+            server.join(10)
     marks = trace.read_trace(directory)
-    print(f"\nfront door alone ({len(ids)} streamed completions, one at a time, instant router): median ms")
+    print(f"\nfront door alone ({args.requests} streamed completions per door, one at a time, instant router): "
+          "median ms")
+    print("".join(f"{name:>15}" for name, _ in kinds) + "  stage")
     for start, end, what in STAGES:
-        print(f"{statistics.median(marks[r][end] - marks[r][start] for r in ids) * 1e3:>8.3f}  {what}")
+        cells = [statistics.median(marks[r][end] - marks[r][start] for r in door_ids) * 1e3 for door_ids in ids]
+        print("".join(f"{c:>15.3f}" for c in cells) + f"  {what}")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 

@@ -24,6 +24,7 @@ from deploy.raycluster import init_ray
 from profilers.footprint import load_site_profile
 from serving.api import FrontDoor, create_app
 from serving.config import ServingConfig
+from serving.http_door import door_protocol
 from serving.replica import ReplicaActor
 from serving.router import ReplicaHandle, Router
 
@@ -136,10 +137,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def front_door_server(app: Any) -> uvicorn.Server:
-    """uvicorn as the front door runs everywhere (serve, tests, benches): uvloop and httptools where installed
-    (uvicorn's "auto"), no access log and no lifespan, so a bench measures the configuration users serve with."""
-    return uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+def front_door_server(app: FastAPI, door_http: bool = True) -> uvicorn.Server:
+    """uvicorn as the front door runs everywhere (serve, tests, benches): uvloop, the door's own HTTP protocol
+    (httptools; the generation endpoints answered on the connection, ``serving/http_door.py``), no access log and
+    no lifespan, so a bench measures the configuration users serve with. ``app`` comes from ``create_app``;
+    ``door_http=False`` serves every request through ASGI with uvicorn's own protocol (benches compare the two)."""
+    http: Any = door_protocol(app.state.door) if door_http else "httptools"
+    return uvicorn.Server(uvicorn.Config(app, http=http, log_level="warning", access_log=False, lifespan="off"))
 
 
 async def serve(config: DeploymentConfig, ready_file: Path | None = None) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -24,6 +25,8 @@ from profilers.footprint import SiteProfile
 from serving.router import NoReplicaError, ReplicaFailedError, Router
 from serving.tokenizer import render_chat
 from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
+
+log = logging.getLogger(__name__)
 
 
 class StreamOptions(BaseModel):
@@ -247,25 +250,26 @@ class FrontDoor:
         yield _sse(self._chunk(rid, first, chat, first=True))
         last = first
         before, after = self._middle_chunk(rid, chat)
+        tail = ""  # the last token's chunk leaves with the usage and [DONE]: one write, one wake-up of the client
         try:
             async for ev in rest:
                 last = ev
                 if ev.finished:
-                    yield _sse(self._chunk(rid, ev, chat, first=False))
+                    tail = _sse(self._chunk(rid, ev, chat, first=False))
                 else:
                     yield before + _json_str(ev.text) + after
         except (ReplicaFailedError, NoReplicaError) as e:
-            yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": "replica_failed"}})
-            yield "data: [DONE]\n\n"
+            error = {"message": str(e), "type": "server_error", "param": None, "code": "replica_failed"}
+            yield _sse({"error": error}) + SSE_DONE
             return
         self._observe(last, timing)
         if include_usage:
-            yield _sse({
+            tail += _sse({
                 "id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": self.model_name, "choices": [],
                 "usage": self._usage(last), "energy": self._energy(last),
             })
-        yield "data: [DONE]\n\n"
+        yield tail + SSE_DONE
 
 
 class _Timing:
@@ -276,6 +280,8 @@ class _Timing:
         self.first = first
 
 
+SSE_DONE = "data: [DONE]\n\n"
+"""The stream's last event; the door's SSE chunks end with it and nothing follows."""
 _json_str = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]  # what json.dumps does to a str
 
 
@@ -327,7 +333,7 @@ class SSEResponse:
                 await aclose()  # closes the router's stream: cancels the request in the engine if unfinished
 
 
-def _invalid_request(errors: list[Any]) -> JSONResponse:
+def invalid_request(errors: list[Any]) -> JSONResponse:
     """A 400 in OpenAI's error shape from pydantic's (or FastAPI's) validation errors."""
 
     def where(e: Any) -> str:
@@ -338,19 +344,45 @@ def _invalid_request(errors: list[Any]) -> JSONResponse:
     return error_response(400, f"invalid request: {msg}", param=first or None, code="invalid_request")
 
 
+Route = tuple[type[_Common], Callable[[Any], Awaitable[Response]]]
+"""A generation endpoint: the model its JSON body is validated into, and the door's handler for it."""
+
+
+def generation_routes(door: FrontDoor) -> dict[str, Route]:
+    """The endpoints answered without FastAPI: by :class:`GenerationFastPath` under any ASGI server, and on the
+    connection itself under the front door's own protocol (``serving/http_door.py``)."""
+    return {
+        "/v1/completions": (CompletionRequest, door.completion),
+        "/v1/chat/completions": (ChatRequest, door.chat_completion),
+    }
+
+
+async def answer(route: Route, raw: bytes) -> Response:
+    """The door's response to a generation request's body: a 400 if it does not validate."""
+    model, handler = route
+    try:
+        body = model.model_validate_json(raw)
+    except ValidationError as e:
+        return invalid_request(e.errors(include_url=False))
+    try:
+        return await handler(body)
+    except Exception:  # a bug, not the client's fault: an OpenAI-shaped 500, and the trace in the log
+        log.exception("front door: a %s request failed", model.__name__)
+        return error_response(500, "the front door failed to answer this request", code="internal_error")
+
+
 class GenerationFastPath:
     """ASGI middleware that answers ``POST /v1/completions`` and ``POST /v1/chat/completions`` itself: the body
     read from ASGI, validated by pydantic from its JSON bytes, the request streamed by :class:`SSEResponse`.
     Through FastAPI's own path (dependency solving, validation of the decoded JSON, Starlette's task group per
     stream) the door's share of a request's time to first token was 1.2 ms on a small host, against 0.8 ms here
-    (``bench/front_door_latency.py``). Every other request goes on to the FastAPI app."""
+    (``bench/front_door_latency.py``). Every other request goes on to the FastAPI app. The front door's own server
+    answers these endpoints before ASGI (``serving/http_door.py``); this serves other ASGI servers, and requests
+    pipelined behind another on one connection."""
 
     def __init__(self, app: Any, door: FrontDoor) -> None:
         self.app = app
-        self.routes: dict[str, tuple[type[_Common], Any]] = {
-            "/v1/completions": (CompletionRequest, door.completion),
-            "/v1/chat/completions": (ChatRequest, door.chat_completion),
-        }
+        self.routes = generation_routes(door)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         route = self.routes.get(scope["path"]) if scope["type"] == "http" else None
@@ -363,13 +395,7 @@ class GenerationFastPath:
         elif (raw := await _read_body(receive)) is None:
             return  # the client went away before its request was complete
         else:
-            model, handler = route
-            try:
-                body = model.model_validate_json(raw)
-            except ValidationError as e:
-                response = _invalid_request(e.errors(include_url=False))
-            else:
-                response = await handler(body)
+            response = await answer(route, raw)
         await response(scope, receive, send)
 
 
@@ -386,11 +412,12 @@ async def _read_body(receive: Any) -> bytes | None:
 
 def create_app(door: FrontDoor) -> FastAPI:
     app = FastAPI(title="llm-energy-testbed front door", docs_url=None, redoc_url=None)
+    app.state.door = door  # the server's own protocol answers the generation endpoints from it (front_door_server)
     app.add_middleware(GenerationFastPath, door=door)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _invalid_request(list(exc.errors()))
+        return invalid_request(list(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
