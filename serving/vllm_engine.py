@@ -319,13 +319,17 @@ class VLLMEngine:
             output_kind=RequestOutputKind.DELTA,
         )
         rid = request.request_id
-        if not self._inflight:
-            self._account()  # the time since the last request was idle
+        was_idle = not self._inflight
         ledger = self._inflight[rid] = _Ledger()
         self._idle_event.clear()
         index = 0
         trace.mark(rid, "engine.admit")
         gen = self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, rid)
+        if was_idle:
+            # The time since the last request was idle: booked once the request is on its way to the engine core
+            # (at this task's first wait), not before it, where reading the power source (/proc with the CPU
+            # model) would add to the request's time to first token.
+            asyncio.get_running_loop().call_soon(self._account, True)
         try:
             async for out in gen:
                 comp = out.outputs[0]
@@ -382,8 +386,10 @@ class VLLMEngine:
             live.generated_tokens += it.num_generation_tokens
             live.iterations += 1
 
-    def _account(self) -> None:
-        """Split the energy read since the last call among the tokens credited since then."""
+    def _account(self, idle_before: bool = False) -> None:
+        """Split the energy read since the last call among the tokens credited since then; with no tokens credited,
+        it is idle energy if nothing was in flight (or ``idle_before``: the first request has only just arrived),
+        else busy energy not yet matched to tokens (a long prefill), split when tokens come."""
         if self._energy_last is None:
             return
         self._accounted_at = time.monotonic()
@@ -396,7 +402,7 @@ class VLLMEngine:
         ]
         total = sum(p + d for _, p, d in weights)
         if total == 0:
-            if self._inflight:
+            if self._inflight and not idle_before:
                 self._unassigned_j += delta
             else:
                 self._idle_j += delta + self._unassigned_j
