@@ -21,6 +21,10 @@ shared 2-core host, more than the differences being measured.)
           ``router`` (the same engine, not a second one); this process is the client (the testbed's load-generator
           client: raw HTTP/1.1 keep-alive, SSE parsed when the response ends), so the client and the server never
           share an interpreter lock.
+  asgi    the same front door in a second child process, every request through ASGI and uvicorn's stock
+          httptools protocol (as before the door answered the generation endpoints on the connection itself,
+          ``serving/http_door.py``); not run unless named in ``--paths``. Beside ``http`` in one mixed run, the
+          difference of the two is the door protocol's own gain, measured under the same load.
   aiohttp the same front door read with aiohttp line by line (not run unless named in ``--paths``): what a
           heavier client adds on a machine it shares with the server.
 Rounds repeat both kinds of run; the tables give the range of the per-round ratios and added TTFT. Prints
@@ -173,28 +177,30 @@ ACTOR_NAME, NAMESPACE = "vllm-overhead-bench", "vllm-overhead-bench"
 
 
 def start_front_door(
-    model_name: str, max_model_len: int, address: str, tmp: Path
+    model_name: str, max_model_len: int, address: str, tmp: Path, door_http: bool = True
 ) -> tuple[subprocess.Popen[bytes], str]:
     """The production front door (``create_app`` over a ``Router``, uvicorn on uvloop) in a child process attached
-    to this Ray cluster, routing to the bench's own replica actor: the same engine as ``direct`` and ``router``."""
-    ready = tmp / "ready"
-    log = open(tmp / "door.log", "wb")  # noqa: SIM115
+    to this Ray cluster, routing to the bench's own replica actor: the same engine as ``direct`` and ``router``.
+    ``door_http=False``: every request through ASGI (the ``asgi`` path)."""
+    kind = "door" if door_http else "asgi"
+    ready = tmp / f"ready-{kind}"
+    log = open(tmp / f"{kind}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--serve-door", address, model_name, str(max_model_len),
-         str(ready)],
+         str(ready), kind],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     deadline = time.monotonic() + 120
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"the front door did not start:\n{(tmp / 'door.log').read_text()[-3000:]}")
+            raise RuntimeError(f"the front door did not start:\n{(tmp / f'{kind}.log').read_text()[-3000:]}")
         time.sleep(0.1)
     time.sleep(0.1)
     return proc, ready.read_text().strip()
 
 
-def serve_door(address: str, model_name: str, max_model_len: int, ready: Path) -> None:
+def serve_door(address: str, model_name: str, max_model_len: int, ready: Path, door_http: bool) -> None:
     """The child process of :func:`start_front_door`."""
     import ray
     import uvloop
@@ -212,7 +218,7 @@ def serve_door(address: str, model_name: str, max_model_len: int, ready: Path) -
         door = FrontDoor(router, model_name, max_model_len, load_site_profile(builtin_site_names()[0]))
         sock = bind_socket("127.0.0.1", 0)
         ready.write_text(f"http://127.0.0.1:{sock.getsockname()[1]}")
-        await front_door_server(create_app(door)).serve(sockets=[sock])
+        await front_door_server(create_app(door), door_http).serve(sockets=[sock])
 
     uvloop.run(main())
 
@@ -232,8 +238,9 @@ def tree_cpu_s(pids: list[int]) -> float:
 
 
 async def run_paths(
-    actor: Any, url: str, model_name: str, args: argparse.Namespace, pids: list[int]
+    actor: Any, urls: dict[str, str], model_name: str, args: argparse.Namespace, pids: list[int]
 ) -> list[Run]:
+    """``urls``: the front door's (``http``), and the ASGI-only door's (``asgi``) when that path runs."""
     import aiohttp
 
     from serving.router import Channel, ReplicaHandle, Router
@@ -259,24 +266,32 @@ async def run_paths(
         "model": model_name, "prompt": PROMPT, "max_tokens": args.max_tokens, "ignore_eos": True,
         "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
     }
-    endpoint = Endpoint.parse(url)
-    pool = ConnectionPool(endpoint)
-    payload = post_request(endpoint, "/v1/completions", json.dumps(body).encode())
+    pools: list[ConnectionPool] = []
 
-    async def http_one() -> Sample:
+    def raw_client(url: str) -> Callable[[], Awaitable[Sample]]:
         """The testbed's own load-generator client (raw HTTP/1.1, SSE parsed after the response ends)."""
-        done = asyncio.get_running_loop().create_future()
-        ex = Exchange(payload, lambda _: done.set_result(None))
-        pool.send(ex)
-        await done
-        raw = RawResponse.of(ex)
-        rec = finish_record(RequestRecord(0, 0, 0.0, 0, args.max_tokens), raw)  # marks the client's stages
-        if not rec.ok:
-            raise RuntimeError(f"http request failed: {rec.error}")
-        return rec.ttft_s, rec.e2e_s, rec.output_tokens, raw.request_id
+        endpoint = Endpoint.parse(url)
+        pool = ConnectionPool(endpoint)
+        pools.append(pool)
+        payload = post_request(endpoint, "/v1/completions", json.dumps(body).encode())
 
+        async def one() -> Sample:
+            done = asyncio.get_running_loop().create_future()
+            ex = Exchange(payload, lambda _: done.set_result(None))
+            pool.send(ex)
+            await done
+            raw = RawResponse.of(ex)
+            rec = finish_record(RequestRecord(0, 0, 0.0, 0, args.max_tokens), raw)  # marks the client's stages
+            if not rec.ok:
+                raise RuntimeError(f"http request failed: {rec.error}")
+            return rec.ttft_s, rec.e2e_s, rec.output_tokens, raw.request_id
+
+        return one
+
+    http_one = raw_client(urls["http"])
+    asgi_one = raw_client(urls["asgi"]) if "asgi" in urls else http_one
     conn = aiohttp.TCPConnector(limit=0, force_close=False)
-    async with aiohttp.ClientSession(url, connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as session:
+    async with aiohttp.ClientSession(urls["http"], connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as session:
 
         async def aiohttp_one() -> Sample:
             t0 = time.perf_counter()
@@ -297,6 +312,7 @@ async def run_paths(
             "router": lambda n, c: closed_loop(routed(router), n, c),
             "raymsg": lambda n, c: closed_loop(routed(raymsg), n, c),
             "http": lambda n, c: closed_loop(http_one, n, c),
+            "asgi": lambda n, c: closed_loop(asgi_one, n, c),
             "aiohttp": lambda n, c: closed_loop(aiohttp_one, n, c),
         }
         at: dict[str, Callable[[list[float], float], Awaitable[list[Sample]]]] = {
@@ -304,6 +320,7 @@ async def run_paths(
             "router": lambda dues, start: at_times(routed(router), dues, start),
             "raymsg": lambda dues, start: at_times(routed(raymsg), dues, start),
             "http": lambda dues, start: at_times(http_one, dues, start),
+            "asgi": lambda dues, start: at_times(asgi_one, dues, start),
             "aiohttp": lambda dues, start: at_times(aiohttp_one, dues, start),
         }
         paths = {k: v for k, v in paths.items() if k in args.paths}
@@ -339,7 +356,8 @@ async def run_paths(
                     record(name, f"{rate:g}/s", samples, wall, cpu)
     await router.stop()
     await raymsg.stop()
-    await pool.aclose()
+    for pool in pools:
+        await pool.aclose()
     return list(runs.values())
 
 
@@ -359,7 +377,7 @@ def peak_rss_mib(pid: int) -> dict[int, float]:
 
 def print_table(runs: list[Run], args: argparse.Namespace) -> None:
     base = {r.load: r for r in runs if r.path == "direct"} or {r.load: r for r in runs}
-    order = {"direct": 0, "raymsg": 1, "router": 2, "http": 3, "aiohttp": 4}
+    order = {"direct": 0, "raymsg": 1, "router": 2, "http": 3, "asgi": 4, "aiohttp": 5}
     loads = list(dict.fromkeys(r.load for r in runs))
     ordered = sorted(runs, key=lambda r: (loads.index(r.load), order[r.path]))
 
@@ -457,12 +475,13 @@ def main() -> None:
     p.add_argument("--trace", action="store_true",
                    help="record the latency trace (profilers/trace.py) in every process and print where each "
                         "path's first token spends its time")
-    p.add_argument("--serve-door", nargs=4, metavar=("RAY_ADDRESS", "MODEL_NAME", "MAX_MODEL_LEN", "READY_FILE"),
+    p.add_argument("--serve-door", nargs=5,
+                   metavar=("RAY_ADDRESS", "MODEL_NAME", "MAX_MODEL_LEN", "READY_FILE", "KIND"),
                    help=argparse.SUPPRESS)  # the http path's front door process
     args = p.parse_args()
     if args.serve_door:
-        address, model_name, max_model_len, ready = args.serve_door
-        serve_door(address, model_name, int(max_model_len), Path(ready))
+        address, model_name, max_model_len, ready, kind = args.serve_door
+        serve_door(address, model_name, int(max_model_len), Path(ready), door_http=kind == "door")
         return
 
     import ray
@@ -487,15 +506,19 @@ def main() -> None:
     actor = ray.remote(BenchReplica).options(
         num_cpus=1, max_concurrency=4096, name=ACTOR_NAME, namespace=NAMESPACE
     ).remote("bench", engine)
-    proc = None
+    procs: list[subprocess.Popen[bytes]] = []
     try:
         info = ray.get(actor.start.remote())
-        proc, url = start_front_door(cfg.served_name, cfg.max_model_len, address, Path(tmp.name))
-        pids = [os.getpid(), proc.pid, info["pid"]]
-        runs = asyncio.run(run_paths(actor, url, cfg.served_name, args, pids))
+        urls = {}
+        for path in ("http", "asgi") if "asgi" in args.paths else ("http",):
+            proc, urls[path] = start_front_door(cfg.served_name, cfg.max_model_len, address, Path(tmp.name),
+                                                door_http=path == "http")
+            procs.append(proc)
+        pids = [os.getpid(), *(p.pid for p in procs), info["pid"]]
+        runs = asyncio.run(run_paths(actor, urls, cfg.served_name, args, pids))
         rss = peak_rss_mib(info["pid"])
     finally:
-        if proc is not None:
+        for proc in procs:
             proc.terminate()
             proc.wait(60)
         ray.shutdown()
