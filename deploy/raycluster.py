@@ -6,8 +6,10 @@ import os
 
 import ray
 
-# Token auth turns on when ~/.ray/auth_token exists; every process must agree, so fix it for ours.
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+# Token auth turns on when ~/.ray/auth_token exists; every process must agree, so fix it for ours. Ray starts its
+# workers at niceness 15 (worker_niceness) unless told otherwise: the replicas, and their engines' processes, would
+# lose the CPU to the front door and every other process on a busy host (serving.replica.run_at_normal_priority).
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0"}
 
 
 def ray_env() -> None:

@@ -18,6 +18,11 @@ def test_models_and_health(served) -> None:
     assert health["status"] == "ok" and set(health["replicas"]) == {"replica-0", "replica-1"}
 
 
+def test_replicas_run_at_the_front_doors_priority(served) -> None:
+    """Ray would start them at niceness 15; the local cluster the testbed starts tells it not to."""
+    assert [info["niceness"] for info in served.deployment.replica_info] == [0, 0]
+
+
 def test_completion_non_streaming_httpx(served) -> None:
     r = httpx.post(f"{served.url}/v1/completions", json={"model": MODEL, "prompt": "a b c d", "max_tokens": 5})
     assert r.status_code == 200
