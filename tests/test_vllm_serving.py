@@ -68,6 +68,15 @@ def test_replicas_report_engine_start_and_the_power_source_in_use(vserved: VServ
         assert 0 < info["engine_start_s"] < 300
         assert info["power_source"].startswith("CPU power model (modeled)")
         assert info["kv_capacity_tokens"] >= 512
+        # Not Ray's worker niceness of 15: the engine (its engine-core process too) competes with the front door
+        # on equal terms.
+        from profilers.cpu_model import descendants
+
+        tree = [info["pid"], *descendants(info["pid"])]
+        assert len(tree) >= 2 and info["niceness"] == 0
+        assert [int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16]) for pid in tree] == [0] * len(
+            tree
+        )
 
 
 def test_completion_with_the_openai_client_counts_tokens_and_energy(vserved: VServed) -> None:
@@ -94,6 +103,23 @@ def test_completion_with_the_openai_client_counts_tokens_and_energy(vserved: VSe
         model="tiny-llama", prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
     )
     assert again.choices[0].text == third.choices[0].text
+
+
+def test_idle_time_before_a_request_is_idle_energy_not_the_requests(vserved: VServed) -> None:
+    """Both engines idle for 2 s, unobserved (no telemetry read books it meanwhile), then one short request: the
+    ~20 J of idle power (10 W) stays idle energy; the request carries only its own few tenths of a joule. The idle
+    time is booked after the request is on its way to the engine core, off its time to first token."""
+    import ray
+
+    actors = [r.actor for r in vserved.deployment.router.replicas]
+    idle_before = sum(t.stats.idle_j for t in ray.get([a.telemetry.remote() for a in actors]))
+    time.sleep(2.0)
+    r = _client(vserved.url).completions.create(
+        model="tiny-llama", prompt="a b c", max_tokens=4, extra_body={"ignore_eos": True}
+    )
+    assert 0 < r.model_extra["energy"]["joules"] < 5.0
+    idle_after = sum(t.stats.idle_j for t in ray.get([a.telemetry.remote() for a in actors]))
+    assert idle_after - idle_before > 2 * 10.0 * 2.0 * 0.9  # two replicas at 10 W for the 2 s, at least
 
 
 def test_streamed_chat_uses_the_model_chat_template_and_reports_usage(vserved: VServed) -> None:
