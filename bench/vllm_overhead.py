@@ -25,6 +25,11 @@ shared 2-core host, more than the differences being measured.)
           httptools protocol (as before the door answered the generation endpoints on the connection itself,
           ``serving/http_door.py``); not run unless named in ``--paths``. Beside ``http`` in one mixed run, the
           difference of the two is the door protocol's own gain, measured under the same load.
+  vllm-serve  vLLM's own OpenAI server (``vllm.entrypoints.openai.api_server``: its API server process and its
+          engine-core process, the same model and engine settings, no access log) read by the same raw client; not
+          run unless named in ``--paths``. It is a second engine on the host, so compare it with ``http`` in the
+          same mixed run (same arrival stream, each engine as loaded as the other): the difference is the
+          testbed's serving stack against the one vLLM ships, what a user gives up by serving through the testbed.
   aiohttp the same front door read with aiohttp line by line (not run unless named in ``--paths``): what a
           heavier client adds on a machine it shares with the server.
 Rounds repeat both kinds of run; the tables give the range of the per-round ratios and added TTFT. Prints
@@ -50,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -200,6 +206,40 @@ def start_front_door(
     return proc, ready.read_text().strip()
 
 
+def start_vllm_server(cfg: Any, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """vLLM's own OpenAI server on the bench's engine settings (the ``vllm-serve`` path)."""
+    from deploy.serve import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    sock.close()
+    log = open(tmp / "vllm-serve.log", "wb")  # noqa: SIM115
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", cfg.model,
+        "--served-model-name", cfg.served_name, "--host", "127.0.0.1", "--port", str(port), "--dtype", cfg.dtype,
+        "--max-model-len", str(cfg.max_model_len), "--max-num-seqs", str(cfg.max_num_seqs),
+        "--kv-cache-memory-bytes", str(cfg.kv_cache_memory_bytes), "--seed", str(cfg.seed),
+        "--disable-uvicorn-access-log", "--disable-log-stats", "--enable-request-id-headers",
+        *(["--enforce-eager"] if cfg.enforce_eager else []),
+    ]
+    # vllm serve's own layout (API server + engine core), and the one compute thread Ray gives the replica actor
+    # (num_cpus=1 sets OMP_NUM_THREADS=1 there), so both engines compute alike.
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/v1/models", timeout=2):
+                return proc, url
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                log_tail = (tmp / "vllm-serve.log").read_text()[-3000:]
+                raise RuntimeError(f"vLLM's server did not start:\n{log_tail}") from None
+            time.sleep(0.5)
+
+
 def serve_door(address: str, model_name: str, max_model_len: int, ready: Path, door_http: bool) -> None:
     """The child process of :func:`start_front_door`."""
     import ray
@@ -290,6 +330,7 @@ async def run_paths(
 
     http_one = raw_client(urls["http"])
     asgi_one = raw_client(urls["asgi"]) if "asgi" in urls else http_one
+    vllm_serve_one = raw_client(urls["vllm-serve"]) if "vllm-serve" in urls else http_one
     conn = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(urls["http"], connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as session:
 
@@ -313,6 +354,7 @@ async def run_paths(
             "raymsg": lambda n, c: closed_loop(routed(raymsg), n, c),
             "http": lambda n, c: closed_loop(http_one, n, c),
             "asgi": lambda n, c: closed_loop(asgi_one, n, c),
+            "vllm-serve": lambda n, c: closed_loop(vllm_serve_one, n, c),
             "aiohttp": lambda n, c: closed_loop(aiohttp_one, n, c),
         }
         at: dict[str, Callable[[list[float], float], Awaitable[list[Sample]]]] = {
@@ -321,6 +363,7 @@ async def run_paths(
             "raymsg": lambda dues, start: at_times(routed(raymsg), dues, start),
             "http": lambda dues, start: at_times(http_one, dues, start),
             "asgi": lambda dues, start: at_times(asgi_one, dues, start),
+            "vllm-serve": lambda dues, start: at_times(vllm_serve_one, dues, start),
             "aiohttp": lambda dues, start: at_times(aiohttp_one, dues, start),
         }
         paths = {k: v for k, v in paths.items() if k in args.paths}
@@ -376,8 +419,8 @@ def peak_rss_mib(pid: int) -> dict[int, float]:
 
 
 def print_table(runs: list[Run], args: argparse.Namespace) -> None:
-    base = {r.load: r for r in runs if r.path == "direct"} or {r.load: r for r in runs}
-    order = {"direct": 0, "raymsg": 1, "router": 2, "http": 3, "asgi": 4, "aiohttp": 5}
+    base = {r.load: r for r in runs if r.path == args.paths[0]}  # ratios and differences against it
+    order = {"direct": 0, "raymsg": 1, "router": 2, "http": 3, "asgi": 4, "vllm-serve": 5, "aiohttp": 6}
     loads = list(dict.fromkeys(r.load for r in runs))
     ordered = sorted(runs, key=lambda r: (loads.index(r.load), order[r.path]))
 
@@ -398,7 +441,7 @@ def print_table(runs: list[Run], args: argparse.Namespace) -> None:
     _table(
         f"closed loops ({args.rounds} rounds x >={args.requests} requests x {args.max_tokens} tokens, paths in "
         "turn): throughput",
-        [("path", 7), ("load", 5), ("tok/s", 8), ("ratio", 6), ("rounds", 11), ("TTFT p50 ms", 12), ("+TTFT ms", 9),
+        [("path", 10), ("load", 5), ("tok/s", 8), ("ratio", 6), ("rounds", 11), ("TTFT p50 ms", 12), ("+TTFT ms", 9),
          ("E2E p50 ms", 11), ("+E2E ms", 8), ("CPU ms/tok", 10)],
         rows,
     )
@@ -414,7 +457,7 @@ def print_table(runs: list[Run], args: argparse.Namespace) -> None:
     _table(
         f"Poisson arrivals, the path of each drawn at random ({args.rounds} rounds x {args.requests} requests per "
         "path): the latency each path adds at the same engine load",
-        [("path", 7), ("load", 5), ("TTFT p50 ms", 12), ("+TTFT ms", 9), ("+TTFT rounds", 13), ("TTFT p90 ms", 12),
+        [("path", 10), ("load", 5), ("TTFT p50 ms", 12), ("+TTFT ms", 9), ("+TTFT rounds", 13), ("TTFT p90 ms", 12),
          ("E2E p50 ms", 11), ("+E2E ms", 8), ("run tok/s", 10), ("CPU ms/tok", 10)],
         rows,
     )
@@ -458,7 +501,7 @@ def print_stages(runs: list[Run], directory: Path) -> None:
         rows.append([r.path, r.load, *cells])
     names = [s.split(".", 1)[1][:12] for s in STAGES[1:]]
     _table("first-token path, median ms from the previous stage (latency trace)",
-           [("path", 7), ("load", 5), *((n, 12) for n in names)], rows)
+           [("path", 10), ("load", 5), *((n, 12) for n in names)], rows)
 
 
 def main() -> None:
@@ -471,7 +514,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--model", help="checkpoint directory (default: build the tiny model into a temp dir)")
     p.add_argument("--paths", nargs="+", default=["direct", "raymsg", "router", "http"],
-                   help="paths to run (direct is the baseline of the ratios: keep it for the table)")
+                   help="paths to run; the first named is the baseline of the ratios and differences")
     p.add_argument("--trace", action="store_true",
                    help="record the latency trace (profilers/trace.py) in every process and print where each "
                         "path's first token spends its time")
@@ -513,6 +556,9 @@ def main() -> None:
         for path in ("http", "asgi") if "asgi" in args.paths else ("http",):
             proc, urls[path] = start_front_door(cfg.served_name, cfg.max_model_len, address, Path(tmp.name),
                                                 door_http=path == "http")
+            procs.append(proc)
+        if "vllm-serve" in args.paths:
+            proc, urls["vllm-serve"] = start_vllm_server(cfg, Path(tmp.name))
             procs.append(proc)
         pids = [os.getpid(), *(p.pid for p in procs), info["pid"]]
         runs = asyncio.run(run_paths(actor, urls, cfg.served_name, args, pids))
