@@ -83,11 +83,8 @@ def check_draft_model(config: VLLMEngineConfig) -> None:
 
 
 def _import_vllm() -> Any:
-    # vLLM's multiprocessing stays on (its default): on CPU it then runs the model in a worker process of its own
-    # with OMP set up by vLLM, as `vllm serve` does. With it off, the model ran inside the engine-core process under
-    # the UniProc executor, which vLLM's CPU platform calls unsupported ("not possible to set the OMP environment
-    # correctly"): ~45% more engine-core CPU for the same requests than `vllm serve` (bench/vllm_overhead.py
-    # --paths http vllm-serve). The compute threads follow the replica's CPUs (Ray sets OMP_NUM_THREADS).
+    # Without this, AsyncLLM's engine-core process and torch threads would take every core.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     try:
         import vllm
         from vllm.engine.arg_utils import AsyncEngineArgs
