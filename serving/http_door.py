@@ -30,16 +30,14 @@ class _Exchange:
     """One generation request answered on the connection. It stands where uvicorn keeps its request cycle
     (``protocol.cycle``), with the attributes uvicorn reads there (connection loss, shutdown, pipelining)."""
 
-    __slots__ = ("body", "disconnected", "keep_alive", "message_event", "more_body", "protocol", "response_complete",
-                 "response_started", "route", "task")
+    __slots__ = ("body", "disconnected", "keep_alive", "message_event", "protocol", "response_complete", "route",
+                 "task")
 
     def __init__(self, protocol: DoorProtocol, route: Route, keep_alive: bool) -> None:
         self.protocol = protocol
         self.route = route
         self.keep_alive = keep_alive
         self.body = bytearray()
-        self.more_body = True
-        self.response_started = False
         self.response_complete = False
         self.disconnected = False
         self.message_event = asyncio.Event()  # set by uvicorn when the connection goes; nothing waits on it here
@@ -74,7 +72,6 @@ class _Exchange:
         return lines
 
     def _write_whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        self.response_started = True
         self.protocol.transport.write(b"".join([*self._head(status, headers, chunked=False), body]))
 
     async def _stream(self, response: SSEResponse) -> None:
@@ -86,7 +83,6 @@ class _Exchange:
             parts = self._head(200, response.raw_headers, chunked=True)
             if first is not None:
                 parts.append(_chunk(first.encode()))
-            self.response_started = True
             transport.write(b"".join(parts))
             ended = False
             async for text in chunks:
@@ -103,7 +99,6 @@ class _Exchange:
 
     def _complete(self) -> None:
         self.response_complete = True
-        self.message_event.set()
         protocol = self.protocol
         if not self.keep_alive or self.disconnected:
             protocol.transport.close()
@@ -148,7 +143,6 @@ class DoorProtocol(HttpToolsProtocol):
         if not isinstance(exchange, _Exchange):
             super().on_message_complete()
             return
-        exchange.more_body = False
         task = exchange.task = self.loop.create_task(exchange.run())
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)  # the server waits for it on a graceful shutdown

