@@ -6,6 +6,8 @@ actor -> front door -> client. ``bench/vllm_overhead.py``'s ``direct`` path cros
 length-prefixed JSON request one way, a pickled event batch back) between two processes, so the added latency
 measured there can be read against what the host charges for a crossing:
   uvloop     two plain processes on uvloop (asyncio streams, as the channel's two ends)
+  protocol   the same with both ends as ``asyncio.Protocol`` parsing frames in ``data_received`` (no stream reader,
+             no task wake-up per frame): what the streams' machinery costs on top of the wake-up
   ray actor  the server end inside a Ray async actor (uvloop on the actor's event-loop thread), as a replica
   blocking   two processes with blocking sockets: the kernel's and the hypervisor's part alone
 each back to back and with an idle gap between frames (the processes sleep in epoll between requests, as they do
@@ -26,6 +28,7 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -65,6 +68,65 @@ def _uvloop_server(ports: multiprocessing.Queue) -> None:  # type: ignore[type-a
         await server.serve_forever()
 
     uvloop.run(main())
+
+
+class _FrameProtocol(asyncio.Protocol):
+    """Length-prefixed frames handed to ``on_frame`` from ``data_received``."""
+
+    def __init__(self, on_frame: Callable[[asyncio.Transport, bytes], None]) -> None:
+        self.buffer = bytearray()
+        self.on_frame = on_frame
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= 4:
+            size = int.from_bytes(self.buffer[:4], "big")
+            if len(self.buffer) < 4 + size:
+                return
+            frame = bytes(self.buffer[4 : 4 + size])
+            del self.buffer[: 4 + size]
+            assert self.transport is not None
+            self.on_frame(self.transport, frame)
+
+
+def _answer_frame(transport: asyncio.Transport, frame: bytes) -> None:
+    json.loads(frame)
+    data = pickle.dumps(EVENTS, protocol=pickle.HIGHEST_PROTOCOL)
+    transport.write(len(data).to_bytes(4, "big") + data)
+
+
+def _protocol_server(ports: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    import uvloop
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(
+            lambda: _FrameProtocol(_answer_frame), "127.0.0.1", 0
+        )
+        ports.put(server.sockets[0].getsockname()[1])
+        await server.serve_forever()
+
+    uvloop.run(main())
+
+
+async def _protocol_round_trips(port: int, frames: int, gap_s: float) -> list[float]:
+    answers: asyncio.Queue[object] = asyncio.Queue()
+    transport, _ = await asyncio.get_running_loop().create_connection(
+        lambda: _FrameProtocol(lambda _, frame: answers.put_nowait(pickle.loads(frame))), "127.0.0.1", port
+    )
+    out = []
+    for _ in range(frames):
+        t0 = time.perf_counter()
+        transport.write(len(REQUEST).to_bytes(4, "big") + REQUEST)
+        await answers.get()
+        out.append(time.perf_counter() - t0)
+        if gap_s:
+            await asyncio.sleep(gap_s)
+    transport.close()
+    return out
 
 
 def _blocking_server(sock: socket.socket) -> None:
@@ -128,6 +190,9 @@ def main() -> None:
     plain = multiprocessing.Process(target=_uvloop_server, args=(ports,), daemon=True)
     plain.start()
     uvloop_port = ports.get(timeout=30)
+    framed = multiprocessing.Process(target=_protocol_server, args=(ports,), daemon=True)
+    framed.start()
+    protocol_port = ports.get(timeout=30)
     init_ray(num_cpus=2)
     actor = ray.remote(FrameServer).options(max_concurrency=16).remote()
     ray_port = ray.get(actor.start.remote())
@@ -140,6 +205,7 @@ def main() -> None:
         blocking.start()
         results = {
             "uvloop": uvloop.run(_round_trips(uvloop_port, args.frames, gap)),
+            "protocol": uvloop.run(_protocol_round_trips(protocol_port, args.frames, gap)),
             "ray actor": uvloop.run(_round_trips(ray_port, args.frames, gap)),
             "blocking": _blocking_round_trips(listener.getsockname()[1], args.frames, gap),
         }
@@ -150,6 +216,7 @@ def main() -> None:
             rows.append((name, gap_ms, statistics.median(body) * 1e6, body[int(0.9 * len(body))] * 1e6))
     ray.shutdown()
     plain.terminate()
+    framed.terminate()
 
     print(f"\none process crossing on this host ({args.frames} round trips per row; crossing = round trip / 2)")
     head = f"{'server end':<10} {'gap ms':>7} {'RTT p50 us':>11} {'RTT p90 us':>11} {'crossing p50 us':>16}"

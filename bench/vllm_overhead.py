@@ -479,29 +479,46 @@ def _table(title: str, columns: list[tuple[str, int]], rows: list[list[str]]) ->
         print(line(row))
 
 
-STAGES = ["client.send", "door.receive", "router.dispatch", "actor.receive", "engine.admit", "engine.first_token",
-          "actor.first_event", "router.first_event", "door.first_chunk", "client.first_chunk"]
+STAGES = ["client.send", "door.receive", "router.dispatch", "actor.frame", "actor.receive", "engine.admit",
+          "engine.first_token", "actor.first_event", "actor.flush", "router.frame", "router.first_event",
+          "door.first_chunk", "client.first_chunk"]
+# Stages reached by crossing to another process: the gap before each runs from a write on one side to the read on the
+# other (for door.receive also the HTTP parse and the body's validation).
+CROSSINGS = {("client.send", "door.receive"), ("router.dispatch", "actor.frame"), ("actor.flush", "router.frame"),
+             ("door.first_chunk", "client.first_chunk")}
 
 
 def print_stages(runs: list[Run], directory: Path) -> None:
     """Median time between consecutive stages of the first token's path, per path and load: where the added
-    TTFT goes. A stage a path does not cross is left out of its row."""
+    TTFT goes. A stage a path does not cross is left out of its row. ``crossings`` sums the medians of the gaps
+    that cross to another process (compare bench/hop_floor.py), ``in process`` those of the others but the model's
+    (admission to first token)."""
     marks = trace.read_trace(directory)
     rows = []
     for r in runs:
         traced = [marks[rid] for rid in r.request_ids if rid in marks]
         cells = []
+        crossing = in_process = 0.0
         for stage in STAGES[1:]:
-            gaps = []
+            gaps, previous = [], set()
             for m in traced:
                 before = [s for s in STAGES[: STAGES.index(stage)] if s in m]
                 if stage in m and before:
                     gaps.append(m[stage] - m[before[-1]])
-            cells.append(f"{statistics.median(gaps) * 1e3:.3f}" if gaps else "")
-        rows.append([r.path, r.load, *cells])
+                    previous.add(before[-1])
+            if not gaps:
+                cells.append("")
+                continue
+            median = statistics.median(gaps) * 1e3
+            cells.append(f"{median:.3f}")
+            if all((p, stage) in CROSSINGS for p in previous):
+                crossing += median
+            elif stage != "engine.first_token":  # the model's own time is not the path's
+                in_process += median
+        rows.append([r.path, r.load, *cells, f"{crossing:.3f}", f"{in_process:.3f}"])
     names = [s.split(".", 1)[1][:12] for s in STAGES[1:]]
     _table("first-token path, median ms from the previous stage (latency trace)",
-           [("path", 10), ("load", 5), *((n, 12) for n in names)], rows)
+           [("path", 10), ("load", 5), *((n, 12) for n in names), ("crossings", 10), ("in process", 10)], rows)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
@@ -35,6 +36,17 @@ def mark(request_id: str, stage: str, t: float | None = None) -> None:
         _key = (os.getpid(), directory)
         _file = (Path(directory) / f"trace-{_key[0]}.tsv").open("a", buffering=1)
     _file.write(f"{request_id}\t{stage}\t{time.monotonic() if t is None else t:.7f}\n")
+
+
+def mark_first_tokens(batch: Iterable[object], stage: str) -> None:
+    """Mark ``stage`` for each request whose first token is in ``batch`` (a channel frame's events): where a frame
+    is written and read splits a process crossing into the wire and the code on either side of it."""
+    if not os.environ.get(TRACE_ENV):
+        return
+    t = time.monotonic()
+    for item in batch:
+        if getattr(item, "index", None) == 0:
+            mark(item.request_id, stage, t)  # type: ignore[attr-defined]
 
 
 def read_trace(directory: Path) -> dict[str, dict[str, float]]:

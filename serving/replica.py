@@ -239,6 +239,7 @@ class Replica:
                 command = json.loads(await reader.readexactly(size))
                 if "submit" in command:
                     request = GenerationRequest(**command["submit"])
+                    trace.mark(request.request_id, "actor.frame")  # read off the socket: the wire ends here
                     try:
                         await self.submit(request, channel)
                     except Exception as e:  # rejected: the router raises it to its client
@@ -304,7 +305,9 @@ class _ChannelFlush:
         self.scheduled = False
         if self.draining is not None or not self.outbox.items or self.writer.is_closing():
             return
-        data = _dumps(self.outbox.drain())
+        batch = self.outbox.drain()
+        trace.mark_first_tokens(batch, "actor.flush")
+        data = _dumps(batch)
         self.writer.write(len(data).to_bytes(4, "big") + data)
         if self.writer.transport.get_write_buffer_size() > self.HIGH_WATER:
             self.draining = asyncio.create_task(self._drain())

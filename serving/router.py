@@ -125,7 +125,9 @@ class Channel:
             self._writer.set_result(writer)
             while True:
                 size = int.from_bytes(await reader.readexactly(4), "big")
-                self._dispatch(pickle.loads(await reader.readexactly(size)))
+                batch = pickle.loads(await reader.readexactly(size))
+                trace.mark_first_tokens(batch, "router.frame")
+                self._dispatch(batch)
         finally:
             writer.close()
 

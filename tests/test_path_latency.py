@@ -18,7 +18,8 @@ from deploy.virtual import VirtualClock, run_virtual_campaign
 from profilers import trace
 from serving.config import EmulatedEngineConfig
 from serving.emulated.engine import EmulatedEngine
-from serving.types import GenerationRequest
+from serving.replica import StreamError
+from serving.types import GenerationRequest, TokenEvent
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,6 +95,20 @@ def test_trace_is_off_unless_its_directory_is_set(tmp_path: Path, monkeypatch: p
     trace.mark("r", "client.send", 1.0)
     trace.mark("r", "engine.admit", 1.5)
     assert trace.read_trace(tmp_path) == {"r": {"client.send": 1.0, "engine.admit": 1.5}}
+
+
+def test_channel_frames_mark_only_first_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def event(rid: str, index: int) -> TokenEvent:
+        return TokenEvent(rid, "replica-0", " the", [279], index)
+
+    batch = [event("a", 0), event("b", 5), StreamError("c", RuntimeError("engine failed"))]
+    monkeypatch.delenv(trace.TRACE_ENV, raising=False)
+    trace.mark_first_tokens(batch, "router.frame")
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setenv(trace.TRACE_ENV, str(tmp_path))
+    trace.mark_first_tokens(batch, "router.frame")
+    marks = trace.read_trace(tmp_path)
+    assert list(marks) == ["a"] and list(marks["a"]) == ["router.frame"]
 
 
 def test_path_latency_fit_from_a_trace() -> None:
