@@ -40,6 +40,7 @@ and the engine share the cores: the ``http`` figures then include the client's o
 deployment spends elsewhere.
 
     python bench/vllm_overhead.py [--requests 64] [--concurrency 1 4 8 16] [--rates 10 20] [--max-tokens 32] [--trace]
+        [--paths direct raymsg router http asgi vllm-serve aiohttp] [--door-realtime]
 """
 
 from __future__ import annotations
@@ -183,17 +184,18 @@ ACTOR_NAME, NAMESPACE = "vllm-overhead-bench", "vllm-overhead-bench"
 
 
 def start_front_door(
-    model_name: str, max_model_len: int, address: str, tmp: Path, door_http: bool = True
+    model_name: str, max_model_len: int, address: str, tmp: Path, door_http: bool = True, realtime: bool = False
 ) -> tuple[subprocess.Popen[bytes], str]:
     """The production front door (``create_app`` over a ``Router``, uvicorn on uvloop) in a child process attached
     to this Ray cluster, routing to the bench's own replica actor: the same engine as ``direct`` and ``router``.
-    ``door_http=False``: every request through ASGI (the ``asgi`` path)."""
+    ``door_http=False``: every request through ASGI (the ``asgi`` path). ``realtime``: the door runs under
+    SCHED_FIFO (``chrt -f 10``), so it never waits for a core when woken."""
     kind = "door" if door_http else "asgi"
     ready = tmp / f"ready-{kind}"
     log = open(tmp / f"{kind}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--serve-door", address, model_name, str(max_model_len),
-         str(ready), kind],
+        [*(["chrt", "-f", "10"] if realtime else []), sys.executable, str(Path(__file__).resolve()), "--serve-door",
+         address, model_name, str(max_model_len), str(ready), kind],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     deadline = time.monotonic() + 120
@@ -535,6 +537,9 @@ def main() -> None:
     p.add_argument("--trace", action="store_true",
                    help="record the latency trace (profilers/trace.py) in every process and print where each "
                         "path's first token spends its time")
+    p.add_argument("--door-realtime", action="store_true",
+                   help="run the front door at real-time priority (chrt -f 10, needs CAP_SYS_NICE): tells whether "
+                        "the http path's crossings wait for a core on a loaded host")
     p.add_argument("--serve-door", nargs=5,
                    metavar=("RAY_ADDRESS", "MODEL_NAME", "MAX_MODEL_LEN", "READY_FILE", "KIND"),
                    help=argparse.SUPPRESS)  # the http path's front door process
@@ -572,7 +577,7 @@ def main() -> None:
         urls = {}
         for path in ("http", "asgi") if "asgi" in args.paths else ("http",):
             proc, urls[path] = start_front_door(cfg.served_name, cfg.max_model_len, address, Path(tmp.name),
-                                                door_http=path == "http")
+                                                door_http=path == "http", realtime=args.door_realtime)
             procs.append(proc)
         if "vllm-serve" in args.paths:
             proc, urls["vllm-serve"] = start_vllm_server(cfg, Path(tmp.name))
