@@ -22,14 +22,38 @@ EXIT_USAGE = 2
 
 
 def _print_summary(console: Console, points, out: Path) -> None:  # type: ignore[no-untyped-def]
+    """The points' headline figures, none of them ever cut short. A text column with one value for every point
+    (backend, provenance, ...) goes to the caption; a terminal too narrow for a row per point gets a row per
+    figure (a column per point) instead, so energy, water and carbon per token stay readable."""
+    import pandas as pd
+
     from workloads.report import summary_frame
 
     frame = summary_frame(points)
-    table = Table(title=f"Campaign results ({out})")
-    for col in frame.columns:
-        table.add_column(str(col), justify="right")
-    for _, row in frame.iterrows():
-        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    cells = {str(col): [f"{v:.4g}" if isinstance(v, float) else str(v) for v in frame[col]] for col in frame.columns}
+    shared = [col for col in cells if len(frame) > 1 and not pd.api.types.is_numeric_dtype(frame[col])
+              and len(set(cells[col])) == 1]
+    caption = ", ".join(f"{col}: {cells[col][0]}" for col in shared) or None
+    title = f"Campaign results ({out})"
+    columns = [col for col in cells if col not in shared]
+
+    def width(col: str) -> int:  # a header wraps at its spaces; a figure never does
+        return max([*map(len, cells[col]), *map(len, col.split())])
+
+    if sum(width(col) + 3 for col in columns) + 1 <= console.width or len(frame) * 12 + 20 > console.width:
+        table = Table(title=title, caption=caption)
+        for col in columns:
+            table.add_column(col, justify="right", min_width=width(col), overflow="fold")
+        for i in range(len(frame)):
+            table.add_row(*(cells[col][i] for col in columns))
+    else:
+        table = Table(title=title, caption=caption)
+        table.add_column("")
+        for value in cells.get("point", [str(i) for i in range(len(frame))]):
+            table.add_column(f"point {value}", justify="right", overflow="fold")
+        for col in columns:
+            if col != "point":
+                table.add_row(col, *cells[col])
     console.print(table)
 
 
