@@ -128,9 +128,9 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
             token = args.control_token or os.environ.get("TESTBED_CONTROL_TOKEN")
             points = run_campaign(spec, Target(args.url, args.metrics_url, token), out, console, prompts)
         else:
-            what = getattr(d.engine, "device", "")
-            console.print(f"starting the deployment: {d.replicas} x {d.engine.kind} {what} "
-                          f"replicas of {d.model_name} (log: {out / 'deployment.log'})")
+            what = " ".join(filter(None, (d.engine.kind, getattr(d.engine, "device", ""))))
+            console.print(f"starting the deployment: {d.replicas} x {what} replicas of {d.model_name} "
+                          f"(log: {out / 'deployment.log'})")
             # The campaign drives the controller of the deployment it starts: it holds the token.
             token = d.controller.token or secrets.token_urlsafe(24)
             deployment = d.model_copy(update={"controller": d.controller.model_copy(update={"token": token})})
