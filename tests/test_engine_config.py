@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -143,3 +144,23 @@ def test_draft_model_speculation_needs_a_draft_with_the_targets_vocabulary(tmp_p
     same = _fake_checkpoint(tmp_path / "draft", 2048)
     spec = {"method": "draft_model", "draft_model": str(same)}
     check_draft_model(VLLMEngineConfig(model=str(target), speculative=spec))
+
+
+def test_executor_picks_vllms_process_layout_and_leaves_a_set_thread_binding(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving.vllm_engine import _set_executor
+
+    assert ServingConfig(engine={"kind": "vllm", "model": "/m"}).engine.executor == "uni"
+    with pytest.raises(ValidationError, match="'uni' or 'mp'"):
+        ServingConfig(engine={"kind": "vllm", "model": "/m", "executor": "ray"})
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "")  # recorded, so the test leaves the environment as it was
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    _set_executor("uni")
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+    _set_executor("mp")
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # the user's own binding stays
+    _set_executor("mp")
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"

@@ -320,3 +320,42 @@ def test_draft_model_speculation_on_the_cpu_build(vserved: VServed) -> None:
     assert info["speculative_method"] == "draft_model" and info["speculative_tokens"] == 3
     assert stats.spec_proposed_tokens > 0
     assert stats.spec_accepted_tokens == stats.spec_proposed_tokens
+
+
+def test_multiprocessing_executor_runs_the_model_in_a_worker_of_the_engine_core(vserved: VServed) -> None:
+    """``executor: mp``: vLLM's own CPU layout, a worker process below the engine core; ``uni`` (the deployment's
+    replicas) keeps the model in the engine core. Both stream the same greedy tokens."""
+    import os
+
+    import openai
+
+    from profilers.cpu_model import descendants
+    from serving.config import VLLMEngineConfig
+    from serving.types import GenerationRequest
+    from serving.vllm_engine import VLLMEngine
+
+    def parent(pid: int) -> int:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+    cfg = VLLMEngineConfig(model=str(vserved.model_dir), kv_cache_memory_bytes=8 << 20, max_num_seqs=4, executor="mp")
+    before = set(descendants(os.getpid()))
+
+    async def run() -> tuple[Any, dict[str, Any], dict[int, int]]:
+        engine = VLLMEngine(cfg, "mp-test")
+        await engine.start()
+        try:
+            started = {pid: parent(pid) for pid in set(descendants(os.getpid())) - before}  # while they live
+            req = GenerationRequest("mp0", prompt="the time of the man", max_tokens=12, ignore_eos=True, temperature=0)
+            return [ev async for ev in engine.generate(req)], engine.describe(), started
+        finally:
+            await engine.stop()
+
+    events, info, started = asyncio.run(run())
+    assert info["executor"] == "mp"
+    workers = [pid for pid, ppid in started.items() if ppid in started]  # a new process below another new one
+    assert workers, f"no worker process below the engine core among {started}"
+    assert events[-1].output_tokens == 12 and events[-1].finished
+    uni = openai.OpenAI(base_url=f"{vserved.url}/v1", api_key="unused", timeout=120, max_retries=0).completions.create(
+        model="tiny-llama", prompt="the time of the man", max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert "".join(ev.text for ev in events) == uni.choices[0].text
