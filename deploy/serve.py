@@ -67,14 +67,23 @@ def preflight(config: ServingConfig) -> None:
         vllm_preflight(config.engine)
 
 
-def _placement(config: ServingConfig) -> tuple[Any, list[dict[str, Any]]]:
+def replica_gpus(config: ServingConfig, cluster_gpus: float) -> float:
+    """GPUs each replica actor asks Ray for: the configured number, else one per vLLM replica on a cluster with
+    GPUs (without it Ray hides every GPU from the actor, and vLLM finds no CUDA device)."""
+    if config.num_gpus_per_replica is not None:
+        return config.num_gpus_per_replica
+    return 1.0 if config.engine.kind == "vllm" and cluster_gpus >= 1 else 0.0
+
+
+def _placement(config: ServingConfig, gpus: float) -> tuple[Any, list[dict[str, Any]]]:
     """A placement group with one bundle per replica, and the scheduling options that pin each replica."""
     if config.placement == "none":
         return None, [{} for _ in range(config.replicas)]
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    bundles = [{"CPU": config.num_cpus_per_replica} for _ in range(config.replicas)]
+    bundle = {"CPU": config.num_cpus_per_replica, **({"GPU": gpus} if gpus else {})}
+    bundles = [dict(bundle) for _ in range(config.replicas)]
     pg = placement_group(bundles, strategy=config.placement.upper())
     options = [
         {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)}
@@ -88,21 +97,24 @@ async def start_deployment(config: ServingConfig) -> Deployment:
     site = load_site_profile(config.site)  # fail before starting anything if the profile is bad
     preflight(config)
     init_ray(config.ray_address, num_cpus=max(2, math.ceil(config.replicas * config.num_cpus_per_replica)))
-    pg, placement = _placement(config)
+    gpus = replica_gpus(config, ray.cluster_resources().get("GPU", 0.0))
+    pg, placement = _placement(config, gpus)
     if pg is not None:
         try:
             await asyncio.wait_for(pg.ready(), timeout=120)
         except TimeoutError:
             ray.util.remove_placement_group(pg)
             raise RuntimeError(
-                f"Ray could not place {config.replicas} replicas of {config.num_cpus_per_replica} CPU with "
-                f"placement {config.placement!r} within 120 s: too few nodes or CPUs in the cluster"
+                f"Ray could not place {config.replicas} replicas of {config.num_cpus_per_replica} CPU"
+                f"{f' and {gpus:g} GPU' if gpus else ''} with placement {config.placement!r} within 120 s: too few "
+                "nodes, CPUs or GPUs in the cluster"
             ) from None
     handles = []
     for i in range(config.replicas):
         name = f"replica-{i}"
         actor = ReplicaActor.options(
-            num_cpus=config.num_cpus_per_replica, max_concurrency=4096, max_restarts=0, **placement[i],
+            num_cpus=config.num_cpus_per_replica, num_gpus=gpus, max_concurrency=4096, max_restarts=0,
+            **placement[i],
         ).remote(name, config.engine.model_dump())
         handles.append(ReplicaHandle(name, actor, backend=config.engine.kind))
     try:
@@ -111,7 +123,8 @@ async def start_deployment(config: ServingConfig) -> Deployment:
         await Deployment(config, Router(handles), None, placement_group=pg).stop()  # type: ignore[arg-type]
         raise
     for info in infos:
-        log.info("replica %s ready (pid %s, node %s)", info["replica"], info["pid"], info["node_id"][:8])
+        log.info("replica %s ready (pid %s, node %s, GPUs %s)", info["replica"], info["pid"], info["node_id"][:8],
+                 ",".join(info.get("gpu_ids", [])) or "none")
         if "power_source" in info:
             log.warning("replica %s: %s, started in %.1f s; power source: %s", info["replica"],
                         info.get("engine", "?"), info.get("engine_start_s") or 0.0, info["power_source"])

@@ -42,6 +42,7 @@ _ERRORS: dict[str, tuple[type[PowerSourceError], str]] = {
     "NVML_ERROR_LIB_RM_VERSION_MISMATCH": (
         SourceUnavailableError, "NVML and driver versions differ: reboot or reload the nvidia kernel module"),
     "NVML_ERROR_GPU_NOT_FOUND": (SourceUnavailableError, "no such GPU: check CUDA_VISIBLE_DEVICES"),
+    "NVML_ERROR_NOT_FOUND": (SourceUnavailableError, "no GPU by that name on this node: check CUDA_VISIBLE_DEVICES"),
     "NVML_ERROR_NO_PERMISSION": (
         SourcePermissionError, "permission denied: give this user access to /dev/nvidia* (video group)"),
     "NVML_ERROR_NOT_SUPPORTED": (CounterUnsupportedError, "not supported on this GPU or driver"),
@@ -82,8 +83,33 @@ class _PowerOnly:
         return [PowerReading(t, name, 0.0, power(name), None, Provenance.MEASURED) for name in self._names]
 
 
+def _visible_indices(visible_devices: str) -> list[int]:
+    """NVML indices of the GPUs a ``CUDA_VISIBLE_DEVICES`` value names (indices or ``GPU-`` UUIDs; NVML numbers
+    the node's GPUs regardless of the variable). NVML must be initialised."""
+    entries = [e.strip() for e in visible_devices.split(",") if e.strip()]
+    if not entries:
+        raise SourceUnavailableError(
+            "NVML: CUDA_VISIBLE_DEVICES is empty: this process was given no GPU (a Ray actor without num_gpus: "
+            "set num_gpus_per_replica)"
+        )
+    indices = []
+    for entry in entries:
+        if entry.lstrip("-").isdigit():
+            indices.append(int(entry))
+        elif entry.startswith("MIG-"):
+            raise SourceUnavailableError(
+                f"NVML: CUDA_VISIBLE_DEVICES names the MIG instance {entry}: NVML reports energy per physical GPU, "
+                "not per MIG instance"
+            )
+        else:
+            with _nvml(f"finding the GPU {entry} of CUDA_VISIBLE_DEVICES"):
+                indices.append(int(pynvml.nvmlDeviceGetIndex(pynvml.nvmlDeviceGetHandleByUUID(entry))))
+    return indices
+
+
 class NVMLSource:
-    """Power source of the NVIDIA GPUs NVML sees (or of ``indices``)."""
+    """Power source of the NVIDIA GPUs NVML sees, of ``indices``, or of those a ``CUDA_VISIBLE_DEVICES`` value
+    (``visible_devices``) names: a replica reads the GPUs Ray gave it, not its neighbours'."""
 
     backend = "nvml"
 
@@ -92,6 +118,7 @@ class NVMLSource:
         indices: Sequence[int] | None = None,
         sample_hz: float = 20.0,
         clock: Callable[[], float] = time.monotonic,
+        visible_devices: str | None = None,
     ) -> None:
         if pynvml is None:
             raise SourceUnavailableError("NVML: package nvidia-ml-py is missing: pip install nvidia-ml-py")
@@ -107,6 +134,8 @@ class NVMLSource:
         with _nvml("initialising"):
             pynvml.nvmlInit()
         try:
+            if visible_devices is not None and indices is None:
+                indices = _visible_indices(visible_devices)
             self._open(indices, sample_hz)
         except BaseException:
             self.close()

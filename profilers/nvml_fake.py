@@ -28,6 +28,7 @@ from pynvml import (  # reuse the real library's classes and codes, so `except p
     NVML_ERROR_INVALID_ARGUMENT,
     NVML_ERROR_LIBRARY_NOT_FOUND,
     NVML_ERROR_NO_PERMISSION,
+    NVML_ERROR_NOT_FOUND,
     NVML_ERROR_NOT_SUPPORTED,
     NVML_ERROR_UNINITIALIZED,
     NVMLError,
@@ -61,6 +62,8 @@ class FakeGPU:
     errors: dict[str, int] = field(default_factory=dict)
     """NVML function name -> error code it raises (e.g. ``NVML_ERROR_NO_PERMISSION``)."""
     locked_clocks_mhz: tuple[int, int] | None = None
+    uuid: str = ""
+    """Default: ``GPU-00000000-0000-0000-0000-<index, 12 digits>``."""
     _counter_zero_mj: float = 0.0
 
     def power_w(self, t: float) -> float:
@@ -160,6 +163,30 @@ def nvmlDeviceGetHandleByIndex(index: int) -> _Handle:
     if code is not None:
         raise NVMLError(code)
     return _Handle(index)
+
+
+def _uuid(index: int) -> str:
+    return _state.gpus[index].uuid or f"GPU-00000000-0000-0000-0000-{index:012d}"
+
+
+def nvmlDeviceGetHandleByUUID(uuid: str | bytes) -> _Handle:
+    if _state.init_count == 0:
+        raise NVMLError(NVML_ERROR_UNINITIALIZED)
+    wanted = uuid.decode() if isinstance(uuid, bytes) else uuid
+    for index in range(len(_state.gpus)):
+        if _uuid(index) == wanted:
+            return _Handle(index)
+    raise NVMLError(NVML_ERROR_NOT_FOUND)
+
+
+def nvmlDeviceGetUUID(handle: _Handle) -> str:
+    _gpu(handle, "nvmlDeviceGetUUID")
+    return _uuid(handle.index)
+
+
+def nvmlDeviceGetIndex(handle: _Handle) -> int:
+    _gpu(handle, "nvmlDeviceGetIndex")
+    return handle.index
 
 
 # --- readings --------------------------------------------------------------------------------------

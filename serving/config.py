@@ -160,6 +160,9 @@ class ServingConfig(BaseModel):
     port: int = Field(default=8000, ge=0, le=65535, description="0 picks a free port.")
     site: str = Field(default="azure", description="Site profile for water and carbon metrics.")
     num_cpus_per_replica: float = Field(default=0.5, gt=0, description="Ray CPUs reserved per replica actor.")
+    num_gpus_per_replica: float | None = Field(
+        default=None, ge=0, description="Ray GPUs reserved per replica actor; Ray points its CUDA_VISIBLE_DEVICES at "
+        "them (an actor without GPUs sees none). None: 1 for a vLLM engine when the Ray cluster has GPUs, else 0.")
     ray_address: str | None = Field(default=None, description="Attach to this Ray cluster instead of a local one.")
     placement: Literal["none", "spread", "strict_spread", "pack"] = Field(
         default="none", description="Place replicas with a Ray placement group: spread over nodes, or pack."

@@ -126,7 +126,9 @@ class Replica:
         self.defaults = Knobs(clock_mhz=current.clock_mhz, max_num_seqs=current.max_num_seqs,
                               speculative_tokens=current.speculative_tokens)
         node = ray.get_runtime_context().get_node_id()
-        info = {"replica": self.replica, "pid": os.getpid(), "node_id": node, "niceness": self.niceness}
+        info = {"replica": self.replica, "pid": os.getpid(), "node_id": node, "niceness": self.niceness,
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
         describe = getattr(self.engine, "describe", None)
         return {**info, **describe()} if describe else info
 

@@ -115,7 +115,10 @@ def select_power_source(config: VLLMEngineConfig, replica: str) -> tuple[PowerSo
         "cpu_model",
         lambda: CpuPowerModel(config.cpu_power.idle_w, config.cpu_power.core_w, pid=os.getpid()),
     )
-    choice = probe_sources(order=config.power_sources, fallback=model)
+    # NVML numbers every GPU of the node: read only those Ray gave this replica (CUDA_VISIBLE_DEVICES).
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    options = {"nvml": {"visible_devices": visible}} if visible is not None else None
+    choice = probe_sources(order=config.power_sources, fallback=model, options=options)
     detail = getattr(choice.source, "describe", None)
     text = detail() if callable(detail) else choice.provenance
     if choice.skipped:

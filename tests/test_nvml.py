@@ -145,6 +145,48 @@ def test_a_gpu_index_that_does_not_exist_is_named() -> None:
         NVMLSource(indices=[3])
 
 
+@pytest.mark.parametrize(("visible", "read"), [
+    ("2", ["gpu2"]), ("3,1", ["gpu3", "gpu1"]), ("GPU-00000000-0000-0000-0000-000000000001", ["gpu1"]),
+    (" 0 , GPU-00000000-0000-0000-0000-000000000002", ["gpu0", "gpu2"]),
+])
+def test_a_replica_reads_only_the_gpus_its_cuda_visible_devices_names(visible: str, read: list[str]) -> None:
+    """NVML numbers every GPU of the node; a Ray actor's CUDA_VISIBLE_DEVICES (indices or UUIDs) says which are
+    its own, so replicas sharing a node never count each other's energy."""
+    nvml_fake.configure([FakeGPU() for _ in range(4)])
+    src = NVMLSource(visible_devices=visible)
+    try:
+        assert [d.device for d in src.devices()] == read
+        assert [r.device for r in src.read()] == read
+    finally:
+        src.close()
+
+
+@pytest.mark.parametrize(("visible", "message"), [
+    ("", "CUDA_VISIBLE_DEVICES is empty: this process was given no GPU"),
+    ("7", "GPU index 7 requested but only 4 visible"),
+    ("GPU-ffffffff-0000-0000-0000-000000000000", "no GPU by that name on this node"),
+    ("MIG-4f3c2c1e-0000-0000-0000-000000000000", "NVML reports energy per physical GPU"),
+])
+def test_a_cuda_visible_devices_naming_no_gpu_of_this_node_says_so(visible: str, message: str) -> None:
+    nvml_fake.configure([FakeGPU() for _ in range(4)])
+    with pytest.raises(SourceUnavailableError, match=message):
+        NVMLSource(visible_devices=visible)
+    assert nvml_fake._state.init_count == 0  # closed again: nothing leaks
+
+
+def test_vllm_replica_power_source_follows_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving.config import VLLMEngineConfig
+    from serving.vllm_engine import select_power_source
+
+    nvml_fake.configure([FakeGPU(), FakeGPU(name="NVIDIA H200")])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    source, text = select_power_source(VLLMEngineConfig(model="/m"), "replica-1")
+    assert [(d.device, d.name) for d in source.devices()] == [("gpu1", "NVIDIA H200")]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # an actor Ray gave no GPU: not a neighbour's energy
+    source, text = select_power_source(VLLMEngineConfig(model="/m", power_sources=["nvml"]), "replica-1")
+    assert text.startswith("CPU power model") and "CUDA_VISIBLE_DEVICES is empty" in text
+
+
 def test_a_lost_gpu_during_reads_is_a_read_error(clock: FakeClock) -> None:
     gpu = FakeGPU()
     nvml_fake.configure([gpu], clock=clock)
