@@ -69,7 +69,8 @@ def preflight(config: ServingConfig) -> None:
 
 def replica_gpus(config: ServingConfig, cluster_gpus: float) -> float:
     """GPUs each replica actor asks Ray for: the configured number, else one per vLLM replica on a cluster with
-    GPUs (without it Ray hides every GPU from the actor, and vLLM finds no CUDA device)."""
+    GPUs. An actor given none keeps the node's environment (Ray leaves CUDA_VISIBLE_DEVICES as it was): every
+    replica of the node would run on its first GPU, and NVML would show each replica all of the node's GPUs."""
     if config.num_gpus_per_replica is not None:
         return config.num_gpus_per_replica
     return 1.0 if config.engine.kind == "vllm" and cluster_gpus >= 1 else 0.0

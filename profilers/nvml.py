@@ -89,8 +89,8 @@ def _visible_indices(visible_devices: str) -> list[int]:
     entries = [e.strip() for e in visible_devices.split(",") if e.strip()]
     if not entries:
         raise SourceUnavailableError(
-            "NVML: CUDA_VISIBLE_DEVICES is empty: this process was given no GPU (a Ray actor without num_gpus: "
-            "set num_gpus_per_replica)"
+            "NVML: CUDA_VISIBLE_DEVICES is empty: this process was given no GPU (for a replica: set "
+            "num_gpus_per_replica)"
         )
     indices = []
     for entry in entries:

@@ -162,7 +162,8 @@ class ServingConfig(BaseModel):
     num_cpus_per_replica: float = Field(default=0.5, gt=0, description="Ray CPUs reserved per replica actor.")
     num_gpus_per_replica: float | None = Field(
         default=None, ge=0, description="Ray GPUs reserved per replica actor; Ray points its CUDA_VISIBLE_DEVICES at "
-        "them (an actor without GPUs sees none). None: 1 for a vLLM engine when the Ray cluster has GPUs, else 0.")
+        "them (without, every replica of a node runs on its first GPU). None: 1 for a vLLM engine when the Ray "
+        "cluster has GPUs, else 0.")
     ray_address: str | None = Field(default=None, description="Attach to this Ray cluster instead of a local one.")
     placement: Literal["none", "spread", "strict_spread", "pack"] = Field(
         default="none", description="Place replicas with a Ray placement group: spread over nodes, or pack."

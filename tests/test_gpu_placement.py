@@ -1,5 +1,5 @@
-"""Replicas get their GPUs from Ray: an actor that asks for none sees none (Ray empties its CUDA_VISIBLE_DEVICES),
-so a vLLM replica on a GPU cluster asks for one, and replicas of one node get different GPUs."""
+"""Replicas get their GPUs from Ray: a vLLM replica on a GPU cluster asks for one, and replicas of one node get
+different GPUs (an actor given none keeps the node's CUDA_VISIBLE_DEVICES: every replica would share the first)."""
 
 from __future__ import annotations
 
