@@ -580,7 +580,9 @@ def main() -> None:
     if args.trace:  # before Ray starts, so its workers and the front door inherit it
         os.environ[trace.TRACE_ENV] = str(Path(tmp.name) / "trace")
         (Path(tmp.name) / "trace").mkdir()
-    cfg = VLLMEngineConfig(model=model, kv_cache_memory_bytes=64 << 20, max_num_seqs=64)
+    from serving.vllm_engine import on_gpu
+
+    cfg = VLLMEngineConfig(model=model, kv_cache_memory_bytes=64 << 20, max_num_seqs=64).resolved(on_gpu())
     engine = cfg.model_dump(mode="json")
 
     init_ray(num_cpus=4)

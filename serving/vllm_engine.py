@@ -97,6 +97,13 @@ def _set_executor(executor: str) -> None:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
+def on_gpu() -> bool:
+    """Whether vLLM runs on a GPU in this process (its own platform detection: CUDA or ROCm, not the CPU build)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cuda_alike())
+
+
 def _import_vllm() -> Any:
     try:
         import vllm
@@ -159,9 +166,9 @@ class VLLMEngine:
     backend = "vllm"
 
     def __init__(self, config: VLLMEngineConfig, replica: str, power: PowerSource | None = None) -> None:
-        self.config = config
         self.replica = replica
         self._vllm, self._Args, self._AsyncLLM, self._StatLoggerBase = _import_vllm()
+        self.config = config.resolved(on_gpu())  # CPU and GPU defaults differ (dtype, eager, KV cache)
         check_model_dir(config.model)
         check_draft_model(config)
         if power is None:
@@ -277,6 +284,9 @@ class VLLMEngine:
             "power_source": self.power_text,
             "max_num_seqs": self.config.max_num_seqs,
             "executor": self.config.executor,
+            "dtype": self.config.dtype,
+            "enforce_eager": self.config.enforce_eager,
+            "kv_cache_memory_bytes": self.config.kv_cache_memory_bytes,
             "speculative_tokens": spec.num_speculative_tokens if (spec := self.config.speculative) else 0,
             "speculative_method": spec.method if spec else None,
             "spec_decode": {"drafted": self.live.spec_drafted, "accepted": self.live.spec_accepted},

@@ -23,7 +23,8 @@ def test_engine_union_defaults_to_emulated_and_picks_vllm_by_kind() -> None:
     cfg = ServingConfig(engine={"kind": "vllm", "model": "/models/tiny-llama"})
     assert isinstance(cfg.engine, VLLMEngineConfig)
     assert cfg.model_name == "tiny-llama"
-    assert cfg.engine.dtype == "float32" and cfg.engine.enforce_eager
+    cpu = cfg.engine.resolved(on_gpu=False)
+    assert cpu.dtype == "float32" and cpu.enforce_eager and cpu.kv_cache_memory_bytes == 256 << 20
     with pytest.raises(ValidationError, match="'emulated', 'vllm'"):
         ServingConfig(engine={"kind": "tpu"})
     with pytest.raises(ValidationError, match="model"):
@@ -164,3 +165,28 @@ def test_executor_picks_vllms_process_layout_and_leaves_a_set_thread_binding(mon
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # the user's own binding stays
     _set_executor("mp")
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+
+
+@pytest.mark.parametrize(("gpu", "expected"), [
+    (False, {"dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": 256 << 20}),
+    (True, {"dtype": "auto", "enforce_eager": False, "kv_cache_memory_bytes": None}),
+])
+def test_unset_vllm_arguments_take_the_platforms_defaults(
+    gpu: bool, expected: dict[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config says nothing of dtype, eager mode or KV cache: the replica, which knows its platform, picks float32,
+    eager and a bounded cache on a CPU, the checkpoint's dtype, CUDA graphs and vLLM's share of memory on a GPU.
+    What a config does say is kept on either."""
+    pytest.importorskip("vllm", reason="vllm is not installed: pip install 'llm-energy-testbed[cpu]'")
+    from serving import vllm_engine
+
+    model = _fake_checkpoint(tmp_path / "m", vocab=32)
+    monkeypatch.setattr(vllm_engine, "on_gpu", lambda: gpu)
+    engine = vllm_engine.VLLMEngine(VLLMEngineConfig(model=str(model), power_sources=[]), "replica-0")
+    args = engine._engine_args()
+    assert {k: getattr(args, k) for k in expected} == expected
+    assert {k: engine.describe()[k] for k in expected} == expected
+    kept = vllm_engine.VLLMEngine(
+        VLLMEngineConfig(model=str(model), power_sources=[], dtype="bfloat16", enforce_eager=True,
+                         kv_cache_memory_bytes=1 << 30), "replica-0")._engine_args()
+    assert (kept.dtype, kept.enforce_eager, kept.kv_cache_memory_bytes) == ("bfloat16", True, 1 << 30)
