@@ -115,6 +115,24 @@ def _import_vllm() -> Any:
     return vllm, AsyncEngineArgs, AsyncLLM, StatLoggerBase
 
 
+def _ray_actor_gpu_ids() -> list[str] | None:
+    """The GPUs Ray gave this process's actor; None outside a Ray actor."""
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return None
+    return [str(g) for g in ray.get_gpu_ids()]
+
+
+def visible_devices(cuda_visible_devices: str | None, actor_gpu_ids: list[str] | None) -> str | None:
+    """The GPUs the replica's NVML source may read, as a CUDA_VISIBLE_DEVICES value (None: every GPU). Ray leaves
+    the variable as the node has it for an actor given no GPU, and NVML would show that actor every GPU of the
+    node, its neighbours' energy included: such an actor reads none."""
+    if cuda_visible_devices is None and actor_gpu_ids == []:
+        return ""
+    return cuda_visible_devices
+
+
 def select_power_source(config: VLLMEngineConfig, replica: str) -> tuple[PowerSource, str]:
     """The first power counter this process can read (``config.power_sources``), else the CPU power model.
     Logged with the reasons the others were not used, since it decides the provenance of every figure."""
@@ -123,7 +141,7 @@ def select_power_source(config: VLLMEngineConfig, replica: str) -> tuple[PowerSo
         lambda: CpuPowerModel(config.cpu_power.idle_w, config.cpu_power.core_w, pid=os.getpid()),
     )
     # NVML numbers every GPU of the node: read only those Ray gave this replica (CUDA_VISIBLE_DEVICES).
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), _ray_actor_gpu_ids())
     options = {"nvml": {"visible_devices": visible}} if visible is not None else None
     choice = probe_sources(order=config.power_sources, fallback=model, options=options)
     detail = getattr(choice.source, "describe", None)

@@ -187,6 +187,20 @@ def test_vllm_replica_power_source_follows_cuda_visible_devices(monkeypatch: pyt
     assert text.startswith("CPU power model") and "CUDA_VISIBLE_DEVICES is empty" in text
 
 
+def test_a_ray_actor_given_no_gpu_reads_none_of_the_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving import vllm_engine
+    from serving.config import VLLMEngineConfig
+
+    assert vllm_engine.visible_devices("1", ["1"]) == "1"
+    assert vllm_engine.visible_devices(None, []) == ""  # an actor without GPUs: Ray left the node's view
+    assert vllm_engine.visible_devices(None, None) is None  # not in an actor (a bench, a notebook): every GPU
+    nvml_fake.configure([FakeGPU(), FakeGPU()])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(vllm_engine, "_ray_actor_gpu_ids", lambda: [])
+    _, text = vllm_engine.select_power_source(VLLMEngineConfig(model="/m", power_sources=["nvml"]), "replica-0")
+    assert text.startswith("CPU power model") and "given no GPU" in text and "num_gpus_per_replica" in text
+
+
 def test_a_lost_gpu_during_reads_is_a_read_error(clock: FakeClock) -> None:
     gpu = FakeGPU()
     nvml_fake.configure([gpu], clock=clock)
