@@ -49,3 +49,24 @@ def test_hop_floor_bench_prints_a_row_per_server_end() -> None:
     assert rows.keys() == ends
     for gap, rtt_p50, rtt_p90, crossing in (map(float, cells) for cells in rows.values()):
         assert gap == 0 and 0 < rtt_p50 <= rtt_p90 and crossing == pytest.approx(rtt_p50 / 2, abs=1)
+
+
+@pytest.mark.slow
+def test_vllm_overhead_bench_measures_every_path_on_a_real_engine(tmp_path: Path) -> None:
+    """A short run of the bench behind #3's figures: every path at every load gets a row, and the replica's start
+    time and memory are reported."""
+    pytest.importorskip("vllm", reason="vllm is not installed: pip install 'llm-energy-testbed[cpu]'")
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "vllm_overhead.py"), "--requests", "8", "--concurrency", "1", "--rates", "10",
+         "--rounds", "1", "--blocks", "1", "--paths", "direct", "router", "http", "--trace"],
+        capture_output=True, text=True, timeout=400, cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split() for line in run.stdout.splitlines()]
+    for path in ("direct", "router", "http"):
+        for load in ("c=1", "10/s"):
+            assert sum(1 for r in rows if r[:2] == [path, load]) == 2, (path, load)  # its table and the trace's
+    closed = {r[0]: float(r[3]) for r in rows if len(r) == 10 and r[1] == "c=1"}
+    assert closed["direct"] == 1.0 and all(ratio > 0 for ratio in closed.values())
+    start = run.stdout.split("engine start s", 1)[1].splitlines()[1].split()
+    assert 0 < float(start[0]) < 300 and float(start[1]) > 100  # seconds; MiB of the replica's processes
