@@ -34,20 +34,18 @@ def _print_summary(console: Console, points, out: Path) -> None:  # type: ignore
     shared = [col for col in cells if len(frame) > 1 and not pd.api.types.is_numeric_dtype(frame[col])
               and len(set(cells[col])) == 1]
     caption = ", ".join(f"{col}: {cells[col][0]}" for col in shared) or None
-    title = f"Campaign results ({out})"
     columns = [col for col in cells if col not in shared]
 
     def width(col: str) -> int:  # a header wraps at its spaces; a figure never does
         return max([*map(len, cells[col]), *map(len, col.split())])
 
+    table = Table(title=f"Campaign results ({out})", caption=caption)
     if sum(width(col) + 3 for col in columns) + 1 <= console.width or len(frame) * 12 + 20 > console.width:
-        table = Table(title=title, caption=caption)
         for col in columns:
             table.add_column(col, justify="right", min_width=width(col), overflow="fold")
         for i in range(len(frame)):
             table.add_row(*(cells[col][i] for col in columns))
     else:
-        table = Table(title=title, caption=caption)
         table.add_column("")
         for value in cells.get("point", [str(i) for i in range(len(frame))]):
             table.add_column(f"point {value}", justify="right", overflow="fold")
