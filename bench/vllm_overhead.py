@@ -396,16 +396,17 @@ async def run_paths(
             for conc, n in loads:
                 # The paths take turns block by block: a drift of the host's speed (seconds long on a shared VM)
                 # then falls on every path alike instead of on whichever ran during it.
-                sizes = blocks(n, conc, args.blocks)
-                done: dict[str, tuple[list[Sample], float, float]] = {name: ([], 0.0, 0.0) for name in paths}
-                for size in sizes:
+                samples_of: dict[str, list[Sample]] = {name: [] for name in paths}
+                wall_of, cpu_of = dict.fromkeys(paths, 0.0), dict.fromkeys(paths, 0.0)
+                for size in blocks(n, conc, args.blocks):
                     for name, run in paths.items():
                         cpu0 = tree_cpu_s(pids)
                         wall, samples = await run(size, conc)
-                        kept, walls, cpus = done[name]
-                        done[name] = (kept + samples, walls + wall, cpus + tree_cpu_s(pids) - cpu0)
-                for name, (samples, wall, cpu) in done.items():
-                    record(name, f"c={conc}", samples, wall, cpu)
+                        samples_of[name] += samples
+                        wall_of[name] += wall
+                        cpu_of[name] += tree_cpu_s(pids) - cpu0
+                for name in paths:
+                    record(name, f"c={conc}", samples_of[name], wall_of[name], cpu_of[name])
             for rate in args.rates:
                 dues = mixed_schedule(list(paths), args.requests, rate, seed=round_no)
                 start = time.monotonic() + 0.5  # every path's first send is ahead of it
