@@ -66,6 +66,15 @@ def per_token(numerator: str, scale: str = "", by: str = "") -> str:
     return f"sum{group}(rate({numerator}[{R}])){scale} / sum{group}(rate({GEN}[{R}]))"
 
 
+def ratio_of_rates(counter: str, part: str, whole: str) -> str:
+    """Per replica, the rate of ``counter``'s ``kind=part`` samples over its ``kind=whole`` samples; no series
+    while ``whole`` stands still (no speculation, no prompts), rather than 0/0."""
+    part_rate, whole_rate = (
+        f'sum by (replica) (rate({counter}{{kind="{kind}",{SEL}}}[{R}]))' for kind in (part, whole)
+    )
+    return f"{part_rate} / ({whole_rate} > 0)"
+
+
 def ttft_attainment(by: str = "") -> str:
     group = f" by ({by})" if by else ""
     return (
@@ -183,6 +192,25 @@ def per_replica() -> Dashboard:
                 "Generated tokens per second",
                 (q(f"sum by (replica) (rate({GEN}[{R}]))", "{{replica}}"),),
                 "short",
+            ),
+            Panel(
+                "KV cache in use",
+                (q(f"max by (replica) (llm_energy_kv_cache_usage_ratio{{{SEL}}})", "{{replica}}"),),
+                "percentunit",
+                description="Share of the KV cache's token slots in use, as the engine reports it; near 1 new "
+                "requests wait for space.",
+            ),
+            Panel(
+                "Prefix-cache hits and accepted draft tokens",
+                (
+                    q(ratio_of_rates("llm_energy_prefix_cache_tokens_total", "hit", "queried"),
+                      "{{replica}} prefix hits"),
+                    q(ratio_of_rates("llm_energy_spec_decode_tokens_total", "accepted", "proposed"),
+                      "{{replica}} drafts accepted"),
+                ),
+                "percentunit",
+                description="Prompt tokens found in the prefix cache (their prefill, and its energy, is skipped) "
+                "and speculative draft tokens the target model accepted, as shares.",
             ),
             Panel("TTFT p99", (q(quantile("ttft", 0.99, by), "{{replica}}"),), "s"),
             Panel("TPOT p99", (q(quantile("tpot", 0.99, by), "{{replica}}"),), "s"),

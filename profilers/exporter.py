@@ -62,6 +62,14 @@ class ReplicaSample:
     idle_j: float
     running: int
     waiting: int
+    kv_used_tokens: int = 0
+    kv_capacity_tokens: int = 0
+    """0: the engine reports no KV cache (no usage ratio is exported)."""
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    prefix_cache_queried_tokens: int | None = None
+    """None: the engine has no prefix cache (no samples are exported)."""
+    prefix_cache_hit_tokens: int | None = None
 
 
 @dataclass
@@ -200,6 +208,24 @@ class EnergyCollector(FastCollector):
             "accounted for).",
             labels=[*REPLICA_LABELS, "provenance"],
         )
+        kv_usage = _gauge(
+            f"{NAMESPACE}_kv_cache_usage_ratio", "Share of the KV cache's token slots in use (vLLM's own figure).",
+            labels=REPLICA_LABELS,
+        )
+        kv_capacity = _gauge(
+            f"{NAMESPACE}_kv_cache_capacity_tokens", "Tokens the KV cache holds.", labels=REPLICA_LABELS
+        )
+        spec = _counter(
+            f"{NAMESPACE}_spec_decode_tokens",
+            "Speculative decoding: draft tokens proposed and accepted, kind=proposed|accepted.",
+            labels=[*REPLICA_LABELS, "kind"],
+        )
+        prefix = _counter(
+            f"{NAMESPACE}_prefix_cache_tokens",
+            "Prompt tokens looked up in the prefix cache (kind=queried) and found there (kind=hit): a hit's prefill "
+            "is not computed again.",
+            labels=[*REPLICA_LABELS, "kind"],
+        )
         now = self._clock()
         energy_by_replica: dict[str, tuple[float, str]] = {}
         for d in snap.devices:
@@ -215,6 +241,14 @@ class EnergyCollector(FastCollector):
             idle.add([*labels, prov], r.idle_j)
             running.add(labels, r.running)
             waiting.add(labels, r.waiting)
+            if r.kv_capacity_tokens > 0:
+                kv_usage.add(labels, r.kv_used_tokens / r.kv_capacity_tokens)
+                kv_capacity.add(labels, r.kv_capacity_tokens)
+            spec.add([*labels, "proposed"], r.spec_proposed_tokens)
+            spec.add([*labels, "accepted"], r.spec_accepted_tokens)
+            if r.prefix_cache_queried_tokens is not None:
+                prefix.add([*labels, "queried"], r.prefix_cache_queried_tokens)
+                prefix.add([*labels, "hit"], r.prefix_cache_hit_tokens or 0)
             metered = energy_by_replica.get(r.replica, (0.0, prov))[0]
             if metered > 0:
                 accounted = r.attributed_prefill_j + r.attributed_decode_j + r.idle_j
@@ -225,7 +259,7 @@ class EnergyCollector(FastCollector):
                     value = window.update(now, energy_by_replica[r.replica][0], r.generated_tokens)
                 if value is not None:
                     per_token.add([*labels, prov], value)
-        return [tokens, attributed, idle, per_token, running, waiting, closure]
+        return [tokens, attributed, idle, per_token, running, waiting, closure, kv_usage, kv_capacity, spec, prefix]
 
 
 @dataclass

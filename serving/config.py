@@ -115,6 +115,10 @@ class VLLMEngineConfig(BaseModel):
         "executor); `mp`, in a worker process of its own (vLLM's multiprocessing executor, as `vllm serve` runs "
         "on CPU). On the 2-core CPU host `mp` took ~50% more CPU per token and ~540 MiB more per replica.")
     speculative: SpeculativeConfig | None = None
+    enable_prefix_caching: bool | None = Field(
+        default=None, description="Reuse the KV blocks of a prompt prefix already computed (vLLM's automatic "
+        "prefix caching): a hit skips that prefill, and its energy. None: vLLM's default (on). The hits are "
+        "exported as llm_energy_prefix_cache_tokens_total.")
     seed: int = 0
     prefill_token_weight: float = Field(
         default=0.25, ge=0, description="Energy weight of a prompt token relative to a generated token when "

@@ -315,6 +315,10 @@ class Router:
                 ReplicaSample(
                     r.name, s.backend, s.prompt_tokens_total, s.generated_tokens_total,
                     s.attributed_prefill_j, s.attributed_decode_j, s.idle_j, s.running, s.waiting,
+                    kv_used_tokens=s.kv_used_tokens, kv_capacity_tokens=s.kv_capacity_tokens,
+                    spec_proposed_tokens=s.spec_proposed_tokens, spec_accepted_tokens=s.spec_accepted_tokens,
+                    prefix_cache_queried_tokens=s.prefix_cache_queried_tokens,
+                    prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
                 )
             )
         return snap

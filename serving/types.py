@@ -73,6 +73,10 @@ class EngineStats:
     max_num_seqs: int
     spec_proposed_tokens: int = 0
     spec_accepted_tokens: int = 0
+    prefix_cache_queried_tokens: int | None = None
+    """Prompt tokens looked up in the engine's prefix cache (None: the engine has no prefix cache)."""
+    prefix_cache_hit_tokens: int | None = None
+    """Of those, tokens found there: their prefill was not computed again."""
 
 
 @dataclass(frozen=True)

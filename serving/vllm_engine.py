@@ -164,6 +164,8 @@ class _Live:
     iterations: int = 0
     spec_drafted: int = 0
     spec_accepted: int = 0
+    prefix_queried: int = 0
+    prefix_hits: int = 0
 
 
 @dataclass
@@ -197,6 +199,7 @@ class VLLMEngine:
         self.engine: Any = None
         self.tokenizer: Any = None
         self.kv_capacity_tokens = 0
+        self.prefix_caching = False  # as vLLM resolved it when the engine was built
         self.start_s: float | None = None
         self._spec_template = config.speculative  # turning speculation back on keeps the configured method
         self.live = _Live()  # cumulative across engine restarts, like the counters exported from it
@@ -234,6 +237,7 @@ class VLLMEngine:
             enforce_eager=c.enforce_eager,
             seed=c.seed,
             speculative_config=spec,
+            enable_prefix_caching=c.enable_prefix_caching,
             distributed_executor_backend=c.executor,
             disable_log_stats=True,
             enable_log_requests=False,
@@ -269,6 +273,7 @@ class VLLMEngine:
         self.tokenizer = self.engine.get_tokenizer()
         cache = self.engine.vllm_config.cache_config
         self.kv_capacity_tokens = int((cache.num_gpu_blocks or 0) * (cache.block_size or 0))
+        self.prefix_caching = bool(cache.enable_prefix_caching)
         if (rescan := getattr(self.power, "rescan", None)) is not None:
             rescan()  # the engine-core process is new: the CPU power model must watch it
         return time.perf_counter() - t0
@@ -305,6 +310,7 @@ class VLLMEngine:
             "dtype": self.config.dtype,
             "enforce_eager": self.config.enforce_eager,
             "kv_cache_memory_bytes": self.config.kv_cache_memory_bytes,
+            "prefix_caching": self.prefix_caching,
             "speculative_tokens": spec.num_speculative_tokens if (spec := self.config.speculative) else 0,
             "speculative_method": spec.method if spec else None,
             "spec_decode": {"drafted": self.live.spec_drafted, "accepted": self.live.spec_accepted},
@@ -427,6 +433,10 @@ class VLLMEngine:
             if spec is not None:
                 live.spec_drafted += spec.num_draft_tokens
                 live.spec_accepted += spec.num_accepted_tokens
+            prefix = getattr(sched, "prefix_cache_stats", None)
+            if prefix is not None:
+                live.prefix_queried += prefix.queries
+                live.prefix_hits += prefix.hits
         if it is not None:
             live.prompt_tokens += it.num_prompt_tokens
             live.generated_tokens += it.num_generation_tokens
@@ -481,6 +491,8 @@ class VLLMEngine:
             max_num_seqs=self.config.max_num_seqs,
             spec_proposed_tokens=live.spec_drafted,
             spec_accepted_tokens=live.spec_accepted,
+            prefix_cache_queried_tokens=live.prefix_queried if self.prefix_caching else None,
+            prefix_cache_hit_tokens=live.prefix_hits if self.prefix_caching else None,
         )
 
     # --- power source (the replica exposes the engine's device) ----------------------------------

@@ -23,7 +23,9 @@ def exported_names() -> set[str]:
     def snap(energy_j: float, tokens: int) -> ExportSnapshot:
         return ExportSnapshot(
             devices=[DeviceSample("replica-0", "0", "emulated", "modeled", energy_j, 300.0, 1980.0)],
-            replicas=[ReplicaSample("replica-0", "emulated", 10, tokens, 1.0, 2.0, 3.0, 1, 0)],
+            replicas=[ReplicaSample("replica-0", "vllm", 10, tokens, 1.0, 2.0, 3.0, 1, 0, kv_used_tokens=16,
+                                    kv_capacity_tokens=4096, prefix_cache_queried_tokens=10,
+                                    prefix_cache_hit_tokens=4)],
         )
 
     current = [snap(100.0, 20)]

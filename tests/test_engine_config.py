@@ -188,5 +188,6 @@ def test_unset_vllm_arguments_take_the_platforms_defaults(
     assert {k: engine.describe()[k] for k in expected} == expected
     kept = vllm_engine.VLLMEngine(
         VLLMEngineConfig(model=str(model), power_sources=[], dtype="bfloat16", enforce_eager=True,
-                         kv_cache_memory_bytes=1 << 30), "replica-0")._engine_args()
+                         kv_cache_memory_bytes=1 << 30, enable_prefix_caching=False), "replica-0")._engine_args()
     assert (kept.dtype, kept.enforce_eager, kept.kv_cache_memory_bytes) == ("bfloat16", True, 1 << 30)
+    assert kept.enable_prefix_caching is False and args.enable_prefix_caching is None  # None: vLLM's default

@@ -227,6 +227,9 @@ def test_vllm_values_render_a_real_engine_config_with_a_gpu_per_replica() -> Non
     # Large integers survive Helm's float reading; the emulated engine gets none of the vLLM keys.
     big = serving_yaml("--set", "engine.kind=vllm", "--set", "engine.vllm.kvCacheMemoryBytes=17179869184")
     assert big["engine"]["kv_cache_memory_bytes"] == 17179869184
+    no_prefix = serving_yaml("--set", "engine.kind=vllm", "--set", "engine.vllm.enablePrefixCaching=false")
+    assert no_prefix["engine"]["enable_prefix_caching"] is False
+    assert "enable_prefix_caching" not in big["engine"]  # unset: vLLM's own default
     default = serving_yaml()
     assert "executor" not in default["engine"] and "num_gpus_per_replica" not in default
     assert ServingConfig.model_validate(default).engine.kind == "emulated"

@@ -29,6 +29,10 @@ FROZEN: dict[str, tuple[str, tuple[str, ...]]] = {
     "llm_energy_requests_running": ("gauge", REP),
     "llm_energy_requests_waiting": ("gauge", REP),
     "llm_energy_attribution_error_ratio": ("gauge", ("backend", "provenance", "replica")),
+    "llm_energy_kv_cache_usage_ratio": ("gauge", REP),
+    "llm_energy_kv_cache_capacity_tokens": ("gauge", REP),
+    "llm_energy_spec_decode_tokens_total": ("counter", ("backend", "kind", "replica")),
+    "llm_energy_prefix_cache_tokens_total": ("counter", ("backend", "kind", "replica")),
     "llm_energy_request_ttft_seconds_bucket": ("histogram", ("le", "replica")),
     "llm_energy_request_ttft_seconds_count": ("histogram", ("replica",)),
     "llm_energy_request_ttft_seconds_sum": ("histogram", ("replica",)),
@@ -39,6 +43,12 @@ FROZEN: dict[str, tuple[str, tuple[str, ...]]] = {
     "llm_energy_request_e2e_seconds_count": ("histogram", ("replica",)),
     "llm_energy_request_e2e_seconds_sum": ("histogram", ("replica",)),
 }
+# KV cache, speculation and a prefix cache (a vLLM engine has all three).
+ENGINE_STATE = {"kv_used_tokens": 64, "kv_capacity_tokens": 4096, "spec_proposed_tokens": 30,
+                "spec_accepted_tokens": 12, "prefix_cache_queried_tokens": 90, "prefix_cache_hit_tokens": 32}
+KINDS = {"llm_energy_tokens_total": {"prompt", "generated"},
+         "llm_energy_spec_decode_tokens_total": {"proposed", "accepted"},
+         "llm_energy_prefix_cache_tokens_total": {"queried", "hit"}}
 SCOPES = {"llm_energy_water_liters_total": {"site", "source"},
           "llm_energy_carbon_grams_total": {"operational", "embodied"}}
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
@@ -58,9 +68,9 @@ class Ticks:
 def exposition() -> str:
     snaps = iter([
         ExportSnapshot([DeviceSample("r0", "emu0", "emulated", "modeled", 100.0, 300.0, 1980.0, 0)],
-                       [ReplicaSample("r0", "emulated", 50, 10, 40.0, 50.0, 10.0, 2, 1)]),
+                       [ReplicaSample("r0", "emulated", 50, 10, 40.0, 50.0, 10.0, 2, 1, **ENGINE_STATE)]),
         ExportSnapshot([DeviceSample("r0", "emu0", "emulated", "modeled", 400.0, 300.0, 1980.0, 0)],
-                       [ReplicaSample("r0", "emulated", 90, 30, 140.0, 200.0, 60.0, 2, 1)]),
+                       [ReplicaSample("r0", "emulated", 90, 30, 140.0, 200.0, 60.0, 2, 1, **ENGINE_STATE)]),
     ])
     state = {"snap": next(snaps)}
     registry, latency = build_registry(
@@ -111,7 +121,7 @@ def test_counters_end_in_total_and_units_are_base_units() -> None:
     types, _, _ = parse(exposition())
     for name in (n for n in FROZEN if FROZEN[n][0] == "counter"):
         assert name.endswith("_total")
-    unit = re.compile(r"_(joules|watts|mhz|liters|grams|seconds|ratio)$")
+    unit = re.compile(r"_(joules|watts|mhz|liters|grams|seconds|ratio|tokens)$")
     counts = {"llm_energy_tokens", "llm_energy_sampler_errors", "llm_energy_requests_running",
               "llm_energy_requests_waiting"}  # dimensionless counts
     for family in (f for f in types if f.startswith("llm_energy_") and not f.endswith("_created")):
@@ -124,3 +134,24 @@ def test_scope_values_are_fixed() -> None:
     for name, scopes in SCOPES.items():
         seen = {dict(v)["scope"] for v in values[name]}
         assert seen == scopes, name
+
+
+def test_kind_values_are_fixed() -> None:
+    _, _, values = parse(exposition())
+    for name, kinds in KINDS.items():
+        assert {dict(v)["kind"] for v in values[name]} == kinds, name
+
+
+def test_engine_state_families_follow_what_the_engine_has() -> None:
+    """No KV cache reported: no usage ratio (not a ratio of 0/0); no prefix cache: no prefix samples (not 0 hits,
+    which would read as a cache that never hits)."""
+    snap = ExportSnapshot([], [ReplicaSample("r0", "emulated", 5, 5, 1.0, 1.0, 1.0, 0, 0)])
+    registry, _ = build_registry(lambda: snap, load_site_profile("azure"))
+    _, labels, values = parse(registry.render().decode())
+    assert "llm_energy_kv_cache_usage_ratio" not in labels and "llm_energy_prefix_cache_tokens_total" not in labels
+    assert {dict(v)["kind"] for v in values["llm_energy_spec_decode_tokens_total"]} == {"proposed", "accepted"}
+    full = ExportSnapshot([], [ReplicaSample("r0", "vllm", 5, 5, 1.0, 1.0, 1.0, 0, 0, **ENGINE_STATE)])
+    registry, _ = build_registry(lambda: full, load_site_profile("azure"))
+    text = registry.render().decode()
+    assert 'llm_energy_kv_cache_usage_ratio{backend="vllm",replica="r0"} 0.015625' in text
+    assert 'llm_energy_prefix_cache_tokens_total{backend="vllm",kind="hit",replica="r0"} 32.0' in text

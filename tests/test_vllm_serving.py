@@ -168,6 +168,43 @@ def test_metrics_carry_vllm_stats_and_modeled_cpu_energy(vserved: VServed) -> No
     assert sum(float(ln.rsplit(" ", 1)[1]) for ln in generated) >= 4
 
 
+def _samples(text: str, name: str, **labels: str) -> list[float]:
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return [
+        float(ln.rsplit(" ", 1)[1])
+        for ln in text.splitlines()
+        if ln.startswith(name + "{") and all(w in ln for w in want)
+    ]
+
+
+def test_metrics_carry_kv_cache_use_prefix_cache_hits_and_speculation(vserved: VServed) -> None:
+    """The same long prompt four times over two replicas: one replica at least sees it twice, and vLLM's prefix
+    cache serves the repeated full KV blocks (128 tokens each on the CPU build) without computing them again."""
+    import httpx
+
+    client = _client(vserved.url)
+    prompt = " ".join(["the time of the man"] * 60)
+    before = httpx.get(f"{vserved.url}/metrics", timeout=30).text
+    for _ in range(4):
+        r = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=4)
+    assert r.usage.prompt_tokens >= 256, "the prompt must fill whole KV blocks to be cached"
+    text = httpx.get(f"{vserved.url}/metrics", timeout=30).text
+
+    def grew(kind: str) -> float:
+        name = "llm_energy_prefix_cache_tokens_total"
+        return sum(_samples(text, name, kind=kind)) - sum(_samples(before, name, kind=kind))
+
+    assert grew("queried") >= 4 * r.usage.prompt_tokens - 4  # every prompt token of the four was looked up
+    assert grew("hit") >= 128
+    assert grew("hit") <= grew("queried")
+    usage = _samples(text, "llm_energy_kv_cache_usage_ratio", backend="vllm")
+    assert len(usage) == 2 and all(0.0 <= u <= 1.0 for u in usage)
+    capacity = sorted(_samples(text, "llm_energy_kv_cache_capacity_tokens"))
+    assert capacity == sorted(float(i["kv_capacity_tokens"]) for i in vserved.deployment.replica_info)
+    assert all(info["prefix_caching"] for info in vserved.deployment.replica_info)
+    assert len(_samples(text, "llm_energy_spec_decode_tokens_total", kind="proposed")) == 2  # 0 until speculating
+
+
 def test_kv_cache_exhaustion_queues_requests_and_loses_none(vserved: VServed) -> None:
     import ray
 
