@@ -3,9 +3,11 @@
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from deploy.cli import main
+from workloads.spec import CampaignSpec
 
 AZURE_HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
 
@@ -117,3 +119,23 @@ def test_auto_tokenizer_of_a_started_deployment(tmp_path: Path) -> None:
     assert served_tokenizer(ServingConfig(engine=VLLMEngineConfig(model=str(tmp_path / "m")))) == str(tmp_path / "m")
     # A model only the remote nodes hold: the campaign cannot read its tokenizer here (auto falls back to word).
     assert served_tokenizer(ServingConfig(engine=VLLMEngineConfig(model=str(tmp_path / "elsewhere")))) is None
+
+
+def test_a_workload_field_added_later_leaves_older_campaigns_resumable() -> None:
+    """The hash of a campaign written before ``shared_prefix_tokens`` existed (this value is what that code
+    computed): resuming its run directory must not be refused as a changed config."""
+    spec = CampaignSpec.model_validate({"sweep": {"rate_rps": [1, 2]}, "seed": 3})
+    assert spec.config_hash() == "bd459e1c9b19ac3c"
+    shared = spec.model_copy(update={"workload": spec.workload.model_copy(update={"shared_prefix_tokens": 64})})
+    assert shared.config_hash() != spec.config_hash()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_example_campaign_file_is_valid(path: Path) -> None:
+    """The files the README points at load as they are (a renamed field would otherwise surface only when a user
+    runs one)."""
+    from deploy.config import CampaignFile, load_yaml_model
+
+    example = load_yaml_model(path, CampaignFile)
+    assert example.sweep.loads

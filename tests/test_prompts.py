@@ -125,3 +125,35 @@ def test_tokenizer_prompts_travel_to_a_generator_process_by_path(tmp_path: Path)
     prompts = TokenizerPrompts(_build(tmp_path, "bytelevel", bos=True))
     copy = pickle.loads(pickle.dumps(prompts))
     assert copy.path == prompts.path and copy(12, 5) == prompts(12, 5) and copy.count(copy(12, 5)) == 12
+
+
+@pytest.mark.parametrize(("style", "bos"), [("word", False), ("bytelevel", False), ("bytelevel", True),
+                                            ("metaspace", True)])
+def test_shared_prefix_prompts_keep_exact_lengths_and_share_their_first_tokens(
+    tmp_path: Path, style: str, bos: bool
+) -> None:
+    """Every prompt keeps the length drawn for it (as the server counts it), and its first tokens are the same in
+    every request: the prefix, or all but the last token of a prompt no longer than it."""
+    import pickle
+
+    from workloads.prompts import SharedPrefixPrompts
+
+    if style == "word":
+        tokens, count = str.split, (lambda t: len(t.split()))
+        base = prompt_synthesiser("word", shared_prefix_tokens=40)
+    else:
+        from tokenizers import Tokenizer
+
+        directory = _build(tmp_path, style, bos)
+        tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        tokens, count = (lambda t: tok.encode(t).ids), (lambda t: _reference_count(directory, t))
+        base = prompt_synthesiser(str(directory), shared_prefix_tokens=40)
+    assert isinstance(base, SharedPrefixPrompts) and base.special_tokens == int(bos)
+    prompts = pickle.loads(pickle.dumps(base))  # as a load-generator process gets it
+    long = [tokens(prompts(n, seed)) for seed, n in enumerate([41, 64, 200, 64])]
+    assert [len(t) for t in long] == [41, 64, 200, 64]
+    assert all(t[:40] == long[0][:40] for t in long)
+    assert long[1][40:] != long[3][40:]  # the rest is the request's own
+    short = prompts(12, 3)
+    assert count(short) == 12 and tokens(short)[:11] == long[0][:11]
+    assert prompt_synthesiser("word") is synth_prompt  # no prefix asked: the plain synthesiser

@@ -33,7 +33,7 @@ def campaign_prompts(spec: CampaignSpec, served_tokenizer: str | None = None) ->
     tokenizer = spec.workload.tokenizer
     if tokenizer == "auto":
         tokenizer = served_tokenizer or "word"
-    fn = prompt_synthesiser(tokenizer)
+    fn = prompt_synthesiser(tokenizer, spec.workload.shared_prefix_tokens)
     shortest = getattr(fn, "special_tokens", 0) + 1
     lowest = _lowest_length(spec.workload.prompt_tokens)
     if lowest < shortest:

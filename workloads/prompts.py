@@ -176,10 +176,54 @@ class TokenizerPrompts:
         return None
 
 
-def prompt_synthesiser(tokenizer: str) -> PromptFn:
-    """``word`` (the emulated engines) or a tokenizer directory / ``tokenizer.json`` path."""
-    if tokenizer == "word":
-        return synth_prompt
+def count_words(text: str) -> int:
+    """Prompt tokens of ``text`` for the emulated engines' word tokenizer."""
+    return len(text.split())
+
+
+# The shared prefix is the same text in every campaign (not drawn from the campaign's seed): two campaigns that
+# differ only in a knob serve the same prefix.
+PREFIX_SEED = 0x5EED
+
+
+class SharedPrefixPrompts:
+    """Prompts whose first ``prefix_tokens`` tokens are the same text in every request (a system prompt or a
+    few-shot template), the rest drawn per request by ``prompts``. A prompt of n tokens stays n tokens (the
+    length the workload drew, as the server counts it): one no longer than the prefix shares all but its last
+    token. With a prefix cache (vLLM's automatic prefix caching) the shared part's full KV blocks are computed
+    once, not per request."""
+
+    def __init__(self, prompts: PromptFn, prefix_tokens: int) -> None:
+        if prefix_tokens < 1:
+            raise ValueError(f"prefix_tokens must be at least 1, got {prefix_tokens}")
+        self.prompts, self.prefix_tokens = prompts, prefix_tokens
+        self.special_tokens: int = getattr(prompts, "special_tokens", 0)
+        self._words = prompts(prefix_tokens, PREFIX_SEED).split()
+        self.description = f"{getattr(prompts, 'description', 'word tokenizer')}, {prefix_tokens}-token shared prefix"
+
+    def count(self, text: str) -> int:
+        counter = getattr(self.prompts, "count", None)
+        return counter(text) if counter is not None else count_words(text)
+
+    def __call__(self, n_tokens: int, seed: int) -> str:
+        shared = min(self.prefix_tokens, n_tokens - 1) - self.special_tokens  # words of the prefix, >= 1 own token
+        if shared < 1:
+            return self.prompts(n_tokens, seed)
+        lead = " ".join(self._words[:shared])
+        for attempt in range(8):
+            own = n_tokens - self.count(lead) + self.special_tokens  # the own part's special tokens are not repeated
+            text = f"{lead} {self.prompts(own, seed + attempt * 7919)}"
+            if self.count(text) == n_tokens:
+                return text
+        raise TokenizerError(
+            f"could not build a prompt of exactly {n_tokens} tokens after the shared prefix with {self.description}"
+        )
+
+
+def prompt_synthesiser(tokenizer: str, shared_prefix_tokens: int = 0) -> PromptFn:
+    """``word`` (the emulated engines) or a tokenizer directory / ``tokenizer.json`` path; with
+    ``shared_prefix_tokens``, every prompt begins with the same text of that many tokens."""
     if tokenizer == "auto":
         raise TokenizerError("tokenizer `auto` must be resolved to `word` or a path before prompts are built")
-    return TokenizerPrompts(tokenizer)
+    prompts: PromptFn = synth_prompt if tokenizer == "word" else TokenizerPrompts(tokenizer)
+    return SharedPrefixPrompts(prompts, shared_prefix_tokens) if shared_prefix_tokens else prompts

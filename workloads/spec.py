@@ -18,6 +18,10 @@ from workloads.arrivals import (
     UniformLength,
 )
 
+# Workload fields added after campaigns were first written, with the value that means "as before": left out of
+# the config hash at that value, so a run directory started before them can be resumed.
+ADDED_FIELDS = {"shared_prefix_tokens": 0}
+
 
 class WorkloadSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -41,6 +45,11 @@ class WorkloadSpec(BaseModel):
         description="Load-generator processes fed one schedule (0: in the campaign process; more for > 1,000 req/s).",
     )
     request_timeout_s: float = Field(default=300.0, gt=0)
+    shared_prefix_tokens: int = Field(
+        default=0, ge=0, le=1_048_576,
+        description="The first this-many tokens of every prompt are the same text (a system prompt, a few-shot "
+        "template), within the drawn prompt length: what a prefix cache saves. 0: every prompt is its own.",
+    )
     tokenizer: str = Field(
         default="auto", min_length=1,
         description="Whose tokens prompt lengths count: word (the emulated engines' one token per word), a "
@@ -157,5 +166,9 @@ class CampaignSpec(BaseModel):
         return isinstance(self.workload.arrival, ClosedLoopArrivals)
 
     def config_hash(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        data = self.model_dump(mode="json")
+        for name, unset in ADDED_FIELDS.items():  # a campaign from before the field still resumes
+            if data["workload"].get(name) == unset:
+                del data["workload"][name]
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
