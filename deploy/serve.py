@@ -76,6 +76,25 @@ def replica_gpus(config: ServingConfig, cluster_gpus: float) -> float:
     return 1.0 if config.engine.kind == "vllm" and cluster_gpus >= 1 else 0.0
 
 
+class DeploymentError(RuntimeError):
+    """The deployment cannot start as configured (the message says what to change)."""
+
+
+def unplaceable(config: ServingConfig, gpus: float) -> str:
+    total, free = ray.cluster_resources(), ray.available_resources()
+
+    def have(name: str) -> str:
+        return f"{total.get(name, 0.0):g} {name} ({free.get(name, 0.0):g} free)"
+
+    asked = f"{config.num_cpus_per_replica:g} CPU" + (f" and {gpus:g} GPU" if gpus else "")
+    return (
+        f"Ray found no room for {config.replicas} replica(s) of {asked} each (placement {config.placement!r}) within "
+        f"{config.placement_timeout_s:g} s; the cluster has {have('CPU')}, {have('GPU')} over "
+        f"{len([n for n in ray.nodes() if n.get('Alive')])} node(s). Lower num_cpus_per_replica or "
+        "num_gpus_per_replica, use fewer replicas, add nodes, or raise placement_timeout_s."
+    )
+
+
 def _placement(config: ServingConfig, gpus: float) -> tuple[Any, list[dict[str, Any]]]:
     """A placement group with one bundle per replica, and the scheduling options that pin each replica."""
     if config.placement == "none":
@@ -102,14 +121,10 @@ async def start_deployment(config: ServingConfig) -> Deployment:
     pg, placement = _placement(config, gpus)
     if pg is not None:
         try:
-            await asyncio.wait_for(pg.ready(), timeout=120)
+            await asyncio.wait_for(pg.ready(), timeout=config.placement_timeout_s)
         except TimeoutError:
             ray.util.remove_placement_group(pg)
-            raise RuntimeError(
-                f"Ray could not place {config.replicas} replicas of {config.num_cpus_per_replica} CPU"
-                f"{f' and {gpus:g} GPU' if gpus else ''} with placement {config.placement!r} within 120 s: too few "
-                "nodes, CPUs or GPUs in the cluster"
-            ) from None
+            raise DeploymentError(unplaceable(config, gpus)) from None
     handles = []
     for i in range(config.replicas):
         name = f"replica-{i}"
@@ -118,6 +133,18 @@ async def start_deployment(config: ServingConfig) -> Deployment:
             **placement[i],
         ).remote(name, config.engine.model_dump())
         handles.append(ReplicaHandle(name, actor, backend=config.engine.kind))
+    # Ray waits for room for an actor indefinitely (an autoscaler may add a node): bound it, or a deployment asking
+    # for GPUs the cluster lacks would hang here without a word.
+    ready = asyncio.gather(*(h.actor.__ray_ready__.remote() for h in handles))
+    try:
+        await asyncio.wait_for(ready, timeout=config.placement_timeout_s)
+    except TimeoutError:
+        message = unplaceable(config, gpus)  # what the cluster has before these actors are killed
+        for h in handles:
+            ray.kill(h.actor)
+        if pg is not None:
+            ray.util.remove_placement_group(pg)
+        raise DeploymentError(message) from None
     try:
         infos = await asyncio.gather(*(h.actor.start.remote() for h in handles))
     except Exception:

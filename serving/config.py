@@ -188,6 +188,10 @@ class ServingConfig(BaseModel):
     placement: Literal["none", "spread", "strict_spread", "pack"] = Field(
         default="none", description="Place replicas with a Ray placement group: spread over nodes, or pack."
     )
+    placement_timeout_s: float = Field(
+        default=120.0, gt=0, description="How long Ray may take to find room for every replica actor (CPUs, GPUs, "
+        "placement) before the start fails, naming what was asked for and what the cluster has. Engine start-up "
+        "(model loading) is not part of it.")
 
     @property
     def model_name(self) -> str:

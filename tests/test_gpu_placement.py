@@ -3,10 +3,12 @@ different GPUs (an actor given none keeps the node's CUDA_VISIBLE_DEVICES: every
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,30 @@ def test_replicas_of_one_node_are_given_different_gpus(placement: str) -> None:
     replicas = json.loads(lines[-1][len("RESULT "):])
     assert sorted(r["cuda_visible_devices"] for r in replicas) == ["0", "1"]
     assert sorted(g for r in replicas for g in r["gpu_ids"]) == ["0", "1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("placement", ["none", "pack"])
+def test_replicas_asking_for_gpus_the_cluster_lacks_fail_fast_naming_the_shortfall(
+    ray_local: None, placement: str
+) -> None:
+    """Ray would wait for the GPUs forever (an autoscaler might add a node): the start gives up after
+    placement_timeout_s, names what was asked for and what the cluster has, and leaves nothing behind."""
+    import ray
+
+    from deploy.serve import DeploymentError, start_deployment
+
+    free_before = ray.available_resources().get("CPU")
+    config = ServingConfig.model_validate({
+        "replicas": 2, "num_gpus_per_replica": 1, "placement": placement, "placement_timeout_s": 3,
+        "engine": {"kind": "emulated"},
+    })
+    with pytest.raises(DeploymentError) as e:
+        asyncio.run(start_deployment(config))
+    message = str(e.value)
+    assert "2 replica(s) of 0.5 CPU and 1 GPU each" in message and f"placement '{placement}'" in message
+    assert "0 GPU (0 free)" in message and "within 3 s" in message and "num_gpus_per_replica" in message
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU") != free_before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU") == free_before  # no actor or bundle left holding CPUs
