@@ -39,5 +39,5 @@ def test_per_token_figures_are_never_cut_short(width: int) -> None:
 
 def test_a_text_shared_by_every_point_goes_to_the_caption_and_a_differing_one_stays() -> None:
     text = _printed(_points(["ok", "slo_missed"]), 200)
-    assert "backend: emulated" in text and "provenance: modeled" in text
+    assert "power source: emulated" in text and "provenance: modeled" in text
     assert "status:" not in text and "slo_missed" in text
