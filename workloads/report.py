@@ -17,8 +17,9 @@ import pandas as pd
 from workloads.results import ResultStore
 
 SUMMARY_COLUMNS = {
-    "point": "point", "setting": "setting", "backend": "power source", "offered_rps": "offered req/s", "completed": "done",
-    "failed": "failed", "output_tokens": "out tokens", "energy_j": "energy J", "energy_per_token_j": "J/token",
+    "point": "point", "setting": "setting", "backend": "power source", "offered_rps": "offered req/s",
+    "completed": "done", "failed": "failed", "output_tokens": "out tokens", "energy_j": "energy J",
+    "energy_per_token_j": "J/token",
     "floor_j_per_token": "floor J/token", "x_floor": "x floor",
     "water_per_token_ml": "mL water/token", "carbon_per_token_g": "gCO2e/token", "ttft_p99_s": "TTFT p99 s",
     "tpot_p99_s": "TPOT p99 s", "slo_attainment": "SLO", "provenance": "provenance", "status": "status",
