@@ -85,6 +85,16 @@ def test_examples_exist() -> None:
     assert len(EXAMPLES) >= 2, "helm/examples/ should hold example values files"
 
 
+def test_chart_ray_version_is_the_images() -> None:
+    """KubeRay is told the image's Ray version, and the front door's Ray client must equal the cluster's."""
+    import re
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    image = re.search(r"^ARG RAY_VERSION=(\S+)$", (ROOT / "deploy" / "Dockerfile").read_text(), re.M)
+    assert image and values["serving"]["rayVersion"] == image.group(1)
+    assert '"ray[client]==${RAY_VERSION}"' in (ROOT / "deploy" / "Dockerfile").read_text()
+
+
 @pytest.mark.parametrize("args", VALUES)
 def test_lint_strict(args: list[str]) -> None:
     helm("lint", "--strict", "--kube-version", K8S_VERSION, str(CHART), *args)
