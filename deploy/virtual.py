@@ -42,7 +42,7 @@ from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
 from workloads.arrivals import ClosedLoopArrivals, LengthStream, RequestSpec
 from workloads.campaign import Target, mark_phases, offered_rate, point_requests, point_seed, write_manifest
 from workloads.client import ClosedLoop, RequestRecord
-from workloads.results import ResultStore, summarize_point
+from workloads.results import ResultStore, engine_token_shares, summarize_point
 from workloads.spec import CampaignSpec, KnobSetting, PolicySetting, WorkloadSpec, setting_label
 
 T = TypeVar("T")
@@ -251,6 +251,18 @@ class VirtualDeployment:
     def generated_tokens(self) -> int:
         return sum(e.stats().generated_tokens_total for e in self.engines)
 
+    def engine_tokens(self) -> dict[str, float]:
+        """The engines' speculation and prefix-cache counters, keyed as a scrape keys them (``replica/name``)."""
+        out: dict[str, float] = {}
+        for e in self.engines:
+            s = e.stats()
+            out[f"{e.replica}/spec_proposed"] = s.spec_proposed_tokens
+            out[f"{e.replica}/spec_accepted"] = s.spec_accepted_tokens
+            if s.prefix_cache_queried_tokens is not None:
+                out[f"{e.replica}/prefix_cache_queried"] = s.prefix_cache_queried_tokens
+                out[f"{e.replica}/prefix_cache_hit"] = s.prefix_cache_hit_tokens or 0
+        return out
+
     def _rows(self, point: int, t_s: float) -> list[dict[str, object]]:
         return [
             {
@@ -266,9 +278,9 @@ class VirtualDeployment:
             for r in e.read()
         ]
 
-    async def _at(self, t_s: float) -> tuple[dict[str, Any], int]:
+    async def _at(self, t_s: float) -> tuple[dict[str, Any], int, dict[str, float]]:
         await self.clock.sleep_until(t_s)
-        return self.counters(), self.generated_tokens()
+        return self.counters(), self.generated_tokens(), self.engine_tokens()
 
     async def _sample(self, point: int, start: float, period_s: float, rows: list[dict[str, object]]) -> None:
         while True:
@@ -296,7 +308,7 @@ class VirtualDeployment:
 
     async def run_point(
         self, point: int, work: list[RequestSpec] | ClosedLoop, w: WorkloadSpec, seed: int = 0
-    ) -> tuple[list[RequestRecord], Measurement, int, list[dict[str, object]]]:
+    ) -> tuple[list[RequestRecord], Measurement, int, list[dict[str, object]], dict[str, float]]:
         """Send ``work`` (open-loop requests or closed-loop users) and meter the point as a real-time campaign
         does (warm-up and cool-down excluded from the energy window, a power time series every
         ``sample_interval_s``)."""
@@ -314,8 +326,10 @@ class VirtualDeployment:
         sampler = asyncio.ensure_future(self._sample(point, start, w.sample_interval_s, rows))
         try:
             await sending
-            (first, tok0) = await begin
-            (last, tok1) = await end if end is not None else (self.counters(), self.generated_tokens())
+            (first, tok0, engine0) = await begin
+            (last, tok1, engine1) = (
+                await end if end is not None else (self.counters(), self.generated_tokens(), self.engine_tokens())
+            )
         finally:
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -325,7 +339,7 @@ class VirtualDeployment:
         else:
             window_s = self.clock.now() - start - w.warmup_s
         mark_phases(records, w.warmup_s, w.duration_s - w.cooldown_s if w.cooldown_s > 0 else math.inf)
-        return records, window_energy(first, last, window_s), tok1 - tok0, rows
+        return records, window_energy(first, last, window_s), tok1 - tok0, rows, engine_token_shares(engine0, engine1)
 
 
 def _policy_for(
@@ -365,7 +379,7 @@ async def _campaign(
             else:
                 seed, work = point_requests(spec, rate)  # the same requests as a real-time run of the point
             try:
-                records, measurement, tokens, rows = await deployment.run_point(point, work, w, seed)
+                records, measurement, tokens, rows, shares = await deployment.run_point(point, work, w, seed)
             finally:
                 if control is not None:  # its ``finally`` restores the engines' default knobs
                     control.cancel()
@@ -375,6 +389,7 @@ async def _campaign(
                 point, offered_rate(spec, rate, records), records, measurement, "emulated", site, spec.slo, tokens
             )
             summary["concurrency"] = int(rate) if spec.closed_loop else math.nan
+            summary.update(shares)
             summary["setting"] = setting_label(setting) if setting is not None else (
                 f"policy={policy.name}" if policy is not None else "as deployed")
             clocks = [float(r["clock_mhz"]) for r in rows if not math.isnan(float(r["clock_mhz"]))]  # type: ignore[arg-type]

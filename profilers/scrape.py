@@ -12,6 +12,15 @@ from profilers.meter import CounterSample
 ENERGY_METRIC = "llm_energy_energy_joules"
 
 
+# (metric, kind label) -> the name an engine token counter goes by in CounterSnapshot.engine_tokens.
+ENGINE_TOKEN_COUNTERS = {
+    ("llm_energy_prefix_cache_tokens_total", "queried"): "prefix_cache_queried",
+    ("llm_energy_prefix_cache_tokens_total", "hit"): "prefix_cache_hit",
+    ("llm_energy_spec_decode_tokens_total", "proposed"): "spec_proposed",
+    ("llm_energy_spec_decode_tokens_total", "accepted"): "spec_accepted",
+}
+
+
 class MetricsUnavailableError(RuntimeError):
     pass
 
@@ -27,6 +36,8 @@ class CounterSnapshot:
     clock_mhz: dict[str, float] = field(default_factory=dict)
     sampler_errors: dict[str, float] = field(default_factory=dict)
     """Failed power-sampler reads keyed ``replica/device`` (only devices that have a sampler)."""
+    engine_tokens: dict[str, float] = field(default_factory=dict)
+    """Engine token counters keyed ``replica/name`` (names: :data:`ENGINE_TOKEN_COUNTERS`), where exported."""
 
     @property
     def generated_total(self) -> float:
@@ -40,6 +51,7 @@ def parse_counters(text: str) -> CounterSnapshot:
     power: dict[str, float] = {}
     clock: dict[str, float] = {}
     sampler_errors: dict[str, float] = {}
+    engine_tokens: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             key = f"{s.labels.get('replica', '')}/{s.labels.get('device', '')}"
@@ -54,7 +66,9 @@ def parse_counters(text: str) -> CounterSnapshot:
                 tokens[s.labels.get("replica", "")] = s.value
             elif s.name == "llm_energy_sampler_errors_total":
                 sampler_errors[key] = s.value
-    return CounterSnapshot(energy, tokens, frozenset(backends), power, clock, sampler_errors)
+            elif (name := ENGINE_TOKEN_COUNTERS.get((s.name, s.labels.get("kind", "")))) is not None:
+                engine_tokens[f"{s.labels.get('replica', '')}/{name}"] = s.value
+    return CounterSnapshot(energy, tokens, frozenset(backends), power, clock, sampler_errors, engine_tokens)
 
 
 def scrape_counters(

@@ -85,6 +85,16 @@ def test_virtual_campaign_writes_the_real_schema(tmp_path: Path) -> None:
     assert points["energy_per_token_j"].iloc[1] < points["energy_per_token_j"].iloc[0]
 
 
+def test_points_report_speculative_acceptance_where_the_engines_speculate(tmp_path: Path) -> None:
+    """Each point's draft acceptance comes from the engines' counters over its window: none without speculation
+    (NaN, not 0), the emulated acceptance with it; the emulated engines have no prefix cache (NaN)."""
+    spec = _spec(sweep={"rate_rps": [4], "knobs": [{"speculative_tokens": 0}, {"speculative_tokens": 3}]})
+    points = run_virtual_campaign(spec, spec.deployment, tmp_path)
+    off, on = points.iloc[0], points.iloc[1]
+    assert pd.isna(off["spec_acceptance_ratio"]) and 0.2 < on["spec_acceptance_ratio"] < 0.9
+    assert points["prefix_cache_hit_ratio"].isna().all()
+
+
 def test_virtual_is_deterministic(tmp_path: Path) -> None:
     spec = _spec(sweep={"rate_rps": [4]})
     a = run_virtual_campaign(spec, spec.deployment, tmp_path / "a")

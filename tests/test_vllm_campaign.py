@@ -42,6 +42,8 @@ def test_vllm_cpu_example_campaign_writes_the_quickstart_schema(tmp_path: Path, 
     p = points.iloc[0]
     assert p["completed"] == p["requests"] > 0 and p["failed"] == 0 and p["status"] == "ok"
     assert p["energy_j"] > 0 and p["energy_per_token_j"] > 0
+    # vLLM's prefix cache looked every prompt up (a share, 0 for these unrelated prompts); nothing speculated.
+    assert 0.0 <= p["prefix_cache_hit_ratio"] <= 1.0 and pd.isna(p["spec_acceptance_ratio"])
     requests = pd.read_parquet(out / "requests.parquet")
     assert list(requests.columns) == [f.name for f in dataclasses.fields(RequestRecord)]
     measured = requests[requests["phase"] == "measure"]

@@ -39,7 +39,7 @@ from workloads.arrivals import ClosedLoopArrivals, RequestSpec, TraceArrivals, b
 from workloads.client import ClosedLoop, LoadClient, RequestRecord
 from workloads.inputs import Prompts, campaign_prompts, trace_inputs
 from workloads.prompts import PromptFn
-from workloads.results import ResultStore, summarize_point
+from workloads.results import ResultStore, engine_token_shares, summarize_point
 from workloads.spec import CampaignSpec, KnobSetting, PolicySetting, setting_label
 
 log = logging.getLogger(__name__)
@@ -350,6 +350,8 @@ async def _run_points_with(
             point, offered_rate(spec, rate, records), records, measurement, backend, site, spec.slo, tokens
         )
         summary["concurrency"] = int(rate) if spec.closed_loop else math.nan
+        if first is not None and last is not None:
+            summary.update(engine_token_shares(first.engine_tokens, last.engine_tokens))
         if first is not None and last is not None and (failing := _sampler_failures(first, last)):
             note = f"power sampler errors during the point on {failing}: energy there is incomplete"
             summary["notes"] = "; ".join(n for n in (summary["notes"], note) if n)

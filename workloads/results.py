@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ POINT_COLUMNS = [
     "client_output_tokens", "duration_s", "achieved_rps", "output_tokens_per_s", "energy_j", "energy_per_token_j",
     "attributed_energy_j", "mean_power_w", "water_l", "water_per_token_ml", "carbon_g", "carbon_per_token_g",
     "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "e2e_p50_s", "e2e_p99_s", "slo_attainment",
-    "goodput_rps", "provenance", "site", "dropped_devices", "status", "notes",
+    "goodput_rps", "prefix_cache_hit_ratio", "spec_acceptance_ratio", "provenance", "site", "dropped_devices",
+    "status", "notes",
 ]
 
 
@@ -31,6 +33,25 @@ TIMESERIES_COLUMNS = ["point", "t_s", "replica", "device", "energy_j", "power_w"
 def _pct(values: pd.Series, q: float) -> float:
     v = values.dropna()
     return float(np.percentile(v, q)) if len(v) else math.nan
+
+
+def token_share(begin: Mapping[str, float], end: Mapping[str, float], part: str, whole: str) -> float:
+    """How much counter ``part`` grew over a window against counter ``whole`` (keys ``replica/name``, summed over
+    replicas); NaN where ``whole`` did not grow or is not exported (no prefix cache, no speculation)."""
+
+    def grew(name: str) -> float:
+        return sum(max(0.0, v - begin.get(k, 0.0)) for k, v in end.items() if k.endswith(f"/{name}"))
+
+    total = grew(whole)
+    return grew(part) / total if total > 0 else math.nan
+
+
+def engine_token_shares(begin: Mapping[str, float], end: Mapping[str, float]) -> dict[str, float]:
+    """The window's prefix-cache hit share of prompt tokens looked up, and speculative draft acceptance."""
+    return {
+        "prefix_cache_hit_ratio": token_share(begin, end, "prefix_cache_hit", "prefix_cache_queried"),
+        "spec_acceptance_ratio": token_share(begin, end, "spec_accepted", "spec_proposed"),
+    }
 
 
 def meets_slo(df: pd.DataFrame, slo: SLO) -> pd.Series:
@@ -100,6 +121,8 @@ def summarize_point(
         "e2e_p99_s": _pct(ok["e2e_s"], 99),
         "slo_attainment": float(met.mean()) if len(met) else math.nan,
         "goodput_rps": float(met.sum()) / duration if duration > 0 else math.nan,
+        "prefix_cache_hit_ratio": math.nan,  # from the engines' counters: engine_token_shares
+        "spec_acceptance_ratio": math.nan,
         "provenance": measurement.provenance_label,
         "site": site.name,
         "dropped_devices": ";".join(measurement.dropped_devices),
