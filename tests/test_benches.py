@@ -70,3 +70,25 @@ def test_vllm_overhead_bench_measures_every_path_on_a_real_engine(tmp_path: Path
     assert closed["direct"] == 1.0 and all(ratio > 0 for ratio in closed.values())
     start = run.stdout.split("engine start s", 1)[1].splitlines()[1].split()
     assert 0 < float(start[0]) < 300 and float(start[1]) > 100  # seconds; MiB of the replica's processes
+
+
+def test_prefix_cache_table_gives_medians_and_the_change_against_the_cache_off(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import pandas as pd
+
+    bench = _load("prefix_cache")
+
+    def points(j: float, ttft: float) -> pd.DataFrame:
+        return pd.DataFrame({"offered_rps": [2.0], "energy_per_token_j": [j], "ttft_p50_s": [ttft],
+                             "ttft_p99_s": [2 * ttft], "mean_power_w": [20.0]})
+
+    results = {(256, True): [points(0.9, 0.010), points(0.8, 0.012), points(0.7, 0.011)],
+               (256, False): [points(1.0, 0.020), points(1.0, 0.022), points(1.0, 0.030)]}
+    bench.print_table(results, 3)
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("│")]
+    assert rows == [
+        ["256", "2", "on", "0.8", "0.011", "0.022", "20", "-20.0%", "-50.0%"],  # medians, then on / off - 1
+        ["256", "2", "off", "1", "0.022", "0.044", "20", "", ""],
+    ]
