@@ -81,3 +81,26 @@ def test_campaign_sends_exact_prompt_lengths(tiny_server: tuple[str, Path], tmp_
     assert len(req) == 12 and (req["http_status"] == 200).all()
     assert after - before == req["prompt_tokens"].sum()
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["tokenizer"] == str(model)
+
+
+def test_campaign_with_a_shared_prefix_hits_vllms_prefix_cache(tiny_server: tuple[str, Path], tmp_path: Path) -> None:
+    """300-token prompts whose first 256 tokens are shared, on one replica: the lengths stay exact, and after the
+    first request the two shared 128-token KV blocks come from the cache, which the point reports as its share."""
+    from deploy.cli import main
+
+    url, model = tiny_server
+    campaign = tmp_path / "c.yaml"
+    campaign.write_text(yaml.safe_dump({
+        "name": "shared", "seed": 5,
+        "workload": {"tokenizer": str(model), "duration_s": 3, "arrival": {"kind": "constant"},
+                     "shared_prefix_tokens": 256, "prompt_tokens": {"kind": "fixed", "value": 300},
+                     "output_tokens": {"kind": "fixed", "value": 2}},
+        "sweep": {"rate_rps": [4]},
+    }))
+    before = _prompt_tokens_counted(url)
+    assert main(["campaign", "run", str(campaign), "--out", str(tmp_path / "out"), "--url", url]) == 0
+    req = pd.read_parquet(tmp_path / "out" / "requests.parquet")
+    assert len(req) == 12 and (req["http_status"] == 200).all()
+    assert _prompt_tokens_counted(url) - before == 12 * 300
+    share = pd.read_csv(tmp_path / "out" / "points.csv")["prefix_cache_hit_ratio"].iloc[0]
+    assert 11 * 256 / (12 * 300) - 0.05 <= share <= 1.0  # every request after the first hits both shared blocks
