@@ -348,7 +348,7 @@ def test_alert_rules_check_and_unit_tests(tmp_path: Path) -> None:
         [promtool, "check", "rules", "alerts.yaml"], cwd=tmp_path, capture_output=True, text=True
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 5 rules found" in check.stdout
+    assert "SUCCESS: 6 rules found" in check.stdout
     unit = subprocess.run(
         [promtool, "test", "rules", "alerts_test.yaml"], cwd=tmp_path, capture_output=True, text=True
     )

@@ -42,6 +42,16 @@
       annotations:
         summary: "Replica {{ "{{" }} $labels.replica {{ "}}" }} generates tokens but exports no energy counter"
         description: "No power source is readable on its node (NVML/RAPL permissions or driver); energy per token is unknown."
+    - alert: LLMEnergyKVCacheFull
+      expr: >-
+        max by (replica) (llm_energy_kv_cache_usage_ratio) > {{ $a.kvCacheUsageRatio }}
+        and on (replica) max by (replica) (llm_energy_requests_waiting) > 0
+      for: {{ $a.for }}
+      labels:
+        severity: warning
+      annotations:
+        summary: "Replica {{ "{{" }} $labels.replica {{ "}}" }} has its KV cache {{ "{{" }} $value | humanizePercentage {{ "}}" }} full with requests waiting"
+        description: "Requests queue for KV-cache space (none is lost, but TTFT grows): give the engine more KV memory, lower max_model_len, or add replicas."
     - alert: LLMEnergyClocksNotRestored
       expr: >-
         (llm_energy_clock_mhz < 0.98 * max_over_time(llm_energy_clock_mhz[1d]))
