@@ -16,17 +16,21 @@ log = logging.getLogger(__name__)
 class ReplicaActuator:
     """Knobs through the replicas' own ``apply`` (engine config, emulated clock), each clamped by the engine."""
 
-    def __init__(self, router: Router, timeout_s: float = 30.0) -> None:
+    def __init__(self, router: Router, timeout_s: float = 30.0, restart_timeout_s: float = 900.0) -> None:
         self.router = router
         self.timeout_s = timeout_s
+        # A vLLM knob rebuilds the engine (drain, then load and profile: ~10 s for the tiny model on a CPU, minutes
+        # for a large one with CUDA graphs): applying knobs may take that long.
+        self.restart_timeout_s = restart_timeout_s
         self.last_applied: dict[str, AppliedKnobs] = {}
 
-    async def _each(self, method: str, *args: object) -> list[AppliedKnobs]:
+    async def _each(self, method: str, *args: object, timeout_s: float | None = None) -> list[AppliedKnobs]:
         live = self.router.live()
+        limit = self.timeout_s if timeout_s is None else timeout_s
 
         async def call(r) -> AppliedKnobs | None:  # type: ignore[no-untyped-def]
             try:
-                result = await asyncio.wait_for(getattr(r.actor, method).remote(*args), self.timeout_s)
+                result = await asyncio.wait_for(getattr(r.actor, method).remote(*args), limit)
             except REPLICA_GONE as e:
                 self.router.mark_dead(r, e)
                 return None
@@ -38,7 +42,7 @@ class ReplicaActuator:
         return [a for a in results if isinstance(a, AppliedKnobs)]
 
     async def apply(self, knobs: Knobs) -> list[AppliedKnobs]:
-        applied = await self._each("apply", knobs)
+        applied = await self._each("apply", knobs, timeout_s=self.restart_timeout_s)
         route(self.router, knobs)
         for a in applied:
             for note in a.notes:
@@ -47,7 +51,7 @@ class ReplicaActuator:
 
     async def restore_defaults(self) -> None:
         self.router.pack_per_replica = 0
-        await self._each("restore_defaults")
+        await self._each("restore_defaults", timeout_s=self.restart_timeout_s)
 
     async def heartbeat(self, lease_s: float) -> None:
         await self._each("heartbeat", lease_s)
@@ -73,10 +77,7 @@ class EngineActuator:
     async def _capture_defaults(self) -> None:
         if self.defaults is None:
             now = [await e.apply(Knobs()) for e in self.engines]
-            self.defaults = [
-                Knobs(clock_mhz=a.clock_mhz, max_num_seqs=a.max_num_seqs, speculative_tokens=a.speculative_tokens)
-                for a in now
-            ]
+            self.defaults = [a.as_knobs() for a in now]
 
     async def apply(self, knobs: Knobs) -> list[AppliedKnobs]:
         await self._capture_defaults()

@@ -46,8 +46,14 @@ def load_profile(path: str | Path) -> list[OperatingPoint]:
     out = []
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
-            knobs = {k: float(v) for k, v in re.findall(rf"\b({'|'.join(_KNOBS)})=([0-9.]+)", row.get("setting", ""))}
-            if not knobs or row.get("setting", "").startswith("policy="):
+            setting = row.get("setting", "")
+            knobs: dict[str, float | int | bool] = {
+                k: float(v) if k == "clock_mhz" else int(float(v))
+                for k, v in re.findall(rf"\b({'|'.join(_KNOBS)})=([0-9.]+)", setting)
+            }
+            if switch := re.search(r"\bprefix_caching=(on|off)\b", setting):
+                knobs["prefix_caching"] = switch.group(1) == "on"
+            if not knobs or setting.startswith("policy="):
                 continue
             try:
                 values = [float(row[c]) for c in ("offered_rps", "energy_per_token_j", "ttft_p99_s", "tpot_p99_s")]
@@ -56,7 +62,7 @@ def load_profile(path: str | Path) -> list[OperatingPoint]:
             if any(math.isnan(v) for v in values):
                 continue
             out.append(OperatingPoint(
-                Knobs(**{k: v if k == "clock_mhz" else int(v) for k, v in knobs.items()}),  # type: ignore[arg-type]
+                Knobs(**knobs),  # type: ignore[arg-type]
                 *values,
             ))
     if not out:

@@ -98,6 +98,7 @@ class StaticPolicy:
     max_num_batched_tokens: int | None = None
     speculative_tokens: int | None = None
     pack_per_replica: int | None = None
+    prefix_caching: bool | None = None
     name: str = "static"
 
     def __post_init__(self) -> None:
@@ -111,7 +112,7 @@ class StaticPolicy:
         if clock is None and obs.supported_clocks_mhz:
             clock = max(obs.supported_clocks_mhz)
         knobs = Knobs(clock, self.max_num_seqs, self.max_num_batched_tokens, self.speculative_tokens,
-                      self.pack_per_replica)
+                      self.pack_per_replica, self.prefix_caching)
         return Decision(knobs, "static")
 
 

@@ -42,6 +42,7 @@ class KnobChange(BaseModel):
     max_num_batched_tokens: int | None = Field(default=None, ge=1)
     speculative_tokens: int | None = Field(default=None, ge=0, le=16)
     pack_per_replica: int | None = Field(default=None, ge=0)
+    prefix_caching: bool | None = None
 
 
 def _with_agent_clocks(observe: Observer, agents: NodeAgentActuator) -> Callable[[], Awaitable[Observation]]:
@@ -140,6 +141,9 @@ class _ControllerCollector(Collector):
             if a.clock_mhz is not None:
                 knob.add_metric([replica, "clock_mhz"], a.clock_mhz)
             knob.add_metric([replica, "max_num_seqs"], a.max_num_seqs)
+            for name in ("max_num_batched_tokens", "speculative_tokens", "prefix_caching"):
+                if (value := getattr(a, name)) is not None:
+                    knob.add_metric([replica, name], float(value))
         knob.add_metric(["router", "pack_per_replica"], self.c.door.router.pack_per_replica)
         decisions = CounterMetricFamily("llm_energy_controller_decisions", "Control decisions by policy and reason.",
                                         labels=["policy", "reason"])

@@ -123,8 +123,7 @@ class Replica:
     async def start(self) -> dict[str, Any]:
         await self.engine.start()
         current = await self.engine.apply(Knobs())  # a no-op that reports the engine's start-up knobs
-        self.defaults = Knobs(clock_mhz=current.clock_mhz, max_num_seqs=current.max_num_seqs,
-                              speculative_tokens=current.speculative_tokens)
+        self.defaults = current.as_knobs()
         node = ray.get_runtime_context().get_node_id()
         info = {"replica": self.replica, "pid": os.getpid(), "node_id": node, "niceness": self.niceness,
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()],

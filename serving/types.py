@@ -92,6 +92,9 @@ class Knobs:
     """Router admission (batch cap in the router): fill the busiest replica with fewer than this many requests
     in flight before using the next, so replicas left without work draw idle power instead of running small
     batches; 0 spreads the load (least outstanding)."""
+    prefix_caching: bool | None = None
+    """Reuse the KV blocks of prompt prefixes already computed (an engine restart on vLLM); engines without a prefix
+    cache ignore it with a note."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,16 @@ class AppliedKnobs:
     notes: list[str] = field(default_factory=list)
     speculative_tokens: int | None = None
     """Speculative decoding depth in effect (None: the engine does not report it)."""
+    max_num_batched_tokens: int | None = None
+    """Token budget of an engine step in effect (None: the engine does not report it)."""
+    prefix_caching: bool | None = None
+    """Whether the prefix cache is on (None: the engine has none)."""
+
+    def as_knobs(self) -> Knobs:
+        """The knobs that put an engine back in this state (what a replica restores when a controller lets go)."""
+        return Knobs(clock_mhz=self.clock_mhz, max_num_seqs=self.max_num_seqs,
+                     max_num_batched_tokens=self.max_num_batched_tokens, speculative_tokens=self.speculative_tokens,
+                     prefix_caching=self.prefix_caching)
 
 
 class RequestRejectedError(ValueError):

@@ -200,6 +200,7 @@ class VLLMEngine:
         self.tokenizer: Any = None
         self.kv_capacity_tokens = 0
         self.prefix_caching = False  # as vLLM resolved it when the engine was built
+        self.batched_tokens: int | None = None
         self.start_s: float | None = None
         self._spec_template = config.speculative  # turning speculation back on keeps the configured method
         self.live = _Live()  # cumulative across engine restarts, like the counters exported from it
@@ -274,6 +275,8 @@ class VLLMEngine:
         cache = self.engine.vllm_config.cache_config
         self.kv_capacity_tokens = int((cache.num_gpu_blocks or 0) * (cache.block_size or 0))
         self.prefix_caching = bool(cache.enable_prefix_caching)
+        # vLLM's choice where the config leaves it open: what a restore must compare against, not None.
+        self.batched_tokens = int(self.engine.vllm_config.scheduler_config.max_num_batched_tokens)
         if (rescan := getattr(self.power, "rescan", None)) is not None:
             rescan()  # the engine-core process is new: the CPU power model must watch it
         return time.perf_counter() - t0
@@ -517,11 +520,10 @@ class VLLMEngine:
             if knobs.max_num_seqs < 1:
                 raise ValueError("max_num_seqs must be at least 1")
             update["max_num_seqs"] = knobs.max_num_seqs
-        if (
-            knobs.max_num_batched_tokens is not None
-            and knobs.max_num_batched_tokens != self.config.max_num_batched_tokens
-        ):
+        if knobs.max_num_batched_tokens is not None and knobs.max_num_batched_tokens != self.batched_tokens:
             update["max_num_batched_tokens"] = knobs.max_num_batched_tokens
+        if knobs.prefix_caching is not None and knobs.prefix_caching != self.prefix_caching:
+            update["enable_prefix_caching"] = knobs.prefix_caching
         if knobs.speculative_tokens is not None:
             from serving.config import SpeculativeConfig
 
@@ -535,7 +537,7 @@ class VLLMEngine:
             if spec != self.config.speculative:
                 update["speculative"] = spec
         if not update:
-            return AppliedKnobs(None, self.config.max_num_seqs, time.perf_counter() - t0, notes=notes)
+            return self._applied(time.perf_counter() - t0, notes)
         new_config = VLLMEngineConfig.model_validate({**self.config.model_dump(), **update})
         async with self._restart_lock:
             self._open.clear()
@@ -557,7 +559,16 @@ class VLLMEngine:
             f"request(s) in {drain_s:.2f} s, restarted in {start_s:.1f} s"
         )
         log.warning("replica %s: %s", self.replica, notes[-1])
-        return AppliedKnobs(None, self.config.max_num_seqs, took, restarted=True, notes=notes)
+        return self._applied(took, notes, restarted=True)
+
+    def _applied(self, took_s: float, notes: list[str], restarted: bool = False) -> AppliedKnobs:
+        """The knobs in effect, as vLLM resolved them (a replica restores exactly these when a controller lets go)."""
+        spec = self.config.speculative
+        return AppliedKnobs(
+            None, self.config.max_num_seqs, took_s, restarted=restarted, notes=notes,
+            speculative_tokens=spec.num_speculative_tokens if spec else 0,
+            max_num_batched_tokens=self.batched_tokens, prefix_caching=self.prefix_caching,
+        )
 
 
 @register_engine("vllm")

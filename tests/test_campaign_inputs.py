@@ -128,6 +128,14 @@ def test_a_workload_field_added_later_leaves_older_campaigns_resumable() -> None
     assert spec.config_hash() == "bd459e1c9b19ac3c"
     shared = spec.model_copy(update={"workload": spec.workload.model_copy(update={"shared_prefix_tokens": 64})})
     assert shared.config_hash() != spec.config_hash()
+    knobs = CampaignSpec.model_validate(
+        {"sweep": {"rate_rps": [1], "knobs": [{"max_num_seqs": 8}, {"speculative_tokens": 3}]}, "seed": 4}
+    )
+    assert knobs.config_hash() == "e16301c321b3932f"  # from before KnobSetting.prefix_caching
+    off = [k.model_copy(update={"prefix_caching": False}) for k in knobs.sweep.knobs]
+    assert knobs.model_copy(update={"sweep": knobs.sweep.model_copy(update={"knobs": off})}).config_hash() != (
+        "e16301c321b3932f"
+    )
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")),
@@ -139,3 +147,12 @@ def test_every_example_campaign_file_is_valid(path: Path) -> None:
 
     example = load_yaml_model(path, CampaignFile)
     assert example.sweep.loads
+
+
+def test_setting_labels_spell_switches_as_on_and_off() -> None:
+    from workloads.spec import KnobSetting, PolicySetting, setting_label
+
+    assert setting_label(KnobSetting(max_num_seqs=8, prefix_caching=False)) == "max_num_seqs=8 prefix_caching=off"
+    assert setting_label(KnobSetting(prefix_caching=True)) == "prefix_caching=on"
+    assert setting_label(KnobSetting(clock_mhz=1410.0)) == "clock_mhz=1410"
+    assert setting_label(PolicySetting(policy="static")) == "policy=static"

@@ -32,11 +32,14 @@ def test_reading_needs_no_token_changing_does(served) -> None:
 def test_pinning_knobs_applies_clamped_values_and_exports_them(served) -> None:
     try:
         r = httpx.post(f"{served.url}/control/knobs", json={"clock_mhz": 1000, "max_num_seqs": 16,
-                                                             "pack_per_replica": 8}, headers=AUTH)
+                                                             "pack_per_replica": 8, "prefix_caching": False},
+                       headers=AUTH)
         assert r.status_code == 200 and r.json()["pack_per_replica"] == 8  # the router packs up to 8 a replica
         applied = r.json()["applied"]
         assert {a["clock_mhz"] for a in applied.values()} == {960.0}  # nearest supported clock
         assert any("clamped" in n for a in applied.values() for n in a["notes"])
+        # The emulated engines have no prefix cache: the knob is accepted and said to be ignored, not refused.
+        assert all(any("prefix_caching ignored" in n for n in a["notes"]) for a in applied.values())
         values = knob_values(served.url)
         assert values[("replica-0", "clock_mhz")] == 960.0 and values[("replica-1", "max_num_seqs")] == 16
         assert values[("router", "pack_per_replica")] == 8

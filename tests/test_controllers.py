@@ -201,3 +201,17 @@ def test_speculation_on_at_low_load_off_at_high_load_or_low_acceptance() -> None
     poor = p.decide(dataclasses.replace(obs(), spec_acceptance=0.05))
     assert poor.knobs.speculative_tokens == 0 and poor.reason == "spec_low_acceptance"
     assert build_policy("slo_feedback", SLO).decide(obs()).knobs.speculative_tokens is None  # left alone
+
+
+def test_model_based_profile_keeps_switches_and_integer_knobs(tmp_path) -> None:
+    """A sweep row pinning the prefix cache off is its own operating point (not merged into the row with it on),
+    and counts stay integers."""
+    from controllers.model_based import load_profile
+
+    path = tmp_path / "points.csv"
+    path.write_text("setting,offered_rps,energy_per_token_j,ttft_p99_s,tpot_p99_s\n"
+                    "max_num_seqs=8 prefix_caching=off,2,0.5,0.3,0.02\n"
+                    "max_num_seqs=8 prefix_caching=on,2,0.4,0.2,0.02\n")
+    off, on = (p.knobs for p in load_profile(path))
+    assert off == Knobs(max_num_seqs=8, prefix_caching=False) and on == Knobs(max_num_seqs=8, prefix_caching=True)
+    assert isinstance(off.max_num_seqs, int)

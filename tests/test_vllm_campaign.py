@@ -30,7 +30,9 @@ def test_vllm_cpu_example_campaign_writes_the_quickstart_schema(tmp_path: Path, 
     cfg = yaml.safe_load(EXAMPLE.read_text())
     cfg["deployment"]["engine"]["model"] = str(tmp_path / "tiny-llama")  # built on first use (build_tiny_seed)
     cfg["workload"]["duration_s"] = 4
-    cfg["sweep"] = {"rate_rps": [2]}
+    # Two pinned settings: the first is the deployment's own (no restart), the second restarts both engines with a
+    # smaller batch cap and no prefix cache, through the control API, as any vLLM knob sweep does.
+    cfg["sweep"] = {"rate_rps": [2], "knobs": [{"max_num_seqs": 32}, {"max_num_seqs": 8, "prefix_caching": False}]}
     path = tmp_path / "vllm.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out"
@@ -44,6 +46,9 @@ def test_vllm_cpu_example_campaign_writes_the_quickstart_schema(tmp_path: Path, 
     assert p["energy_j"] > 0 and p["energy_per_token_j"] > 0
     # vLLM's prefix cache looked every prompt up (a share, 0 for these unrelated prompts); nothing speculated.
     assert 0.0 <= p["prefix_cache_hit_ratio"] <= 1.0 and pd.isna(p["spec_acceptance_ratio"])
+    restarted = points.iloc[1]
+    assert restarted["setting"] == "max_num_seqs=8 prefix_caching=off" and restarted["status"] == "ok"
+    assert restarted["completed"] == restarted["requests"] > 0 and pd.isna(restarted["prefix_cache_hit_ratio"])
     requests = pd.read_parquet(out / "requests.parquet")
     assert list(requests.columns) == [f.name for f in dataclasses.fields(RequestRecord)]
     measured = requests[requests["phase"] == "measure"]

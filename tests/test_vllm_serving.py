@@ -269,6 +269,9 @@ def test_knob_change_restarts_the_engine_and_drains_in_flight_requests(vserved: 
         late = asyncio.create_task(run(99))  # arrives while draining or restarting: waits, is not refused
         return await applied, await asyncio.gather(*first, late)
 
+    initial = ray.get(actor.apply.remote(Knobs()))  # a no-op: the start-up knobs as vLLM resolved them
+    assert (initial.max_num_seqs, initial.speculative_tokens, initial.prefix_caching) == (16, 0, True)
+    assert initial.max_num_batched_tokens and not initial.restarted
     applied, finals = asyncio.run(scenario())
     assert [(f.finished, f.output_tokens) for f in finals] == [(True, 120)] * 4
     assert applied.restarted and applied.max_num_seqs == 8 and applied.took_s > 0
@@ -280,6 +283,14 @@ def test_knob_change_restarts_the_engine_and_drains_in_flight_requests(vserved: 
     asyncio.run(run(7, prompt="the man the man the man the man the man the man"))
     info = ray.get(actor.describe.remote())
     assert info["speculative_tokens"] == 2 and info["spec_decode"]["drafted"] > 0
+    off = ray.get(actor.apply.remote(Knobs(prefix_caching=False)))
+    assert off.restarted and off.prefix_caching is False and "enable_prefix_caching" in off.notes[-1]
+    assert ray.get(actor.telemetry.remote()).stats.prefix_cache_hit_tokens is None
+    # A controller letting go restores every start-up knob: the batch cap, speculation off, the cache on again, and
+    # vLLM's own step budget (the same value vLLM chose, so no restart for it alone).
+    back = ray.get(actor.restore_defaults.remote())
+    assert back.restarted and back.as_knobs() == initial.as_knobs()
+    assert ray.get(actor.describe.remote())["prefix_caching"] is True
 
 
 def test_killed_replica_mid_stream_every_request_accounted_for(vserved: VServed) -> None:

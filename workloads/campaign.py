@@ -43,6 +43,9 @@ from workloads.results import ResultStore, engine_token_shares, summarize_point
 from workloads.spec import CampaignSpec, KnobSetting, PolicySetting, setting_label
 
 log = logging.getLogger(__name__)
+# The control API answers once the knobs are in effect, and a vLLM knob restarts the engines first (minutes for a
+# large model): the campaign's usual 10 s HTTP timeout would give up on a change that is still under way.
+KNOB_APPLY_TIMEOUT_S = 1200.0
 MANIFEST = "manifest.json"
 MIN_FREE_BYTES = 64 * 2**20
 
@@ -253,7 +256,8 @@ async def _apply_setting(http: httpx.AsyncClient, target: Target, setting: KnobS
     url = f"{target.base_url.rstrip('/')}{path}"
     headers = {"authorization": f"Bearer {target.control_token}"} if target.control_token else {}
     try:
-        resp = await http.post(url, json=setting.model_dump(exclude_none=True), headers=headers)
+        resp = await http.post(url, json=setting.model_dump(exclude_none=True), headers=headers,
+                               timeout=KNOB_APPLY_TIMEOUT_S)
     except httpx.HTTPError as e:
         raise ControlError(f"cannot apply {setting_label(setting)} at {url}: {e!r}") from e
     if resp.status_code == 401:

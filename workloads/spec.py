@@ -18,9 +18,10 @@ from workloads.arrivals import (
     UniformLength,
 )
 
-# Workload fields added after campaigns were first written, with the value that means "as before": left out of
-# the config hash at that value, so a run directory started before them can be resumed.
+# Fields added after campaigns were first written (workload, and each pinned knob setting), with the value that
+# means "as before": left out of the config hash at that value, so a run directory started before them resumes.
 ADDED_FIELDS = {"shared_prefix_tokens": 0}
+ADDED_KNOB_FIELDS = {"prefix_caching": None}
 
 
 class WorkloadSpec(BaseModel):
@@ -98,6 +99,9 @@ class KnobSetting(BaseModel):
     pack_per_replica: int | None = Field(
         default=None, ge=0, description="Router admission: fill each replica up to this many requests; 0: spread."
     )
+    prefix_caching: bool | None = Field(
+        default=None, description="vLLM's prefix cache on or off (an engine restart); engines without one ignore it."
+    )
 
 
 class Sweep(BaseModel):
@@ -132,7 +136,10 @@ def setting_label(setting: KnobSetting | PolicySetting | None) -> str:
         opts = ",".join(f"{k}={v:g}" if isinstance(v, float | int) else f"{k}={v}"
                         for k, v in sorted(setting.options.items()))
         return f"policy={setting.policy}" + (f"({opts})" if opts else "")
-    return " ".join(f"{k}={v:g}" for k, v in setting.model_dump(exclude_none=True).items()) or "knobs=defaults"
+    return " ".join(
+        f"{k}={('on' if v else 'off') if isinstance(v, bool) else format(v, 'g')}"
+        for k, v in setting.model_dump(exclude_none=True).items()
+    ) or "knobs=defaults"
 
 
 class CampaignSpec(BaseModel):
@@ -167,8 +174,10 @@ class CampaignSpec(BaseModel):
 
     def config_hash(self) -> str:
         data = self.model_dump(mode="json")
-        for name, unset in ADDED_FIELDS.items():  # a campaign from before the field still resumes
-            if data["workload"].get(name) == unset:
-                del data["workload"][name]
+        sections = [(data["workload"], ADDED_FIELDS)] + [(k, ADDED_KNOB_FIELDS) for k in data["sweep"]["knobs"]]
+        for section, added in sections:  # a campaign from before the field still resumes
+            for name, unset in added.items():
+                if name in section and section[name] == unset:
+                    del section[name]
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

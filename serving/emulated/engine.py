@@ -187,8 +187,11 @@ class EmulatedEngine:
             if not 0 <= knobs.speculative_tokens <= 16:
                 raise ValueError("speculative_tokens must be between 0 (off) and 16")
             self.speculative_tokens = knobs.speculative_tokens
+        if knobs.prefix_caching is not None:
+            notes.append("prefix_caching ignored: the emulated engine has no prefix cache")
         return AppliedKnobs(self.clock_mhz, self.max_num_seqs, took_s=self.clock.now() - t0, notes=notes,
-                            speculative_tokens=self.speculative_tokens)
+                            speculative_tokens=self.speculative_tokens,
+                            max_num_batched_tokens=self.config.max_num_batched_tokens)
 
     def supported_clocks_mhz(self) -> list[float]:
         return sorted(self.device.clocks_mhz)
