@@ -13,6 +13,10 @@ from serving.types import AppliedKnobs, Knobs
 log = logging.getLogger(__name__)
 
 
+class KnobApplyError(TimeoutError):
+    """A replica did not confirm a knob change (or a restore) in time; the message names it."""
+
+
 class ReplicaActuator:
     """Knobs through the replicas' own ``apply`` (engine config, emulated clock), each clamped by the engine."""
 
@@ -34,6 +38,12 @@ class ReplicaActuator:
             except REPLICA_GONE as e:
                 self.router.mark_dead(r, e)
                 return None
+            except TimeoutError:
+                raise KnobApplyError(
+                    f"replica {r.name} did not finish {method} within {limit:g} s (an engine restart for a knob "
+                    "can take minutes for a large model: raise the actuator's restart_timeout_s); its knobs are "
+                    "unknown until it answers"
+                ) from None
             if isinstance(result, AppliedKnobs):
                 self.last_applied[r.name] = result
             return result

@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from controllers.actuators import NodeAgentActuator, ReplicaActuator
+from controllers.actuators import KnobApplyError, NodeAgentActuator, ReplicaActuator
 from controllers.config import ControllerConfig
 from controllers.loop import ControlLoop
 from controllers.observe import Observer, front_door_observer
@@ -196,7 +196,10 @@ def add_control_routes(app: FastAPI, controller: Controller) -> None:
         except (ValidationError, ValueError) as e:
             return error_response(400, f"invalid knobs: {e}", code="invalid_request")
         controller.loop.set_policy(build_policy("static", controller.slo, **change.model_dump(exclude_none=True)))
-        record = await controller.loop.step(force=True)  # apply now rather than at the next period
+        try:
+            record = await controller.loop.step(force=True)  # apply now rather than at the next period
+        except KnobApplyError as e:
+            return error_response(504, str(e), code="knob_apply_timeout")
         body = controller.state()
         body["applied_now"] = record.changed
         return JSONResponse(body)

@@ -215,3 +215,49 @@ def test_model_based_profile_keeps_switches_and_integer_knobs(tmp_path) -> None:
     off, on = (p.knobs for p in load_profile(path))
     assert off == Knobs(max_num_seqs=8, prefix_caching=False) and on == Knobs(max_num_seqs=8, prefix_caching=True)
     assert isinstance(off.max_num_seqs, int)
+
+
+class _StuckActor:
+    """A replica whose knob change never confirms (an engine restart that outlasts the actuator's patience)."""
+
+    class _Method:
+        def remote(self, *args: object) -> object:
+            return asyncio.sleep(30)
+
+    apply = restore_defaults = _Method()
+
+    class _Telemetry:
+        async def _now(self) -> object:
+            from serving.replica import Telemetry
+            from serving.types import EngineStats
+
+            return Telemetry(EngineStats("replica-7", "emulated", 0, 0, 0, 0, 0.0, 0.0, 0.0, 0, 0, 1, 8), [], [])
+
+        def remote(self) -> object:
+            return self._now()
+
+    telemetry = _Telemetry()
+
+
+async def test_a_knob_change_that_never_confirms_names_the_replica_and_is_a_504() -> None:
+    import httpx
+
+    from controllers.actuators import KnobApplyError, ReplicaActuator
+    from controllers.config import ControllerConfig
+    from controllers.service import Controller, add_control_routes
+    from profilers.footprint import load_site_profile
+    from serving.api import FrontDoor, create_app
+    from serving.router import ReplicaHandle, Router
+
+    router = Router([ReplicaHandle("replica-7", _StuckActor())])
+    with pytest.raises(KnobApplyError, match=r"replica replica-7 did not finish apply within 0.2 s"):
+        await ReplicaActuator(router, restart_timeout_s=0.2).apply(Knobs(max_num_seqs=4))
+    door = FrontDoor(router, "m", 1024, load_site_profile("azure"))
+    controller = Controller(ControllerConfig(token="t"), door)
+    controller.actuator.restart_timeout_s = 0.2  # type: ignore[union-attr]
+    app = create_app(door)
+    add_control_routes(app, controller)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://door") as client:
+        r = await client.post("/control/knobs", json={"max_num_seqs": 4}, headers={"authorization": "Bearer t"})
+    assert r.status_code == 504 and r.json()["error"]["code"] == "knob_apply_timeout"
+    assert "replica-7" in r.json()["error"]["message"] and "restart_timeout_s" in r.json()["error"]["message"]
