@@ -114,6 +114,8 @@ class Replica:
         self.engine: Engine = build_engine(parse_engine_config(engine_config), replica)
         self.defaults = Knobs()
         self._lease_until: float | None = None
+        self._lease_s = 0.0
+        self._applying = 0  # knob changes in progress (an engine restart): the watchdog waits for them
         self._watchdog: asyncio.Task[None] | None = None
         self._outboxes: dict[str, _Outbox] = {}
         self._pumps: dict[str, tuple[str, asyncio.Task[None]]] = {}
@@ -256,22 +258,31 @@ class Replica:
         return Telemetry(self.engine.stats(), devices, readings, clocks)
 
     async def apply(self, knobs: Knobs) -> AppliedKnobs:
-        return await self.engine.apply(knobs)
+        # A knob can restart the engine (seconds to minutes), and the controller that asked waits for the answer
+        # before its next heartbeat: the change's own duration is not the controller's silence.
+        self._applying += 1
+        try:
+            return await self.engine.apply(knobs)
+        finally:
+            self._applying -= 1
+            if self._lease_until is not None:
+                self._lease_until = max(self._lease_until, time.monotonic() + self._lease_s)
 
     async def restore_defaults(self) -> AppliedKnobs:
-        return await self.engine.apply(self.defaults)
+        return await self.apply(self.defaults)
 
     async def heartbeat(self, lease_s: float) -> None:
         """A controller's promise to call again within ``lease_s``; if it does not (killed, hung, partitioned),
         the replica's watchdog restores the default knobs itself."""
         self._lease_until = time.monotonic() + lease_s
+        self._lease_s = lease_s
         if self._watchdog is None:
             self._watchdog = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(0.25)
-            if self._lease_until is not None and time.monotonic() > self._lease_until:
+            if self._lease_until is not None and not self._applying and time.monotonic() > self._lease_until:
                 self._lease_until = None
                 log.warning("replica %s: controller heartbeat lost; restoring default knobs", self.replica)
                 await self.restore_defaults()

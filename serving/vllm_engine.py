@@ -268,9 +268,15 @@ class VLLMEngine:
     async def _start_engine(self) -> float:
         t0 = time.perf_counter()
         _set_executor(self.config.executor)
-        self.engine = self._AsyncLLM.from_engine_args(
-            self._engine_args(), stat_loggers=[self._stat_logger_factory()]
+        # Building the engine blocks for seconds (engine-core process, model load, KV-cache profiling). Off the event
+        # loop, the replica keeps answering telemetry and heartbeats meanwhile; vLLM supports construction outside a
+        # running loop and starts its output handler lazily, which we do at once so no engine-core error is missed.
+        self.engine = await asyncio.to_thread(
+            self._AsyncLLM.from_engine_args, self._engine_args(), stat_loggers=[self._stat_logger_factory()]
         )
+        start_output_handler = getattr(self.engine, "_run_output_handler", None)
+        if callable(start_output_handler):
+            start_output_handler()
         self.tokenizer = self.engine.get_tokenizer()
         cache = self.engine.vllm_config.cache_config
         self.kv_capacity_tokens = int((cache.num_gpu_blocks or 0) * (cache.block_size or 0))

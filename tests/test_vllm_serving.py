@@ -293,6 +293,37 @@ def test_knob_change_restarts_the_engine_and_drains_in_flight_requests(vserved: 
     assert ray.get(actor.describe.remote())["prefix_caching"] is True
 
 
+def test_a_controllers_lease_outlives_the_engine_restart_its_knob_change_causes(vserved: VServed) -> None:
+    """A 2 s lease, then a knob that restarts the engine for longer than that: the replica keeps answering
+    telemetry during the restart (the engine is built off its event loop), and the watchdog does not undo the
+    change the moment it lands. Silence after the change does end the lease: the start-up knobs come back."""
+    import ray
+
+    from serving.types import GenerationRequest, Knobs
+
+    actor = vserved.deployment.router.replicas[1].actor
+    ray.get(actor.heartbeat.remote(2.0))
+    change = actor.apply.remote(Knobs(max_num_seqs=12))
+    time.sleep(1.0)  # the engine is draining or rebuilding by now
+    t0 = time.monotonic()
+    ray.get(actor.telemetry.remote(), timeout=60)
+    waited = time.monotonic() - t0
+    applied = ray.get(change)
+    assert applied.restarted and applied.took_s > 2.0  # the restart outlasted the lease
+    # Answered while the engine was being rebuilt, not after (the shutdown of the old engine still runs on the loop).
+    assert waited < 0.5 * applied.took_s, (waited, applied.took_s)
+    time.sleep(1.0)  # the watchdog looks every 0.25 s: a lease that lapsed during the restart would fire now
+    assert ray.get(actor.telemetry.remote()).stats.max_num_seqs == 12
+    deadline = time.monotonic() + 120
+    while ray.get(actor.telemetry.remote()).stats.max_num_seqs != 16 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.get(actor.telemetry.remote()).stats.max_num_seqs == 16
+    # The restored engine serves (a request waits while the restart finishes), so later tests find it ready.
+    request = GenerationRequest("after-lease", prompt="a b", max_tokens=2, ignore_eos=True)
+    events = [ray.get(ref) for ref in actor.generate.options(num_returns="streaming").remote(request)]
+    assert events[-1].finished and events[-1].output_tokens == 2
+
+
 def test_killed_replica_mid_stream_every_request_accounted_for(vserved: VServed) -> None:
     """Runs last: it kills replica-0. Streams on it end with the reason; later requests go to replica-1."""
     import openai
