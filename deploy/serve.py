@@ -119,12 +119,6 @@ async def start_deployment(config: ServingConfig) -> Deployment:
     init_ray(config.ray_address, num_cpus=max(2, math.ceil(config.replicas * config.num_cpus_per_replica)))
     gpus = replica_gpus(config, ray.cluster_resources().get("GPU", 0.0))
     pg, placement = _placement(config, gpus)
-    if pg is not None:
-        try:
-            await asyncio.wait_for(pg.ready(), timeout=config.placement_timeout_s)
-        except TimeoutError:
-            ray.util.remove_placement_group(pg)
-            raise DeploymentError(unplaceable(config, gpus)) from None
     handles = []
     for i in range(config.replicas):
         name = f"replica-{i}"
@@ -133,8 +127,8 @@ async def start_deployment(config: ServingConfig) -> Deployment:
             **placement[i],
         ).remote(name, config.engine.model_dump())
         handles.append(ReplicaHandle(name, actor, backend=config.engine.kind))
-    # Ray waits for room for an actor indefinitely (an autoscaler may add a node): bound it, or a deployment asking
-    # for GPUs the cluster lacks would hang here without a word.
+    # Ray waits for room for an actor (and for its placement group's bundles) indefinitely, since an autoscaler may
+    # add a node: bound it, or a deployment asking for GPUs the cluster lacks would hang here without a word.
     ready = asyncio.gather(*(h.actor.__ray_ready__.remote() for h in handles))
     try:
         await asyncio.wait_for(ready, timeout=config.placement_timeout_s)

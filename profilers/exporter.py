@@ -209,8 +209,8 @@ class EnergyCollector(FastCollector):
             labels=[*REPLICA_LABELS, "provenance"],
         )
         kv_usage = _gauge(
-            f"{NAMESPACE}_kv_cache_usage_ratio", "Share of the KV cache's token slots in use (vLLM's own figure).",
-            labels=REPLICA_LABELS,
+            f"{NAMESPACE}_kv_cache_usage_ratio", "Share of the KV cache's token slots in use, as the engine reports "
+            "it.", labels=REPLICA_LABELS,
         )
         kv_capacity = _gauge(
             f"{NAMESPACE}_kv_cache_capacity_tokens", "Tokens the KV cache holds.", labels=REPLICA_LABELS
