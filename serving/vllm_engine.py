@@ -304,8 +304,8 @@ class VLLMEngine:
     async def stop(self) -> None:
         self._open.clear()
         if self.engine is not None:
-            self.engine.shutdown()
-            self.engine = None
+            engine, self.engine = self.engine, None
+            await asyncio.to_thread(engine.shutdown)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -552,7 +552,9 @@ class VLLMEngine:
             await self._idle_event.wait()
             drain_s = time.perf_counter() - t_drain
             self._account()
-            self.engine.shutdown()
+            # The engine core takes a second or two to exit: off the loop, so telemetry and heartbeats still answer
+            # (vLLM's shutdown is thread-safe: it cancels its output handler with cancel_task_threadsafe).
+            await asyncio.to_thread(self.engine.shutdown)
             self.config = new_config
             try:
                 start_s = await self._start_engine()
