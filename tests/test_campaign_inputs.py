@@ -61,6 +61,26 @@ def test_the_flag_also_covers_trace_lengths(tmp_path: Path, capsys) -> None:  # 
     assert set(req["prompt_tokens"]) <= {20 + i for i in range(40)} - {25, 40}
 
 
+def test_a_mooncake_jsonl_trace_replays_with_its_own_lengths(tmp_path: Path) -> None:
+    """JSON lines, millisecond timestamps, one bad line skipped: every request keeps its row's lengths."""
+    lines = [json.dumps({"timestamp": 250 * i, "input_length": 30 + i, "output_length": 3 + i % 4, "hash_ids": [i]})
+             for i in range(16)]
+    lines[7] = '{"timestamp": 1750, "input_length": 37'  # cut short
+    trace = tmp_path / "mooncake.jsonl"
+    trace.write_text("\n".join(lines) + "\n")
+    campaign = _campaign(tmp_path, {"arrival": {"kind": "trace", "path": str(trace)}})
+    out = tmp_path / "out"
+    assert main(["campaign", "run", str(campaign), "--out", str(out)]) == 2  # the cut line stops it before it starts
+    assert main(["campaign", "run", str(campaign), "--out", str(out), "--skip-bad-rows"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["traces"][0]["skipped_rows"] == 1 and manifest["status"] == "finished"
+    import pandas as pd
+
+    req = pd.read_parquet(out / "requests.parquet")
+    assert set(req["prompt_tokens"]) <= {30 + i for i in range(16)} - {37}
+    assert 0 < len(req) <= manifest["traces"][0]["requests"] == 15  # the window (4 s at 3 req/s) may end first
+
+
 def test_unknown_tokenizer_path_fails_before_the_campaign(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     campaign = _campaign(tmp_path, {"tokenizer": str(tmp_path / "nope")}, clock="real")
     out = tmp_path / "out"

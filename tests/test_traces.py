@@ -152,3 +152,71 @@ def test_rate_scaling_keeps_the_trace_clock_and_samples_requests() -> None:
 def test_time_scaling_with_sampling_still_hits_the_rate() -> None:
     reqs = build_trace_requests(TraceArrivals(path="azure_conv_2023", sample=0.25), 11.0, 300, seed=0)
     assert len(reqs) / 300 == pytest.approx(11.0, rel=0.15)
+
+
+def test_azure_2024_timestamps_with_a_zone(tmp_path) -> None:
+    """The 2024 Azure traces write ``+00:00``; offsets are honoured, so rows in different zones order correctly."""
+    p = write(tmp_path, AZURE_HEADER + "2024-05-10 00:00:00.009930+00:00,2162,5\n"
+                                       "2024-05-10T02:00:00.5+02:00,100,50\n2024-05-10 00:00:01Z,7,0\n")
+    tr = load_trace(str(p))
+    assert tr.t_s == pytest.approx([0.0, 0.49007, 0.99007], abs=1e-6)
+    assert tr.prompt_tokens.tolist() == [2162, 100, 7] and tr.output_tokens.tolist() == [5, 50, 0]
+
+
+def test_zoneless_timestamps_are_utc_whatever_the_hosts_zone(tmp_path, monkeypatch) -> None:
+    """Read as local time, the hour Berlin skips on 2023-03-26 would vanish from the trace's clock."""
+    import time
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        p = write(tmp_path, AZURE_HEADER + "2023-03-26 01:59:59,5,5\n2023-03-26 03:00:00,5,5\n")
+        assert load_trace(str(p)).t_s.tolist() == [0.0, 3601.0]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+MOONCAKE = (
+    '{"timestamp": 0, "input_length": 6955, "output_length": 52, "hash_ids": [0, 1, 2]}\n'
+    '{"timestamp": 1500, "input_length": 512, "output_length": 9, "hash_ids": [0, 3]}\n'
+    "\n"
+    '{"timestamp": 4000, "input_length": 100, "output_length": 1, "hash_ids": []}\n'
+)
+
+
+def test_mooncake_jsonl_format(tmp_path) -> None:
+    tr = load_trace(str(write(tmp_path, MOONCAKE, "trace.jsonl")))
+    assert tr.t_s.tolist() == [0.0, 1.5, 4.0]  # milliseconds in the file
+    assert tr.prompt_tokens.tolist() == [6955, 512, 100] and tr.output_tokens.tolist() == [52, 9, 1]
+    reqs = build_trace_requests(TraceArrivals(path=str(tmp_path / "trace.jsonl")), 1.0, 10.0, seed=0)
+    assert [r.prompt_tokens for r in reqs] == [6955, 512, 100]  # replayed like a CSV trace
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (MOONCAKE + "not json\n", "line 5: not a JSON object"),
+        (MOONCAKE + "[1, 2]\n", "line 5: not a JSON object (a JSON list, not an object)"),
+        (MOONCAKE + '{"timestamp": 5000, "input_length": 3}\n', "line 5: record lacks key(s) output_length"),
+        (MOONCAKE + '{"timestamp": 3000, "input_length": 3, "output_length": 1}\n',
+         "line 5, column timestamp: timestamp 3000 is earlier"),
+        (MOONCAKE + '{"timestamp": "soon", "input_length": 3, "output_length": 1}\n',
+         "line 5, column timestamp: bad timestamp 'soon'"),
+        (MOONCAKE + '{"timestamp": 5000, "input_length": null, "output_length": 1}\n',
+         "line 5, column input_length: not a token count: None"),
+        ('{"t": 0, "in": 3}\n', "line 1: unknown trace header ['t', 'in']; expected columns"),
+        ('{"timestamp": 0, "input_length": 3}\n', "line 1: mooncake trace lacks column(s) output_length"),
+    ],
+)
+def test_malformed_jsonl_traces_name_file_line_and_key(tmp_path, body, message) -> None:
+    p = write(tmp_path, body, "trace.jsonl")
+    with pytest.raises(TraceError) as err:
+        load_trace(str(p))
+    assert str(p) in str(err.value) and message in str(err.value)
+
+
+def test_jsonl_skip_bad_rows_counts_them(tmp_path) -> None:
+    p = write(tmp_path, "{oops\n" + MOONCAKE + '{"timestamp": 1}\n[]\n', "trace.jsonl")
+    tr = load_trace(str(p), skip_bad_rows=True)
+    assert len(tr) == 3 and tr.skipped_rows == 3

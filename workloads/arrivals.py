@@ -214,7 +214,9 @@ class TraceArrivals(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["trace"] = "trace"
-    path: str = Field(description="CSV path (Azure or BurstGPT format) or a shipped trace, e.g. azure_conv_2023.")
+    path: str = Field(
+        description="Trace path (Azure or BurstGPT CSV, Mooncake JSONL) or a shipped trace, e.g. azure_conv_2023."
+    )
     start_s: float = Field(default=0.0, ge=0, description="Where the window starts, in the trace's own time.")
     speedup: float | None = Field(
         default=None, gt=0, le=10_000,
@@ -290,11 +292,13 @@ class LogNormalLength(BaseModel):
 
 class TraceLength(BaseModel):
     """Token counts drawn (seeded, with replacement) from a column of a request trace (Azure or BurstGPT
-    CSV): the trace's empirical distribution, clipped to [min, max]."""
+    CSV, Mooncake JSONL): the trace's empirical distribution, clipped to [min, max]."""
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["trace"] = "trace"
-    path: str = Field(description="CSV path (Azure or BurstGPT format) or a shipped trace, e.g. azure_conv_2023.")
+    path: str = Field(
+        description="Trace path (Azure or BurstGPT CSV, Mooncake JSONL) or a shipped trace, e.g. azure_conv_2023."
+    )
     column: Literal["prompt", "output"] | None = Field(
         default=None, description="Which token counts; default: prompt for prompt_tokens, output for output_tokens."
     )

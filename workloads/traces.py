@@ -1,14 +1,17 @@
-"""Request traces (Azure LLM inference trace, BurstGPT) read with line-precise errors, then windowed,
-sampled and time-scaled for replay."""
+"""Request traces (Azure LLM inference traces 2023 and 2024, BurstGPT CSV; Mooncake JSON lines) read with
+line-precise errors, then windowed, sampled and time-scaled for replay."""
 
 from __future__ import annotations
 
 import csv
 import functools
+import json
+import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -45,11 +48,17 @@ class _Format:
     prompt_col: str
     output_col: str
     absolute_time: bool
+    seconds_per_unit: float = 1.0
+    """Numeric timestamps' unit (Mooncake's are milliseconds)."""
 
 
 FORMATS = (
     _Format("azure", "TIMESTAMP", "ContextTokens", "GeneratedTokens", absolute_time=True),
     _Format("burstgpt", "Timestamp", "Request tokens", "Response tokens", absolute_time=False),
+)
+# JSON lines, one request per line (Mooncake's traces; their hash_ids, the prompt's shared blocks, are not used).
+JSONL_FORMATS = (
+    _Format("mooncake", "timestamp", "input_length", "output_length", absolute_time=False, seconds_per_unit=1e-3),
 )
 
 
@@ -60,63 +69,138 @@ def resolve_trace_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if not path.is_file():
         raise TraceError(
-            f"trace {name_or_path!r} not found: give a CSV path or one of {sorted(BUILTIN_TRACES)}"
+            f"trace {name_or_path!r} not found: give a CSV or JSONL path or one of {sorted(BUILTIN_TRACES)}"
         )
     return path
 
 
-def _detect(path: Path, header: list[str]) -> _Format:
-    for fmt in FORMATS:
+def _expected() -> str:
+    return "; ".join(f"{f.name}: {f.time_col}, {f.prompt_col}, {f.output_col}" for f in (*FORMATS, *JSONL_FORMATS))
+
+
+def _detect(path: Path, header: list[str], formats: tuple[_Format, ...] = FORMATS, line: int = 1) -> _Format:
+    for fmt in formats:
         if fmt.time_col in header:
             missing = [c for c in (fmt.prompt_col, fmt.output_col) if c not in header]
             if missing:
-                raise TraceError(f"{path}: line 1: {fmt.name} trace lacks column(s) {', '.join(missing)}")
+                raise TraceError(f"{path}: line {line}: {fmt.name} trace lacks column(s) {', '.join(missing)}")
             return fmt
-    expected = "; ".join(f"{f.name}: {f.time_col}, {f.prompt_col}, {f.output_col}" for f in FORMATS)
-    raise TraceError(f"{path}: line 1: unknown trace header {header!r}; expected columns ({expected})")
+    raise TraceError(f"{path}: line {line}: unknown trace header {header!r}; expected columns ({_expected()})")
 
 
-def _parse_time(value: str, fmt: _Format) -> float:
+_FRACTION = re.compile(r"\.(\d+)")
+
+
+def _parse_time(value: object, fmt: _Format) -> float:
     if not fmt.absolute_time:
-        return float(value)
-    # Azure timestamps carry 7 fractional digits; datetime takes at most 6.
-    head, _, frac = value.strip().partition(".")
-    t = datetime.fromisoformat(head).timestamp()
-    return t + (float(f"0.{frac}") if frac else 0.0)
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(f"not a number: {value!r}")
+        return float(value) * fmt.seconds_per_unit
+    # ISO 8601 with any number of fractional digits (Azure 2023 has 7, datetime keeps 6) and an optional zone
+    # (Azure 2024 writes "+00:00"). A zone-less time is UTC: the host's own zone and its DST must not bend the clock.
+    text = str(value).strip()
+    fraction = 0.0
+    if (m := _FRACTION.search(text)) is not None:
+        fraction = float(f"0.{m.group(1)}")
+        text = text[: m.start()] + text[m.end() :]
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp() + fraction
+
+
+class _Reader:
+    """Collects a trace's rows; a bad row raises, or is counted when skipping bad rows."""
+
+    def __init__(self, path: Path, fmt: _Format, skip_bad_rows: bool) -> None:
+        self.path, self.fmt, self.skip_bad_rows = path, fmt, skip_bad_rows
+        self.times: list[float] = []
+        self.prompts: list[int] = []
+        self.outputs: list[int] = []
+        self.skipped = 0
+
+    def reject(self, message: str) -> None:
+        if not self.skip_bad_rows:
+            raise TraceError(f"{self.path}: {message}")
+        self.skipped += 1
+
+    def add(self, line: int, t: object, prompt: object, output: object) -> None:
+        try:
+            row = _row(self.path, line, self.fmt, (t, prompt, output), self.times[-1] if self.times else None)
+        except TraceError:
+            if not self.skip_bad_rows:
+                raise
+            self.skipped += 1
+            return
+        self.times.append(row[0])
+        self.prompts.append(row[1])
+        self.outputs.append(row[2])
+
+    def trace(self) -> Trace:
+        if not self.times:
+            raise TraceError(
+                f"{self.path}: no usable request rows" + (f" ({self.skipped} skipped)" if self.skipped else "")
+            )
+        t = np.asarray(self.times)
+        return Trace(str(self.path), t - t[0], np.asarray(self.prompts), np.asarray(self.outputs), self.skipped)
 
 
 def load_trace(name_or_path: str, skip_bad_rows: bool = False) -> Trace:
     """Read a trace; bad rows raise :class:`TraceError` naming line and column unless ``skip_bad_rows``."""
     path = resolve_trace_path(name_or_path)
-    times: list[float] = []
-    prompts: list[int] = []
-    outputs: list[int] = []
-    skipped = 0
     with path.open(newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
+        first = f.readline()
+        f.seek(0)
+        if not first:
             raise TraceError(f"{path}: the file is empty")
-        fmt = _detect(path, [h.strip() for h in header])
-        cols = [h.strip() for h in header]
+        if first.lstrip().startswith("{"):
+            return _load_jsonl(path, f, skip_bad_rows)
+        reader = csv.reader(f)
+        cols = [h.strip() for h in next(reader)]
+        fmt = _detect(path, cols)
         i_t, i_p, i_o = cols.index(fmt.time_col), cols.index(fmt.prompt_col), cols.index(fmt.output_col)
+        need = max(i_t, i_p, i_o) + 1
+        rows = _Reader(path, fmt, skip_bad_rows)
         for line_no, row in enumerate(reader, start=2):
             if not row:
                 continue
-            try:
-                t, p, o = _row(path, line_no, row, fmt, (i_t, i_p, i_o), times[-1] if times else None)
-            except TraceError:
-                if not skip_bad_rows:
-                    raise
-                skipped += 1
-                continue
-            times.append(t)
-            prompts.append(p)
-            outputs.append(o)
-    if not times:
-        raise TraceError(f"{path}: no usable request rows" + (f" ({skipped} skipped)" if skipped else ""))
-    t = np.asarray(times)
-    return Trace(str(path), t - t[0], np.asarray(prompts), np.asarray(outputs), skipped)
+            if len(row) < need:
+                rows.reject(f"line {line_no}: expected at least {need} columns, got {len(row)}")
+            else:
+                rows.add(line_no, row[i_t], row[i_p], row[i_o])
+    return rows.trace()
+
+
+def _load_jsonl(path: Path, lines: TextIO, skip_bad_rows: bool) -> Trace:
+    rows: _Reader | None = None
+    skipped_before_format = 0
+    for line_no, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text.strip())
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not an object")
+        except ValueError as e:
+            message = f"line {line_no}: not a JSON object ({e})"
+            if rows is not None:
+                rows.reject(message)
+            elif skip_bad_rows:
+                skipped_before_format += 1
+            else:
+                raise TraceError(f"{path}: {message}") from None
+            continue
+        if rows is None:  # the first record names the format, as a CSV header does
+            rows = _Reader(path, _detect(path, list(record), JSONL_FORMATS, line_no), skip_bad_rows)
+            rows.skipped = skipped_before_format
+        fmt = rows.fmt
+        if missing := [c for c in (fmt.time_col, fmt.prompt_col, fmt.output_col) if c not in record]:
+            rows.reject(f"line {line_no}: record lacks key(s) {', '.join(missing)}")
+        else:
+            rows.add(line_no, record[fmt.time_col], record[fmt.prompt_col], record[fmt.output_col])
+    if rows is None:
+        raise TraceError(f"{path}: no JSON object on any line ({skipped_before_format} skipped)")
+    return rows.trace()
 
 
 def load_trace_cached(name_or_path: str, skip_bad_rows: bool = False) -> Trace:
@@ -131,26 +215,26 @@ def _load_cached(path: str, mtime_ns: int, skip_bad_rows: bool) -> Trace:
 
 
 def _row(
-    path: Path, line: int, row: list[str], fmt: _Format, idx: tuple[int, int, int], previous: float | None
+    path: Path, line: int, fmt: _Format, values: tuple[object, object, object], previous: float | None
 ) -> tuple[float, int, int]:
-    i_t, i_p, i_o = idx
-    if len(row) <= max(idx):
-        raise TraceError(f"{path}: line {line}: expected at least {max(idx) + 1} columns, got {len(row)}")
+    raw_t, raw_p, raw_o = values
     try:
-        t = _parse_time(row[i_t], fmt)
+        t = _parse_time(raw_t, fmt)
     except ValueError:
-        raise TraceError(f"{path}: line {line}, column {fmt.time_col}: bad timestamp {row[i_t]!r}") from None
+        raise TraceError(f"{path}: line {line}, column {fmt.time_col}: bad timestamp {raw_t!r}") from None
     if previous is not None and t < previous:
         raise TraceError(
-            f"{path}: line {line}, column {fmt.time_col}: timestamp {row[i_t]!r} is earlier than the previous "
+            f"{path}: line {line}, column {fmt.time_col}: timestamp {raw_t!r} is earlier than the previous "
             "row (timestamps must not decrease); sort the trace or pass --skip-bad-rows"
         )
     counts = []
-    for i, col in ((i_p, fmt.prompt_col), (i_o, fmt.output_col)):
+    for raw, col in ((raw_p, fmt.prompt_col), (raw_o, fmt.output_col)):
         try:
-            n = int(float(row[i]))
-        except ValueError:
-            raise TraceError(f"{path}: line {line}, column {col}: not a token count: {row[i]!r}") from None
+            if isinstance(raw, bool):
+                raise ValueError
+            n = int(float(raw))  # type: ignore[arg-type]
+        except (ValueError, TypeError, OverflowError):
+            raise TraceError(f"{path}: line {line}, column {col}: not a token count: {raw!r}") from None
         if n < 0 or (col == fmt.prompt_col and n == 0):
             raise TraceError(f"{path}: line {line}, column {col}: token count must be positive, got {n}")
         counts.append(n)
