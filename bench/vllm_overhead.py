@@ -32,6 +32,9 @@ TTFT medians moved by 1-2 ms between runs on a shared 2-core host, more than the
           testbed's serving stack against the one vLLM ships, what a user gives up by serving through the testbed.
   aiohttp the same front door read with aiohttp line by line (not run unless named in ``--paths``): what a
           heavier client adds on a machine it shares with the server.
+  in-replica  the same front door hosted by the replica actor itself, as ``front_door: in_replica`` runs it
+          (``deploy/serve.py`` ``HostedFrontDoor``): its router calls the engine in process, so a request crosses
+          two processes fewer than on ``http`` (client -> door and back only, as with ``vllm-serve``).
 Rounds repeat both kinds of run; the tables give the range of the per-round ratios and added TTFT. Prints
 throughput, TTFT and end-to-end p50, their differences from ``direct``, the engine start time and the peak resident
 memory of a replica process tree, and the CPU time per token of all the testbed's processes (bench, front door, the
@@ -40,7 +43,7 @@ and the engine share the cores: the ``http`` figures then include the client's o
 deployment spends elsewhere.
 
     python bench/vllm_overhead.py [--requests 64] [--concurrency 1 4 8 16] [--rates 10 20] [--max-tokens 32] [--trace]
-        [--paths direct raymsg router http asgi vllm-serve aiohttp] [--door-realtime]
+        [--paths direct raymsg router http asgi vllm-serve aiohttp in-replica] [--door-realtime]
 """
 
 from __future__ import annotations
@@ -187,6 +190,7 @@ class BenchReplica(Replica):
         return await at_times(self._one(max_tokens), dues, start)
 
 
+PATHS = ["direct", "raymsg", "router", "http", "in-replica", "asgi", "vllm-serve", "aiohttp"]
 ACTOR_NAME, NAMESPACE = "vllm-overhead-bench", "vllm-overhead-bench"
 
 
@@ -340,6 +344,7 @@ async def run_paths(
     http_one = raw_client(urls["http"])
     asgi_one = raw_client(urls["asgi"]) if "asgi" in urls else http_one
     vllm_serve_one = raw_client(urls["vllm-serve"]) if "vllm-serve" in urls else http_one
+    in_replica_one = raw_client(urls["in-replica"]) if "in-replica" in urls else http_one
     conn = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(urls["http"], connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as session:
 
@@ -364,6 +369,7 @@ async def run_paths(
             "http": lambda n, c: closed_loop(http_one, n, c),
             "asgi": lambda n, c: closed_loop(asgi_one, n, c),
             "vllm-serve": lambda n, c: closed_loop(vllm_serve_one, n, c),
+            "in-replica": lambda n, c: closed_loop(in_replica_one, n, c),
             "aiohttp": lambda n, c: closed_loop(aiohttp_one, n, c),
         }
         at: dict[str, Callable[[list[float], float], Awaitable[list[Sample]]]] = {
@@ -373,6 +379,7 @@ async def run_paths(
             "http": lambda dues, start: at_times(http_one, dues, start),
             "asgi": lambda dues, start: at_times(asgi_one, dues, start),
             "vllm-serve": lambda dues, start: at_times(vllm_serve_one, dues, start),
+            "in-replica": lambda dues, start: at_times(in_replica_one, dues, start),
             "aiohttp": lambda dues, start: at_times(aiohttp_one, dues, start),
         }
         paths = {k: v for k, v in paths.items() if k in args.paths}
@@ -438,7 +445,7 @@ def peak_rss_mib(pid: int) -> dict[int, float]:
 
 def print_table(runs: list[Run], args: argparse.Namespace) -> None:
     base = {r.load: r for r in runs if r.path == args.paths[0]}  # ratios and differences against it
-    order = {"direct": 0, "raymsg": 1, "router": 2, "http": 3, "asgi": 4, "vllm-serve": 5, "aiohttp": 6}
+    order = {name: i for i, name in enumerate(PATHS)}
     loads = list(dict.fromkeys(r.load for r in runs))
     ordered = sorted(runs, key=lambda r: (loads.index(r.load), order[r.path]))
 
@@ -550,7 +557,7 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=4,
                    help="closed loops: the paths take turns in up to this many blocks per round")
     p.add_argument("--model", help="checkpoint directory (default: build the tiny model into a temp dir)")
-    p.add_argument("--paths", nargs="+", default=["direct", "raymsg", "router", "http"],
+    p.add_argument("--paths", nargs="+", default=["direct", "raymsg", "router", "http"], choices=PATHS,
                    help="paths to run; the first named is the baseline of the ratios and differences")
     p.add_argument("--trace", action="store_true",
                    help="record the latency trace (profilers/trace.py) in every process and print where each "
@@ -599,6 +606,14 @@ def main() -> None:
             proc, urls[path] = start_front_door(cfg.served_name, cfg.max_model_len, address, Path(tmp.name),
                                                 door_http=path == "http", realtime=args.door_realtime)
             procs.append(proc)
+        if "in-replica" in args.paths:  # the production door as `front_door: in_replica` runs it, on the actor
+            from deploy.config import DeploymentConfig
+            from deploy.serve import HostedFrontDoor
+            from profilers.footprint import builtin_site_names
+
+            hosted = DeploymentConfig(engine=cfg, replicas=1, host="127.0.0.1", port=0, site=builtin_site_names()[0],
+                                      controller={"enabled": False})
+            urls["in-replica"] = ray.get(actor.host.remote(HostedFrontDoor(hosted, [("bench", actor, "vllm")])))["url"]
         if "vllm-serve" in args.paths:
             proc, urls["vllm-serve"] = start_vllm_server(cfg, Path(tmp.name))
             procs.append(proc)

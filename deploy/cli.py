@@ -7,13 +7,14 @@ import asyncio
 import logging
 import os
 import secrets
+import signal
 import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from deploy.config import CampaignFile, ConfigError, load_serving_config, load_yaml_model
+from deploy.config import CampaignFile, ConfigError, DeploymentError, load_serving_config, load_yaml_model
 from deploy.opscli import add_ops_commands
 from serving.config import ServingConfig
 from serving.engine import MissingExtraError
@@ -178,8 +179,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     updates = {k: v for k, v in given if v is not None}
     config = config.model_validate({**config.model_dump(), **updates})
     _preflight(config)
-    with asyncio.Runner(loop_factory=_fast_loop()) as runner:
-        runner.run(serve(config, Path(args.ready_file) if args.ready_file else None))
+    try:
+        with asyncio.Runner(loop_factory=_fast_loop()) as runner:
+            runner.run(serve(config, Path(args.ready_file) if args.ready_file else None))
+    except SystemExit as e:
+        # uvicorn stops on SIGTERM, then raises it again under the handler Ray's driver installs, which exits with
+        # code 15: the stop was asked for and went cleanly (serve's cleanup ran), so it is a success.
+        if e.code != signal.SIGTERM:
+            raise
     return 0
 
 
@@ -368,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except MissingExtraError as e:
+    except (MissingExtraError, DeploymentError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message is meant for the user as it is."""
 
 
+class DeploymentError(RuntimeError):
+    """The deployment cannot start as configured (the message says what to change)."""
+
+
 class DeploymentConfig(ServingConfig):
     """A serving deployment with its controller."""
 

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
+import signal
 import socket
 import threading
 import time
@@ -19,14 +21,14 @@ import uvicorn
 from fastapi import FastAPI
 
 from controllers.service import Controller, add_control_routes
-from deploy.config import DeploymentConfig
+from deploy.config import DeploymentConfig, DeploymentError
 from deploy.raycluster import init_ray
 from profilers.footprint import load_site_profile
 from serving.api import FrontDoor, create_app
 from serving.config import ServingConfig
 from serving.http_door import door_protocol
 from serving.replica import ReplicaActor
-from serving.router import ReplicaHandle, Router
+from serving.router import REPLICA_GONE, ReplicaHandle, Router
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +76,6 @@ def replica_gpus(config: ServingConfig, cluster_gpus: float) -> float:
     if config.num_gpus_per_replica is not None:
         return config.num_gpus_per_replica
     return 1.0 if config.engine.kind == "vllm" and cluster_gpus >= 1 else 0.0
-
-
-class DeploymentError(RuntimeError):
-    """The deployment cannot start as configured (the message says what to change)."""
 
 
 def unplaceable(config: ServingConfig, gpus: float) -> str:
@@ -181,26 +179,50 @@ def front_door_server(app: FastAPI, door_http: bool = True) -> uvicorn.Server:
     return uvicorn.Server(uvicorn.Config(app, http=http, log_level="warning", access_log=False, lifespan="off"))
 
 
-async def serve(config: DeploymentConfig, ready_file: Path | None = None) -> None:
-    """Serve until SIGINT/SIGTERM (uvicorn handles both), then restore default knobs, stop the replicas and Ray."""
-    sock = bind_socket(config.host, config.port)
-    deployment = await start_deployment(config)
-    app = create_app(deployment.door)
+def build_app(config: DeploymentConfig, door: FrontDoor) -> tuple[FastAPI, Controller | None]:
+    """The front door's application, with the control API when the deployment has a controller (not started)."""
+    app = create_app(door)
     controller = None
     if config.controller.enabled:
-        controller = Controller(config.controller, deployment.door)
+        controller = Controller(config.controller, door)
         add_control_routes(app, controller)
+    return app, controller
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+
+
+async def serve(config: DeploymentConfig, ready_file: Path | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (uvicorn handles both), then restore default knobs, stop the replicas and Ray."""
+    sock = bind_socket(config.host, config.port)  # a port in use fails now, not after the replicas started
+    deployment = await start_deployment(config)
+    try:
+        if config.front_door == "in_replica":
+            sock.close()  # the hosting replica binds it
+            sock = await _serve_in_replica(config, deployment, ready_file)
+            if sock is None:
+                return
+            ready_file = None  # the door moves here, on the same address
+        await _serve_here(config, deployment, sock, ready_file)
+    finally:
+        await deployment.stop()
+        ray.shutdown()
+        print("testbed: stopped cleanly", flush=True)
+
+
+async def _serve_here(
+    config: DeploymentConfig, deployment: Deployment, sock: socket.socket, ready_file: Path | None
+) -> None:
+    """The front door in this process, until SIGINT/SIGTERM."""
+    app, controller = build_app(config, deployment.door)
+    if controller is not None:
         controller.start()
         if config.controller.token is None:
             print(f"testbed: control API token (shown once): {controller.token}", flush=True)
     server = front_door_server(app)
-    host, port = sock.getsockname()[:2]
-    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-    print(f"testbed: serving {config.model_name} on {url} ({config.replicas} replicas); metrics at {url}/metrics",
-          flush=True)
-    for info in deployment.replica_info:
-        if "power_source" in info:
-            print(f"testbed: {info['replica']}: power source: {info['power_source']}", flush=True)
+    url = _url(*sock.getsockname()[:2])
+    _announce(config, deployment, url)
     if ready_file is not None:
         ready_file.write_text(url)
     try:
@@ -208,9 +230,124 @@ async def serve(config: DeploymentConfig, ready_file: Path | None = None) -> Non
     finally:
         if controller is not None:
             await controller.stop()
-        await deployment.stop()
-        ray.shutdown()
-        print("testbed: stopped cleanly", flush=True)
+
+
+def _announce(config: DeploymentConfig, deployment: Deployment, url: str, where: str = "") -> None:
+    print(f"testbed: serving {config.model_name} on {url} ({config.replicas} replicas{where}); metrics at "
+          f"{url}/metrics", flush=True)
+    for info in deployment.replica_info:
+        if "power_source" in info:
+            print(f"testbed: {info['replica']}: power source: {info['power_source']}", flush=True)
+
+
+def door_replica(deployment: Deployment) -> ReplicaHandle:
+    """The replica that hosts the front door (``front_door: in_replica``): the first on this node, so the door
+    listens on the address this process was given."""
+    here = ray.get_runtime_context().get_node_id()
+    nodes = {info["replica"]: info["node_id"] for info in deployment.replica_info}
+    for handle in deployment.router.replicas:
+        if nodes.get(handle.name) == here:
+            return handle
+    raise DeploymentError(
+        f"front_door: in_replica needs a replica on the node where testbed serve runs ({here[:8]}), but the "
+        f"replicas run on {', '.join(sorted({n[:8] for n in nodes.values()}))}: use placement 'pack' or 'none' "
+        "(or more replicas), or front_door: separate"
+    )
+
+
+async def _serve_in_replica(
+    config: DeploymentConfig, deployment: Deployment, ready_file: Path | None
+) -> socket.socket | None:
+    """The front door on a replica's event loop, watched from here until SIGINT/SIGTERM (returns None). If the
+    replica dies, its door goes with it: returns a socket bound to the door's address, for this process to serve
+    on in its place (requests in flight through the dead door are lost; the next ones are served)."""
+    host = door_replica(deployment)
+    replicas = [(h.name, h.actor, h.backend) for h in deployment.router.replicas]
+    info = await host.actor.host.remote(HostedFrontDoor(config, replicas))
+    if info.get("token"):
+        print(f"testbed: control API token (shown once): {info['token']}", flush=True)
+    _announce(config, deployment, info["url"], where=f", front door in {host.name}, pid {info['pid']}")
+    if ready_file is not None:
+        ready_file.write_text(info["url"])
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # Put back afterwards (remove_signal_handler would leave the defaults): the door may move here, and uvicorn
+    # re-raises the signal it stopped on under the handlers it found (Ray's turns SIGTERM into a clean exit).
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        loop.add_signal_handler(sig, stop.set)
+    done = asyncio.ensure_future(host.actor.hosted_done.remote())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([done, stopping], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for sig, handler in previous.items():
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, handler)
+    if stopping.done():
+        done.cancel()
+        with contextlib.suppress(Exception):  # restores the knobs the controller set, then stops the door
+            await asyncio.wait_for(host.actor.stop_hosted.remote(), 60)
+        return None
+    stopping.cancel()
+    why = done.exception()
+    if isinstance(why, REPLICA_GONE):
+        deployment.router.mark_dead(host, why)
+    log.error("the front door in %s ended (%s); serving it from this process on %s from now on", host.name,
+              type(why).__name__ if why else "its server exited", info["url"])
+    return bind_socket(config.host, int(info["url"].rsplit(":", 1)[1]))
+
+
+@dataclass
+class HostedFrontDoor:
+    """The front door, controller included, as a replica actor runs it (``front_door: in_replica``): built there
+    from the deployment's config and every replica's handle. The hosting replica is called in process, the others
+    over their channels; telemetry and knobs reach every replica, the host too, through its Ray handle."""
+
+    config: DeploymentConfig
+    replicas: list[tuple[str, Any, str]]
+    """(name, actor handle, engine kind) of every replica."""
+    _server: uvicorn.Server | None = field(default=None, repr=False)
+    _task: asyncio.Task[None] | None = field(default=None, repr=False)
+    _controller: Controller | None = field(default=None, repr=False)
+    _router: Router | None = field(default=None, repr=False)
+
+    async def start(self, replica: Any) -> dict[str, Any]:
+        cfg = self.config
+        handles = [
+            ReplicaHandle(name, actor, backend=kind, local=replica if name == replica.replica else None)
+            for name, actor, kind in self.replicas
+        ]
+        self._router = Router(handles, policy=cfg.router)
+        door = FrontDoor(self._router, cfg.model_name, cfg.engine.max_model_len, load_site_profile(cfg.site))
+        app, self._controller = build_app(cfg, door)
+        sock = bind_socket(cfg.host, cfg.port)
+        if self._controller is not None:
+            self._controller.start()
+        self._server = front_door_server(app)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises what stopped it
+                raise RuntimeError("the front door exited before it started serving")
+            await asyncio.sleep(0.01)
+        generated = self._controller is not None and cfg.controller.token is None
+        return {"url": _url(*sock.getsockname()[:2]), "token": self._controller.token if generated else None,
+                "pid": os.getpid()}
+
+    async def wait(self) -> None:
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def stop(self) -> None:
+        if self._controller is not None:
+            await self._controller.stop()
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(Exception):
+                await self._task
+        if self._router is not None:
+            await self._router.stop()
 
 
 @dataclass

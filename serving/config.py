@@ -192,6 +192,23 @@ class ServingConfig(BaseModel):
         default=120.0, gt=0, description="How long Ray may take to find room for every replica actor (CPUs, GPUs, "
         "placement) before the start fails, naming what was asked for and what the cluster has. Engine start-up "
         "(model loading) is not part of it.")
+    front_door: Literal["separate", "in_replica"] = Field(
+        default="separate", description="Where `testbed serve` runs the front door: 'separate', in its own "
+        "process; 'in_replica', on the event loop of a replica actor on its node, whose requests then skip two "
+        "process crossings (half a millisecond of TTFT on a 2-vCPU host). That replica's modeled CPU power then "
+        "includes the door's work, and if it dies `testbed serve` takes the door over on the same port.")
+
+    @model_validator(mode="after")
+    def _door_on_a_ray_node(self) -> ServingConfig:
+        # Through Ray Client the serving process is no Ray node: a replica's door would listen on another machine
+        # than the address `testbed serve` was given (on Kubernetes, a pod the front door's Service does not reach).
+        if self.front_door == "in_replica" and (self.ray_address or "").startswith("ray://"):
+            raise ValueError(
+                "front_door: in_replica needs testbed serve on a node of the Ray cluster (a local cluster, or "
+                f"ray_address of the cluster's GCS such as host:6379), not a Ray Client address ({self.ray_address}): "
+                "the door listens on the hosting replica's node; use front_door: separate"
+            )
+        return self
 
     @property
     def model_name(self) -> str:

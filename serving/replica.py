@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 
@@ -25,6 +25,16 @@ from serving.engine import Engine, build_engine
 from serving.types import AppliedKnobs, EngineStats, GenerationRequest, Knobs, TokenEvent, merge_events
 
 log = logging.getLogger(__name__)
+
+
+class HostedService(Protocol):
+    """Something a caller runs on a replica actor's event loop (see :meth:`Replica.host`); sent pickled."""
+
+    async def start(self, replica: Replica) -> dict[str, Any]: ...
+
+    async def wait(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,7 @@ class Replica:
         self._pumps: dict[str, tuple[str, asyncio.Task[None]]] = {}
         self._server: asyncio.Server | None = None
         self._secret = secrets.token_hex(16)
+        self._hosted: HostedService | None = None
 
     async def start(self) -> dict[str, Any]:
         await self.engine.start()
@@ -288,9 +299,30 @@ class Replica:
                 await self.restore_defaults()
 
     async def stop(self) -> None:
+        await self.stop_hosted()
         if self._server is not None:
             self._server.close()
         await self.engine.stop()
+
+    # --- a service hosted on this actor's event loop (the front door, ``front_door: in_replica``) --------------
+    async def host(self, service: HostedService) -> dict[str, Any]:
+        """Start ``service`` on this actor's event loop, beside the engine: it reaches this replica in process.
+        Returns what its ``start`` returns (where it listens)."""
+        if self._hosted is not None:
+            raise RuntimeError(f"replica {self.replica} already hosts a service")
+        info = await service.start(self)
+        self._hosted = service
+        return info
+
+    async def hosted_done(self) -> None:
+        """Returns when the hosted service has ended (the caller's watch: an error here means the actor died)."""
+        if self._hosted is not None:
+            await self._hosted.wait()
+
+    async def stop_hosted(self) -> None:
+        if self._hosted is not None:
+            service, self._hosted = self._hosted, None
+            await service.stop()
 
 
 class _ChannelFlush:

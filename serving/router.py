@@ -163,9 +163,12 @@ class ReplicaHandle:
     backend: str = "emulated"
     channel: Channel | None = None
     """Set for Ray replica actors (they offer ``submit``/``events``); in-process stand-ins stream per request."""
+    local: Any = None
+    """The replica itself when this router runs in its actor (a front door hosted by the replica): requests call
+    its ``generate`` in process, no crossing; ``actor`` stays its Ray handle for telemetry and knobs."""
 
     def __post_init__(self) -> None:
-        if self.channel is None and _has_channel(self.actor):
+        if self.channel is None and self.local is None and _has_channel(self.actor):
             self.channel = Channel(self.actor)
 
 
@@ -230,7 +233,12 @@ class Router:
             replica.routed += 1
             try:
                 trace.mark(request.request_id, "router.dispatch")
-                events = self._channel_events(replica, request) if replica.channel else self._events(replica, request)
+                if replica.local is not None:
+                    events = replica.local.generate(request)
+                elif replica.channel is not None:
+                    events = self._channel_events(replica, request)
+                else:
+                    events = self._events(replica, request)
                 async for event in events:
                     if not started:
                         trace.mark(request.request_id, "router.first_event")

@@ -58,12 +58,12 @@ def test_vllm_overhead_bench_measures_every_path_on_a_real_engine(tmp_path: Path
     pytest.importorskip("vllm", reason="vllm is not installed: pip install 'llm-energy-testbed[cpu]'")
     run = subprocess.run(
         [sys.executable, str(BENCH / "vllm_overhead.py"), "--requests", "8", "--concurrency", "1", "--rates", "10",
-         "--rounds", "1", "--blocks", "1", "--paths", "direct", "router", "http", "--trace"],
+         "--rounds", "1", "--blocks", "1", "--paths", "direct", "router", "http", "in-replica", "--trace"],
         capture_output=True, text=True, timeout=400, cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [line.split() for line in run.stdout.splitlines()]
-    for path in ("direct", "router", "http"):
+    for path in ("direct", "router", "http", "in-replica"):
         for load in ("c=1", "10/s"):
             assert sum(1 for r in rows if r[:2] == [path, load]) == 2, (path, load)  # its table and the trace's
     closed = {r[0]: float(r[3]) for r in rows if len(r) == 10 and r[1] == "c=1"}

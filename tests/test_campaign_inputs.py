@@ -7,7 +7,10 @@ import pytest
 import yaml
 
 from deploy.cli import main
+from deploy.config import CampaignFile
 from workloads.spec import CampaignSpec
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 AZURE_HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
 
@@ -156,6 +159,11 @@ def test_a_workload_field_added_later_leaves_older_campaigns_resumable() -> None
     assert knobs.model_copy(update={"sweep": knobs.sweep.model_copy(update={"knobs": off})}).config_hash() != (
         "e16301c321b3932f"
     )
+    # A deployment field added later (the front door's host) likewise: the quickstart's hash from before it.
+    quickstart = CampaignFile.model_validate(yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text()))
+    assert quickstart.config_hash() == "fcbf3989e597bbd0"
+    in_replica = quickstart.deployment.model_copy(update={"front_door": "in_replica"})
+    assert quickstart.model_copy(update={"deployment": in_replica}).config_hash() != "fcbf3989e597bbd0"
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")),

@@ -22,6 +22,7 @@ from workloads.arrivals import (
 # means "as before": left out of the config hash at that value, so a run directory started before them resumes.
 ADDED_FIELDS = {"shared_prefix_tokens": 0}
 ADDED_KNOB_FIELDS = {"prefix_caching": None}
+ADDED_DEPLOYMENT_FIELDS = {"front_door": "separate"}
 
 
 class WorkloadSpec(BaseModel):
@@ -175,6 +176,8 @@ class CampaignSpec(BaseModel):
     def config_hash(self) -> str:
         data = self.model_dump(mode="json")
         sections = [(data["workload"], ADDED_FIELDS)] + [(k, ADDED_KNOB_FIELDS) for k in data["sweep"]["knobs"]]
+        if isinstance(data.get("deployment"), dict):  # campaign files (deploy/config.py) carry one
+            sections.append((data["deployment"], ADDED_DEPLOYMENT_FIELDS))
         for section, added in sections:  # a campaign from before the field still resumes
             for name, unset in added.items():
                 if name in section and section[name] == unset:
