@@ -272,7 +272,8 @@ async def _serve_in_replica(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # Put back afterwards (remove_signal_handler would leave the defaults): the door may move here, and uvicorn
-    # re-raises the signal it stopped on under the handlers it found (Ray's turns SIGTERM into a clean exit).
+    # re-raises the signal it stopped on under the handlers it found (Ray's driver handler exits with code 15,
+    # which `testbed serve` reports as the clean stop it is).
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
         loop.add_signal_handler(sig, stop.set)
