@@ -378,6 +378,9 @@ def serve_in_background(
 ) -> BackgroundServer:
     """Start the replicas and the front door on a free loopback port; ``customize`` may add routes (and return an
     async cleanup run before the replicas stop)."""
+    if config.front_door != "separate":
+        raise ValueError("serve_in_background runs the front door in this process: front_door: in_replica is "
+                         "`testbed serve`'s (deploy.local.LocalDeployment runs it for a campaign)")
     loop = asyncio.new_event_loop()
     deployment = loop.run_until_complete(start_deployment(config))
     app = create_app(deployment.door)
