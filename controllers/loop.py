@@ -67,18 +67,24 @@ class ControlLoop:
         self.current = Knobs()
         self._changes: deque[float] = deque()
         self.running = False
+        # One step at a time: an operator's forced step (POST /control/knobs) during a periodic one would otherwise
+        # apply its knobs while the other's are still being applied (an engine restart takes seconds), and the
+        # knobs recorded as current would be whichever finished last, not what the replicas run.
+        self._step_lock = asyncio.Lock()
 
     def set_policy(self, policy: Policy) -> None:
         log.info("policy %s -> %s", self.policy.name, policy.name)
         self.policy = policy
 
     async def step(self, force: bool = False) -> DecisionRecord:
-        """One period; ``force`` (an operator's explicit setting) bypasses the rate limit."""
-        obs = await self.observe()
-        decision = self.policy.decide(obs)
-        record = await self._actuate(obs.t_s, decision, force)
-        await self.actuator.heartbeat(self.lease_s)
-        return record
+        """One period; ``force`` (an operator's explicit setting) bypasses the rate limit. Steps never overlap:
+        one that arrives during another runs after it, deciding on what that one applied."""
+        async with self._step_lock:
+            obs = await self.observe()
+            decision = self.policy.decide(obs)
+            record = await self._actuate(obs.t_s, decision, force)
+            await self.actuator.heartbeat(self.lease_s)
+            return record
 
     async def _actuate(self, now: float, decision: Decision, force: bool = False) -> DecisionRecord:
         wanted = _merge(self.current, decision.knobs)

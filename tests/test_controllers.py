@@ -261,3 +261,34 @@ async def test_a_knob_change_that_never_confirms_names_the_replica_and_is_a_504(
         r = await client.post("/control/knobs", json={"max_num_seqs": 4}, headers={"authorization": "Bearer t"})
     assert r.status_code == 504 and r.json()["error"]["code"] == "knob_apply_timeout"
     assert "replica-7" in r.json()["error"]["message"] and "restart_timeout_s" in r.json()["error"]["message"]
+
+
+async def test_an_operators_step_during_a_slow_periodic_step_runs_after_it() -> None:
+    """A forced step (POST /control/knobs) while a periodic step's knobs are still being applied (an engine restart)
+    waits for it: the applies never overlap, and the operator's knobs are the ones in force afterwards."""
+    clock = StepClock()
+    applying = 0
+    overlaps: list[int] = []
+
+    class SlowActuator(RecordingActuator):
+        async def apply(self, knobs: Knobs) -> list[AppliedKnobs]:
+            nonlocal applying
+            applying += 1
+            overlaps.append(applying)
+            await asyncio.sleep(0.05)
+            applying -= 1
+            return await super().apply(knobs)
+
+    async def observe() -> Observation:
+        return obs(t=clock.t)
+
+    act = SlowActuator()
+    loop = ControlLoop(build_policy("static", SLO, max_num_seqs=64), observe, act, clock)
+    periodic = asyncio.create_task(loop.step())
+    await asyncio.sleep(0.01)  # the periodic step is applying max_num_seqs=64 now
+    loop.set_policy(build_policy("static", SLO, max_num_seqs=8))
+    forced = await loop.step(force=True)
+    await periodic
+    assert max(overlaps) == 1
+    assert [k.max_num_seqs for k in act.applied] == [64, 8] and forced.changed
+    assert loop.current.max_num_seqs == 8
