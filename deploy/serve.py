@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import ray
 import uvicorn
@@ -263,7 +263,8 @@ async def _serve_in_replica(
     on in its place (requests in flight through the dead door are lost; the next ones are served)."""
     host = door_replica(deployment)
     replicas = [(h.name, h.actor, h.backend) for h in deployment.router.replicas]
-    info = await host.actor.host.remote(HostedFrontDoor(config, replicas))
+    carried = {k: v for k in HostedFrontDoor.CARRIED_ENV if (v := os.environ.get(k))}
+    info = await host.actor.host.remote(HostedFrontDoor(config, replicas, carried))
     if info.get("token"):
         print(f"testbed: control API token (shown once): {info['token']}", flush=True)
     _announce(config, deployment, info["url"], where=f", front door in {host.name}, pid {info['pid']}")
@@ -308,13 +309,20 @@ class HostedFrontDoor:
     config: DeploymentConfig
     replicas: list[tuple[str, Any, str]]
     """(name, actor handle, engine kind) of every replica."""
+    env: dict[str, str] = field(default_factory=dict)
+    """The controller's secrets from `testbed serve`'s environment: a replica of a cluster started elsewhere
+    does not inherit it."""
     _server: uvicorn.Server | None = field(default=None, repr=False)
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
     _controller: Controller | None = field(default=None, repr=False)
     _router: Router | None = field(default=None, repr=False)
 
+    CARRIED_ENV: ClassVar[tuple[str, ...]] = ("TESTBED_NODE_AGENT_TOKEN",)
+
     async def start(self, replica: Any) -> dict[str, Any]:
         cfg = self.config
+        for name, value in self.env.items():
+            os.environ.setdefault(name, value)
         handles = [
             ReplicaHandle(name, actor, backend=kind, local=replica if name == replica.replica else None)
             for name, actor, kind in self.replicas
