@@ -233,8 +233,9 @@ async def _serve_here(
 
 
 def _announce(config: DeploymentConfig, deployment: Deployment, url: str, where: str = "") -> None:
-    print(f"testbed: serving {config.model_name} on {url} ({config.replicas} replicas{where}); metrics at "
-          f"{url}/metrics", flush=True)
+    live = len(deployment.router.live())
+    replicas = f"{live} replicas" if live == config.replicas else f"{live} of {config.replicas} replicas live"
+    print(f"testbed: serving {config.model_name} on {url} ({replicas}{where}); metrics at {url}/metrics", flush=True)
     for info in deployment.replica_info:
         if "power_source" in info:
             print(f"testbed: {info['replica']}: power source: {info['power_source']}", flush=True)

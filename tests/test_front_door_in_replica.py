@@ -73,6 +73,7 @@ def test_the_door_in_a_replica_serves_meters_controls_and_survives_its_host(tmp_
             done = client.completions.create(model=model, prompt=f"after {i}", max_tokens=4)
             assert done.usage is not None and done.usage.completion_tokens == 4
         assert f"the front door in {host} ended" in log.read_text()
+        assert "(1 of 2 replicas live)" in log.read_text()  # the taken-over door's announcement
     assert deployment.proc is not None and deployment.proc.returncode == 0
     assert "testbed: stopped cleanly" in log.read_text()
 
