@@ -239,11 +239,14 @@ class Router:
                     events = self._channel_events(replica, request)
                 else:
                     events = self._events(replica, request)
-                async for event in events:
-                    if not started:
-                        trace.mark(request.request_id, "router.first_event")
-                    started = True
-                    yield event
+                # Closed here when the client goes away, not when the collector gets to it: closing ends the
+                # request in the engine (in process, the engine's own generator; over a channel, a cancel).
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        if not started:
+                            trace.mark(request.request_id, "router.first_event")
+                        started = True
+                        yield event
                 return
             except REPLICA_GONE as e:
                 self.mark_dead(replica, e)

@@ -248,3 +248,34 @@ async def test_abandoned_stream_is_cancelled_in_the_engine(ray_local) -> None:
         assert await run(router, "next", 7) == 7  # the channel still serves the next request
     finally:
         await dep.stop()
+
+
+async def test_abandoned_stream_to_a_replica_in_this_process_is_cancelled_in_the_engine() -> None:
+    """A front door hosted by the replica (``ReplicaHandle.local``): a client that goes away must free the engine's
+    slot at once, as over the channel, not whenever the abandoned generator is collected."""
+    from serving.replica import Replica
+    from serving.router import ReplicaHandle, Router
+
+    replica = Replica("host", cfg().engine.model_dump())
+    await replica.engine.start()
+    held = []  # a reference elsewhere (a traceback, a log record) keeps a generator from being collected
+    generate = replica.generate
+
+    def generate_and_hold(request: GenerationRequest):  # type: ignore[no-untyped-def]
+        held.append(stream := generate(request))
+        return stream
+
+    replica.generate = generate_and_hold  # type: ignore[method-assign]
+    try:
+        router = Router([ReplicaHandle("host", object(), local=replica)])
+        stream = router.stream(GenerationRequest("gone", prompt="a b", max_tokens=1000))
+        await anext(stream)
+        await stream.aclose()  # the client went away after one chunk
+        for _ in range(50):
+            if replica.engine.stats().running == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert replica.engine.stats().running == 0 and replica.engine.stats().generated_tokens_total < 1000
+        assert await run(router, "next", 7) == 7
+    finally:
+        await replica.engine.stop()
