@@ -205,6 +205,8 @@ def test_mooncake_jsonl_format(tmp_path) -> None:
          "line 5, column timestamp: bad timestamp 'soon'"),
         (MOONCAKE + '{"timestamp": 5000, "input_length": null, "output_length": 1}\n',
          "line 5, column input_length: not a token count: None"),
+        (MOONCAKE + '{"timestamp": null, "input_length": 3, "output_length": 1}\n',
+         "line 5, column timestamp: bad timestamp None"),
         ('{"t": 0, "in": 3}\n', "line 1: unknown trace header ['t', 'in']; expected columns"),
         ('{"timestamp": 0, "input_length": 3}\n', "line 1: mooncake trace lacks column(s) output_length"),
     ],
@@ -220,3 +222,5 @@ def test_jsonl_skip_bad_rows_counts_them(tmp_path) -> None:
     p = write(tmp_path, "{oops\n" + MOONCAKE + '{"timestamp": 1}\n[]\n', "trace.jsonl")
     tr = load_trace(str(p), skip_bad_rows=True)
     assert len(tr) == 3 and tr.skipped_rows == 3
+    with pytest.raises(TraceError, match=r"no JSON object on any line \(2 skipped\)"):
+        load_trace(str(write(tmp_path, "{oops\n[1, 2]\n", "bad.jsonl")), skip_bad_rows=True)

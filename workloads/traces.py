@@ -93,9 +93,9 @@ _FRACTION = re.compile(r"\.(\d+)")
 
 def _parse_time(value: object, fmt: _Format) -> float:
     if not fmt.absolute_time:
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
+        if isinstance(value, bool):  # JSON true is no time, though float() takes it
             raise ValueError(f"not a number: {value!r}")
-        return float(value) * fmt.seconds_per_unit
+        return float(value) * fmt.seconds_per_unit  # type: ignore[arg-type]
     # ISO 8601 with any number of fractional digits (Azure 2023 has 7, datetime keeps 6) and an optional zone
     # (Azure 2024 writes "+00:00"). A zone-less time is UTC: the host's own zone and its DST must not bend the clock.
     text = str(value).strip()
@@ -110,9 +110,10 @@ def _parse_time(value: object, fmt: _Format) -> float:
 
 
 class _Reader:
-    """Collects a trace's rows; a bad row raises, or is counted when skipping bad rows."""
+    """Collects a trace's rows; a bad row raises, or is counted when skipping bad rows. ``fmt`` is None until a
+    JSON-lines trace's first record names it."""
 
-    def __init__(self, path: Path, fmt: _Format, skip_bad_rows: bool) -> None:
+    def __init__(self, path: Path, fmt: _Format | None, skip_bad_rows: bool) -> None:
         self.path, self.fmt, self.skip_bad_rows = path, fmt, skip_bad_rows
         self.times: list[float] = []
         self.prompts: list[int] = []
@@ -120,23 +121,27 @@ class _Reader:
         self.skipped = 0
 
     def reject(self, message: str) -> None:
+        self._skip_or_raise(TraceError(f"{self.path}: {message}"))
+
+    def _skip_or_raise(self, error: TraceError) -> None:
         if not self.skip_bad_rows:
-            raise TraceError(f"{self.path}: {message}")
+            raise error
         self.skipped += 1
 
     def add(self, line: int, t: object, prompt: object, output: object) -> None:
+        assert self.fmt is not None
         try:
             row = _row(self.path, line, self.fmt, (t, prompt, output), self.times[-1] if self.times else None)
-        except TraceError:
-            if not self.skip_bad_rows:
-                raise
-            self.skipped += 1
+        except TraceError as e:
+            self._skip_or_raise(e)
             return
         self.times.append(row[0])
         self.prompts.append(row[1])
         self.outputs.append(row[2])
 
     def trace(self) -> Trace:
+        if self.fmt is None:
+            raise TraceError(f"{self.path}: no JSON object on any line ({self.skipped} skipped)")
         if not self.times:
             raise TraceError(
                 f"{self.path}: no usable request rows" + (f" ({self.skipped} skipped)" if self.skipped else "")
@@ -172,8 +177,7 @@ def load_trace(name_or_path: str, skip_bad_rows: bool = False) -> Trace:
 
 
 def _load_jsonl(path: Path, lines: TextIO, skip_bad_rows: bool) -> Trace:
-    rows: _Reader | None = None
-    skipped_before_format = 0
+    rows = _Reader(path, None, skip_bad_rows)
     for line_no, text in enumerate(lines, start=1):
         if not text.strip():
             continue
@@ -182,24 +186,15 @@ def _load_jsonl(path: Path, lines: TextIO, skip_bad_rows: bool) -> Trace:
             if not isinstance(record, dict):
                 raise ValueError(f"a JSON {type(record).__name__}, not an object")
         except ValueError as e:
-            message = f"line {line_no}: not a JSON object ({e})"
-            if rows is not None:
-                rows.reject(message)
-            elif skip_bad_rows:
-                skipped_before_format += 1
-            else:
-                raise TraceError(f"{path}: {message}") from None
+            rows.reject(f"line {line_no}: not a JSON object ({e})")
             continue
-        if rows is None:  # the first record names the format, as a CSV header does
-            rows = _Reader(path, _detect(path, list(record), JSONL_FORMATS, line_no), skip_bad_rows)
-            rows.skipped = skipped_before_format
+        if rows.fmt is None:  # the first record names the format, as a CSV header does
+            rows.fmt = _detect(path, list(record), JSONL_FORMATS, line_no)
         fmt = rows.fmt
         if missing := [c for c in (fmt.time_col, fmt.prompt_col, fmt.output_col) if c not in record]:
             rows.reject(f"line {line_no}: record lacks key(s) {', '.join(missing)}")
         else:
             rows.add(line_no, record[fmt.time_col], record[fmt.prompt_col], record[fmt.output_col])
-    if rows is None:
-        raise TraceError(f"{path}: no JSON object on any line ({skipped_before_format} skipped)")
     return rows.trace()
 
 
@@ -220,7 +215,7 @@ def _row(
     raw_t, raw_p, raw_o = values
     try:
         t = _parse_time(raw_t, fmt)
-    except ValueError:
+    except (ValueError, TypeError, OverflowError):
         raise TraceError(f"{path}: line {line}, column {fmt.time_col}: bad timestamp {raw_t!r}") from None
     if previous is not None and t < previous:
         raise TraceError(
