@@ -56,7 +56,7 @@ def preset_table() -> pd.DataFrame:
         dev = load_device(name)
         enc = run_metrics(dev, bert, encoder_batch(1, 128))
         step = run_metrics(dev, lm, decode)
-        floor = energy_floor_per_token(dev, lm, prompt_tokens=256, output_tokens=128, batch=16)
+        floor = energy_floor_per_token(dev, lm, prompt_tokens=256, output_tokens=128)
         rows.append(
             {
                 "preset": name,

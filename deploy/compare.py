@@ -64,8 +64,8 @@ def run_comparison(
 def with_floor(points: pd.DataFrame, out: Path, spec: CampaignFile) -> pd.DataFrame:
     """Add the roofline floor of energy per output token of each point, and measured / floor.
 
-    The floor is taken for the point's mean prompt and output lengths at its mean batch per replica
-    (Little's law: completed requests per second x mean end-to-end latency / replicas).
+    The floor is taken for the point's mean prompt and output lengths, over every setting of the device
+    (any batch, clock, speculation): no point can beat it.
     """
     from serving.emulated.physics import energy_floor_per_token, load_device, load_model_shape
 
@@ -78,13 +78,12 @@ def with_floor(points: pd.DataFrame, out: Path, spec: CampaignFile) -> pd.DataFr
         if ok.empty:
             floors.append(float("nan"))
             continue
-        batch = row["achieved_rps"] * ok["e2e_s"].mean() / spec.deployment.replicas
         floor = energy_floor_per_token(
             device,
             model,
             max(1, round(ok["prompt_tokens"].mean())),
             max(1, round(ok["output_tokens"].mean())),
-            batch=max(1, round(batch)),
+            tensor_parallel=engine.tensor_parallel,
         )
         floors.append(floor.joules_per_token)
     return points.assign(floor_j_per_token=floors, x_floor=points["energy_per_token_j"] / pd.Series(floors))

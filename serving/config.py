@@ -23,6 +23,11 @@ class EmulatedEngineConfig(BaseModel):
     max_model_len: int = Field(default=4096, gt=0, le=1_048_576, description="Context length in tokens.")
     max_num_seqs: int = Field(default=256, gt=0, le=4096, description="Batch cap (concurrent sequences).")
     max_num_batched_tokens: int = Field(default=8192, gt=0, description="Token budget of one iteration.")
+    tensor_parallel: int = Field(
+        default=1, ge=1, le=64,
+        description="Devices one replica's matrices are split over (weights, heads and KV cache split, two "
+        "all-reduces per layer over the preset's interconnect); each is metered as a device of its own.",
+    )
     clock_mhz: float | None = Field(default=None, gt=0, description="Start clock; default is the maximum.")
     speculative_tokens: int = Field(
         default=0, ge=0, le=16, description="Speculative decoding: tokens proposed per step (0: off)."

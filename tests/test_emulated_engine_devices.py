@@ -51,7 +51,7 @@ def test_fpga_is_slower_and_leaner_than_a_gpu_per_token() -> None:
         engine = EmulatedEngine(cfg, "r", clock=clock)
         events = _generate(engine, clock, 16)
         results[device] = (clock.now(), events[-1].energy_j)
-    assert results["kv260_fpga"][0] > 10 * results["h100_sxm"][0]
+    assert results["kv260_fpga"][0] > 5 * results["h100_sxm"][0]
     assert results["kv260_fpga"][1] < results["h100_sxm"][1]
 
 

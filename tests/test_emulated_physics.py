@@ -45,7 +45,8 @@ def test_shares_add_up_to_the_iteration_energy() -> None:
     work = [*_decode(8), SequenceWork("p", 300, 0, True)]
     cost = iteration_cost(dev, model, work, dev.f_max_mhz)
     assert sum(cost.per_request_j.values()) == pytest.approx(cost.energy_j, rel=1e-9)
-    assert cost.time_s == pytest.approx(max(cost.compute_s, cost.memory_s) + dev.overhead_s)
+    # GEMMs and attention on their own rooflines: never faster than one roofline over the whole iteration
+    assert cost.time_s >= max(cost.compute_s, cost.memory_s) + dev.overhead_s
 
 
 def test_lower_clock_saves_energy_on_memory_bound_decode_only() -> None:
@@ -88,7 +89,7 @@ def test_cim_rejects_a_dtype_it_has_no_datapath_for() -> None:
 def test_model_that_does_not_fit_says_so_with_numbers() -> None:
     pim = load_device("transpim")
     big = load_model_shape("llama-3.1-8b").model_copy(update={"n_params": 40e9})
-    with pytest.raises(DeviceFitError, match=r"80\.00 GB of bf16 weights .* exceed the usable 28\.80 GB"):
+    with pytest.raises(DeviceFitError, match=r"80\.00 GB of bf16 weights .* need 80\.00 GB of .* 28\.80 GB are usable"):
         pim.kv_capacity_tokens(big)
     assert pim.kv_capacity_tokens(load_model_shape("llama-3.1-8b")) > 10_000
 
@@ -171,23 +172,16 @@ def test_encoder_attention_is_bidirectional_and_has_no_kv_cache() -> None:
 
 def test_energy_floor_is_below_what_the_engine_model_charges() -> None:
     dev, model = load_device("h100_sxm"), load_model_shape("llama-3.1-8b")
-    floor = energy_floor_per_token(dev, model, prompt_tokens=256, output_tokens=128, batch=16)
-    assert floor.clock_mhz in dev.clocks_mhz and floor.bound == "memory"
-    # The same requests as the engine would run them: one prefill iteration, then 128 decode steps.
-    prefill = iteration_cost(
-        dev, model, [SequenceWork(f"r{i}", 256, 0, True) for i in range(16)], dev.f_max_mhz
-    )
-    step = iteration_cost(dev, model, _decode(16, 256 + 64), dev.f_max_mhz)
-    actual = (prefill.energy_j + 128 * step.energy_j) / (16 * 128)
-    assert 0 < floor.joules_per_token < actual
-    # Larger batches share the weights: the floor per token falls.
-    assert energy_floor_per_token(dev, model, 256, 128, batch=64).joules_per_token < floor.joules_per_token
-
-
-def test_energy_floor_prefers_a_low_clock_when_memory_bound() -> None:
-    dev = load_device("h100_sxm")
-    floor = energy_floor_per_token(dev, load_model_shape("llama-3.1-8b"), 64, 256, batch=1)
-    assert floor.clock_mhz < dev.f_max_mhz
+    floor = energy_floor_per_token(dev, model, prompt_tokens=256, output_tokens=128)
+    assert floor.clock_mhz in dev.clocks_mhz and floor.bound in {"compute", "memory"}
+    # The same requests as the engine would run them at a large batch: one prefill, then 127 decode steps.
+    for batch in (1, 16, 256):
+        prefill = iteration_cost(
+            dev, model, [SequenceWork(f"r{i}", 256, 0, True) for i in range(batch)], dev.f_max_mhz
+        )
+        step = iteration_cost(dev, model, _decode(batch, 256 + 64), dev.f_max_mhz)
+        actual = (prefill.energy_j + 127 * step.energy_j) / (batch * 128)
+        assert 0 < floor.joules_per_token < actual
 
 
 def test_energy_floor_rejects_empty_work() -> None:

@@ -61,5 +61,5 @@ def test_power_never_exceeds_tdp(h100, llama8b) -> None:
 
 
 def test_unknown_preset_lists_known() -> None:
-    with pytest.raises(ValueError, match=r"unknown preset 'b200'.*h100_sxm"):
-        load_device("b200")
+    with pytest.raises(ValueError, match=r"unknown preset 'b300'.*h100_sxm"):
+        load_device("b300")

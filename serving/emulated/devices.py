@@ -49,6 +49,21 @@ class OnChipLevel(BaseModel):
     )
 
 
+class Interconnect(BaseModel):
+    """The links between the devices of one node (NVLink, xGMI) that tensor-parallel all-reduces cross."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    bandwidth_bps: float = Field(gt=0, description="Per device and direction, bytes/s (datasheet).")
+    energy_pj_per_byte: float = Field(gt=0, description="Energy per byte sent over a link (SerDes + switch).")
+    allreduce_latency_s: float = Field(
+        ge=0, description="Fixed cost of one all-reduce per additional device (launch, synchronisation, hop "
+        "latency, waiting for the slowest device)."
+    )
+    devices_per_node: int = Field(gt=0, description="Devices one node's links connect (tensor_parallel's cap).")
+
+
 class OperatingPoint(NamedTuple):
     """What a device offers a model at one clock: rates, unit energies and weight streaming."""
 
@@ -62,15 +77,25 @@ class OperatingPoint(NamedTuple):
     kv_byte_j: float
     act_byte_j: float
     token_j: float
-    stream_bytes: float
-    """Weight bytes streamed every iteration (zero when they stay on chip)."""
-    stream_j: float
+    resident_bytes: float
+    """Weight bytes that stay on chip (or in arrays) between iterations; the rest is streamed every one."""
+    stream_byte_j: float
+    """Energy per weight byte streamed."""
 
 
 @dataclass(slots=True)  # not frozen: building a frozen one costs 2 us more, per iteration in virtual time
 class Execution:
-    """How a device runs one iteration: times, and dynamic energy per unit of work (joules)."""
+    """How a device runs one iteration: times, and dynamic energy per unit of work (joules).
 
+    With tensor parallelism the times are one device's (all run in lockstep) and the energies the sum
+    over the devices.
+    """
+
+    time_s: float
+    """Modeled iteration time before any power throttling."""
+    kernel_s: float
+    """The part of ``time_s`` the device computes or streams; the rest (host time, launch gaps, link
+    latency) it waits at idle power."""
     compute_s: float
     memory_s: float
     ideal_compute_s: float
@@ -85,6 +110,8 @@ class Execution:
     weight_stream_j: float
     """Shared by the iteration: weights streamed from memory (zero when they stay on chip)."""
     weight_stream_bytes: float
+    comm_j: float = 0.0
+    """Shared by the iteration: tensor-parallel all-reduce traffic over the interconnect."""
 
     def own_j(self, w: WorkCounts) -> float:
         """Dynamic energy of one request's share of the iteration."""
@@ -118,6 +145,23 @@ class DeviceSpec(BaseModel):
     )
     tdp_w: float = Field(gt=0, description="Power cap: iterations are stretched to stay under it.")
     overhead_s: float = Field(ge=0, description="Fixed per-iteration cost (launch, scheduling, host sync).")
+    layer_overhead_s: float = Field(
+        default=0.0, ge=0,
+        description="Per layer and iteration: kernel launch gaps, synchronisation and the small non-GEMM kernels "
+        "(norms, rotary, activation) whose time does not scale with the batch.",
+    )
+    sequence_overhead_s: float = Field(
+        default=0.0, ge=0,
+        description="Per sequence and iteration: the serving engine's host time (scheduling, input preparation, "
+        "detokenisation, sampling bookkeeping), during which the device waits.",
+    )
+    attention_efficiency: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Share of peak bandwidth (and of compute efficiency) attention kernels reach. Set: GEMMs and "
+        "attention run as separate kernels, each bound by its own roofline (time = sum of maxima); unset: one "
+        "roofline over the whole iteration (time = max of sums).",
+    )
+    interconnect: Interconnect | None = Field(default=None, description="Links for tensor parallelism.")
     memory: MemoryLevel
     onchip: OnChipLevel
     kv_memory_fraction: float = Field(default=0.9, gt=0, le=1, description="Memory share for weights + KV.")
@@ -182,19 +226,48 @@ class DeviceSpec(BaseModel):
         scale = node_scale(self.technology_nm, self.voltage(clock_mhz))
         return SRAM_PJ_PER_BYTE_45NM * self.onchip.energy_scale * scale * 1e-12
 
-    def kv_capacity_tokens(self, model: ModelShape) -> int:
-        """KV-cache tokens left in memory once the weights are placed; raises if the model does not fit."""
-        usable = self.memory.capacity_bytes * self.kv_memory_fraction
+    def kv_capacity_tokens(self, model: ModelShape, tensor_parallel: int = 1) -> int:
+        """KV-cache tokens left in memory once the weights are placed (split over ``tensor_parallel``
+        devices); raises if the model does not fit."""
+        n = tensor_parallel
+        usable = self.memory.capacity_bytes * self.kv_memory_fraction * n
         kv_bytes = usable - model.weight_bytes
         if kv_bytes < model.kv_bytes_per_token * 16:  # at least one 16-token KV block
+            devices = f"{n} x " if n > 1 else ""
+            need = (model.weight_bytes + model.kv_bytes_per_token * 16) / 1e9
             raise DeviceFitError(
-                f"model {model.name} does not fit {self.name}: {model.weight_bytes / 1e9:.2f} GB of "
+                f"model {model.name} does not fit {devices}{self.name}: {model.weight_bytes / 1e9:.2f} GB of "
                 f"{model.dtype} weights + a minimum KV cache of {model.kv_bytes_per_token * 16 / 1e6:.2f} MB "
-                f"exceed the usable {usable / 1e9:.2f} GB of {self.memory.name} "
-                f"({self.kv_memory_fraction:.0%} of {self.memory.capacity_bytes / 1e9:.2f} GB); "
-                "use a smaller model or a device with more memory"
+                f"need {need:.2f} GB of {self.memory.name}, and {usable / 1e9:.2f} GB are usable "
+                f"({self.kv_memory_fraction:.0%} of {devices}{self.memory.capacity_bytes / 1e9:.2f} GB); "
+                "use a smaller model, more devices (tensor_parallel) or a device with more memory"
             )
         return int(kv_bytes // model.kv_bytes_per_token)
+
+    def check_tensor_parallel(self, model: ModelShape, tensor_parallel: int) -> None:
+        """Raise DeviceFitError naming both numbers when ``model`` cannot be split over ``tensor_parallel``."""
+        n = tensor_parallel
+        if n < 1:
+            raise DeviceFitError(f"tensor_parallel must be at least 1, got {n}")
+        if n == 1:
+            return
+        if self.interconnect is None:
+            raise DeviceFitError(f"tensor_parallel {n}: device {self.name} has no interconnect in its preset")
+        if n > self.interconnect.devices_per_node:
+            raise DeviceFitError(
+                f"tensor_parallel {n} exceeds the {self.interconnect.devices_per_node} devices of a "
+                f"{self.name} node ({self.interconnect.name}); use at most {self.interconnect.devices_per_node}"
+            )
+        if model.n_heads % n:
+            raise DeviceFitError(
+                f"tensor_parallel {n} does not divide the {model.n_heads} attention heads of {model.name}; "
+                "use a divisor of the head count"
+            )
+        if model.n_kv_heads % n and n % model.n_kv_heads:
+            raise DeviceFitError(
+                f"tensor_parallel {n} and the {model.n_kv_heads} KV heads of {model.name}: one must divide the "
+                "other (KV heads are split, or replicated when there are fewer than devices)"
+            )
 
     def check_dtype(self, dtype: str, supported: dict[str, Any]) -> None:
         if dtype not in supported:
@@ -218,26 +291,62 @@ class DeviceSpec(BaseModel):
         """Rates and energies per unit of work for ``model`` at ``clock_mhz`` (kind-specific)."""
         raise NotImplementedError
 
-    def execute(self, model: ModelShape, work: WorkCounts, clock_mhz: float) -> Execution:
-        """Times and unit energies of one iteration doing ``work`` (summed over its requests)."""
+    def execute(
+        self, model: ModelShape, work: WorkCounts, clock_mhz: float, sequences: int = 1, tensor_parallel: int = 1
+    ) -> Execution:
+        """Times and unit energies of one iteration doing ``work`` (summed over its ``sequences``), its matrices
+        split over ``tensor_parallel`` devices."""
         key = (model.work_constants, model.dtype, model.dtype_bytes, clock_mhz)
         op = self.cache.get(key)
         if op is None:  # the hot path of every iteration: computed once per model and clock
             op = self.cache[key] = self.operating_point(model, clock_mhz)
-        ideal_compute = work.macs / op.peak_macs_per_s
-        ideal_memory = (op.stream_bytes + work.kv_bytes) / op.bandwidth_bps
+        n = tensor_parallel
+        stream = max(0.0, model.weight_bytes_read(work.tokens) - op.resident_bytes)
+        # Per device: weights, heads and the KV cache are split n ways (KV heads replicated below n).
+        kv_share = 1.0 / n if model.n_kv_heads >= n else 1.0 / model.n_kv_heads
+        gemm_c = work.weight_macs / n / op.peak_macs_per_s
+        attn_c = work.attn_macs / n / op.peak_macs_per_s
+        weight_m = stream / n / op.bandwidth_bps
+        kv_m = work.kv_bytes * kv_share / op.bandwidth_bps
+        ce, me = op.compute_efficiency, op.memory_efficiency
+        compute_s, memory_s = (gemm_c + attn_c) / ce, (weight_m + kv_m) / me
+        if self.attention_efficiency is None:
+            busy = max(compute_s, memory_s)
+        else:  # GEMMs, then attention: separate kernels, each on its own roofline
+            ae = self.attention_efficiency
+            busy = max(gemm_c / ce, weight_m / me) + max(attn_c / (ce * ae), kv_m / (me * ae))
+        time_s = (
+            busy + self.overhead_s + self.layer_overhead_s * model.n_layers + self.sequence_overhead_s * sequences
+        )
+        kernel_s = busy + self.overhead_s
+        comm_j = 0.0
+        if n > 1:
+            assert self.interconnect is not None  # check_tensor_parallel refuses it earlier
+            link = self.interconnect
+            # Two all-reduces per layer (attention and MLP outputs), ring: each device sends 2(n-1)/n of it.
+            message = work.tokens * model.hidden_size * model.head_bytes
+            sent = 2 * (n - 1) / n * message
+            reduces = 2 * model.n_layers
+            # The fixed cost grows with the devices that must synchronise (ring steps, the slowest one's skew).
+            transfer_s = reduces * sent / link.bandwidth_bps
+            time_s += reduces * link.allreduce_latency_s * (n - 1) + transfer_s
+            kernel_s += transfer_s
+            comm_j = reduces * sent * n * link.energy_pj_per_byte * 1e-12
         return Execution(
-            compute_s=ideal_compute / op.compute_efficiency,
-            memory_s=ideal_memory / op.memory_efficiency,
-            ideal_compute_s=ideal_compute,
-            ideal_memory_s=ideal_memory,
+            time_s=time_s,
+            kernel_s=kernel_s,
+            compute_s=compute_s,
+            memory_s=memory_s,
+            ideal_compute_s=gemm_c + attn_c,
+            ideal_memory_s=weight_m + kv_m,
             weight_mac_j=op.weight_mac_j,
             attn_mac_j=op.attn_mac_j,
             kv_byte_j=op.kv_byte_j,
             act_byte_j=op.act_byte_j,
             token_j=op.token_j,
-            weight_stream_j=op.stream_j,
-            weight_stream_bytes=op.stream_bytes,
+            weight_stream_j=stream * op.stream_byte_j,
+            weight_stream_bytes=stream,
+            comm_j=comm_j,
         )
 
 

@@ -90,7 +90,9 @@ class EmulatedEngine:
                 "decoder; evaluate encoders with serving.emulated.physics.run_metrics"
             )
         self.device.peak_macs_per_s(self.model.dtype, self.device.f_max_mhz)  # raises if no such datapath
-        self.kv_capacity_tokens = self.device.kv_capacity_tokens(self.model)  # raises DeviceFitError
+        self.tensor_parallel = config.tensor_parallel
+        self.device.check_tensor_parallel(self.model, self.tensor_parallel)
+        self.kv_capacity_tokens = self.device.kv_capacity_tokens(self.model, self.tensor_parallel)  # DeviceFitError
         if config.max_model_len > self.kv_capacity_tokens:
             raise ValueError(
                 f"max_model_len {config.max_model_len} exceeds the KV-cache capacity of {self.device.name} "
@@ -198,9 +200,24 @@ class EmulatedEngine:
 
     # --- Power source ----------------------------------------------------------------------------
     def devices(self) -> list[DeviceInfo]:
-        return [DeviceInfo(device="emu0", name=self.device.name, backend=self.backend, energy_method="modeled")]
+        return [
+            DeviceInfo(device=f"emu{i}", name=self.device.name, backend=self.backend, energy_method="modeled")
+            for i in range(self.tensor_parallel)
+        ]
 
     def read(self) -> list[PowerReading]:
+        """One reading per device; tensor-parallel devices run in lockstep and share the work evenly."""
+        total = self._read_total()
+        n = self.tensor_parallel
+        if n == 1:
+            return [total]
+        return [
+            PowerReading(total.t_s, f"emu{i}", total.energy_j / n, total.power_w / n, total.clock_mhz,
+                         total.provenance)
+            for i in range(n)
+        ]
+
+    def _read_total(self) -> PowerReading:
         now = self.clock.now()
         energy = self._energy_j
         if self._inflight is not None:
@@ -210,14 +227,14 @@ class EmulatedEngine:
             power = cost.power_w
         else:
             energy += self._pending_idle_j(now)
-            power = self.device.idle_power_w
-        return [PowerReading(now, "emu0", energy, power, self.clock_mhz, Provenance.MODELED)]
+            power = self.device.idle_power_w * self.tensor_parallel
+        return PowerReading(now, "emu0", energy, power, self.clock_mhz, Provenance.MODELED)
 
     # --- internals -------------------------------------------------------------------------------
     def _pending_idle_j(self, now: float) -> float:
         if self._inflight is not None:
             return 0.0
-        return self.device.idle_power_w * max(0.0, now - self._accounted_until)
+        return self.device.idle_power_w * self.tensor_parallel * max(0.0, now - self._accounted_until)
 
     def _admit(self, request: GenerationRequest) -> _Sequence:
         if request.prompt_token_ids is not None:
@@ -339,7 +356,9 @@ class EmulatedEngine:
                 continue
             self._idle_j += self._pending_idle_j(t0)
             self._energy_j = self._idle_j + self._prefill_j + self._decode_j
-            cost = step_cost(self.device, self.model, [(n, ctx) for _, n, ctx, _ in plan], self.clock_mhz)
+            cost = step_cost(
+                self.device, self.model, [(n, ctx) for _, n, ctx, _ in plan], self.clock_mhz, self.tensor_parallel
+            )
             self._inflight = (t0, cost)
             if self._trace:
                 woke = self.clock.now()

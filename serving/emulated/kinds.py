@@ -40,8 +40,7 @@ class ProcessorSpec(DeviceSpec):
         e_mac_total = self.mac_energy_j(model.dtype, clock_mhz)
         e_on = self.onchip_byte_j(clock_mhz)
         e_off = self.memory.energy_pj_per_byte * 1e-12
-        resident = model.matmul_weight_bytes <= self.onchip.capacity_bytes
-        stream = 0.0 if resident else model.matmul_weight_bytes
+        resident = model.matmul_weight_bytes if model.matmul_weight_bytes <= self.onchip.capacity_bytes else 0.0
         return OperatingPoint(
             peak_macs_per_s=self.peak_macs_per_s(model.dtype, clock_mhz),
             compute_efficiency=self.compute_efficiency,
@@ -52,8 +51,8 @@ class ProcessorSpec(DeviceSpec):
             kv_byte_j=e_off + e_on,
             act_byte_j=e_on,
             token_j=0.0,
-            stream_bytes=stream,
-            stream_j=stream * (e_off + e_on),
+            resident_bytes=resident,
+            stream_byte_j=e_off + e_on,
         )
 
 
@@ -170,7 +169,6 @@ class _ArrayCimSpec(DeviceSpec):
         e_on = self.onchip_byte_j(clock_mhz)
         e_write = e_on * self.write_energy_scale
         e_off = self.memory.energy_pj_per_byte * 1e-12
-        stream = max(0.0, model.matmul_weight_bytes - self.array_capacity_bytes)
         return OperatingPoint(
             peak_macs_per_s=self.peak_macs_per_s(model.dtype, clock_mhz),
             compute_efficiency=self.compute_efficiency,
@@ -181,8 +179,8 @@ class _ArrayCimSpec(DeviceSpec):
             kv_byte_j=e_off + e_on,
             act_byte_j=e_on,
             token_j=model.kv_bytes_per_token * e_write,
-            stream_bytes=stream,
-            stream_j=stream * (e_off + e_write),
+            resident_bytes=self.array_capacity_bytes,
+            stream_byte_j=e_off + e_write,
         )
 
 
@@ -252,7 +250,6 @@ class DramPimSpec(DeviceSpec):
     def operating_point(self, model: ModelShape, clock_mhz: float) -> OperatingPoint:
         e_mac = self.mac_energy_j(model.dtype, clock_mhz)
         e_bank = self.bank_energy_pj_per_byte * 1e-12
-        stream = model.matmul_weight_bytes  # weights are read from the banks every iteration, in place
         return OperatingPoint(
             peak_macs_per_s=self.peak_macs_per_s(model.dtype, clock_mhz),
             compute_efficiency=self.compute_efficiency,
@@ -263,6 +260,6 @@ class DramPimSpec(DeviceSpec):
             kv_byte_j=e_bank,
             act_byte_j=self.onchip_byte_j(clock_mhz),
             token_j=0.0,
-            stream_bytes=stream,
-            stream_j=stream * e_bank,
+            resident_bytes=0.0,  # weights are read from the banks every iteration, in place
+            stream_byte_j=e_bank,
         )

@@ -43,6 +43,7 @@ __all__ = [
     "peak_tops_per_w",
     "run_metrics",
     "step_cost",
+    "work_cost",
 ]
 
 
@@ -80,58 +81,138 @@ class IterationCost:
         return out
 
 
+@dataclass(slots=True)
+class _Totals:
+    time_s: float
+    own_j: float
+    """Dynamic energy of the work itself (MACs, KV, activations), before shared costs."""
+    shared_j: float
+    """Shared dynamic energy: weights streamed, all-reduce traffic."""
+    static_j: float
+    throttled: bool
+    execution: Execution
+
+
+def _totals(
+    device: DeviceSpec,
+    model: ModelShape,
+    work: WorkCounts,
+    sequences: int,
+    clock_mhz: float,
+    ideal: bool = False,
+    tensor_parallel: int = 1,
+) -> _Totals:
+    """Time and energy of an iteration doing ``work`` over ``sequences`` sequences. ``ideal``: the roofline
+    bound (peak rates, no overhead). Energies cover all ``tensor_parallel`` devices; each is held under its
+    own TDP by running at the fastest clock that stays under it (what a power-capped GPU's governor does)."""
+    n = tensor_parallel
+    t = _at_clock(device, model, work, sequences, clock_mhz, ideal, n)
+    if ideal or not t.throttled:
+        return t
+    # Over the TDP the governor lowers the clock: the fastest supported clock that stays under it, else the
+    # lowest clock stretched to the TDP. The request's clock stays a cap, never a floor.
+    for lower in sorted((c for c in device.clocks_mhz if c < clock_mhz), reverse=True):
+        t = _at_clock(device, model, work, sequences, lower, ideal, n)
+        if not t.throttled:
+            break
+    t.throttled = True
+    return t
+
+
+def _at_clock(
+    device: DeviceSpec, model: ModelShape, work: WorkCounts, sequences: int, clock_mhz: float, ideal: bool, n: int
+) -> _Totals:
+    ex = device.execute(model, work, clock_mhz, sequences, n)
+    time_s = max(ex.ideal_compute_s, ex.ideal_memory_s) if ideal else ex.time_s
+    own_j = ex.own_j(work)
+    shared_j = ex.weight_stream_j + ex.comm_j
+    dynamic_j = own_j + shared_j
+    # Busy power (clock tree, active SMs) while kernels run; idle power while the device waits on the host,
+    # launch gaps and link latency. The ideal bound is all kernel time.
+    static_w = device.static_power_w(clock_mhz) * n
+    idle_w = device.idle_power_w * n
+    kernel_s = time_s if ideal else min(time_s, ex.kernel_s)
+    static_j = idle_w * time_s + (static_w - idle_w) * kernel_s
+    throttled = (dynamic_j + static_j) / time_s > device.tdp_w * n * (1 + 1e-12)
+    if throttled and clock_mhz <= min(device.clocks_mhz):  # nothing lower: stretch the kernels to the TDP
+        # dynamic + idle·wait + static·kernel = TDP·(wait + kernel), solved for the kernel time
+        wait_s = time_s - kernel_s
+        tdp_w = device.tdp_w * n
+        kernel_s = (dynamic_j - (tdp_w - idle_w) * wait_s) / (tdp_w - static_w)
+        time_s = wait_s + kernel_s
+        static_j = idle_w * time_s + (static_w - idle_w) * kernel_s
+    return _Totals(time_s, own_j, shared_j, static_j, throttled, ex)
+
+
 def _price(
     device: DeviceSpec,
     model: ModelShape,
     items: list[tuple[int, int]],
     clock_mhz: float,
     ideal: bool = False,
+    tensor_parallel: int = 1,
 ) -> tuple[IterationCost, Execution]:
-    """Time and energy of an iteration doing ``items`` ((new tokens, context tokens) each), split so the
-    item shares add up exactly. ``ideal``: the roofline bound (peak rates, no overhead)."""
+    """:func:`_totals` of ``items`` ((new tokens, context tokens) each), with the energy split so the item
+    shares add up exactly: each item its own work, the shared costs by tokens processed."""
     if not items:
         raise ValueError("an iteration needs at least one sequence")
     rows = count_rows(model.work_constants, items)
     weight_macs, attn_macs, kv_bytes, act_bytes = map(sum, zip(*rows, strict=True))
     tokens = sum(map(itemgetter(0), items))
-    ex = device.execute(model, WorkCounts(tokens, weight_macs, attn_macs, kv_bytes, act_bytes), clock_mhz)
-    time_s = (max(ex.ideal_compute_s, ex.ideal_memory_s) if ideal
-              else max(ex.compute_s, ex.memory_s) + device.overhead_s)
+    work = WorkCounts(tokens, weight_macs, attn_macs, kv_bytes, act_bytes)
+    t = _totals(device, model, work, len(items), clock_mhz, ideal, tensor_parallel)
+    ex = t.execution
     e_w, e_a, e_kv, e_act, e_tok = ex.weight_mac_j, ex.attn_mac_j, ex.kv_byte_j, ex.act_byte_j, ex.token_j
-    own = [wm * e_w + am * e_a + kv * e_kv + act * e_act + n * e_tok
-           for (n, _), (wm, am, kv, act) in zip(items, rows, strict=True)]
-    dynamic_j = sum(own) + ex.weight_stream_j
-    static_w = device.static_power_w(clock_mhz)
-    throttled = dynamic_j / time_s + static_w > device.tdp_w
-    if throttled:
-        time_s = dynamic_j / (device.tdp_w - static_w)
-    static_j = static_w * time_s
-    shared_per_token = (ex.weight_stream_j + static_j) / tokens
-    shares = [j + shared_per_token * n for j, (n, _) in zip(own, items, strict=True)]
+    own = [wm * e_w + am * e_a + kv * e_kv + act * e_act + m * e_tok
+           for (m, _), (wm, am, kv, act) in zip(items, rows, strict=True)]
+    shared_per_token = (t.shared_j + t.static_j) / tokens
+    shares = [j + shared_per_token * m for j, (m, _) in zip(own, items, strict=True)]
     cost = IterationCost(
-        time_s=time_s,
-        energy_j=dynamic_j + static_j,
-        static_j=static_j,
+        time_s=t.time_s,
+        energy_j=sum(own) + t.shared_j + t.static_j,
+        static_j=t.static_j,
         shares_j=shares,
         compute_s=ex.compute_s,
         memory_s=ex.memory_s,
-        throttled=throttled,
+        throttled=t.throttled,
         ops=2 * (weight_macs + attn_macs),
         tokens=tokens,
     )
     return cost, ex
 
 
+def work_cost(
+    device: DeviceSpec,
+    model: ModelShape,
+    work: WorkCounts,
+    sequences: int,
+    clock_mhz: float,
+    tensor_parallel: int = 1,
+) -> tuple[float, float, bool]:
+    """(time s, energy J, throttled) of an iteration given its summed work: the aggregate form of
+    :func:`step_cost` for models of whole batches (calibration fits, floors) without per-request items."""
+    t = _totals(device, model, work, sequences, clock_mhz, tensor_parallel=tensor_parallel)
+    return t.time_s, t.own_j + t.shared_j + t.static_j, t.throttled
+
+
 def step_cost(
-    device: DeviceSpec, model: ModelShape, items: list[tuple[int, int]], clock_mhz: float
+    device: DeviceSpec,
+    model: ModelShape,
+    items: list[tuple[int, int]],
+    clock_mhz: float,
+    tensor_parallel: int = 1,
 ) -> IterationCost:
     """:func:`iteration_cost` of ``(new tokens, context tokens)`` items, shares in item order (the engine's
     hot path: no per-request objects)."""
-    return _price(device, model, items, clock_mhz)[0]
+    return _price(device, model, items, clock_mhz, tensor_parallel=tensor_parallel)[0]
 
 
 def iteration_cost(
-    device: DeviceSpec, model: ModelShape, work: list[SequenceWork], clock_mhz: float
+    device: DeviceSpec,
+    model: ModelShape,
+    work: list[SequenceWork],
+    clock_mhz: float,
+    tensor_parallel: int = 1,
 ) -> IterationCost:
     """Time and energy of one batched iteration, with its energy split among the requests in it.
 
@@ -139,15 +220,9 @@ def iteration_cost(
     weights once and static power for the iteration) is split by the tokens each request processed, so
     the shares add up to the iteration's energy exactly.
     """
-    cost, _ = _price(device, model, [(w.new_tokens, w.context_tokens) for w in work], clock_mhz)
+    items = [(w.new_tokens, w.context_tokens) for w in work]
+    cost, _ = _price(device, model, items, clock_mhz, tensor_parallel=tensor_parallel)
     return dataclasses.replace(cost, request_ids=tuple(w.request_id for w in work))
-
-
-def _ideal_cost(
-    device: DeviceSpec, model: ModelShape, work: list[SequenceWork], clock_mhz: float
-) -> tuple[IterationCost, Execution]:
-    """The roofline bound: peak rates, no overhead, same energies per unit of work."""
-    return _price(device, model, [(w.new_tokens, w.context_tokens) for w in work], clock_mhz, ideal=True)
 
 
 # --- whole-workload figures ----------------------------------------------------------------------
@@ -206,49 +281,72 @@ def peak_tops_per_w(device: DeviceSpec, dtype: str, clock_mhz: float | None = No
     return 2 * macs / watts / 1e12
 
 
+MAX_SPECULATIVE_TOKENS = 16
+"""Most tokens a speculative step may propose (the engines' ``speculative_tokens`` bound)."""
+
+
 @dataclass(frozen=True)
 class EnergyFloor:
-    """Roofline lower bound of energy per output token for a workload point."""
+    """Lower bound of energy per output token for a workload on a device, over every setting."""
 
     joules_per_token: float
     clock_mhz: float
     """The clock at which the bound is lowest."""
     bound: str
-    """What limits the decode step at that clock: ``compute`` or ``memory``."""
+    """What limits the work at that clock: ``compute`` or ``memory``."""
 
 
 def energy_floor_per_token(
-    device: DeviceSpec, model: ModelShape, prompt_tokens: int, output_tokens: int, batch: int = 1
+    device: DeviceSpec,
+    model: ModelShape,
+    prompt_tokens: int,
+    output_tokens: int,
+    tensor_parallel: int = 1,
 ) -> EnergyFloor:
-    """Least energy per output token any schedule could reach on ``device``.
+    """Least energy per output token any setting could reach on ``device`` for requests of ``prompt_tokens``
+    in and ``output_tokens`` out: every batch up to the KV capacity, every clock, speculation at perfect
+    acceptance, any packing or policy.
 
-    Counts the operations that must run and the bytes that must move for ``batch`` requests of
-    ``prompt_tokens`` in and ``output_tokens`` out (prefill once, then one decode step per output token at
-    the mean context, the weights read once per step and shared by the batch), priced at peak rates with no
-    overhead, static power included, at every supported clock; returns the cheapest. Measured energy per
-    token divided by this is the headroom a scheduler or a knob could still win. For encoders the
-    "output" tokens are the sequence's tokens (one pass, no decode).
+    Counted per request, each part a lower bound of what any schedule spends: its own work (MACs, KV and
+    activation traffic, at the device's unit energies) with decode tokens verified ``1 + 16`` at a time (the
+    KV cache read once per step for all of them); the weights streamed, amortised over the largest step the
+    KV cache can hold; busy power over the roofline time of all that work (peak rates, no overhead, the
+    compute and memory bounds summed over the request before taking the larger, which no split into
+    iterations can beat); no TDP throttling (which only adds time at static power) and no interconnect
+    traffic. Measured energy per token divided by this is the headroom a scheduler or a knob could still win.
+    For encoders the "output" tokens are the sequence's tokens (one pass, no decode).
     """
-    if (
-        prompt_tokens < 1
-        or output_tokens < 0
-        or batch < 1
-        or (model.architecture == "decoder" and output_tokens < 1)
-    ):
-        raise ValueError("a floor needs prompt_tokens >= 1, output_tokens >= 1 (decoders) and batch >= 1")
+    decoder = model.architecture == "decoder"
+    if prompt_tokens < 1 or output_tokens < 0 or (decoder and output_tokens < 1):
+        raise ValueError("a floor needs prompt_tokens >= 1 and output_tokens >= 1 (decoders)")
+    n = tensor_parallel
+    steps, per_step = 0.0, 1 + MAX_SPECULATIVE_TOKENS
+    items = [(prompt_tokens, 0)]
+    if decoder and output_tokens > 1:
+        decode_tokens = output_tokens - 1  # the first token comes out of the prefill
+        steps = decode_tokens / per_step
+        items.append((per_step, prompt_tokens + decode_tokens // 2))
+    rows = count_rows(model.work_constants, items)
+    prefill, decode = rows[0], (rows[1] if len(rows) > 1 else (0.0, 0.0, 0.0, 0.0))
+    weight_macs, attn_macs, kv_bytes, act_bytes = (p + steps * d for p, d in zip(prefill, decode, strict=True))
+    tokens = prompt_tokens + (output_tokens - 1 if decoder else 0)
+    largest_step = device.kv_capacity_tokens(model, n) if decoder else prompt_tokens
+    stream_share = model.weight_bytes_read(largest_step) / largest_step * tokens
+    per_token = output_tokens if decoder else prompt_tokens
     best: EnergyFloor | None = None
     for clock in sorted(device.clocks_mhz):
-        prefill, _ = _ideal_cost(device, model, encoder_batch(batch, prompt_tokens), clock)
-        if model.architecture == "encoder":
-            per_token, bound = prefill.energy_j / (batch * prompt_tokens), "compute"
-        else:
-            ctx = prompt_tokens + output_tokens // 2
-            step_work = [SequenceWork(f"seq{i}", 1, ctx, False) for i in range(batch)]
-            step, ex = _ideal_cost(device, model, step_work, clock)
-            bound = "compute" if ex.ideal_compute_s >= ex.ideal_memory_s else "memory"
-            per_token = (prefill.energy_j + output_tokens * step.energy_j) / (batch * output_tokens)
-        if best is None or per_token < best.joules_per_token:
-            best = EnergyFloor(per_token, clock, bound)
+        ex = device.execute(model, WorkCounts(tokens, weight_macs, attn_macs, kv_bytes, act_bytes), clock, 1, n)
+        # execute() streams the weights once: scale that to the amortised share (none if they stay on chip).
+        scale = stream_share / ex.weight_stream_bytes if ex.weight_stream_bytes > 0 else 0.0
+        weight_s = ex.weight_stream_bytes / n / device.memory_bandwidth_bps
+        memory_s = ex.ideal_memory_s - weight_s + weight_s * scale
+        own_j = ex.own_j(WorkCounts(tokens, weight_macs, attn_macs, kv_bytes, act_bytes))
+        stream_j = ex.weight_stream_j * scale
+        static_j = device.static_power_w(clock) * n * max(ex.ideal_compute_s, memory_s)
+        j = (own_j + stream_j + static_j) / per_token
+        if best is None or j < best.joules_per_token:
+            bound = "compute" if ex.ideal_compute_s >= memory_s else "memory"
+            best = EnergyFloor(j, clock, bound)
     assert best is not None
     return best
 

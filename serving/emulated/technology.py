@@ -37,10 +37,13 @@ MAC_45NM_PJ: dict[str, float] = {
     "fp16": FP16_MULT_PJ + FP16_ADD_PJ,
     "bf16": FP16_MULT_PJ + FP16_ADD_PJ,  # no bf16 figure in Horowitz: a 16-bit float MAC
     "fp32": FP32_MULT_PJ + FP32_ADD_PJ,
+    # No 8-bit float figure in Horowitz: an 8-bit multiplier (its 3-4 bit mantissa product is smaller than
+    # an int8 one) accumulating in 16-bit float or wider, as FP8 tensor cores do.
+    "fp8": INT8_MULT_PJ + FP16_ADD_PJ,
 }
 """Energy of one multiply-accumulate by operand type (one MAC = 2 operations)."""
 
-DTYPE_BYTES: dict[str, float] = {"int8": 1, "fp16": 2, "bf16": 2, "fp32": 4}
+DTYPE_BYTES: dict[str, float] = {"int8": 1, "fp8": 1, "fp16": 2, "bf16": 2, "fp32": 4}
 
 SRAM_PJ_PER_BYTE_45NM = SRAM_8KB_READ_32BIT_PJ / 4
 DRAM_DDR3_PJ_PER_BYTE = DRAM_READ_32BIT_PJ / 4
