@@ -123,6 +123,11 @@ class DeviceSpec(BaseModel):
     kv_memory_fraction: float = Field(default=0.9, gt=0, le=1, description="Memory share for weights + KV.")
     sources: list[str] = Field(default_factory=list, description="Where each constant comes from.")
     calibrated: list[str] = Field(default_factory=list, description="Constants fitted to published figures.")
+    calibration: str | None = Field(
+        default=None,
+        description="Calibration report (serving/emulated/calibration.py): a shipped report's name or a YAML path; "
+        "the error band of this preset against measured rows, carried by every figure it models.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DeviceSpec:
