@@ -142,9 +142,10 @@ def main() -> None:
     errors = run(rows, args.mode, args.model_configs)
     bands = summary(errors)
     if args.write:
-        if args.data is not None or args.mode != "replay":
-            sys.exit("--write stores reports of the shipped data replayed on the engine only")
-        command = "python bench/calibration.py" + (f" --gpu {args.gpu}" if args.gpu != "all" else "") + " --write"
+        if args.data is not None:
+            sys.exit("--write stores reports of the shipped data only")
+        command = ("python bench/calibration.py" + (f" --gpu {args.gpu}" if args.gpu != "all" else "")
+                   + (" --mode mean-field" if args.mode != "replay" else "") + " --write")
         write_reports(bands, {g: len(e) for g, e in errors.items()}, command)
 
 

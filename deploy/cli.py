@@ -25,15 +25,17 @@ EXIT_USAGE = 2
 def _print_summary(console: Console, points, out: Path) -> None:  # type: ignore[no-untyped-def]
     """The points' headline figures, none of them ever cut short. A text column with one value for every point
     (backend, provenance, ...) goes to the caption; a terminal too narrow for a row per point gets a row per
-    figure (a column per point) instead, so energy, water and carbon per token stay readable."""
+    figure (a column per point) instead, so energy, water and carbon per token stay readable. A modeled point's
+    calibration label (``modeled: <preset>, ...``) is always printed, in the caption when all points share it."""
     import pandas as pd
 
     from workloads.report import summary_frame
 
     frame = summary_frame(points)
     cells = {str(col): [f"{v:.4g}" if isinstance(v, float) else str(v) for v in frame[col]] for col in frame.columns}
-    shared = [col for col in cells if len(frame) > 1 and not pd.api.types.is_numeric_dtype(frame[col])
-              and len(set(cells[col])) == 1]
+    # The calibration label is long: in the caption even for one point, so the figures keep a row of their own.
+    shared = [col for col in cells if (len(frame) > 1 or col == "calibration")
+              and not pd.api.types.is_numeric_dtype(frame[col]) and len(set(cells[col])) == 1]
     caption = ", ".join(f"{col}: {cells[col][0]}" for col in shared) or None
     columns = [col for col in cells if col not in shared]
 

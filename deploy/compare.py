@@ -23,6 +23,7 @@ COMPARE_COLUMNS = {
     "e2e_p99_s": "E2E p99 s",
     "slo_attainment": "SLO",
     "failed": "failed",
+    "calibration": "calibration",
 }
 
 
@@ -95,6 +96,6 @@ def print_comparison(console: Console, table: pd.DataFrame) -> None:
         view.add_column(label, justify="right")
     for _, row in table.iterrows():
         view.add_row(
-            *[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in COMPARE_COLUMNS]
+            *[f"{v:.4g}" if isinstance(v := row.get(c, ""), float) else str(v) for c in COMPARE_COLUMNS]
         )
     console.print(view)

@@ -42,7 +42,7 @@ from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
 from workloads.arrivals import ClosedLoopArrivals, LengthStream, RequestSpec
 from workloads.campaign import Target, mark_phases, offered_rate, point_requests, point_seed, write_manifest
 from workloads.client import ClosedLoop, RequestRecord
-from workloads.results import ResultStore, engine_token_shares, summarize_point
+from workloads.results import DeviceLabel, ResultStore, engine_token_shares, summarize_point
 from workloads.spec import CampaignSpec, KnobSetting, PolicySetting, WorkloadSpec, setting_label
 
 T = TypeVar("T")
@@ -248,6 +248,11 @@ class VirtualDeployment:
         actuator = EngineActuator(self.engines, self.router)
         return ControlLoop(policy, observer, actuator, self.clock, period_s, max_changes_per_min)
 
+    def device_labels(self) -> list[DeviceLabel]:
+        """(preset, calibration, provenance) of every engine's devices, as a scrape of their /metrics gives them."""
+        return [(d.preset, d.calibration, str(r.provenance))
+                for e in self.engines for d, r in zip(e.devices(), e.read(), strict=True)]
+
     def generated_tokens(self) -> int:
         return sum(e.stats().generated_tokens_total for e in self.engines)
 
@@ -386,7 +391,8 @@ async def _campaign(
                     with contextlib.suppress(asyncio.CancelledError):
                         await control
             summary = summarize_point(
-                point, offered_rate(spec, rate, records), records, measurement, "emulated", site, spec.slo, tokens
+                point, offered_rate(spec, rate, records), records, measurement, "emulated", site, spec.slo, tokens,
+                devices=deployment.device_labels(),
             )
             summary["concurrency"] = int(rate) if spec.closed_loop else math.nan
             summary.update(shares)

@@ -49,6 +49,9 @@ class DeviceSample:
     """Failed reads of the device's sampling thread, where one runs."""
     uptime_s: float | None = None
     """Seconds the device has been in service (for embodied carbon); else counted from the first scrape."""
+    preset: str | None = None
+    """Emulated devices: the preset that models it, exported with ``calibration`` on ``llm_energy_device_info``."""
+    calibration: str | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,11 @@ class EnergyCollector(FastCollector):
             "Failed reads of a device's power-sampling thread (a dead sampler stops the energy counter).",
             labels=DEVICE_LABELS,
         )
+        info = _gauge(  # labels, not series of their own: a campaign copies them into points.csv
+            f"{NAMESPACE}_device_info",
+            "Emulated devices (value 1): the preset that models the device and its calibration band.",
+            labels=[*DEVICE_LABELS, "preset", "calibration"],
+        )
         now, wall = self._clock(), self._wall_clock()
         for d in snap.devices:
             labels = [d.replica, d.device, d.backend, d.provenance]
@@ -162,7 +170,9 @@ class EnergyCollector(FastCollector):
                 carbon.add([*labels, "embodied"], self._embodied.grams(self._uptime_s(d, now)))
             if d.sampler_errors is not None:
                 sampler_errors.add(labels, d.sampler_errors)
-        return [energy, power, clock, water, carbon, sampler_errors]
+            if d.preset is not None:
+                info.add([*labels, d.preset, d.calibration or ""], 1.0)
+        return [energy, power, clock, water, carbon, sampler_errors, info]
 
     def _operational_g(self, d: DeviceSample, constant_cif_g: float, wall: float) -> float:
         if self._carbon is None:

@@ -38,6 +38,12 @@ class CounterSnapshot:
     """Failed power-sampler reads keyed ``replica/device`` (only devices that have a sampler)."""
     engine_tokens: dict[str, float] = field(default_factory=dict)
     """Engine token counters keyed ``replica/name`` (names: :data:`ENGINE_TOKEN_COUNTERS`), where exported."""
+    device_info: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Emulated devices keyed ``replica/device``: (preset, calibration label), from ``llm_energy_device_info``."""
+
+    def device_labels(self) -> list[tuple[str | None, str | None, str]]:
+        """(preset, calibration, provenance) of every metered device (``workloads.results.calibration_columns``)."""
+        return [(*self.device_info.get(k, (None, None)), str(s.provenance)) for k, s in self.energy.items()]
 
     @property
     def generated_total(self) -> float:
@@ -52,6 +58,7 @@ def parse_counters(text: str) -> CounterSnapshot:
     clock: dict[str, float] = {}
     sampler_errors: dict[str, float] = {}
     engine_tokens: dict[str, float] = {}
+    device_info: dict[str, tuple[str, str]] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             key = f"{s.labels.get('replica', '')}/{s.labels.get('device', '')}"
@@ -66,9 +73,13 @@ def parse_counters(text: str) -> CounterSnapshot:
                 tokens[s.labels.get("replica", "")] = s.value
             elif s.name == "llm_energy_sampler_errors_total":
                 sampler_errors[key] = s.value
+            elif s.name == "llm_energy_device_info":
+                device_info[key] = (s.labels.get("preset", ""), s.labels.get("calibration", ""))
             elif (name := ENGINE_TOKEN_COUNTERS.get((s.name, s.labels.get("kind", "")))) is not None:
                 engine_tokens[f"{s.labels.get('replica', '')}/{name}"] = s.value
-    return CounterSnapshot(energy, tokens, frozenset(backends), power, clock, sampler_errors, engine_tokens)
+    return CounterSnapshot(
+        energy, tokens, frozenset(backends), power, clock, sampler_errors, engine_tokens, device_info
+    )
 
 
 def scrape_counters(

@@ -25,6 +25,10 @@ class DeviceInfo:
     """How cumulative energy is obtained: ``counter``, ``integrated`` (sampled power) or ``modeled``."""
     power_limit_w: float | None = None
     """Enforced power limit, where the device reports one."""
+    preset: str | None = None
+    """Emulated device preset that models it (None: a real device)."""
+    calibration: str | None = None
+    """How far its modeled figures can be trusted, e.g. ``modeled: a40, uncalibrated`` (None: a real device)."""
 
 
 @dataclass(frozen=True)

@@ -317,9 +317,11 @@ class Router:
         for r, tel in await self.telemetry(timeout_s):
             infos = {d.device: d for d in tel.devices}
             for rd in tel.readings:
-                backend = infos[rd.device].backend if rd.device in infos else r.backend
+                info = infos.get(rd.device)
                 snap.devices.append(
-                    DeviceSample(r.name, rd.device, backend, str(rd.provenance), rd.energy_j, rd.power_w, rd.clock_mhz)
+                    DeviceSample(r.name, rd.device, info.backend if info else r.backend, str(rd.provenance),
+                                 rd.energy_j, rd.power_w, rd.clock_mhz,
+                                 preset=info.preset if info else None, calibration=info.calibration if info else None)
                 )
             s = tel.stats
             snap.replicas.append(

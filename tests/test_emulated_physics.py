@@ -53,9 +53,9 @@ def test_lower_clock_saves_energy_on_memory_bound_decode_only() -> None:
     dev, model = load_device("h100_sxm"), load_model_shape("llama-3.1-8b")
     hi, lo = dev.f_max_mhz, 1110
     d_hi, d_lo = (iteration_cost(dev, model, _decode(16), f) for f in (hi, lo))
-    assert d_lo.energy_j < d_hi.energy_j and d_lo.time_s < d_hi.time_s * 1.1  # decode barely slows
+    assert d_lo.energy_j < d_hi.energy_j and d_lo.time_s < d_hi.time_s * 1.3  # decode slows far less than f
     p_hi, p_lo = (iteration_cost(dev, model, [SequenceWork("p", 4096, 0, True)], f) for f in (hi, lo))
-    assert p_lo.time_s > p_hi.time_s * 1.4  # prefill stretches with the clock
+    assert p_hi.throttled and p_lo.time_s > p_hi.time_s * 1.2  # prefill: power-capped at f_max, slower below
     assert dev.voltage(dev.f_max_mhz) == dev.v_max and dev.voltage(dev.f_floor_mhz / 2) == dev.v_min
     assert d_lo.power_w < d_hi.power_w  # dynamic power ~ C V^2 f
 

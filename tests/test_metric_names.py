@@ -22,6 +22,7 @@ FROZEN: dict[str, tuple[str, tuple[str, ...]]] = {
     "llm_energy_water_liters_total": ("counter", (*DEV, "scope")),
     "llm_energy_carbon_grams_total": ("counter", (*DEV, "scope")),
     "llm_energy_sampler_errors_total": ("counter", DEV),
+    "llm_energy_device_info": ("gauge", ("backend", "calibration", "device", "preset", "provenance", "replica")),
     "llm_energy_tokens_total": ("counter", ("backend", "kind", "replica")),
     "llm_energy_attributed_energy_joules_total": ("counter", ("backend", "phase", "provenance", "replica")),
     "llm_energy_idle_energy_joules_total": ("counter", ("backend", "provenance", "replica")),
@@ -51,6 +52,7 @@ KINDS = {"llm_energy_tokens_total": {"prompt", "generated"},
          "llm_energy_prefix_cache_tokens_total": {"queried", "hit"}}
 SCOPES = {"llm_energy_water_liters_total": {"site", "source"},
           "llm_energy_carbon_grams_total": {"operational", "embodied"}}
+PRESET = {"preset": "a40", "calibration": "modeled: a40, uncalibrated"}  # emulated devices export their preset
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 
 
@@ -67,9 +69,9 @@ class Ticks:
 
 def exposition() -> str:
     snaps = iter([
-        ExportSnapshot([DeviceSample("r0", "emu0", "emulated", "modeled", 100.0, 300.0, 1980.0, 0)],
+        ExportSnapshot([DeviceSample("r0", "emu0", "emulated", "modeled", 100.0, 300.0, 1980.0, 0, **PRESET)],
                        [ReplicaSample("r0", "emulated", 50, 10, 40.0, 50.0, 10.0, 2, 1, **ENGINE_STATE)]),
-        ExportSnapshot([DeviceSample("r0", "emu0", "emulated", "modeled", 400.0, 300.0, 1980.0, 0)],
+        ExportSnapshot([DeviceSample("r0", "emu0", "emulated", "modeled", 400.0, 300.0, 1980.0, 0, **PRESET)],
                        [ReplicaSample("r0", "emulated", 90, 30, 140.0, 200.0, 60.0, 2, 1, **ENGINE_STATE)]),
     ])
     state = {"snap": next(snaps)}
@@ -126,7 +128,7 @@ def test_counters_end_in_total_and_units_are_base_units() -> None:
               "llm_energy_requests_waiting"}  # dimensionless counts
     for family in (f for f in types if f.startswith("llm_energy_") and not f.endswith("_created")):
         base = family.removesuffix("_total")  # newer clients print counters' TYPE with the suffix
-        assert unit.search(base) or base in counts, family
+        assert unit.search(base) or base in counts or base.endswith("_info"), family  # _info: labels, value 1
 
 
 def test_scope_values_are_fixed() -> None:

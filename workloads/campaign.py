@@ -351,7 +351,8 @@ async def _run_points_with(
         else:
             measurement, backend, tokens = Measurement(duration_s=window_s), "unknown", None
         summary = summarize_point(
-            point, offered_rate(spec, rate, records), records, measurement, backend, site, spec.slo, tokens
+            point, offered_rate(spec, rate, records), records, measurement, backend, site, spec.slo, tokens,
+            devices=last.device_labels() if first is not None and last is not None else (),
         )
         summary["concurrency"] = int(rate) if spec.closed_loop else math.nan
         if first is not None and last is not None:

@@ -22,8 +22,17 @@ SUMMARY_COLUMNS = {
     "energy_per_token_j": "J/token",
     "floor_j_per_token": "floor J/token", "x_floor": "x floor",
     "water_per_token_ml": "mL water/token", "carbon_per_token_g": "gCO2e/token", "ttft_p99_s": "TTFT p99 s",
-    "tpot_p99_s": "TPOT p99 s", "slo_attainment": "SLO", "provenance": "provenance", "status": "status",
+    "tpot_p99_s": "TPOT p99 s", "slo_attainment": "SLO", "provenance": "provenance", "calibration": "calibration",
+    "status": "status",
 }
+
+
+def figure_sources(points: pd.DataFrame) -> list[str]:
+    """The distinct ``calibration`` labels of the points (older results without the column: their provenance)."""
+    col = "calibration" if "calibration" in points.columns else "provenance"
+    if col not in points.columns:
+        return []
+    return list(dict.fromkeys(str(v) for v in points[col].dropna() if str(v)))
 
 
 def summary_frame(points: pd.DataFrame) -> pd.DataFrame:
@@ -166,6 +175,9 @@ def write_report(out: Path) -> Path:
     if points.empty:
         parts.append("<p>No point has been measured yet.</p>")
     else:
+        sources = figure_sources(points)
+        if sources:  # above every table and plot: a modeled figure never reads as measured
+            parts.append("<p>Figures: " + "; ".join(f"<b>{html.escape(s)}</b>" for s in sources) + ".</p>")
         parts.append("<h2>Summary</h2>")
         parts.append(summary_frame(points).to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="–"))
         parts.append("<h2>Energy per token</h2>")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +22,11 @@ POINT_COLUMNS = [
     "client_output_tokens", "duration_s", "achieved_rps", "output_tokens_per_s", "energy_j", "energy_per_token_j",
     "attributed_energy_j", "mean_power_w", "water_l", "water_per_token_ml", "carbon_g", "carbon_per_token_g",
     "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "e2e_p50_s", "e2e_p99_s", "slo_attainment",
-    "goodput_rps", "prefix_cache_hit_ratio", "spec_acceptance_ratio", "provenance", "site", "dropped_devices",
-    "status", "notes",
+    "goodput_rps", "prefix_cache_hit_ratio", "spec_acceptance_ratio", "provenance", "device_preset", "calibration",
+    "site", "dropped_devices", "status", "notes",
 ]
+DeviceLabel = tuple[str | None, str | None, str]
+"""A metered device's (preset, calibration label, provenance); preset and label are None for a real device."""
 
 
 TIMESERIES_COLUMNS = ["point", "t_s", "replica", "device", "energy_j", "power_w", "clock_mhz"]
@@ -54,6 +56,16 @@ def engine_token_shares(begin: Mapping[str, float], end: Mapping[str, float]) ->
     }
 
 
+def calibration_columns(devices: Sequence[DeviceLabel], provenance: str) -> dict[str, str]:
+    """A point's ``device_preset`` and ``calibration``: its devices' distinct presets and labels joined with ``; ``.
+
+    A real device's label is its provenance (``measured``); with no device known, ``provenance`` (the window's).
+    """
+    presets = dict.fromkeys(p for p, _, _ in devices if p)
+    labels = dict.fromkeys(label or prov for _, label, prov in devices) or {provenance: None}
+    return {"device_preset": "; ".join(presets), "calibration": "; ".join(labels)}
+
+
 def meets_slo(df: pd.DataFrame, slo: SLO) -> pd.Series:
     """A request meets the SLO if it completed within both targets (TPOT is moot for one-token outputs)."""
     tpot_ok = df["tpot_s"].isna() | (df["tpot_s"] <= slo.tpot_s)
@@ -69,6 +81,7 @@ def summarize_point(
     site: SiteProfile,
     slo: SLO,
     window_tokens: int | None = None,
+    devices: Sequence[DeviceLabel] = (),
 ) -> dict[str, object]:
     """One row of ``points.csv``.
 
@@ -76,6 +89,7 @@ def summarize_point(
     books; latency, SLO and goodput cover the measured phase only (warm-up and cool-down excluded).
     ``output_tokens`` are the tokens generated inside the energy window, counted by the server where it
     exports ``llm_energy_tokens_total`` (so energy and tokens cover the same window), else by the client.
+    ``devices``: what models or measures each metered device, so a modeled figure always says which preset made it.
     """
     df = records_frame(records)
     ok_all = df[df["status"] == "ok"]
@@ -124,6 +138,7 @@ def summarize_point(
         "prefix_cache_hit_ratio": math.nan,  # from the engines' counters: engine_token_shares
         "spec_acceptance_ratio": math.nan,
         "provenance": measurement.provenance_label,
+        **calibration_columns(devices, measurement.provenance_label),
         "site": site.name,
         "dropped_devices": ";".join(measurement.dropped_devices),
         "status": "degraded" if notes else "ok",

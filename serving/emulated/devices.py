@@ -143,6 +143,11 @@ class DeviceSpec(BaseModel):
         description="Power while an iteration runs before any work is counted (clock tree, fabric) at f_max; "
         "scales with V²f down to idle_power_w. Default: idle_power_w.",
     )
+    uncore_power_w: float = Field(
+        default=0.0, ge=0,
+        description="Share of busy power on clocks DVFS does not move (memory controllers and PHYs, L2, fabric): "
+        "drawn while an iteration runs at any SM clock.",
+    )
     tdp_w: float = Field(gt=0, description="Power cap: iterations are stretched to stay under it.")
     overhead_s: float = Field(ge=0, description="Fixed per-iteration cost (launch, scheduling, host sync).")
     layer_overhead_s: float = Field(
@@ -167,6 +172,11 @@ class DeviceSpec(BaseModel):
     kv_memory_fraction: float = Field(default=0.9, gt=0, le=1, description="Memory share for weights + KV.")
     sources: list[str] = Field(default_factory=list, description="Where each constant comes from.")
     calibrated: list[str] = Field(default_factory=list, description="Constants fitted to published figures.")
+    calibration: str | None = Field(
+        default=None,
+        description="Calibration report (serving/emulated/calibration.py): a shipped report's name or a YAML path; "
+        "the error band of this preset against measured rows, carried by every figure it models.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DeviceSpec:
@@ -203,8 +213,9 @@ class DeviceSpec(BaseModel):
         if watts is None:
             busy = self.busy_power_w if self.busy_power_w is not None else self.idle_power_w
             dvfs = (self.voltage(clock_mhz) / self.v_max) ** 2 * clock_mhz / self.f_max_mhz
+            uncore = min(self.uncore_power_w, busy - self.idle_power_w)
             watts = self.cache[("static_w", clock_mhz)] = (
-                self.idle_power_w + (busy - self.idle_power_w) * dvfs
+                self.idle_power_w + uncore + (busy - self.idle_power_w - uncore) * dvfs
             )
         return watts
 
@@ -315,9 +326,9 @@ class DeviceSpec(BaseModel):
         else:  # GEMMs, then attention: separate kernels, each on its own roofline
             ae = self.attention_efficiency
             busy = max(gemm_c / ce, weight_m / me) + max(attn_c / (ce * ae), kv_m / (me * ae))
-        time_s = (
-            busy + self.overhead_s + self.layer_overhead_s * model.n_layers + self.sequence_overhead_s * sequences
-        )
+        # Launch gaps and the small per-layer kernels are latency-bound on the SM clock.
+        layer_s = self.layer_overhead_s * model.n_layers * self.f_max_mhz / clock_mhz
+        time_s = busy + self.overhead_s + layer_s + self.sequence_overhead_s * sequences
         kernel_s = busy + self.overhead_s
         comm_j = 0.0
         if n > 1:

@@ -19,6 +19,7 @@ from profilers import trace
 from profilers.clock import Clock, RealClock
 from profilers.types import DeviceInfo, PowerReading, Provenance
 from serving.config import EmulatedEngineConfig
+from serving.emulated.calibration import device_calibration, modeled_label, preset_name
 from serving.emulated.physics import (
     DeviceSpec,
     IterationCost,
@@ -83,6 +84,8 @@ class EmulatedEngine:
         self.replica = replica
         self.clock = clock or RealClock()
         self.device = device or load_device(config.device)
+        self.preset = preset_name(config.device)
+        self.calibration = modeled_label(self.preset, device_calibration(self.device))  # on every modeled figure
         self.model = model or load_model_shape(config.model, config.dtype)
         if self.model.architecture != "decoder":
             raise ValueError(
@@ -201,7 +204,8 @@ class EmulatedEngine:
     # --- Power source ----------------------------------------------------------------------------
     def devices(self) -> list[DeviceInfo]:
         return [
-            DeviceInfo(device=f"emu{i}", name=self.device.name, backend=self.backend, energy_method="modeled")
+            DeviceInfo(device=f"emu{i}", name=self.device.name, backend=self.backend, energy_method="modeled",
+                       preset=self.preset, calibration=self.calibration)
             for i in range(self.tensor_parallel)
         ]
 

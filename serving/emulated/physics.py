@@ -380,7 +380,7 @@ def load_device(name_or_path: str) -> DeviceSpec:
     """A shipped preset by name (e.g. ``h100_sxm``) or the path of a preset YAML."""
     data, where = _load_data("presets", name_or_path, ".yaml")
     try:
-        return device_from_dict(data)
+        spec = device_from_dict(data)
     except ValidationError as e:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()
@@ -388,6 +388,9 @@ def load_device(name_or_path: str) -> DeviceSpec:
         raise PresetError(f"{where}: invalid device preset: {problems}") from e
     except ValueError as e:
         raise PresetError(f"{where}: {e}") from e
+    from serving.emulated.calibration import attach_calibration  # imports this module: not at the top
+
+    return attach_calibration(spec, name_or_path, where)  # eager: a broken report fails here, not in a figure
 
 
 def load_model_shape(name_or_path: str, dtype: str | None = None) -> ModelShape:
