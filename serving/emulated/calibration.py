@@ -176,13 +176,13 @@ def attach_calibration(spec: DeviceSpec, name_or_path: str, where: str) -> Devic
             and (preset_file.parent / value).is_file():
         value = preset_file.parent / value
     ref = str(value.resolve()) if value.suffix == ".yaml" and value.is_file() else spec.calibration
-    line = _key_line(_preset_text(name_or_path), ("calibration",))
+    at = f"{where} line {_key_line(_preset_text(name_or_path), ('calibration',))}: calibration"
     try:
         report = load_calibration(ref)
     except PresetError as e:
-        raise PresetError(f"{where} line {line}: calibration: {e}") from e
+        raise PresetError(f"{at}: {e}") from e
     name = preset_name(name_or_path)
     if report.preset != name:
-        raise PresetError(f"{where} line {line}: calibration: the report {spec.calibration!r} is for preset "
-                          f"{report.preset!r}, not {name!r}: a preset claims only a band measured for it")
+        raise PresetError(f"{at}: the report {spec.calibration!r} is for preset {report.preset!r}, not {name!r}: "
+                          "a preset claims only a band measured for it")
     return spec.model_copy(update={"calibration": ref})
