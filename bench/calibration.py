@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deploy.calibration import (
     DATASET_NAME,
     FIT_PARAMETERS,
+    GPU_PRESETS,
     METRICS,
     Figures,
     MeasuredRow,
@@ -92,7 +93,7 @@ def summary(errors: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, di
 def write_reports(bands: dict[str, dict[str, dict[str, float]]], counts: dict[str, int], command: str) -> None:
     folder = dataset_path().parent
     for gpu, band in bands.items():
-        preset = preset_for(MeasuredRow(0, "", "", gpu, 1, 1, 1, 1, 1, 1, None, 1, 1, 1, 1))
+        preset = GPU_PRESETS[gpu]
         report = {
             "preset": preset,
             "dataset": DATASET_NAME,

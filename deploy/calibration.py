@@ -26,8 +26,8 @@ from deploy.virtual import VirtualClock
 from serving.config import EmulatedEngineConfig
 from serving.emulated.devices import DeviceSpec, device_from_dict
 from serving.emulated.engine import EmulatedEngine
-from serving.emulated.physics import ModelShape, load_device, load_model_shape, work_cost
-from serving.emulated.shapes import WorkCounts
+from serving.emulated.physics import ModelShape, load_model_shape, work_cost
+from serving.emulated.shapes import WorkCounts, count_rows
 from serving.types import GenerationRequest
 
 DATASET = "mlenergy_v3.csv"
@@ -198,19 +198,14 @@ def mean_field(row: MeasuredRow, device: DeviceSpec, model: ModelShape, clock_mh
     clock = clock_mhz or device.f_max_mhz
     batch, prompt, out = row.avg_batch_size, row.prompt_tokens, row.avg_output_len
     ctx = prompt + out * math.exp(OUTPUT_SIGMA**2) / 2
-    c = model.work_constants
+    # One decode at the mean running context and one whole prompt, counted by the engine's own formula.
+    decode, prefill = count_rows(model.work_constants, [(1, ctx), (prompt, 0)])
     arrivals = batch / out
     times, energies, probs = [], [], []
     k, p_k = 0, math.exp(-arrivals)
     while k == 0 or (sum(probs) < 0.999 and k < 200):
-        tokens = batch + k * prompt
-        work = WorkCounts(
-            round(tokens),
-            tokens * c.matmul_params + (batch + k) * c.lm_head_params,
-            batch * c.attn_coef * (ctx + 1) + k * c.attn_coef * prompt * (prompt + 1) / 2,
-            batch * c.kv_bytes_per_token * (ctx + 1) + k * c.kv_bytes_per_token * prompt,
-            tokens * c.act_coef,
-        )
+        counts = [batch * d + k * p for d, p in zip(decode, prefill, strict=True)]
+        work = WorkCounts(round(batch + k * prompt), *counts)
         t, e, _ = work_cost(device, model, work, round(batch) + k, clock, tp)
         times.append(t)
         energies.append(e)
@@ -438,7 +433,6 @@ __all__ = [
     "Figures",
     "MeasuredRow",
     "fit_preset",
-    "load_device",
     "load_measurements",
     "mean_field",
     "measured",

@@ -148,7 +148,9 @@ class DeviceSpec(BaseModel):
         description="Share of busy power on clocks DVFS does not move (memory controllers and PHYs, L2, fabric): "
         "drawn while an iteration runs at any SM clock.",
     )
-    tdp_w: float = Field(gt=0, description="Power cap: iterations are stretched to stay under it.")
+    tdp_w: float = Field(
+        gt=0, description="Power cap: an iteration over it runs at the fastest clock that stays under it."
+    )
     overhead_s: float = Field(ge=0, description="Fixed per-iteration cost (launch, scheduling, host sync).")
     layer_overhead_s: float = Field(
         default=0.0, ge=0,
