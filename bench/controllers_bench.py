@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -85,19 +86,17 @@ def campaign(rate: float, window_s: float, policies: list[str], options: dict | 
     return CampaignFile.model_validate(spec)
 
 
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "controllers.yaml"
+
+
 def _spec(rate: float, window_s: float, warmup_s: float = 60.0, start_s: float = 0.0) -> dict:
-    return {
-        "name": "controllers-bench", "clock": "virtual", "site": "azure", "seed": 0,
-        "deployment": {
-            "replicas": 2,
-            "engine": {"kind": "emulated", "device": "h100_sxm", "model": "llama-2-7b", "max_model_len": 4096},
-            "controller": {"slo": {"ttft_s": 2.0, "tpot_s": 0.1}, "period_s": 1.0, "max_changes_per_min": 30},
-        },
-        "workload": {"arrival": {"kind": "trace", "path": "azure_conv_2023", "start_s": start_s},
-                     "duration_s": window_s, "warmup_s": warmup_s},
-        "slo": {"ttft_s": 2.0, "tpot_s": 0.1},
-        "sweep": {"rate_rps": [rate]},
-    }
+    """examples/controllers.yaml (deployment, trace, SLO) at one rate, window and trace offset."""
+    spec = yaml.safe_load(EXAMPLE.read_text())
+    spec["name"] = "controllers-bench"
+    spec["workload"].update(duration_s=window_s, warmup_s=warmup_s)
+    spec["workload"]["arrival"]["start_s"] = start_s
+    spec["sweep"] = {"rate_rps": [rate]}
+    return spec
 
 
 def _with(setting: dict, options: dict) -> dict:

@@ -325,6 +325,8 @@ class FitParameter:
     path: str
     low: float
     high: float
+    unset: float | None = None
+    """The value a preset without the field has (None: ``low``)."""
 
 
 FIT_PARAMETERS = (
@@ -333,6 +335,8 @@ FIT_PARAMETERS = (
     FitParameter("attention_efficiency", 0.15, 1.0),
     FitParameter("overhead_s", 1e-5, 5e-3),
     FitParameter("layer_overhead_s", 1e-7, 2e-4),
+    FitParameter("moe_layer_overhead_s", 1e-8, 2e-4),
+    FitParameter("dtype_compute_efficiency.fp8", 0.3, 1.0, unset=1.0),
     FitParameter("sequence_overhead_s", 1e-8, 1e-4),
     FitParameter("interconnect.allreduce_latency_s", 1e-7, 5e-5),
     FitParameter("memory.energy_pj_per_byte", 31.0, 400.0),  # HBM alone is ~3.9 pJ/bit (O'Connor 2017)
@@ -347,7 +351,7 @@ def _with(data: dict[str, Any], values: Sequence[float]) -> dict[str, Any]:
         if p.path == "busy_power_w":
             v = data["idle_power_w"] + v * (data["tdp_w"] - data["idle_power_w"]) * 0.999
         head, _, leaf = p.path.rpartition(".")
-        (out[head] if head else out)[leaf] = float(v)
+        (out.setdefault(head, {}) if head else out)[leaf] = float(v)
     return out
 
 
@@ -386,7 +390,9 @@ def fit_preset(
     start = []
     for p in FIT_PARAMETERS:
         head, _, leaf = p.path.rpartition(".")
-        v = (data[head] if head else data).get(leaf)
+        v = (data.get(head) or {} if head else data).get(leaf)
+        if v is None:
+            v = p.low if p.unset is None else p.unset
         if p.path == "busy_power_w":
             v = (data["busy_power_w"] - data["idle_power_w"]) / (data["tdp_w"] - data["idle_power_w"])
         frac = min(0.99, max(0.01, (float(v) - p.low) / (p.high - p.low)))

@@ -33,6 +33,11 @@ class MemoryLevel(BaseModel):
     bandwidth_bps: float = Field(gt=0, description="Peak bandwidth, bytes/s.")
     energy_pj_per_byte: float = Field(gt=0, description="Access energy incl. interface; not node-scaled.")
     efficiency: float = Field(default=0.85, gt=0, le=1, description="Achievable share of peak bandwidth.")
+    full_bandwidth_clock_mhz: float | None = Field(
+        default=None, gt=0,
+        description="Compute clock below which the cores can no longer issue loads fast enough to keep the memory "
+        "busy: achievable bandwidth falls in proportion to the clock under it. None: bandwidth never depends on it.",
+    )
 
 
 class OnChipLevel(BaseModel):
@@ -156,6 +161,11 @@ class DeviceSpec(BaseModel):
         default=0.0, ge=0,
         description="Per layer and iteration: kernel launch gaps, synchronisation and the small non-GEMM kernels "
         "(norms, rotary, activation) whose time does not scale with the batch.",
+    )
+    moe_layer_overhead_s: float = Field(
+        default=0.0, ge=0,
+        description="Extra per mixture-of-experts layer and iteration: routing, top-k, token permutation and the "
+        "grouped expert GEMMs' launch, which a dense MLP does not have.",
     )
     sequence_overhead_s: float = Field(
         default=0.0, ge=0,
@@ -322,14 +332,18 @@ class DeviceSpec(BaseModel):
         weight_m = stream / n / op.bandwidth_bps
         kv_m = work.kv_bytes * kv_share / op.bandwidth_bps
         ce, me = op.compute_efficiency, op.memory_efficiency
+        knee = self.memory.full_bandwidth_clock_mhz
+        if knee is not None and clock_mhz < knee:
+            me *= clock_mhz / knee
         compute_s, memory_s = (gemm_c + attn_c) / ce, (weight_m + kv_m) / me
         if self.attention_efficiency is None:
             busy = max(compute_s, memory_s)
         else:  # GEMMs, then attention: separate kernels, each on its own roofline
             ae = self.attention_efficiency
             busy = max(gemm_c / ce, weight_m / me) + max(attn_c / (ce * ae), kv_m / (me * ae))
-        # Launch gaps and the small per-layer kernels are latency-bound on the SM clock.
-        layer_s = self.layer_overhead_s * model.n_layers * self.f_max_mhz / clock_mhz
+        # Launch gaps and small per-layer kernels: bound by launch latency and the host, not the SM clock.
+        moe_layers = model.n_moe_layers if model.is_moe else 0
+        layer_s = self.layer_overhead_s * model.n_layers + self.moe_layer_overhead_s * moe_layers
         time_s = busy + self.overhead_s + layer_s + self.sequence_overhead_s * sequences
         kernel_s = busy + self.overhead_s
         comm_j = 0.0

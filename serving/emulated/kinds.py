@@ -31,6 +31,18 @@ class ProcessorSpec(DeviceSpec):
     onchip_bytes_per_mac: float = Field(
         default=0.05, ge=0, description="Operand bytes staged through on-chip buffers per MAC (tiling reuse)."
     )
+    dtype_compute_efficiency: dict[str, float] = Field(
+        default_factory=dict,
+        description="Share of compute_efficiency a dtype's GEMMs reach, where it differs (FP8 GEMMs also "
+        "quantize their activations per token and rarely reach the datasheet's doubled rate).",
+    )
+
+    @model_validator(mode="after")
+    def _dtype_efficiency(self) -> ProcessorSpec:
+        bad = {k: v for k, v in self.dtype_compute_efficiency.items() if not 0 < v <= 1}
+        if bad:
+            raise ValueError(f"dtype_compute_efficiency must lie in (0, 1], got {bad}")
+        return self
 
     def mac_energy_j(self, dtype: str, clock_mhz: float) -> float:
         e_mac = mac_energy_pj(dtype, self.technology_nm, self.voltage(clock_mhz)) * self.compute_energy_scale
@@ -43,7 +55,7 @@ class ProcessorSpec(DeviceSpec):
         resident = model.matmul_weight_bytes if model.matmul_weight_bytes <= self.onchip.capacity_bytes else 0.0
         return OperatingPoint(
             peak_macs_per_s=self.peak_macs_per_s(model.dtype, clock_mhz),
-            compute_efficiency=self.compute_efficiency,
+            compute_efficiency=self.compute_efficiency * self.dtype_compute_efficiency.get(model.dtype, 1.0),
             bandwidth_bps=self.memory.bandwidth_bps,
             memory_efficiency=self.memory.efficiency,
             weight_mac_j=e_mac_total,
