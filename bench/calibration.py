@@ -11,6 +11,7 @@ vs emulated J/token, power, throughput and median ITL with the relative error, t
     python bench/calibration.py --gpu H100 --write       # the H100 rows; update h100_sxm's report
     python bench/calibration.py --data other.csv --model-configs DIR   # rows of models not shipped
     python bench/calibration.py --gpu B200 --fit         # refit b200's constants
+    python bench/calibration.py --cross-validate         # each model held out of the fit in turn
 """
 
 from __future__ import annotations
@@ -123,6 +124,24 @@ def fit(gpu: str, rows: list[MeasuredRow], config_dir: Path | None, iterations: 
     summary({gpu: errs})
 
 
+def cross_validate(gpu: str, rows: list[MeasuredRow], config_dir: Path | None, iterations: int) -> None:
+    """Leave one model out: fit the preset to the other models' rows, report the held-out model's errors (how
+    the constants carry to a model they were not fitted on)."""
+    pairs = [(r, model_for(r, config_dir)) for r in rows if r.gpu == gpu]
+    preset = preset_for(pairs[0][0])
+    print(f"\n{gpu}: each model held out of the fit ({iterations} iterations)")
+    print("held-out model | rows | " + " | ".join(f"{k} median/worst" for k in REPORT_KEYS.values()))
+    print("---|---|" + "|".join("---" for _ in REPORT_KEYS))
+    for held in sorted({r.model_id for r, _ in pairs}):
+        train = [(r, m) for r, m in pairs if r.model_id != held]
+        best, _ = fit_preset(preset_data(preset), train, iterations=iterations)
+        device = device_from_dict(best)
+        errs = [relative_errors(mean_field(r, device, m), measured(r)) for r, m in pairs if r.model_id == held]
+        cells = [f"{np.median(np.abs([e[k] for e in errs])):.1%} / {np.max(np.abs([e[k] for e in errs])):.1%}"
+                 for k in REPORT_KEYS]
+        print(f"{held.split('/')[-1]} | {len(errs)} | " + " | ".join(cells), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="measurements CSV (default: the shipped ML.ENERGY v3)")
@@ -131,14 +150,16 @@ def main() -> None:
     ap.add_argument("--mode", choices=("replay", "mean-field"), default="replay")
     ap.add_argument("--write", action="store_true", help="store the errors as the presets' calibration reports")
     ap.add_argument("--fit", action="store_true", help="refit the preset's constants and print them")
+    ap.add_argument("--cross-validate", action="store_true",
+                    help="fit without each model in turn and report the held-out model's errors")
     ap.add_argument("--iterations", type=int, default=3000)
     args = ap.parse_args()
     rows = load_measurements(args.data)
     if args.gpu != "all":
         rows = [r for r in rows if r.gpu == args.gpu]
-    if args.fit:
+    if args.fit or args.cross_validate:
         for gpu in sorted({r.gpu for r in rows}):
-            fit(gpu, rows, args.model_configs, args.iterations)
+            (cross_validate if args.cross_validate else fit)(gpu, rows, args.model_configs, args.iterations)
         return
     errors = run(rows, args.mode, args.model_configs)
     bands = summary(errors)

@@ -92,3 +92,12 @@ def test_prefix_cache_table_gives_medians_and_the_change_against_the_cache_off(
         ["256", "2", "on", "0.8", "0.011", "0.022", "20", "-20.0%", "-50.0%"],  # medians, then on / off - 1
         ["256", "2", "off", "1", "0.022", "0.044", "20", "", ""],
     ]
+
+
+def test_calibration_bench_prints_a_row_per_measurement_and_the_band_per_gpu() -> None:
+    run = subprocess.run([sys.executable, str(BENCH / "calibration.py"), "--gpu", "H100", "--mode", "mean-field"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert sum(" H100x" in line for line in lines) == 50
+    assert any(line.startswith("H100 | 50 |") for line in lines)
