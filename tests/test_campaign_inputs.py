@@ -164,6 +164,10 @@ def test_a_workload_field_added_later_leaves_older_campaigns_resumable() -> None
     assert quickstart.config_hash() == "fcbf3989e597bbd0"
     in_replica = quickstart.deployment.model_copy(update={"front_door": "in_replica"})
     assert quickstart.model_copy(update={"deployment": in_replica}).config_hash() != "fcbf3989e597bbd0"
+    # An engine field added later (tensor parallelism) too: unset it hashes as before, set it does not.
+    split = quickstart.deployment.engine.model_copy(update={"tensor_parallel": 2})
+    tp2 = quickstart.model_copy(update={"deployment": quickstart.deployment.model_copy(update={"engine": split})})
+    assert tp2.config_hash() != "fcbf3989e597bbd0"
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")),

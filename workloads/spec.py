@@ -23,6 +23,8 @@ from workloads.arrivals import (
 ADDED_FIELDS = {"shared_prefix_tokens": 0}
 ADDED_KNOB_FIELDS = {"prefix_caching": None}
 ADDED_DEPLOYMENT_FIELDS = {"front_door": "separate"}
+ADDED_ENGINE_FIELDS = {"tensor_parallel": 1}
+"""Engine fields added after campaigns were written, with the value they had implicitly (see config_hash)."""
 
 
 class WorkloadSpec(BaseModel):
@@ -178,6 +180,8 @@ class CampaignSpec(BaseModel):
         sections = [(data["workload"], ADDED_FIELDS)] + [(k, ADDED_KNOB_FIELDS) for k in data["sweep"]["knobs"]]
         if isinstance(data.get("deployment"), dict):  # campaign files (deploy/config.py) carry one
             sections.append((data["deployment"], ADDED_DEPLOYMENT_FIELDS))
+            if isinstance(data["deployment"].get("engine"), dict):
+                sections.append((data["deployment"]["engine"], ADDED_ENGINE_FIELDS))
         for section, added in sections:  # a campaign from before the field still resumes
             for name, unset in added.items():
                 if name in section and section[name] == unset:
