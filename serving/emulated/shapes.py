@@ -139,12 +139,19 @@ class ModelShape(BaseModel):
         taken as uniform, a layer's E experts are each missed by all T tokens with probability
         (1 - k/E)^T, so E·(1 - (1 - k/E)^T) are read (few tokens touch few experts; a large batch all).
         """
+        fixed, per_expert, miss = self._read_constants
+        if not per_expert:
+            return fixed
+        return fixed + per_expert * (1.0 - miss ** max(0, tokens))
+
+    @cached_property
+    def _read_constants(self) -> tuple[float, float, float]:
+        """(bytes every iteration reads, bytes of one expert in every MoE layer x E, 1 - k/E): the hot path."""
         if not self.is_moe:
-            return self.matmul_weight_bytes
-        e, k = self.n_experts, self.n_experts_per_token
-        touched = e * (1.0 - (1.0 - k / e) ** max(0, tokens))
-        experts = self.n_moe_layers * touched * self.expert_params
-        return (self.shared_params + experts) * self.dtype_bytes + self.lm_head_params * self.head_bytes
+            return self.matmul_weight_bytes, 0.0, 1.0
+        fixed = self.shared_params * self.dtype_bytes + self.lm_head_params * self.head_bytes
+        experts = self.n_moe_layers * self.n_experts * self.expert_params * self.dtype_bytes
+        return fixed, experts, 1.0 - self.n_experts_per_token / self.n_experts
 
     @cached_property
     def work_constants(self) -> WorkConstants:
