@@ -126,7 +126,7 @@ def test_tensor_parallel_errors_name_both_numbers() -> None:
 
 def test_a_model_that_does_not_fit_says_what_it_needs_and_what_there_is() -> None:
     cfg = EmulatedEngineConfig(model="llama-3.1-70b", max_model_len=1024)
-    with pytest.raises(DeviceFitError, match=r"need 141\.\d+ GB of HBM3, and 72\.00 GB are usable"):
+    with pytest.raises(DeviceFitError, match=r"need 141\.\d+ GB of HBM3, and 76\.95 GB are usable"):
         EmulatedEngine(cfg, "r", clock=VirtualClock())
     ok = EmulatedEngine(cfg.model_copy(update={"tensor_parallel": 4}), "r", clock=VirtualClock())
     assert ok.kv_capacity_tokens > 100_000

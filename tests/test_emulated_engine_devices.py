@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
+import yaml
 
 from deploy.virtual import VirtualClock
 from serving.config import EmulatedEngineConfig
@@ -12,6 +14,8 @@ from serving.emulated.devices import DeviceFitError
 from serving.emulated.engine import EmulatedEngine
 from serving.emulated.physics import PresetError
 from serving.types import GenerationRequest
+
+PRESETS = Path(__file__).resolve().parents[1] / "serving" / "emulated" / "presets"
 
 
 def _generate(engine: EmulatedEngine, clock: VirtualClock, n_tokens: int) -> list:  # type: ignore[type-arg]
@@ -98,3 +102,43 @@ def test_sleep_overshoot_does_not_accumulate_into_the_timeline() -> None:
     # Back-to-back iterations follow the modeled timeline: at most one overshoot is charged as idle,
     # not one per iteration (40 ms x 70 W = 2.8 J).
     assert engine.stats().idle_j <= 0.0025 * engine.device.idle_power_w
+
+
+def test_a_full_kv_cache_preempts_the_newest_request_and_every_request_still_completes() -> None:
+    """Paged KV as in vLLM: slots are taken as tokens are processed; when the cache fills, the newest running
+    request is preempted (its cache freed) and recomputed later, and no request is lost or cut short."""
+    import asyncio
+
+    from serving.emulated.devices import device_from_dict
+    from serving.emulated.physics import load_model_shape
+    model = load_model_shape("smollm2-135m")
+    data = yaml.safe_load((PRESETS / "h100_sxm.yaml").read_text())
+    data.pop("calibration")
+    usable_kv = 3000 * model.kv_bytes_per_token
+    data["memory"]["capacity_bytes"] = (model.weight_bytes + usable_kv) / data.get("kv_memory_fraction", 0.9)
+    device = device_from_dict(data)
+    clock = VirtualClock()
+    cfg = EmulatedEngineConfig(model="smollm2-135m", max_model_len=1024, stream_interval_s=0)
+    engine = EmulatedEngine(cfg, "r", clock=clock, device=device, model=model)
+    assert 2900 <= engine.kv_capacity_tokens <= 3000
+    peak = 0
+
+    async def one(i: int) -> int:
+        nonlocal peak
+        req = GenerationRequest(f"r{i}", prompt_token_ids=[0] * 100, max_tokens=500, ignore_eos=True)
+        last = None
+        async for ev in engine.generate(req):
+            peak = max(peak, engine.stats().kv_used_tokens)
+            last = ev
+        assert last is not None
+        return last.output_tokens
+
+    async def go() -> list[int]:
+        await engine.start()
+        outs = await asyncio.gather(*(one(i) for i in range(8)))  # 8 x 600 tokens: twice the cache
+        await engine.stop()
+        return list(outs)
+
+    assert clock.execute(go()) == [500] * 8
+    assert engine.preemptions > 0 and peak <= engine.kv_capacity_tokens
+    assert engine.stats().kv_used_tokens == 0

@@ -57,10 +57,13 @@ class _Sequence:
     done: bool = False
     admitted_s: float = 0.0
     last_token: asyncio.Event = field(default_factory=asyncio.Event)
-    kv_reserved: int = field(init=False)
+    kv_tokens: int = 0
+    """KV-cache slots held now: allocated as tokens are processed, as vLLM's paged cache does."""
+    prefill_target: int = field(init=False)
+    """Tokens to prefill before decoding: the prompt, or after a preemption the prompt and the output so far."""
 
     def __post_init__(self) -> None:
-        self.kv_reserved = self.prompt_len + self.max_tokens
+        self.prefill_target = self.prompt_len
 
     @property
     def energy_j(self) -> float:
@@ -120,6 +123,7 @@ class EmulatedEngine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._kv_used = 0
+        self._preemptions = 0
         # Energy accounting (joules); invariant: energy = idle + attributed prefill + attributed decode.
         self._energy_j = 0.0
         self._idle_j = 0.0
@@ -197,6 +201,11 @@ class EmulatedEngine:
         return AppliedKnobs(self.clock_mhz, self.max_num_seqs, took_s=self.clock.now() - t0, notes=notes,
                             speculative_tokens=self.speculative_tokens,
                             max_num_batched_tokens=self.config.max_num_batched_tokens)
+
+    @property
+    def preemptions(self) -> int:
+        """Sequences preempted (KV cache freed, recomputed later) since the engine started."""
+        return self._preemptions
 
     def supported_clocks_mhz(self) -> list[float]:
         return sorted(self.device.clocks_mhz)
@@ -306,9 +315,33 @@ class EmulatedEngine:
         seq.done = True
         if seq in self._running:
             self._running.remove(seq)
-            self._kv_used -= seq.kv_reserved
+            self._kv_used -= seq.kv_tokens
+            seq.kv_tokens = 0
         elif seq in self._waiting:
             self._waiting.remove(seq)
+
+    def _preempt(self, seq: _Sequence) -> None:
+        """Free a running sequence's KV cache and queue it first, to be prefilled again with its output so far
+        (vLLM's recompute preemption when the cache is full)."""
+        self._running.remove(seq)
+        self._kv_used -= seq.kv_tokens
+        seq.kv_tokens = 0
+        seq.prefilled = 0
+        seq.prefill_target = seq.prompt_len + seq.generated
+        self._waiting.appendleft(seq)
+        self._preemptions += 1
+
+    def _allocate(self, seq: _Sequence, tokens: int) -> bool:
+        """KV slots for ``tokens`` more tokens of ``seq``, preempting the newest running sequences while the
+        cache is full; False if ``seq`` itself had to go."""
+        while self._kv_used + tokens > self.kv_capacity_tokens:
+            victim = self._running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self._kv_used += tokens
+        seq.kv_tokens += tokens
+        return True
 
     def _schedule(self, t0: float) -> list[tuple[_Sequence, int, int, bool]]:
         """The iteration starting at ``t0`` as (sequence, new tokens, context tokens, is prefill) items:
@@ -316,27 +349,37 @@ class EmulatedEngine:
         budget = self.config.max_num_batched_tokens
         spec = self.speculative_tokens
         plan: list[tuple[_Sequence, int, int, bool]] = []
-        for seq in self._running:  # decodes first: one token each, plus k proposals to verify if speculating
-            if seq.prefilled == seq.prompt_len and budget > 0:
+        preempted = self._preemptions
+        for seq in list(self._running):  # decodes first: one token each, plus k proposals to verify if speculating
+            if seq.prefilled == seq.prefill_target and budget > 0:  # (a preempted one has prefilled 0)
                 k = max(0, min(spec, seq.max_tokens - seq.generated - 1, budget - 1)) if spec else 0
-                plan.append((seq, 1 + k, seq.prompt_len + seq.generated, False))
-                budget -= 1 + k
-        for seq in self._running:  # then unfinished (chunked) prefills
-            if seq.prefilled < seq.prompt_len and budget > 0:
-                chunk = min(budget, seq.prompt_len - seq.prefilled)
-                plan.append((seq, chunk, seq.prefilled, True))
-                budget -= chunk
-        while (
-            self._waiting
+                if self._kv_used + 1 + k <= self.kv_capacity_tokens:  # the common case, inline (hot path)
+                    self._kv_used += 1 + k
+                    seq.kv_tokens += 1 + k
+                    plan.append((seq, 1 + k, seq.prompt_len + seq.generated, False))
+                    budget -= 1 + k
+                elif self._allocate(seq, 1 + k):
+                    plan.append((seq, 1 + k, seq.prompt_len + seq.generated, False))
+                    budget -= 1 + k
+        for seq in self._running:  # then unfinished (chunked) prefills, as far as the cache has room
+            if seq.prefilled < seq.prefill_target and budget > 0:
+                chunk = min(budget, seq.prefill_target - seq.prefilled, self.kv_capacity_tokens - self._kv_used)
+                if chunk > 0:
+                    self._allocate(seq, chunk)
+                    plan.append((seq, chunk, seq.prefilled, True))
+                    budget -= chunk
+        while (  # new requests only while nothing had to be preempted, and only what the cache holds
+            self._preemptions == preempted
+            and self._waiting
             and self._waiting[0].admitted_s <= t0
             and budget > 0
             and len(self._running) < self.max_num_seqs
-            and self._kv_used + self._waiting[0].kv_reserved <= self.kv_capacity_tokens
+            and self._kv_used + min(budget, self._waiting[0].prefill_target) <= self.kv_capacity_tokens
         ):
             seq = self._waiting.popleft()
             self._running.append(seq)
-            self._kv_used += seq.kv_reserved
-            chunk = min(budget, seq.prompt_len)
+            chunk = min(budget, seq.prefill_target)
+            self._allocate(seq, chunk)
             plan.append((seq, chunk, 0, True))
             budget -= chunk
         return plan
@@ -389,11 +432,15 @@ class EmulatedEngine:
                     self._decode_j += share
                 if seq.done:  # cancelled while the iteration ran: its energy stays attributed
                     continue
-                if seq.prefilled == seq.prompt_len:
+                if seq.prefilled == seq.prefill_target:
                     if is_prefill or n == 1:
                         self._emit_token(seq, now)
                     else:
-                        for _ in range(self._accepted(n - 1)):
+                        accepted = self._accepted(n - 1)
+                        if not seq.done:  # rejected proposals free their slots
+                            self._kv_used -= n - accepted
+                            seq.kv_tokens -= n - accepted
+                        for _ in range(accepted):
                             if not seq.done:
                                 self._emit_token(seq, now)
             self._energy_j = self._idle_j + self._prefill_j + self._decode_j
@@ -423,7 +470,8 @@ class EmulatedEngine:
             seq.done = True
             seq.last_token.set()
             self._running.remove(seq)
-            self._kv_used -= seq.kv_reserved
+            self._kv_used -= seq.kv_tokens
+            seq.kv_tokens = 0
         elif index > 0 and not self.stream_every_token:
             return
         token_id = zlib.crc32(f"{self.config.seed}:{rid}:{index}".encode()) % self.tokenizer.vocab_size
