@@ -77,9 +77,11 @@ def served_tokenizer(config: ServingConfig) -> str | None:
 
 
 def cmd_campaign_run(args: argparse.Namespace) -> int:
+    from deploy.compare import device_floor
     from deploy.local import DeploymentStartError, LocalDeployment
     from serving.emulated.physics import DeviceFitError, PresetError
-    from workloads.campaign import ControlError, OutputDirError, Target, prepare_out_dir, run_campaign
+    from workloads.campaign import OutputDirError, prepare_out_dir, run_campaign
+    from workloads.http_target import ControlError, HttpTarget
     from workloads.inputs import campaign_prompts, trace_inputs, with_skip_bad_rows
     from workloads.prompts import TokenizerError
     from workloads.report import write_report
@@ -127,7 +129,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
             points = run_virtual_campaign(spec, spec.deployment, out, console, spec.virtual)
         elif args.url:
             token = args.control_token or os.environ.get("TESTBED_CONTROL_TOKEN")
-            points = run_campaign(spec, Target(args.url, args.metrics_url, token), out, console, prompts)
+            points = run_campaign(spec, HttpTarget(args.url, args.metrics_url, token, prompts), out, console)
         else:
             what = " ".join(filter(None, (d.engine.kind, getattr(d.engine, "device", ""))))
             console.print(f"starting the deployment: {d.replicas} x {what} replicas of {d.model_name} "
@@ -136,12 +138,8 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
             token = d.controller.token or secrets.token_urlsafe(24)
             deployment = d.model_copy(update={"controller": d.controller.model_copy(update={"token": token})})
             with LocalDeployment(deployment, out / "deployment.log") as url:
-                points = run_campaign(spec, Target(url, args.metrics_url, token), out, console, prompts)
-        if spec.deployment.engine.kind == "emulated" and not args.url and not points.empty:
-            from deploy.compare import with_floor
-
-            points = with_floor(points, out, spec)  # the device's physical floor next to each point
-            points.to_csv(out / "points.csv", index=False)
+                points = run_campaign(spec, HttpTarget(url, args.metrics_url, token, prompts), out, console,
+                                      floor=device_floor(d))
         write_report(out)
         return points
 

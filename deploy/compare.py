@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from deploy.config import CampaignFile, ConfigError, EngineVariant
+from serving.config import ServingConfig
+from workloads.results import FloorFn
 
 COMPARE_COLUMNS = {
     "device": "device",
@@ -53,8 +55,6 @@ def run_comparison(
         sub = variant_spec(spec, variant)
         console.rule(f"{variant.name}: {sub.deployment.engine.device} / {sub.deployment.engine.model}")
         points = run_one(sub, out / variant.name)
-        if "floor_j_per_token" not in points.columns:
-            points = with_floor(points, out / variant.name, sub)
         frames.append(points.assign(device=variant.name))
     table = pd.concat(frames, ignore_index=True)
     table.to_csv(out / "compare.csv", index=False)
@@ -62,32 +62,21 @@ def run_comparison(
     return table
 
 
-def with_floor(points: pd.DataFrame, out: Path, spec: CampaignFile) -> pd.DataFrame:
-    """Add the roofline floor of energy per output token of each point, and measured / floor.
-
-    The floor is taken for the point's mean prompt and output lengths, over every setting of the device
-    (any batch, clock, speculation): no point can beat it.
-    """
+def device_floor(config: ServingConfig) -> FloorFn | None:
+    """The emulated device's floor of joules per output token for mean (prompt, output) lengths, over every
+    setting of the device (any batch, clock, speculation): no point can beat it. None for real engines."""
     from serving.emulated.physics import energy_floor_per_token, load_device, load_model_shape
 
-    engine = spec.deployment.engine
+    engine = config.engine
+    if engine.kind != "emulated":
+        return None
     device, model = load_device(engine.device), load_model_shape(engine.model, engine.dtype)
-    requests = pd.read_parquet(out / "requests.parquet")
-    floors = []
-    for _, row in points.iterrows():
-        ok = requests[(requests["point"] == row["point"]) & (requests["status"] == "ok")]
-        if ok.empty:
-            floors.append(float("nan"))
-            continue
-        floor = energy_floor_per_token(
-            device,
-            model,
-            max(1, round(ok["prompt_tokens"].mean())),
-            max(1, round(ok["output_tokens"].mean())),
-            tensor_parallel=engine.tensor_parallel,
-        )
-        floors.append(floor.joules_per_token)
-    return points.assign(floor_j_per_token=floors, x_floor=points["energy_per_token_j"] / pd.Series(floors))
+
+    def floor(prompt_tokens: int, output_tokens: int) -> float:
+        return energy_floor_per_token(device, model, prompt_tokens, output_tokens,
+                                      tensor_parallel=engine.tensor_parallel).joules_per_token
+
+    return floor
 
 
 def print_comparison(console: Console, table: pd.DataFrame) -> None:

@@ -18,7 +18,7 @@ import heapq
 import itertools
 import math
 import selectors
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,20 +30,19 @@ from controllers.config import ControllerConfig
 from controllers.loop import ControlLoop
 from controllers.observe import Observer
 from controllers.policies import Policy, SLOTargets, build_policy
+from deploy.compare import device_floor
 from deploy.config import PathLatency
-from profilers.footprint import load_site_profile
-from profilers.meter import Measurement, snapshot, window_energy
+from profilers.scrape import CounterSnapshot, counters_from_export
 from serving.api import RecentRequests
 from serving.config import ServingConfig
 from serving.emulated.engine import EmulatedEngine
-from serving.replica import Telemetry
+from serving.replica import Telemetry, export_snapshot
 from serving.router import ReplicaHandle, Router
 from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
-from workloads.arrivals import ClosedLoopArrivals, LengthStream, RequestSpec
-from workloads.campaign import Target, mark_phases, offered_rate, point_requests, point_seed, write_manifest
+from workloads.arrivals import LengthStream, RequestSpec
+from workloads.campaign import run_campaign
 from workloads.client import ClosedLoop, RequestRecord
-from workloads.results import DeviceLabel, ResultStore, engine_token_shares, summarize_point
-from workloads.spec import CampaignSpec, KnobSetting, PolicySetting, WorkloadSpec, setting_label
+from workloads.spec import CampaignSpec, KnobSetting, PolicySetting
 
 T = TypeVar("T")
 
@@ -129,64 +128,29 @@ class _ClockSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type
         return super().select(timeout)
 
 
-class _Done:
-    """An already-resolved stand-in for a Ray object ref (``await ref`` gives the value)."""
+class VirtualTarget:
+    """Replicas of an emulated engine behind the real router, all on one virtual clock: a campaign's target in
+    virtual time (:class:`workloads.campaign.Target`). Replicas run in-process (``ReplicaHandle.local``)."""
 
-    __slots__ = ("value",)
-
-    def __init__(self, value: TokenEvent) -> None:
-        self.value = value
-
-    def __await__(self):  # type: ignore[no-untyped-def]
-        return self.value
-        yield  # pragma: no cover  (makes this a generator)
-
-
-class _LocalStream:
-    def __init__(self, events: AsyncIterator[TokenEvent]) -> None:
-        self._events = events
-
-    def __aiter__(self) -> _LocalStream:
-        return self
-
-    async def __anext__(self) -> _Done:
-        return _Done(await self._events.__anext__())
-
-
-class _LocalGenerate:
-    def __init__(self, engine: EmulatedEngine) -> None:
-        self._engine = engine
-
-    def options(self, **_: Any) -> _LocalGenerate:
-        return self
-
-    def remote(self, request: GenerationRequest) -> _LocalStream:
-        return _LocalStream(self._engine.generate(request))
-
-
-class LocalActor:
-    """The slice of a Ray replica actor's interface the router uses, calling the engine in-process."""
-
-    def __init__(self, engine: EmulatedEngine) -> None:
-        self.engine = engine
-        self.generate = _LocalGenerate(engine)
-
-
-class VirtualDeployment:
-    """Replicas of an emulated engine behind the real router, all on one virtual clock."""
-
-    def __init__(self, config: ServingConfig, clock: VirtualClock, latency: PathLatency | None = None) -> None:
-        self.clock = clock
+    def __init__(
+        self, config: ServingConfig, clock: VirtualClock | None = None, latency: PathLatency | None = None
+    ) -> None:
+        self.clock = clock or VirtualClock()
+        self.label = f"virtual://{config.engine.device}/{config.engine.model}"
         self.latency = latency or PathLatency()
+        self.controller: ControllerConfig = getattr(config, "controller", None) or ControllerConfig(enabled=False)
         self.seed = config.engine.seed
-        self.engines = [EmulatedEngine(config.engine, f"replica-{i}", clock=clock) for i in range(config.replicas)]
+        self.engines = [EmulatedEngine(config.engine, f"replica-{i}", clock=self.clock)
+                        for i in range(config.replicas)]
         self._token_times: dict[str, list[float]] = {}
         for e in self.engines:
             e.on_token = self._on_token
             e.stream_every_token = False  # token times come from the hook; events only open and close
-        handles = [ReplicaHandle(e.replica, LocalActor(e), backend=e.backend) for e in self.engines]
-        self.router = Router(handles, policy=config.router)
+        self.router = Router([ReplicaHandle(e.replica, None, backend=e.backend, local=e) for e in self.engines],
+                             policy=config.router)
         self.recent = RecentRequests()  # what a controller observes, on the virtual time line
+        self.request_timeout_s = math.inf
+        self._control: asyncio.Future[None] | None = None
 
     def _on_token(self, request_id: str, t_s: float) -> None:
         times = self._token_times.get(request_id)  # not setdefault: it would build a list per token
@@ -195,18 +159,58 @@ class VirtualDeployment:
         else:
             times.append(t_s)
 
-    async def start(self) -> None:
+    async def start(self, spec: CampaignSpec | None = None) -> dict[str, object]:
+        """Start the engines; requests slower than the campaign's ``request_timeout_s`` count as failed."""
+        if spec is not None:
+            self.request_timeout_s = spec.workload.request_timeout_s
         for e in self.engines:
             await e.start()
+        return {}
 
     async def stop(self) -> None:
+        await self._release()
         for e in self.engines:
             await e.stop()
 
-    def counters(self) -> dict[str, Any]:
-        return {f"{e.replica}/{dev}": sample for e in self.engines for dev, sample in snapshot(e.read()).items()}
+    async def counters(self) -> CounterSnapshot:
+        return counters_from_export(export_snapshot(
+            (e.replica, e.backend, t) for e, t in zip(self.engines, await self.telemetry(), strict=True)
+        ))
 
-    async def request(self, rec: RequestRecord, start_s: float, timeout_s: float) -> None:
+    async def apply(self, setting: KnobSetting | PolicySetting | None) -> None:
+        """Run the setting's policy (pinned knobs: the static policy; None: the deployment's own controller, if
+        any) in the real control loop on the virtual clock until the next setting."""
+        await self._release()
+        policy = _policy_for(setting, self.controller)
+        if policy is not None:
+            loop = self.control_loop(policy, self.controller.period_s, self.controller.max_changes_per_min)
+            self._control = asyncio.ensure_future(loop.run())
+
+    async def _release(self) -> None:
+        if self._control is not None:  # its ``finally`` restores the engines' default knobs
+            self._control.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._control
+            self._control = None
+
+    async def send(
+        self, point: int, work: list[RequestSpec] | ClosedLoop, seed: int,
+        on_done: Callable[[RequestRecord], None], on_start: Callable[[float], None],
+    ) -> list[RequestRecord]:
+        """Send ``work`` (open-loop requests or closed-loop users) as the load client would."""
+        start = self.clock.now()
+        on_start(start)
+        if isinstance(work, ClosedLoop):
+            return await self._closed_loop(point, work, seed, start, on_done)
+        records = [RequestRecord(point, i, s.t_s, s.prompt_tokens, s.max_output_tokens) for i, s in enumerate(work)]
+        await asyncio.gather(*(self._request(r, start, on_done) for r in records))
+        return records
+
+    async def _request(self, rec: RequestRecord, start_s: float, on_done: Callable[[RequestRecord], None]) -> None:
+        await self._exchange(rec, start_s)
+        on_done(rec)
+
+    async def _exchange(self, rec: RequestRecord, start_s: float) -> None:
         await self.clock.sleep_until(start_s + rec.intended_send_s)
         t_send = self.clock.now()
         rec.actual_send_s = t_send - start_s
@@ -235,9 +239,9 @@ class VirtualDeployment:
         rec.itl_s = [b - a for a, b in itertools.pairwise(times)]
         rec.tpot_s = (rec.e2e_s - rec.ttft_s) / (rec.output_tokens - 1) if rec.output_tokens > 1 else math.nan
         self.recent.complete(times[-1], rec.ttft_s, None if math.isnan(rec.tpot_s) else rec.tpot_s)
-        rec.http_status, rec.status = 200, "ok" if rec.e2e_s <= timeout_s else "failed"
+        rec.http_status, rec.status = 200, "ok" if rec.e2e_s <= self.request_timeout_s else "failed"
         if rec.status != "ok":
-            rec.error = f"timed out after {timeout_s:g} s (virtual)"
+            rec.error = f"timed out after {self.request_timeout_s:g} s (virtual)"
 
     async def telemetry(self) -> list[Telemetry]:
         return [Telemetry(e.stats(), e.devices(), e.read(), tuple(e.supported_clocks_mhz())) for e in self.engines]
@@ -248,161 +252,38 @@ class VirtualDeployment:
         actuator = EngineActuator(self.engines, self.router)
         return ControlLoop(policy, observer, actuator, self.clock, period_s, max_changes_per_min)
 
-    def device_labels(self) -> list[DeviceLabel]:
-        """(preset, calibration, provenance) of every engine's devices, as a scrape of their /metrics gives them."""
-        return [(d.preset, d.calibration, str(r.provenance))
-                for e in self.engines for d, r in zip(e.devices(), e.read(), strict=True)]
-
-    def generated_tokens(self) -> int:
-        return sum(e.stats().generated_tokens_total for e in self.engines)
-
-    def engine_tokens(self) -> dict[str, float]:
-        """The engines' speculation and prefix-cache counters, keyed as a scrape keys them (``replica/name``)."""
-        out: dict[str, float] = {}
-        for e in self.engines:
-            s = e.stats()
-            out[f"{e.replica}/spec_proposed"] = s.spec_proposed_tokens
-            out[f"{e.replica}/spec_accepted"] = s.spec_accepted_tokens
-            if s.prefix_cache_queried_tokens is not None:
-                out[f"{e.replica}/prefix_cache_queried"] = s.prefix_cache_queried_tokens
-                out[f"{e.replica}/prefix_cache_hit"] = s.prefix_cache_hit_tokens or 0
-        return out
-
-    def _rows(self, point: int, t_s: float) -> list[dict[str, object]]:
-        return [
-            {
-                "point": point,
-                "t_s": t_s,
-                "replica": e.replica,
-                "device": r.device,
-                "energy_j": r.energy_j,
-                "power_w": r.power_w,
-                "clock_mhz": r.clock_mhz,
-            }
-            for e in self.engines
-            for r in e.read()
-        ]
-
-    async def _at(self, t_s: float) -> tuple[dict[str, Any], int, dict[str, float]]:
-        await self.clock.sleep_until(t_s)
-        return self.counters(), self.generated_tokens(), self.engine_tokens()
-
-    async def _sample(self, point: int, start: float, period_s: float, rows: list[dict[str, object]]) -> None:
-        while True:
-            rows.extend(self._rows(point, self.clock.now() - start))
-            await self.clock.sleep(period_s)
-
-    async def _closed_loop(self, point: int, spec: ClosedLoop, seed: int, start: float, timeout_s: float,
-                           records: list[RequestRecord]) -> None:
+    async def _closed_loop(self, point: int, spec: ClosedLoop, seed: int, start: float,
+                           on_done: Callable[[RequestRecord], None]) -> list[RequestRecord]:
         """``spec.concurrency`` users, each sending its next request when its last one ends (as the real client)."""
         lengths = LengthStream(spec.prompt_tokens, spec.output_tokens, seed)
         end = start + spec.duration_s
+        records: list[RequestRecord] = []
 
         async def user() -> None:
             while self.clock.now() < end:
                 p, o = lengths.next()
                 rec = RequestRecord(point, len(records), self.clock.now() - start, p, o)
                 records.append(rec)
-                await self.request(rec, start, timeout_s)
+                await self._exchange(rec, start)
                 if rec.ok:  # the user has its response once the last token crossed the path back
                     await self.clock.sleep_until(start + rec.intended_send_s + rec.e2e_s)
+                on_done(rec)
                 if spec.think_time_s > 0:
                     await self.clock.sleep(spec.think_time_s)
 
         await asyncio.gather(*(user() for _ in range(spec.concurrency)))
-
-    async def run_point(
-        self, point: int, work: list[RequestSpec] | ClosedLoop, w: WorkloadSpec, seed: int = 0
-    ) -> tuple[list[RequestRecord], Measurement, int, list[dict[str, object]], dict[str, float]]:
-        """Send ``work`` (open-loop requests or closed-loop users) and meter the point as a real-time campaign
-        does (warm-up and cool-down excluded from the energy window, a power time series every
-        ``sample_interval_s``)."""
-        start = self.clock.now()
-        if isinstance(work, ClosedLoop):
-            records: list[RequestRecord] = []
-            sending = self._closed_loop(point, work, seed, start, w.request_timeout_s, records)
-        else:
-            records = [RequestRecord(point, i, s.t_s, s.prompt_tokens, s.max_output_tokens)
-                       for i, s in enumerate(work)]
-            sending = asyncio.gather(*(self.request(r, start, w.request_timeout_s) for r in records))
-        rows: list[dict[str, object]] = []
-        begin = asyncio.ensure_future(self._at(start + w.warmup_s))
-        end = asyncio.ensure_future(self._at(start + w.duration_s - w.cooldown_s)) if w.cooldown_s > 0 else None
-        sampler = asyncio.ensure_future(self._sample(point, start, w.sample_interval_s, rows))
-        try:
-            await sending
-            (first, tok0, engine0) = await begin
-            (last, tok1, engine1) = (
-                await end if end is not None else (self.counters(), self.generated_tokens(), self.engine_tokens())
-            )
-        finally:
-            sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampler
-        if end is not None:
-            window_s = w.duration_s - w.cooldown_s - w.warmup_s
-        else:
-            window_s = self.clock.now() - start - w.warmup_s
-        mark_phases(records, w.warmup_s, w.duration_s - w.cooldown_s if w.cooldown_s > 0 else math.inf)
-        return records, window_energy(first, last, window_s), tok1 - tok0, rows, engine_token_shares(engine0, engine1)
+        return records
 
 
-def _policy_for(
-    setting: KnobSetting | PolicySetting | None, controller: ControllerConfig | None
-) -> tuple[Policy | None, ControllerConfig]:
+def _policy_for(setting: KnobSetting | PolicySetting | None, ctl: ControllerConfig) -> Policy | None:
     """The policy a point runs under: pinned knobs are the static policy with those values; no setting means
     the deployment's own controller (if it has one)."""
-    ctl = controller or ControllerConfig(enabled=False)
     slo = SLOTargets(ctl.slo.ttft_s, ctl.slo.tpot_s)
     if isinstance(setting, KnobSetting):
-        return build_policy("static", slo, **setting.model_dump(exclude_none=True)), ctl
+        return build_policy("static", slo, **setting.model_dump(exclude_none=True))
     if isinstance(setting, PolicySetting):
-        return build_policy(setting.policy, slo, **setting.options), ctl
-    return (build_policy(ctl.policy, slo, **ctl.options) if ctl.enabled else None), ctl
-
-
-async def _campaign(
-    spec: CampaignSpec, config: ServingConfig, clock: VirtualClock, store: ResultStore, latency: PathLatency | None
-) -> None:
-    site = load_site_profile(spec.site)
-    deployment = VirtualDeployment(config, clock, latency)
-    await deployment.start()
-    try:
-        w = spec.workload
-        done = store.finished_points()
-        for point, (setting, rate) in enumerate(spec.sweep.points()):
-            if point in done:
-                continue
-            policy, ctl = _policy_for(setting, getattr(config, "controller", None))
-            loop = deployment.control_loop(policy, ctl.period_s, ctl.max_changes_per_min) if policy else None
-            control = asyncio.ensure_future(loop.run()) if loop else None
-            work: list[RequestSpec] | ClosedLoop
-            if spec.closed_loop:
-                assert isinstance(w.arrival, ClosedLoopArrivals)
-                seed = point_seed(spec, rate)
-                work = ClosedLoop(int(rate), w.duration_s, w.prompt_tokens, w.output_tokens, w.arrival.think_time_s)
-            else:
-                seed, work = point_requests(spec, rate)  # the same requests as a real-time run of the point
-            try:
-                records, measurement, tokens, rows, shares = await deployment.run_point(point, work, w, seed)
-            finally:
-                if control is not None:  # its ``finally`` restores the engines' default knobs
-                    control.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await control
-            summary = summarize_point(
-                point, offered_rate(spec, rate, records), records, measurement, "emulated", site, spec.slo, tokens,
-                devices=deployment.device_labels(),
-            )
-            summary["concurrency"] = int(rate) if spec.closed_loop else math.nan
-            summary.update(shares)
-            summary["setting"] = setting_label(setting) if setting is not None else (
-                f"policy={policy.name}" if policy is not None else "as deployed")
-            clocks = [float(r["clock_mhz"]) for r in rows if not math.isnan(float(r["clock_mhz"]))]  # type: ignore[arg-type]
-            summary["clock_mhz_mean"] = sum(clocks) / len(clocks) if clocks else math.nan
-            store.add_point(summary, records, rows)
-    finally:
-        await deployment.stop()
+        return build_policy(setting.policy, slo, **setting.options)
+    return build_policy(ctl.policy, slo, **ctl.options) if ctl.enabled else None
 
 
 def run_virtual_campaign(
@@ -413,14 +294,9 @@ def run_virtual_campaign(
     the real serving path adds to each request (default: the testbed's own path as measured)."""
     console = console or Console()
     out.mkdir(parents=True, exist_ok=True)
-    store = ResultStore(out)
-    target = Target(f"virtual://{config.engine.device}/{config.engine.model}")
-    write_manifest(out, spec, target, "running")
-    clock = VirtualClock()
+    target = VirtualTarget(config, latency=latency)
     console.print(
         f"virtual time: {config.replicas} x {config.engine.device} replicas of {config.engine.model}, "
         f"{len(spec.sweep.points())} point(s)"
     )
-    clock.execute(_campaign(spec, config, clock, store, latency))
-    write_manifest(out, spec, target, "finished")
-    return store.points()
+    return run_campaign(spec, target, out, console, run=target.clock.execute, floor=device_floor(config))

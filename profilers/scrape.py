@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from profilers.exporter import ExportSnapshot
 from profilers.meter import CounterSample
 
 ENERGY_METRIC = "llm_energy_energy_joules"
@@ -79,6 +80,33 @@ def parse_counters(text: str) -> CounterSnapshot:
                 engine_tokens[f"{s.labels.get('replica', '')}/{name}"] = s.value
     return CounterSnapshot(
         energy, tokens, frozenset(backends), power, clock, sampler_errors, engine_tokens, device_info
+    )
+
+
+def counters_from_export(snap: ExportSnapshot) -> CounterSnapshot:
+    """The counters a scrape of ``snap``'s exporter would give, read in-process (a virtual-time target has no
+    HTTP): the same keys and the same rules as :func:`parse_counters` over :class:`EnergyCollector`'s output."""
+    energy, power, clock, errors, info = {}, {}, {}, {}, {}
+    for d in snap.devices:
+        key = f"{d.replica}/{d.device}"
+        energy[key] = CounterSample(d.energy_j, d.provenance)
+        power[key] = d.power_w
+        if d.clock_mhz is not None:
+            clock[key] = d.clock_mhz
+        if d.sampler_errors is not None:
+            errors[key] = float(d.sampler_errors)
+        if d.preset is not None:
+            info[key] = (d.preset, d.calibration or "")
+    engine_tokens: dict[str, float] = {}
+    for r in snap.replicas:
+        engine_tokens[f"{r.replica}/spec_proposed"] = r.spec_proposed_tokens
+        engine_tokens[f"{r.replica}/spec_accepted"] = r.spec_accepted_tokens
+        if r.prefix_cache_queried_tokens is not None:
+            engine_tokens[f"{r.replica}/prefix_cache_queried"] = r.prefix_cache_queried_tokens
+            engine_tokens[f"{r.replica}/prefix_cache_hit"] = r.prefix_cache_hit_tokens or 0
+    return CounterSnapshot(
+        energy, {r.replica: float(r.generated_tokens) for r in snap.replicas},
+        frozenset(d.backend for d in snap.devices), power, clock, errors, engine_tokens, info,
     )
 
 

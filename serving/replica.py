@@ -11,7 +11,7 @@ import os
 import pickle
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import ray
 
 from profilers import trace
+from profilers.exporter import DeviceSample, ExportSnapshot, ReplicaSample
 from profilers.types import DeviceInfo, PowerReading
 from serving.config import parse_engine_config
 from serving.engine import Engine, build_engine
@@ -45,6 +46,32 @@ class Telemetry:
     devices: list[DeviceInfo]
     readings: list[PowerReading]
     supported_clocks_mhz: tuple[float, ...] = ()
+
+
+def export_snapshot(replicas: Iterable[tuple[str, str, Telemetry]]) -> ExportSnapshot:
+    """The exporter's view of replicas given as (name, backend, telemetry): one conversion for every caller."""
+    snap = ExportSnapshot()
+    for name, backend, tel in replicas:
+        infos = {d.device: d for d in tel.devices}
+        for rd in tel.readings:
+            info = infos.get(rd.device)
+            snap.devices.append(
+                DeviceSample(name, rd.device, info.backend if info else backend, str(rd.provenance),
+                             rd.energy_j, rd.power_w, rd.clock_mhz,
+                             preset=info.preset if info else None, calibration=info.calibration if info else None)
+            )
+        s = tel.stats
+        snap.replicas.append(
+            ReplicaSample(
+                name, s.backend, s.prompt_tokens_total, s.generated_tokens_total,
+                s.attributed_prefill_j, s.attributed_decode_j, s.idle_j, s.running, s.waiting,
+                kv_used_tokens=s.kv_used_tokens, kv_capacity_tokens=s.kv_capacity_tokens,
+                spec_proposed_tokens=s.spec_proposed_tokens, spec_accepted_tokens=s.spec_accepted_tokens,
+                prefix_cache_queried_tokens=s.prefix_cache_queried_tokens,
+                prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
+            )
+        )
+    return snap
 
 
 @dataclass(frozen=True)

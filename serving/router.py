@@ -16,8 +16,8 @@ from typing import Any
 import ray.exceptions
 
 from profilers import trace
-from profilers.exporter import DeviceSample, ExportSnapshot, ReplicaSample
-from serving.replica import StreamError, Telemetry
+from profilers.exporter import ExportSnapshot
+from serving.replica import StreamError, Telemetry, export_snapshot
 from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -313,25 +313,5 @@ class Router:
         return [(r, tel) for r, tel in zip(live, results, strict=True) if tel is not None]
 
     async def snapshot(self, timeout_s: float = 2.0) -> ExportSnapshot:
-        snap = ExportSnapshot()
-        for r, tel in await self.telemetry(timeout_s):
-            infos = {d.device: d for d in tel.devices}
-            for rd in tel.readings:
-                info = infos.get(rd.device)
-                snap.devices.append(
-                    DeviceSample(r.name, rd.device, info.backend if info else r.backend, str(rd.provenance),
-                                 rd.energy_j, rd.power_w, rd.clock_mhz,
-                                 preset=info.preset if info else None, calibration=info.calibration if info else None)
-                )
-            s = tel.stats
-            snap.replicas.append(
-                ReplicaSample(
-                    r.name, s.backend, s.prompt_tokens_total, s.generated_tokens_total,
-                    s.attributed_prefill_j, s.attributed_decode_j, s.idle_j, s.running, s.waiting,
-                    kv_used_tokens=s.kv_used_tokens, kv_capacity_tokens=s.kv_capacity_tokens,
-                    spec_proposed_tokens=s.spec_proposed_tokens, spec_accepted_tokens=s.spec_accepted_tokens,
-                    prefix_cache_queried_tokens=s.prefix_cache_queried_tokens,
-                    prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
-                )
-            )
-        return snap
+        """What the exporter publishes: every live replica's devices and counters."""
+        return export_snapshot((r.name, r.backend, tel) for r, tel in await self.telemetry(timeout_s))

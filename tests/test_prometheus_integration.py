@@ -16,7 +16,8 @@ from promserver import INSTALL_HINT, PromServer, prometheus_binary
 from rich.console import Console
 
 from workloads.arrivals import FixedLength, PoissonArrivals
-from workloads.campaign import Target, prepare_out_dir, run_campaign
+from workloads.campaign import prepare_out_dir, run_campaign
+from workloads.http_target import HttpTarget
 from workloads.spec import CampaignSpec, Sweep, WorkloadSpec
 
 pytestmark = [
@@ -84,7 +85,7 @@ def test_promql_energy_per_token_matches_the_campaign(served, tmp_path: Path) ->
         metrics_url, metered_at,
     ):
         prom.wait_for_scrapes(3)
-        points = run_campaign(spec, Target(served.url, metrics_url), out, Console(quiet=True))
+        points = run_campaign(spec, HttpTarget(served.url, metrics_url), out, Console(quiet=True))
         time.sleep(0.5)  # let Prometheus scrape past the campaign's last reading
         # The campaign's energy window runs from its first counter reading to its last (between them its
         # time-series sampler reads too): query Prometheus there. Its samples are up to one scrape interval

@@ -11,14 +11,13 @@ import math
 import os
 import platform
 import shutil
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any, Protocol
 
-import httpx
 import pandas as pd
 from rich.console import Console
 from rich.progress import (
@@ -32,20 +31,17 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from profilers.clock import Clock
 from profilers.footprint import SiteProfile, load_site_profile
 from profilers.meter import Measurement, window_energy
-from profilers.scrape import CounterSnapshot, MetricsUnavailableError, ascrape_counters
+from profilers.scrape import CounterSnapshot
 from workloads.arrivals import ClosedLoopArrivals, RequestSpec, TraceArrivals, build_requests, build_trace_requests
-from workloads.client import ClosedLoop, LoadClient, RequestRecord
-from workloads.inputs import Prompts, campaign_prompts, trace_inputs
-from workloads.prompts import PromptFn
-from workloads.results import ResultStore, engine_token_shares, summarize_point
+from workloads.client import ClosedLoop, RequestRecord
+from workloads.inputs import trace_inputs
+from workloads.results import FloorFn, PointRow, ResultStore, engine_token_shares, summarize_point
 from workloads.spec import CampaignSpec, KnobSetting, PolicySetting, setting_label
 
 log = logging.getLogger(__name__)
-# The control API answers once the knobs are in effect, and a vLLM knob restarts the engines first (minutes for a
-# large model): the campaign's usual 10 s HTTP timeout would give up on a change that is still under way.
-KNOB_APPLY_TIMEOUT_S = 1200.0
 MANIFEST = "manifest.json"
 MIN_FREE_BYTES = 64 * 2**20
 
@@ -54,18 +50,44 @@ class OutputDirError(RuntimeError):
     """``--out`` holds something the run must not overwrite silently."""
 
 
-@dataclass(frozen=True)
-class Target:
-    """What the campaign drives: an OpenAI-compatible base URL and where its energy counters are."""
+Setting = KnobSetting | PolicySetting | None
+"""What a point runs under: pinned knobs, a controller policy, or (None) the deployment as it is."""
+Work = list[RequestSpec] | ClosedLoop
+"""What a point sends: an open-loop schedule of requests, or closed-loop users."""
 
-    base_url: str
-    metrics_url: str | None = None
-    control_token: str | None = None
-    """Bearer token of the target's control API (needed when the sweep sets knobs or policies)."""
 
-    @property
-    def metrics(self) -> str:
-        return self.metrics_url or f"{self.base_url.rstrip('/')}/metrics"
+class Target(Protocol):
+    """What a campaign drives, in real or virtual time: everything :func:`run_points` reads, sleeps or sends goes
+    through it (``workloads.http_target.HttpTarget``: a URL; ``deploy.virtual.VirtualTarget``: in-process
+    emulated replicas on a virtual clock)."""
+
+    clock: Clock
+    label: str
+    """What the manifest records as the target (a URL, or ``virtual://device/model``)."""
+
+    async def start(self, spec: CampaignSpec) -> dict[str, object]:
+        """Connect (or bring up) before the first point; fails with why the target cannot be driven. Returns what
+        the manifest records of it (e.g. the tokenizer prompts are rendered with)."""
+        ...
+
+    async def stop(self) -> None:
+        """Leave the target as the campaign found it (its policy restored, its engines stopped if it started them)."""
+        ...
+
+    async def counters(self) -> CounterSnapshot | None:
+        """The target's cumulative energy and token counters now (None: unavailable, the reason logged)."""
+        ...
+
+    async def apply(self, setting: Setting) -> None:
+        """Put the target under ``setting`` for the next point; returns once it is in effect."""
+        ...
+
+    async def send(
+        self, point: int, work: Work, seed: int, on_done: Callable[[RequestRecord], None],
+        on_start: Callable[[float], None],
+    ) -> list[RequestRecord]:
+        """Send a point's requests; ``on_start(t0)`` gives the clock time the schedule starts from."""
+        ...
 
 
 def prepare_out_dir(out: Path, spec: CampaignSpec, resume: bool, overwrite: bool) -> None:
@@ -156,7 +178,7 @@ def write_manifest(
     manifest = json.loads(path.read_text()) if path.exists() else {"created": datetime.now(UTC).isoformat()}
     manifest.update({
         "name": spec.name, "status": status, "config_hash": spec.config_hash(), "seed": spec.seed,
-        "site": spec.site, "target": target.base_url, "versions": _versions(),
+        "site": spec.site, "target": target.label, "versions": _versions(),
         "machine": _hardware(), "site_profile": load_site_profile(spec.site).model_dump(mode="json"),
         "traces": trace_inputs(spec),
         "updated": datetime.now(UTC).isoformat(),
@@ -165,15 +187,6 @@ def write_manifest(
     tmp = path.with_name(".manifest.tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     tmp.replace(path)
-
-
-async def _model_name(client: httpx.AsyncClient, base_url: str) -> str:
-    try:
-        resp = await client.get(f"{base_url.rstrip('/')}/v1/models")
-        resp.raise_for_status()
-        return str(resp.json()["data"][0]["id"])
-    except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
-        raise RuntimeError(f"cannot list models at {base_url}/v1/models ({e!r}); set `model:` in the campaign") from e
 
 
 def point_seed(spec: CampaignSpec, load: float) -> int:
@@ -191,17 +204,15 @@ def point_requests(spec: CampaignSpec, rate: float) -> tuple[int, list[RequestSp
     return seed, build_requests(w.arrival, w.prompt_tokens.sample, w.output_tokens.sample, rate, w.duration_s, seed)
 
 
-async def _counters(client: httpx.AsyncClient, target: Target) -> CounterSnapshot | None:
-    try:
-        return await ascrape_counters(target.metrics, client)
-    except MetricsUnavailableError as e:
-        log.warning("%s", e)
-        return None
-
-
-async def _counters_at(client: httpx.AsyncClient, target: Target, when: float) -> CounterSnapshot | None:
-    await asyncio.sleep(max(0.0, when - time.perf_counter()))
-    return await _counters(client, target)
+def point_work(spec: CampaignSpec, load: float) -> tuple[int, Work]:
+    """The seed and work of the point at ``load``: the same in real and virtual time."""
+    w = spec.workload
+    if spec.closed_loop:
+        assert isinstance(w.arrival, ClosedLoopArrivals)
+        return point_seed(spec, load), ClosedLoop(
+            int(load), w.duration_s, w.prompt_tokens, w.output_tokens, w.arrival.think_time_s
+        )
+    return point_requests(spec, load)
 
 
 @dataclass
@@ -214,10 +225,15 @@ class _Live:
     joules_per_token: float = math.nan
 
 
-async def _sample(http: httpx.AsyncClient, target: Target, point: int, live: _Live, period_s: float) -> None:
+async def _counters_at(target: Target, when: float) -> CounterSnapshot | None:
+    await target.clock.sleep(max(0.0, when - target.clock.now()))
+    return await target.counters()
+
+
+async def _sample(target: Target, point: int, live: _Live, period_s: float) -> None:
     while True:
-        snap = await _counters(http, target)
-        t = time.perf_counter() - live.t0
+        snap = await target.counters()
+        t = target.clock.now() - live.t0
         if snap is not None:
             live.first = live.first or snap
             for key, sample in snap.energy.items():
@@ -230,43 +246,7 @@ async def _sample(http: httpx.AsyncClient, target: Target, point: int, live: _Li
             if tokens > 0:
                 energy = window_energy(live.first.energy, snap.energy, t).total_j
                 live.joules_per_token = energy / tokens
-        await asyncio.sleep(period_s)
-
-
-class ControlError(RuntimeError):
-    """The target's control API refused or is missing, so the sweep's settings cannot be applied."""
-
-
-async def _current_policy(http: httpx.AsyncClient, target: Target) -> str:
-    url = f"{target.base_url.rstrip('/')}/control"
-    try:
-        resp = await http.get(url)
-    except httpx.HTTPError as e:
-        raise ControlError(f"cannot read {url} ({e!r}): the sweep sets knobs or policies through it") from e
-    if resp.status_code != 200:
-        raise ControlError(
-            f"{url} answered HTTP {resp.status_code}: the target has no control API, so the sweep's knobs and "
-            "policies cannot be applied (serve it with `testbed serve`, controller enabled)"
-        )
-    return str(resp.json()["policy"])
-
-
-async def _apply_setting(http: httpx.AsyncClient, target: Target, setting: KnobSetting | PolicySetting) -> None:
-    path = "/control/policy" if isinstance(setting, PolicySetting) else "/control/knobs"
-    url = f"{target.base_url.rstrip('/')}{path}"
-    headers = {"authorization": f"Bearer {target.control_token}"} if target.control_token else {}
-    try:
-        resp = await http.post(url, json=setting.model_dump(exclude_none=True), headers=headers,
-                               timeout=KNOB_APPLY_TIMEOUT_S)
-    except httpx.HTTPError as e:
-        raise ControlError(f"cannot apply {setting_label(setting)} at {url}: {e!r}") from e
-    if resp.status_code == 401:
-        raise ControlError(
-            f"{url} refused the control token: pass --control-token (or TESTBED_CONTROL_TOKEN) with the token "
-            "the deployment printed at start-up"
-        )
-    if resp.status_code != 200:
-        raise ControlError(f"{url} refused {setting_label(setting)}: HTTP {resp.status_code} {resp.text[:300]}")
+        await target.clock.sleep(period_s)
 
 
 def _sampler_failures(begin: CounterSnapshot, end: CounterSnapshot) -> str:
@@ -281,92 +261,87 @@ def _window_tokens(begin: CounterSnapshot, end: CounterSnapshot) -> int | None:
     return int(sum(max(0.0, n - begin.generated_tokens.get(r, 0.0)) for r, n in end.generated_tokens.items()))
 
 
-async def _run_points(
-    spec: CampaignSpec, target: Target, store: ResultStore, console: Console, prompt_fn: PromptFn,
-    manifest_extra: dict[str, object],
+async def run_points(
+    spec: CampaignSpec, target: Target, store: ResultStore, console: Console,
+    manifest_extra: dict[str, object] | None = None, floor: FloorFn | None = None,
 ) -> None:
+    """Measure every point of the sweep not yet in ``store``, one after the other, on ``target``'s clock."""
+    extra = manifest_extra if manifest_extra is not None else {}
     site = load_site_profile(spec.site)
-    async with httpx.AsyncClient(timeout=10.0) as http:
-        model = spec.model or await _model_name(http, target.base_url)
-        client = LoadClient(
-            target.base_url, model, spec.workload.max_concurrency, spec.workload.request_timeout_s,
-            processes=spec.workload.client_processes, prompt_fn=prompt_fn,
-        )
-        try:
-            await _run_points_with(spec, target, store, console, http, client, site, manifest_extra)
-        finally:
-            client.close()
-
-
-async def _run_points_with(
-    spec: CampaignSpec, target: Target, store: ResultStore, console: Console, http: httpx.AsyncClient,
-    client: LoadClient, site: SiteProfile, manifest_extra: dict[str, object],
-) -> None:
     done = store.finished_points()
+    points = spec.sweep.points()
+    extra.update(await target.start(spec))
+    write_manifest(store.out, spec, target, "running", extra)
+    try:
+        for point, (setting, load) in enumerate(points):
+            if point in done:
+                unit = "users" if spec.closed_loop else "req/s"
+                console.print(f"point {point} ({setting_label(setting)}, {load:g} {unit}) already measured: skipped")
+                continue
+            await target.apply(setting)
+            row, records, series = await _measure_point(spec, target, (point, len(points)), setting, load, console,
+                                                        site, store.out, extra, floor)
+            store.add_point(row, records, series)
+    finally:
+        await target.stop()
+
+
+async def _measure_point(
+    spec: CampaignSpec, target: Target, point_of: tuple[int, int], setting: Setting, load: float, console: Console,
+    site: SiteProfile, out: Path, manifest_extra: dict[str, object], floor: FloorFn | None,
+) -> tuple[PointRow, list[RequestRecord], list[dict[str, object]]]:
+    """Send one point's work and meter it: warm-up and cool-down are left out of the energy window."""
     w = spec.workload
-    initial_policy = await _current_policy(http, target) if spec.sweep.knobs or spec.sweep.policies else None
-    for point, (setting, rate) in enumerate(spec.sweep.points()):
-        if point in done:
-            unit = "users" if spec.closed_loop else "req/s"
-            console.print(f"point {point} ({setting_label(setting)}, {rate:g} {unit}) already measured: skipped")
-            continue
-        if setting is not None:
-            await _apply_setting(http, target, setting)
-        live = _Live(math.nan)
-        started: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+    point = point_of[0]
+    live = _Live(math.nan)
+    started: asyncio.Future[float] = asyncio.get_running_loop().create_future()
 
-        def on_start(t0: float, live: _Live = live, started: asyncio.Future[float] = started) -> None:
-            live.t0 = t0
-            started.set_result(t0)
+    def on_start(t0: float) -> None:
+        live.t0 = t0
+        started.set_result(t0)
 
-        drive = asyncio.create_task(_drive(client, spec, (point, len(spec.sweep.points())), rate, console, live,
-                                           on_start))
-        await asyncio.wait([drive, started], return_when=asyncio.FIRST_COMPLETED)
-        if not started.done():
-            await drive  # failed before its first send: raises why
-        t0 = started.result()
-        begin = asyncio.create_task(_counters_at(http, target, t0 + w.warmup_s))
-        end = (asyncio.create_task(_counters_at(http, target, t0 + w.duration_s - w.cooldown_s))
-               if w.cooldown_s > 0 else None)
-        sampler = asyncio.create_task(_sample(http, target, point, live, w.sample_interval_s))
-        try:
-            records = await drive
-            first, last = await begin, (await end if end is not None else await _counters(http, target))
-            if last is not None and "target_devices" not in manifest_extra:
-                # From the point's own readings: an extra scrape would sit inside others' metering windows.
-                manifest_extra["target_devices"] = sorted(last.energy)  # replica/device
-                manifest_extra["target_backends"] = sorted(last.backends)
-                write_manifest(store.out, spec, target, "running", manifest_extra)
-        finally:
-            sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampler
-        window_s = (w.duration_s - w.cooldown_s - w.warmup_s if end is not None
-                    else time.perf_counter() - t0 - w.warmup_s)
-        mark_phases(records, w.warmup_s, w.duration_s - w.cooldown_s if w.cooldown_s > 0 else math.inf)
-        if first is not None and last is not None:
-            measurement = window_energy(first.energy, last.energy, window_s)
-            backend = ",".join(sorted(last.backends)) or "unknown"
-            tokens = _window_tokens(first, last)
-        else:
-            measurement, backend, tokens = Measurement(duration_s=window_s), "unknown", None
-        summary = summarize_point(
-            point, offered_rate(spec, rate, records), records, measurement, backend, site, spec.slo, tokens,
-            devices=last.device_labels() if first is not None and last is not None else (),
-        )
-        summary["concurrency"] = int(rate) if spec.closed_loop else math.nan
-        if first is not None and last is not None:
-            summary.update(engine_token_shares(first.engine_tokens, last.engine_tokens))
-        if first is not None and last is not None and (failing := _sampler_failures(first, last)):
-            note = f"power sampler errors during the point on {failing}: energy there is incomplete"
-            summary["notes"] = "; ".join(n for n in (summary["notes"], note) if n)
-            summary["status"] = "degraded"
-        summary["setting"] = setting_label(setting)
-        clocks = [r["clock_mhz"] for r in live.rows if not math.isnan(float(r["clock_mhz"]))]  # type: ignore[arg-type]
-        summary["clock_mhz_mean"] = sum(clocks) / len(clocks) if clocks else math.nan  # type: ignore[arg-type]
-        store.add_point(summary, records, live.rows)
-    if initial_policy is not None:
-        await _apply_setting(http, target, PolicySetting(policy=initial_policy))
+    drive = asyncio.create_task(_drive(target, spec, point_of, load, console, live, on_start))
+    await asyncio.wait([drive, started], return_when=asyncio.FIRST_COMPLETED)
+    if not started.done():
+        await drive  # failed before its first send: raises why
+    t0 = started.result()
+    begin = asyncio.create_task(_counters_at(target, t0 + w.warmup_s))
+    end = asyncio.create_task(_counters_at(target, t0 + w.duration_s - w.cooldown_s)) if w.cooldown_s > 0 else None
+    sampler = asyncio.create_task(_sample(target, point, live, w.sample_interval_s))
+    try:
+        records = await drive
+        first, last = await begin, (await end if end is not None else await target.counters())
+        if last is not None and "target_devices" not in manifest_extra:
+            # From the point's own readings: an extra scrape would sit inside others' metering windows.
+            manifest_extra["target_devices"] = sorted(last.energy)  # replica/device
+            manifest_extra["target_backends"] = sorted(last.backends)
+            write_manifest(out, spec, target, "running", manifest_extra)
+    finally:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+    window_s = w.duration_s - w.cooldown_s - w.warmup_s if end is not None else target.clock.now() - t0 - w.warmup_s
+    mark_phases(records, w.warmup_s, w.duration_s - w.cooldown_s if w.cooldown_s > 0 else math.inf)
+    clocks = [float(r["clock_mhz"]) for r in live.rows if not math.isnan(float(r["clock_mhz"]))]  # type: ignore[arg-type]
+    common = {
+        "concurrency": int(load) if spec.closed_loop else math.nan,
+        "clock_mhz_mean": sum(clocks) / len(clocks) if clocks else math.nan,
+        "floor": floor,
+    }
+    if first is None or last is None:
+        row = summarize_point(point, setting_label(setting), offered_rate(spec, load, records), records,
+                              Measurement(duration_s=window_s), "unknown", site, spec.slo, **common)
+        return row, records, live.rows
+    failing = _sampler_failures(first, last)
+    row = summarize_point(
+        point, setting_label(setting), offered_rate(spec, load, records), records,
+        window_energy(first.energy, last.energy, window_s), ",".join(sorted(last.backends)) or "unknown", site,
+        spec.slo, window_tokens=_window_tokens(first, last), devices=last.device_labels(),
+        token_shares=engine_token_shares(first.engine_tokens, last.engine_tokens),
+        notes=[f"power sampler errors during the point on {failing}: energy there is incomplete"] if failing else [],
+        **common,
+    )
+    return row, records, live.rows
 
 
 def offered_rate(spec: CampaignSpec, load: float, records: list[RequestRecord]) -> float:
@@ -379,6 +354,7 @@ def offered_rate(spec: CampaignSpec, load: float, records: list[RequestRecord]) 
 
 
 def mark_phases(records: list[RequestRecord], measure_from: float, measure_until: float) -> None:
+    """Label each request ``warmup``, ``measure`` or ``cooldown`` by its intended send time."""
     for r in records:
         r.phase = ("warmup" if r.intended_send_s < measure_from
                    else "cooldown" if r.intended_send_s >= measure_until else "measure")
@@ -387,39 +363,31 @@ def mark_phases(records: list[RequestRecord], measure_from: float, measure_until
 class _DueColumn(ProgressColumn):
     """Requests the open-loop schedule has released by now (``due``), next to those completed."""
 
-    def __init__(self, times: list[float], live: _Live) -> None:
+    def __init__(self, times: list[float], live: _Live, clock: Clock) -> None:
         super().__init__()
-        self.times, self.live = times, live
+        self.times, self.live, self.clock = times, live, clock
 
     def render(self, task: Task) -> Text:
-        elapsed = time.perf_counter() - self.live.t0  # nan until the generator has started
+        elapsed = self.clock.now() - self.live.t0  # nan until the generator has started
         return Text(f"due {0 if math.isnan(elapsed) else bisect.bisect_right(self.times, elapsed)}")
 
 
 async def _drive(
-    client: LoadClient, spec: CampaignSpec, point: tuple[int, int], load: float, console: Console, live: _Live,
+    target: Target, spec: CampaignSpec, point: tuple[int, int], load: float, console: Console, live: _Live,
     on_start: Callable[[float], None],
 ) -> list[RequestRecord]:
     """Run a point's requests with a progress line: point k/n, requests due and done, failures, live J/token."""
-    w = spec.workload
-    seed = point_seed(spec, load)
-    if spec.closed_loop:
-        assert isinstance(w.arrival, ClosedLoopArrivals)
-        closed = ClosedLoop(int(load), w.duration_s, w.prompt_tokens, w.output_tokens, w.arrival.think_time_s)
-        specs: list[RequestSpec] = []
-        what = f"{int(load):>4} users"
-    else:
-        seed, specs = point_requests(spec, load)
-        what = f"{load:>7g} req/s"
+    seed, work = point_work(spec, load)
+    what = f"{work.concurrency:>4} users" if isinstance(work, ClosedLoop) else f"{load:>7g} req/s"
     columns = (
         TextColumn("[bold]point {task.fields[k]}/{task.fields[n]}[/] {task.fields[load]}"), BarColumn(),
-        *(() if spec.closed_loop else (_DueColumn([s.t_s for s in specs], live),)),
+        *(() if isinstance(work, ClosedLoop) else (_DueColumn([s.t_s for s in work], live, target.clock),)),
         TextColumn("done"), MofNCompleteColumn(),
         TextColumn("failed {task.fields[failed]}  {task.fields[jpt]}"), TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("", total=None if spec.closed_loop else len(specs), k=point[0] + 1, n=point[1],
-                                 load=what, failed=0, jpt="")
+        task = progress.add_task("", total=None if isinstance(work, ClosedLoop) else len(work), k=point[0] + 1,
+                                 n=point[1], load=what, failed=0, jpt="")
         failed = 0
 
         def on_done(rec: RequestRecord) -> None:
@@ -428,26 +396,26 @@ async def _drive(
             jpt = f"{live.joules_per_token:.3g} J/token" if not math.isnan(live.joules_per_token) else ""
             progress.update(task, advance=1, failed=failed, jpt=jpt)
 
-        if spec.closed_loop:
-            return await client.run_closed(point[0], closed, seed, on_done, on_start)
-        return await client.run(point[0], specs, seed, on_done, on_start)
+        return await target.send(point[0], work, seed, on_done, on_start)
 
 
 def run_campaign(
-    spec: CampaignSpec, target: Target, out: Path, console: Console | None = None, prompts: Prompts | None = None
+    spec: CampaignSpec, target: Target, out: Path, console: Console | None = None,
+    run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run, floor: FloorFn | None = None,
+    manifest_extra: dict[str, object] | None = None,
 ) -> pd.DataFrame:
-    """Run every point not yet in ``out`` and return ``points.csv`` as a frame.
+    """Run every point not yet in ``out`` on ``target`` and return ``points.csv`` as a frame.
 
     ``out`` must have been checked with :func:`prepare_out_dir`. Each point is written as soon as it is
-    measured, so an interrupted campaign keeps every finished point and ``--resume`` continues it.
-    ``prompts``: from :func:`campaign_prompts` (default: the workload's tokenizer, ``auto`` meaning ``word``).
+    measured, so an interrupted campaign keeps every finished point and ``--resume`` continues it. ``run``
+    runs the campaign's coroutine (a virtual target's clock drives its own loop); ``floor``: the device's
+    energy floor per token, for emulated devices.
     """
     console = console or Console()
-    prompts = prompts or campaign_prompts(spec)
     store = ResultStore(out)
     store.repair()
-    extra: dict[str, object] = {"tokenizer": prompts.tokenizer}
+    extra = dict(manifest_extra or {})
     write_manifest(out, spec, target, "running", extra)
-    asyncio.run(_run_points(spec, target, store, console, prompts.fn, extra))
+    run(run_points(spec, target, store, console, extra, floor))
     write_manifest(out, spec, target, "finished", extra)
     return store.points()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +17,77 @@ from profilers.meter import Measurement
 from workloads.client import RequestRecord
 from workloads.spec import SLO
 
-POINT_COLUMNS = [
-    "point", "setting", "clock_mhz_mean", "backend", "offered_rps", "concurrency", "requests", "completed", "failed",
-    "prompt_tokens", "output_tokens",
-    "client_output_tokens", "duration_s", "achieved_rps", "output_tokens_per_s", "energy_j", "energy_per_token_j",
-    "attributed_energy_j", "mean_power_w", "water_l", "water_per_token_ml", "carbon_g", "carbon_per_token_g",
-    "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "e2e_p50_s", "e2e_p99_s", "slo_attainment",
-    "goodput_rps", "prefix_cache_hit_ratio", "spec_acceptance_ratio", "provenance", "device_preset", "calibration",
-    "site", "dropped_devices", "status", "notes",
-]
+
+@dataclass(frozen=True)
+class PointRow:
+    """One row of ``points.csv``: one sweep point (a setting at a load), built once by :func:`summarize_point`.
+
+    Counts cover every request sent, so nothing is lost from the books; latency, SLO and goodput cover the
+    measured phase only (warm-up and cool-down excluded); energy, tokens and power cover the metering window.
+    """
+
+    point: int
+    setting: str
+    """The sweep setting: ``as deployed``, pinned knobs (``clock_mhz=1200 max_num_seqs=64``) or ``policy=...``."""
+    clock_mhz_mean: float
+    """Mean device clock over the point's power time series (NaN where no device reports one)."""
+    backend: str
+    offered_rps: float
+    """The sweep's rate; for closed-loop users, the rate they sent at within the measured window."""
+    concurrency: float
+    """Closed-loop users (NaN for an open-loop point)."""
+    requests: int
+    completed: int
+    failed: int
+    prompt_tokens: int
+    output_tokens: int
+    """Tokens generated inside the energy window: the server's count where it exports one, else the client's."""
+    client_output_tokens: int
+    duration_s: float
+    """The metering window."""
+    achieved_rps: float
+    output_tokens_per_s: float
+    energy_j: float
+    energy_per_token_j: float
+    attributed_energy_j: float
+    """The engines' per-request energy summed over the completed measured requests."""
+    mean_power_w: float
+    water_l: float
+    water_per_token_ml: float
+    carbon_g: float
+    carbon_per_token_g: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    tpot_p50_s: float
+    tpot_p99_s: float
+    e2e_p50_s: float
+    e2e_p99_s: float
+    slo_attainment: float
+    """Share of measured requests that completed within both SLO targets."""
+    goodput_rps: float
+    prefix_cache_hit_ratio: float
+    """Prompt tokens found in the prefix cache over those looked up, from the engines' counters (NaN: none)."""
+    spec_acceptance_ratio: float
+    """Accepted over proposed speculative tokens, from the engines' counters (NaN: no speculation)."""
+    provenance: str
+    """``measured``, ``modeled``, ``mixed`` or ``unavailable``: where the energy came from."""
+    device_preset: str
+    """The presets that model the point's emulated devices (empty for real devices)."""
+    calibration: str
+    """How far the modeled figures are from measurements (the preset's calibration label), or ``measured``."""
+    site: str
+    dropped_devices: str
+    """Devices whose counter reset or vanished in the window (their energy is not counted)."""
+    status: str
+    """``ok``, or ``degraded`` with the reasons in ``notes``."""
+    notes: str
+    floor_j_per_token: float = math.nan
+    """The emulated device's physical floor of energy per output token at the point's mean lengths (NaN: real)."""
+    x_floor: float = math.nan
+    """``energy_per_token_j`` over the floor: never below 1."""
+
+
+POINT_COLUMNS = [f.name for f in dataclasses.fields(PointRow)]
 DeviceLabel = tuple[str | None, str | None, str]
 """A metered device's (preset, calibration label, provenance); preset and label are None for a real device."""
 
@@ -72,24 +135,34 @@ def meets_slo(df: pd.DataFrame, slo: SLO) -> pd.Series:
     return (df["status"] == "ok") & (df["ttft_s"] <= slo.ttft_s) & tpot_ok
 
 
+FloorFn = Callable[[int, int], float]
+"""A device's floor of joules per output token for mean (prompt, output) lengths (``deploy`` supplies it)."""
+
+
 def summarize_point(
     point: int,
+    setting: str,
     offered_rps: float,
     records: list[RequestRecord],
     measurement: Measurement,
     backend: str,
     site: SiteProfile,
     slo: SLO,
+    *,
     window_tokens: int | None = None,
     devices: Sequence[DeviceLabel] = (),
-) -> dict[str, object]:
-    """One row of ``points.csv``.
+    concurrency: float = math.nan,
+    clock_mhz_mean: float = math.nan,
+    token_shares: Mapping[str, float] | None = None,
+    notes: Sequence[str] = (),
+    floor: FloorFn | None = None,
+) -> PointRow:
+    """The :class:`PointRow` of a measured point.
 
-    Counts (``requests``, ``completed``, ``failed``) cover every request sent, so nothing is lost from the
-    books; latency, SLO and goodput cover the measured phase only (warm-up and cool-down excluded).
-    ``output_tokens`` are the tokens generated inside the energy window, counted by the server where it
-    exports ``llm_energy_tokens_total`` (so energy and tokens cover the same window), else by the client.
+    ``window_tokens``: tokens the server counted inside the energy window (None: the client's count).
     ``devices``: what models or measures each metered device, so a modeled figure always says which preset made it.
+    ``token_shares``: :func:`engine_token_shares` of the window; ``notes``: why the point is degraded, found by
+    the caller; ``floor``: the device's energy floor, for emulated devices.
     """
     df = records_frame(records)
     ok_all = df[df["status"] == "ok"]
@@ -102,48 +175,53 @@ def summarize_point(
     per_tok = (lambda x: x / out_tokens) if out_tokens > 0 else (lambda x: math.nan)
     duration = measurement.duration_s
     met = meets_slo(measured, slo) if len(measured) else pd.Series(dtype=bool)
-    notes = _degradation(df, measurement)
-    return {
-        "point": point,
-        "setting": "as deployed",
-        "clock_mhz_mean": math.nan,
-        "backend": backend,
-        "offered_rps": offered_rps,
-        "concurrency": math.nan,
-        "requests": len(df),
-        "completed": len(ok_all),
-        "failed": int((df["status"] != "ok").sum()),
-        "prompt_tokens": int(ok["prompt_tokens"].sum()),
-        "output_tokens": out_tokens,
-        "client_output_tokens": client_tokens,
-        "duration_s": duration,
-        "achieved_rps": len(ok) / duration if duration > 0 else math.nan,
-        "output_tokens_per_s": out_tokens / duration if duration > 0 else math.nan,
-        "energy_j": energy,
-        "energy_per_token_j": per_tok(energy),
-        "attributed_energy_j": float(ok["energy_j"].sum(min_count=1)) if len(ok) else math.nan,
-        "mean_power_w": energy / duration if duration > 0 else math.nan,
-        "water_l": fp.water_l,
-        "water_per_token_ml": per_tok(fp.water_l * 1000.0),
-        "carbon_g": fp.carbon_g,
-        "carbon_per_token_g": per_tok(fp.carbon_g),
-        "ttft_p50_s": _pct(ok["ttft_s"], 50),
-        "ttft_p99_s": _pct(ok["ttft_s"], 99),
-        "tpot_p50_s": _pct(ok["tpot_s"], 50),
-        "tpot_p99_s": _pct(ok["tpot_s"], 99),
-        "e2e_p50_s": _pct(ok["e2e_s"], 50),
-        "e2e_p99_s": _pct(ok["e2e_s"], 99),
-        "slo_attainment": float(met.mean()) if len(met) else math.nan,
-        "goodput_rps": float(met.sum()) / duration if duration > 0 else math.nan,
-        "prefix_cache_hit_ratio": math.nan,  # from the engines' counters: engine_token_shares
-        "spec_acceptance_ratio": math.nan,
-        "provenance": measurement.provenance_label,
+    reasons = [*_degradation(df, measurement), *notes]
+    shares = token_shares or {}
+    floor_j = (floor(max(1, round(ok_all["prompt_tokens"].mean())), max(1, round(ok_all["output_tokens"].mean())))
+               if floor is not None and len(ok_all) else math.nan)
+    return PointRow(
+        point=point,
+        setting=setting,
+        clock_mhz_mean=clock_mhz_mean,
+        backend=backend,
+        offered_rps=offered_rps,
+        concurrency=concurrency,
+        requests=len(df),
+        completed=len(ok_all),
+        failed=int((df["status"] != "ok").sum()),
+        prompt_tokens=int(ok["prompt_tokens"].sum()),
+        output_tokens=out_tokens,
+        client_output_tokens=client_tokens,
+        duration_s=duration,
+        achieved_rps=len(ok) / duration if duration > 0 else math.nan,
+        output_tokens_per_s=out_tokens / duration if duration > 0 else math.nan,
+        energy_j=energy,
+        energy_per_token_j=per_tok(energy),
+        attributed_energy_j=float(ok["energy_j"].sum(min_count=1)) if len(ok) else math.nan,
+        mean_power_w=energy / duration if duration > 0 else math.nan,
+        water_l=fp.water_l,
+        water_per_token_ml=per_tok(fp.water_l * 1000.0),
+        carbon_g=fp.carbon_g,
+        carbon_per_token_g=per_tok(fp.carbon_g),
+        ttft_p50_s=_pct(ok["ttft_s"], 50),
+        ttft_p99_s=_pct(ok["ttft_s"], 99),
+        tpot_p50_s=_pct(ok["tpot_s"], 50),
+        tpot_p99_s=_pct(ok["tpot_s"], 99),
+        e2e_p50_s=_pct(ok["e2e_s"], 50),
+        e2e_p99_s=_pct(ok["e2e_s"], 99),
+        slo_attainment=float(met.mean()) if len(met) else math.nan,
+        goodput_rps=float(met.sum()) / duration if duration > 0 else math.nan,
+        prefix_cache_hit_ratio=shares.get("prefix_cache_hit_ratio", math.nan),
+        spec_acceptance_ratio=shares.get("spec_acceptance_ratio", math.nan),
+        provenance=measurement.provenance_label,
         **calibration_columns(devices, measurement.provenance_label),
-        "site": site.name,
-        "dropped_devices": ";".join(measurement.dropped_devices),
-        "status": "degraded" if notes else "ok",
-        "notes": "; ".join(notes),
-    }
+        site=site.name,
+        dropped_devices=";".join(measurement.dropped_devices),
+        status="degraded" if reasons else "ok",
+        notes="; ".join(reasons),
+        floor_j_per_token=floor_j,
+        x_floor=per_tok(energy) / floor_j if floor_j > 0 else math.nan,
+    )
 
 
 def _degradation(df: pd.DataFrame, measurement: Measurement) -> list[str]:
@@ -197,19 +275,18 @@ class ResultStore:
         return set(int(p) for p in self.points()["point"])
 
     def add_point(
-        self, summary: dict[str, object], records: list[RequestRecord], timeseries: list[dict[str, object]]
+        self, row: PointRow, records: list[RequestRecord], timeseries: list[dict[str, object]]
     ) -> None:
         """Write one measured point; the per-point files land before ``points.csv`` names the point done."""
         self.parts.mkdir(parents=True, exist_ok=True)
         frame = records_frame(records)
-        point = int(summary["point"])  # type: ignore[call-overload]
         ts = pd.DataFrame(timeseries, columns=TIMESERIES_COLUMNS)
-        _atomic_write(self.parts / f"timeseries-{point:04d}.parquet", lambda p: ts.to_parquet(p, index=False))
-        _atomic_write(self.parts / f"point-{point:04d}.parquet", lambda p: frame.to_parquet(p, index=False))
+        _atomic_write(self.parts / f"timeseries-{row.point:04d}.parquet", lambda p: ts.to_parquet(p, index=False))
+        _atomic_write(self.parts / f"point-{row.point:04d}.parquet", lambda p: frame.to_parquet(p, index=False))
         points = self.points()
-        points = points[points["point"] != point]
-        row = pd.DataFrame([summary], columns=POINT_COLUMNS)
-        points = row if points.empty else pd.concat([points, row], ignore_index=True)
+        points = points[points["point"] != row.point]
+        new = pd.DataFrame([dataclasses.asdict(row)], columns=POINT_COLUMNS)
+        points = new if points.empty else pd.concat([points, new], ignore_index=True)
         points = points.sort_values("point")
         _atomic_write(self.points_path, lambda p: points.to_csv(p, index=False))
         self._rebuild_requests()
