@@ -29,13 +29,14 @@ from controllers.actuators import EngineActuator
 from controllers.config import ControllerConfig
 from controllers.loop import ControlLoop
 from controllers.observe import Observer
-from controllers.policies import Policy, SLOTargets, build_policy
+from controllers.policies import Policy, build_policy
 from deploy.config import PathLatency
 from profilers.footprint import load_site_profile
 from profilers.meter import Measurement, snapshot, window_energy
 from serving.api import RecentRequests
 from serving.config import ServingConfig
 from serving.emulated.engine import EmulatedEngine
+from serving.knobs import Knobs
 from serving.replica import Telemetry
 from serving.router import ReplicaHandle, Router
 from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
@@ -43,7 +44,7 @@ from workloads.arrivals import ClosedLoopArrivals, LengthStream, RequestSpec
 from workloads.campaign import Target, mark_phases, offered_rate, point_requests, point_seed, write_manifest
 from workloads.client import ClosedLoop, RequestRecord
 from workloads.results import DeviceLabel, ResultStore, engine_token_shares, summarize_point
-from workloads.spec import CampaignSpec, KnobSetting, PolicySetting, WorkloadSpec, setting_label
+from workloads.spec import CampaignSpec, PolicySetting, WorkloadSpec, setting_label
 
 T = TypeVar("T")
 
@@ -244,7 +245,7 @@ class VirtualDeployment:
 
     def control_loop(self, policy: Policy, period_s: float, max_changes_per_min: int) -> ControlLoop:
         """The real control loop on the virtual clock, observing and actuating these engines in-process."""
-        observer = Observer(self.recent, self.telemetry, self.clock.now)
+        observer = Observer(self.recent, self.telemetry, self.clock.now, policy.slo.percentile)
         actuator = EngineActuator(self.engines, self.router)
         return ControlLoop(policy, observer, actuator, self.clock, period_s, max_changes_per_min)
 
@@ -348,17 +349,16 @@ class VirtualDeployment:
 
 
 def _policy_for(
-    setting: KnobSetting | PolicySetting | None, controller: ControllerConfig | None
+    setting: Knobs | PolicySetting | None, controller: ControllerConfig | None
 ) -> tuple[Policy | None, ControllerConfig]:
     """The policy a point runs under: pinned knobs are the static policy with those values; no setting means
     the deployment's own controller (if it has one)."""
     ctl = controller or ControllerConfig(enabled=False)
-    slo = SLOTargets(ctl.slo.ttft_s, ctl.slo.tpot_s)
-    if isinstance(setting, KnobSetting):
-        return build_policy("static", slo, **setting.model_dump(exclude_none=True)), ctl
+    if isinstance(setting, Knobs):
+        return build_policy("static", ctl.slo, **setting.model_dump(exclude_none=True)), ctl
     if isinstance(setting, PolicySetting):
-        return build_policy(setting.policy, slo, **setting.options), ctl
-    return (build_policy(ctl.policy, slo, **ctl.options) if ctl.enabled else None), ctl
+        return build_policy(setting.policy, ctl.slo, **setting.options), ctl
+    return (build_policy(ctl.policy, ctl.slo, **ctl.options) if ctl.enabled else None), ctl
 
 
 async def _campaign(

@@ -35,12 +35,13 @@ from rich.text import Text
 from profilers.footprint import SiteProfile, load_site_profile
 from profilers.meter import Measurement, window_energy
 from profilers.scrape import CounterSnapshot, MetricsUnavailableError, ascrape_counters
+from serving.knobs import Knobs
 from workloads.arrivals import ClosedLoopArrivals, RequestSpec, TraceArrivals, build_requests, build_trace_requests
 from workloads.client import ClosedLoop, LoadClient, RequestRecord
 from workloads.inputs import Prompts, campaign_prompts, trace_inputs
 from workloads.prompts import PromptFn
 from workloads.results import ResultStore, engine_token_shares, summarize_point
-from workloads.spec import CampaignSpec, KnobSetting, PolicySetting, setting_label
+from workloads.spec import CampaignSpec, PolicySetting, setting_label
 
 log = logging.getLogger(__name__)
 # The control API answers once the knobs are in effect, and a vLLM knob restarts the engines first (minutes for a
@@ -251,7 +252,7 @@ async def _current_policy(http: httpx.AsyncClient, target: Target) -> str:
     return str(resp.json()["policy"])
 
 
-async def _apply_setting(http: httpx.AsyncClient, target: Target, setting: KnobSetting | PolicySetting) -> None:
+async def _apply_setting(http: httpx.AsyncClient, target: Target, setting: Knobs | PolicySetting) -> None:
     path = "/control/policy" if isinstance(setting, PolicySetting) else "/control/knobs"
     url = f"{target.base_url.rstrip('/')}{path}"
     headers = {"authorization": f"Bearer {target.control_token}"} if target.control_token else {}

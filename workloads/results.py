@@ -13,8 +13,8 @@ import pandas as pd
 
 from profilers.footprint import SiteProfile, footprint
 from profilers.meter import Measurement
+from serving.slo import SLO
 from workloads.client import RequestRecord
-from workloads.spec import SLO
 
 POINT_COLUMNS = [
     "point", "setting", "clock_mhz_mean", "backend", "offered_rps", "concurrency", "requests", "completed", "failed",
