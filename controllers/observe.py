@@ -19,9 +19,8 @@ class Observer:
         recent: RecentRequests,
         telemetry: Callable[[], Awaitable[list[Telemetry]]],
         now: Callable[[], float],
-        percentile: float = 95.0,
+        percentile: float = 95.0,  # of recent TTFT and TPOT, the one the SLO names
     ) -> None:
-        """``percentile``: of recent TTFT and TPOT, the one the SLO names."""
         self.recent = recent
         self.percentile = percentile
         self.telemetry = telemetry

@@ -1,7 +1,5 @@
-"""The knobs a controller sets, their bounds declared once: campaign files, the control API, the policies, the
-engines' configs and the node agent all validate against these (and say the same thing when a value is refused).
-
-Imports nothing of ours (``workloads/`` reads it as part of the serving contract)."""
+"""The knobs a controller sets, each bound declared once: campaign files, the control API, the policies, the engine
+configs and the node agent validate against these and word a refusal alike. Imports nothing of ours (workloads/ may)."""
 
 from __future__ import annotations
 
@@ -11,14 +9,10 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, model_validator
 from pydantic_core import PydanticCustomError
 
-MAX_CLOCK_MHZ = 10_000.0
-"""Highest clock a knob or an engine config may ask for (no accelerator runs at 10 GHz)."""
-MAX_NUM_SEQS = 4096
-"""Largest batch cap of an engine (concurrent sequences), and of the router's packing."""
-MAX_NUM_BATCHED_TOKENS = 1_048_576
-"""Largest token budget of one engine step (a million-token context's prefill at once)."""
-MAX_SPECULATIVE_TOKENS = 16
-"""Most tokens a speculative step may propose."""
+MAX_CLOCK_MHZ = 10_000.0  # no accelerator runs at 10 GHz
+MAX_NUM_SEQS = 4096  # batch cap of an engine (concurrent sequences) and of the router's packing
+MAX_NUM_BATCHED_TOKENS = 1_048_576  # token budget of one engine step: a million-token prefill at once
+MAX_SPECULATIVE_TOKENS = 16  # tokens a speculative step may propose
 
 ClockMHz = Annotated[float, Field(gt=0, le=MAX_CLOCK_MHZ, allow_inf_nan=False)]
 NumSeqs = Annotated[int, Field(ge=1, le=MAX_NUM_SEQS)]
@@ -33,8 +27,7 @@ ALLOWED = {
     "speculative_tokens": f"an integer in [0, {MAX_SPECULATIVE_TOKENS}] (0: off)",
     "pack_per_replica": f"an integer in [0, {MAX_NUM_SEQS}] (0: spread)",
     "prefix_caching": "true or false",
-}
-"""What each knob accepts, in words (the text of every refusal)."""
+}  # what each knob accepts, in the words of every refusal
 
 
 def knob_error_text(err: ValidationError) -> str:
@@ -59,19 +52,14 @@ class Knobs(BaseModel):
     clock_mhz: ClockMHz | None = None
     max_num_seqs: NumSeqs | None = None
     max_num_batched_tokens: BatchedTokens | None = None
-    speculative_tokens: SpeculativeTokens | None = Field(
-        default=None, description="Speculative decoding: tokens proposed per step (by the configured method; "
-        "n-gram if none); 0 turns it off."
-    )
-    pack_per_replica: PackPerReplica | None = Field(
-        default=None, description="Router admission (batch cap in the router): fill the busiest replica with fewer "
-        "than this many requests in flight before using the next, so replicas left without work draw idle power "
-        "instead of running small batches; 0 spreads the load (least outstanding)."
-    )
-    prefix_caching: bool | None = Field(
-        default=None, description="Reuse the KV blocks of prompt prefixes already computed (an engine restart on "
-        "vLLM); engines without a prefix cache ignore it with a note."
-    )
+    speculative_tokens: SpeculativeTokens | None = None
+    """Speculative decoding: tokens proposed per step (by the configured method; n-gram if none); 0: off."""
+    pack_per_replica: PackPerReplica | None = None
+    """Router admission (batch cap in the router): fill the busiest replica with fewer than this many requests in
+    flight before using the next, so replicas left without work draw idle power; 0 spreads the load."""
+    prefix_caching: bool | None = None
+    """Reuse the KV blocks of prompt prefixes already computed (an engine restart on vLLM); engines without a
+    prefix cache ignore it with a note."""
 
     @model_validator(mode="wrap")
     @classmethod
@@ -92,11 +80,5 @@ class Knobs(BaseModel):
     @classmethod
     def from_label(cls, label: str) -> Knobs | None:
         """The knobs a :meth:`label` names (None: it names none, e.g. a policy's label)."""
-        numeric = "|".join(k for k in ALLOWED if k != "prefix_caching")
-        found: dict[str, Any] = {
-            k: float(v) if k == "clock_mhz" else int(float(v))
-            for k, v in re.findall(rf"\b({numeric})=([0-9.]+)", label)
-        }
-        if switch := re.search(r"\bprefix_caching=(on|off)\b", label):
-            found["prefix_caching"] = switch.group(1) == "on"
-        return cls(**found) if found and not label.startswith("policy=") else None
+        found = dict(re.findall(rf"\b({'|'.join(ALLOWED)})=([0-9.]+|on|off)\b", label))
+        return cls.model_validate(found) if found and not label.startswith("policy=") else None

@@ -1,15 +1,12 @@
-"""The latency SLO, one schema for campaigns, the in-deployment controller and the remote one.
-
-A request meets the SLO when its TTFT and its TPOT are at or under the targets; campaigns report the share of
-requests that do (attainment), controllers keep the ``percentile``-th percentile of recent TTFT and TPOT under
-the targets (p95 <= target means at least 95% of requests meet it). Imports nothing of ours."""
+"""The latency SLO of campaigns, the deployment's controller and the remote one. A request meets it when its TTFT
+and TPOT are at or under the targets: campaigns report the share that do (attainment); controllers keep the
+``percentile``-th percentile of recent TTFT and TPOT under them. Imports nothing of ours."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SLO_FIELDS_ADDED = {"percentile": 95.0}
-"""Fields added after campaigns were written, with the value they had implicitly (left out of config hashes)."""
+SLO_FIELDS_ADDED = {"percentile": 95.0}  # added after campaigns were written: left out of their hash at this value
 
 
 class SLO(BaseModel):
