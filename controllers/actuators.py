@@ -69,9 +69,7 @@ class ReplicaActuator:
 
 def route(router: Router | None, knobs: Knobs) -> None:
     """The router's share of the knobs: admission that packs the load onto as few replicas as it can."""
-    if router is not None and knobs.pack_per_replica is not None:
-        if knobs.pack_per_replica < 0:
-            raise ValueError("pack_per_replica must be 0 (spread the load) or a positive request count")
+    if router is not None and knobs.pack_per_replica is not None:  # Knobs holds it in [0, MAX_NUM_SEQS]
         router.pack_per_replica = knobs.pack_per_replica
 
 
@@ -158,7 +156,7 @@ class NodeAgentActuator:
                     reason = resp.json().get("error", {}).get("message", f"HTTP {resp.status_code}")
                     self.unavailable[agent] = reason
                     log.error("clock knob unavailable on %s: %s; carrying on with the other knobs", agent, reason)
-        rest = dataclasses.replace(knobs, clock_mhz=None)
+        rest = knobs.model_copy(update={"clock_mhz": None})
         applied = await self.inner.apply(rest)
         return [dataclasses.replace(a, clock_mhz=clock, notes=[*a.notes, *notes]) for a in applied]
 

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from controllers.policies import SLOTargets, build_policy, policy_names
-
-
-class ControllerSLO(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    ttft_s: float = Field(default=2.0, gt=0)
-    tpot_s: float = Field(default=0.1, gt=0)
+from controllers.policies import build_policy, policy_names
+from serving.slo import SLO
 
 
 class ControllerConfig(BaseModel):
@@ -26,7 +21,7 @@ class ControllerConfig(BaseModel):
     heartbeat_lease_s: float = Field(
         default=5.0, gt=0, description="Replicas restore default knobs if the controller is silent this long."
     )
-    slo: ControllerSLO = Field(default_factory=ControllerSLO)
+    slo: SLO = Field(default_factory=SLO)
     token: str | None = Field(
         default=None, description="Bearer token of the control API; generated and printed once when not given."
     )
@@ -45,5 +40,5 @@ class ControllerConfig(BaseModel):
     @model_validator(mode="after")
     def _buildable(self) -> ControllerConfig:
         # Bad options (a missing profile file, an unknown parameter) fail when the file is read, not later.
-        build_policy(self.policy, SLOTargets(self.slo.ttft_s, self.slo.tpot_s), **self.options)
+        build_policy(self.policy, self.slo, **self.options)
         return self

@@ -4,7 +4,6 @@ devices' defaults on exit, on cancellation and when the policy or observation fa
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -127,6 +126,4 @@ class ControlLoop:
 
 def _merge(current: Knobs, wanted: Knobs) -> Knobs:
     """The knobs in force after ``wanted``: a knob it leaves as None keeps its current value."""
-    return dataclasses.replace(
-        current, **{f.name: v for f in dataclasses.fields(wanted) if (v := getattr(wanted, f.name)) is not None}
-    )
+    return current.model_copy(update=wanted.model_dump(exclude_none=True))

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from controllers.policies import Decision, Observation, SLOTargets, register_policy
-from serving.types import Knobs
+from controllers.policies import Decision, Observation, register_policy
+from serving.knobs import Knobs
+from serving.slo import SLO
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,6 @@ class OperatingPoint:
     tpot_s: float
 
 
-_KNOBS = ("clock_mhz", "max_num_seqs", "max_num_batched_tokens", "speculative_tokens", "pack_per_replica")
-
-
 def load_profile(path: str | Path) -> list[OperatingPoint]:
     """Operating points from a knob sweep's ``points.csv`` (rows whose setting pins knobs)."""
     path = Path(path)
@@ -46,14 +43,8 @@ def load_profile(path: str | Path) -> list[OperatingPoint]:
     out = []
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
-            setting = row.get("setting", "")
-            knobs: dict[str, float | int | bool] = {
-                k: float(v) if k == "clock_mhz" else int(float(v))
-                for k, v in re.findall(rf"\b({'|'.join(_KNOBS)})=([0-9.]+)", setting)
-            }
-            if switch := re.search(r"\bprefix_caching=(on|off)\b", setting):
-                knobs["prefix_caching"] = switch.group(1) == "on"
-            if not knobs or setting.startswith("policy="):
+            knobs = Knobs.from_label(row.get("setting", ""))
+            if knobs is None:
                 continue
             try:
                 values = [float(row[c]) for c in ("offered_rps", "energy_per_token_j", "ttft_p99_s", "tpot_p99_s")]
@@ -61,10 +52,7 @@ def load_profile(path: str | Path) -> list[OperatingPoint]:
                 continue
             if any(math.isnan(v) for v in values):
                 continue
-            out.append(OperatingPoint(
-                Knobs(**knobs),  # type: ignore[arg-type]
-                *values,
-            ))
+            out.append(OperatingPoint(knobs, *values))
     if not out:
         raise ValueError(f"{path}: no point with pinned knobs and finite energy/latency: not a knob-sweep result")
     return out
@@ -90,7 +78,7 @@ class _Trial:
 @register_policy("model_based")
 @dataclass
 class ModelBasedPolicy:
-    slo: SLOTargets
+    slo: SLO
     profile: str | None = None
     margin: float = 0.85
     """Keep tail latency below this share of the SLO."""
@@ -137,7 +125,7 @@ class ModelBasedPolicy:
         if held is not None and i < held and obs.arrival_rate_rps > (1 - self.replan / 2) * rates[i]:
             i = held
         # Latency at the SLO means the load is heavier than the rate says (a burst): plan one bin up.
-        pressure = self.slo.pressure(obs)
+        pressure = self.slo.pressure(obs.ttft_s, obs.tpot_s)
         if pressure is not None and pressure >= 1.0:
             i = min(i + 1, len(rates) - 1)
         self._table_bin = i
@@ -164,7 +152,7 @@ class ModelBasedPolicy:
         clocks = sorted(obs.supported_clocks_mhz, reverse=True)
         if not clocks:
             return Decision(Knobs(), "no_clock_knob")
-        pressure = self.slo.pressure(obs)
+        pressure = self.slo.pressure(obs.ttft_s, obs.tpot_s)
         if self._chosen is not None and not self._queue:
             self._held += 1
             if pressure is not None and pressure >= 1.0:

@@ -17,13 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from controllers.nvml_clocks import ClockKnobUnavailableError, NVMLClocks
 from serving.api import error_response
+from serving.knobs import ClockMHz
 
 log = logging.getLogger(__name__)
 
 
 class ClockRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    clock_mhz: float = Field(gt=0)
+    clock_mhz: ClockMHz
     lease_s: float = Field(default=10.0, gt=0, le=3600)
 
 

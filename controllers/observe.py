@@ -19,8 +19,10 @@ class Observer:
         recent: RecentRequests,
         telemetry: Callable[[], Awaitable[list[Telemetry]]],
         now: Callable[[], float],
+        percentile: float = 95.0,  # of recent TTFT and TPOT, the one the SLO names
     ) -> None:
         self.recent = recent
+        self.percentile = percentile
         self.telemetry = telemetry
         self.now = now
         self._last: tuple[float, float] | None = None  # (device energy J, generated tokens)
@@ -44,8 +46,8 @@ class Observer:
         return Observation(
             t_s=now,
             arrival_rate_rps=rate,
-            ttft_p95_s=percentile(ttfts, 95),
-            tpot_p95_s=percentile(tpots, 95),
+            ttft_s=percentile(ttfts, self.percentile),
+            tpot_s=percentile(tpots, self.percentile),
             completed=len(ttfts),
             power_w=sum(rd.power_w for rd in readings),
             energy_per_token_j=per_token,
@@ -59,8 +61,8 @@ class Observer:
         )
 
 
-def front_door_observer(door: FrontDoor) -> Observer:
+def front_door_observer(door: FrontDoor, percentile: float = 95.0) -> Observer:
     async def telemetry() -> list[Telemetry]:
         return [tel for _, tel in await door.router.telemetry()]
 
-    return Observer(door.recent, telemetry, time.perf_counter)
+    return Observer(door.recent, telemetry, time.perf_counter, percentile)

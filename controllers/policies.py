@@ -7,7 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from serving.types import Knobs
+from serving.knobs import Knobs
+from serving.slo import SLO
 
 
 @dataclass(frozen=True)
@@ -16,8 +17,10 @@ class Observation:
 
     t_s: float
     arrival_rate_rps: float
-    ttft_p95_s: float | None
-    tpot_p95_s: float | None
+    ttft_s: float | None
+    """TTFT at the SLO's percentile over the recent window (None: no request finished in it)."""
+    tpot_s: float | None
+    """TPOT at the SLO's percentile likewise."""
     completed: int
     power_w: float
     energy_per_token_j: float | None
@@ -39,19 +42,9 @@ class Decision:
     """Short machine-readable cause, exported as the ``reason`` label (few distinct values)."""
 
 
-@dataclass(frozen=True)
-class SLOTargets:
-    ttft_s: float
-    tpot_s: float
-
-    def pressure(self, obs: Observation) -> float | None:
-        """Worst latency as a share of its target (1.0 = at the SLO); None without fresh data."""
-        ratios = [v / t for v, t in ((obs.ttft_p95_s, self.ttft_s), (obs.tpot_p95_s, self.tpot_s)) if v is not None]
-        return max(ratios) if ratios else None
-
-
 class Policy(Protocol):
     name: str
+    slo: SLO
 
     def decide(self, obs: Observation) -> Decision: ...
 
@@ -68,7 +61,7 @@ def register_policy(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
     return deco
 
 
-def build_policy(name: str, slo: SLOTargets, **options: float | str) -> Policy:
+def build_policy(name: str, slo: SLO, **options: float | str) -> Policy:
     import controllers.model_based  # noqa: F401  (registers itself)
 
     try:
@@ -88,32 +81,19 @@ def policy_names() -> list[str]:
 
 
 @register_policy("static")
-@dataclass
 class StaticPolicy:
-    """The baseline: the highest supported clock (or a fixed one) and a fixed batch cap."""
+    """The baseline: the highest supported clock (or a fixed one) and fixed knobs (options: a :class:`Knobs`)."""
 
-    slo: SLOTargets
-    clock_mhz: float | None = None
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    speculative_tokens: int | None = None
-    pack_per_replica: int | None = None
-    prefix_caching: bool | None = None
-    name: str = "static"
+    name = "static"
 
-    def __post_init__(self) -> None:
-        # Options arrive as numbers from YAML/JSON.
-        for name in ("max_num_seqs", "max_num_batched_tokens", "speculative_tokens", "pack_per_replica"):
-            if getattr(self, name) is not None:
-                setattr(self, name, int(getattr(self, name)))
+    def __init__(self, slo: SLO, **knobs: float | str) -> None:
+        self.slo = slo
+        self.knobs = Knobs.model_validate(knobs)  # options arrive as numbers from YAML/JSON
 
     def decide(self, obs: Observation) -> Decision:
-        clock = self.clock_mhz
-        if clock is None and obs.supported_clocks_mhz:
-            clock = max(obs.supported_clocks_mhz)
-        knobs = Knobs(clock, self.max_num_seqs, self.max_num_batched_tokens, self.speculative_tokens,
-                      self.pack_per_replica, self.prefix_caching)
-        return Decision(knobs, "static")
+        if self.knobs.clock_mhz is None and obs.supported_clocks_mhz:
+            return Decision(self.knobs.model_copy(update={"clock_mhz": max(obs.supported_clocks_mhz)}), "static")
+        return Decision(self.knobs, "static")
 
 
 @dataclass
@@ -186,7 +166,7 @@ class Consolidation:
 @register_policy("slo_feedback")
 @dataclass
 class SLOFeedbackPolicy:
-    """PI control of the clock on SLO pressure (p95 latency / target), in velocity form.
+    """PI control of the clock on SLO pressure (latency at the SLO's percentile / target), in velocity form.
 
     Holds pressure near ``setpoint`` (below 1 so there is headroom for bursts): lower pressure lets the clock
     fall, higher pressure raises it; above ``panic`` the clock jumps to the maximum at once, before violations
@@ -199,7 +179,7 @@ class SLOFeedbackPolicy:
     (:class:`Consolidation`). With ``spec_k`` speculation follows load (:class:`SpeculationByLoad`).
     """
 
-    slo: SLOTargets
+    slo: SLO
     setpoint: float = 0.7
     panic: float = 0.95
     kp: float = 0.3
@@ -222,7 +202,7 @@ class SLOFeedbackPolicy:
         clocks = sorted(obs.supported_clocks_mhz)
         if not clocks:
             return Decision(Knobs(), "no_clock_knob")
-        pressure = self.slo.pressure(obs)
+        pressure = self.slo.pressure(obs.ttft_s, obs.tpot_s)
         if pressure is None:
             reason = "no_data"  # nothing completed in the window: keep the clock
         elif pressure >= self.panic:

@@ -27,19 +27,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from controllers.actuators import NodeAgentActuator
 from controllers.loop import ControlLoop
-from controllers.policies import Observation, SLOTargets, build_policy, policy_names
+from controllers.policies import Observation, build_policy, policy_names
 from profilers.clock import RealClock
 from serving.api import error_response
+from serving.slo import SLO
 from serving.types import AppliedKnobs, Knobs
 
 log = logging.getLogger(__name__)
-
-
-class RemoteSLO(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    ttft_p99_s: float = Field(gt=0)
-    tpot_p99_s: float = Field(gt=0)
-    attainment_target: float = Field(default=0.99, gt=0, le=1)
 
 
 class RemoteControllerConfig(BaseModel):
@@ -50,7 +44,7 @@ class RemoteControllerConfig(BaseModel):
     policy: str = "slo_feedback"
     options: dict[str, float | str] = Field(default_factory=dict)
     interval_s: float = Field(default=10.0, gt=0, le=600)
-    slo: RemoteSLO
+    slo: SLO = Field(description="Targets and the percentile compared with them (the chart renders p99).")
     metrics_url: str = Field(description="The front door's /metrics.")
     node_agents: list[str] = Field(default_factory=list, description="Agent URLs, when not found by service.")
     node_agent_service: str | None = Field(default=None, description="DNS name resolving to every agent pod.")
@@ -79,9 +73,10 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | 
 class MetricsObserver:
     """Observations from consecutive scrapes of a testbed ``/metrics``."""
 
-    def __init__(self, metrics_url: str, http: httpx.AsyncClient) -> None:
+    def __init__(self, metrics_url: str, http: httpx.AsyncClient, percentile: float = 95.0) -> None:
         self.url = metrics_url
         self.http = http
+        self.q = percentile / 100
         self._last: dict[str, Any] | None = None
 
     async def scrape(self) -> dict[str, Any]:
@@ -121,7 +116,7 @@ class MetricsObserver:
 
         def quantile(key: str) -> float | None:
             deltas = [(le, c - last[key].get(le, 0.0)) for le, c in now[key].items()]
-            return histogram_quantile(0.95, deltas)
+            return histogram_quantile(self.q, deltas)
 
         completed = now["e2e_count"] - last["e2e_count"]
         tokens = now["tokens"] - last["tokens"]
@@ -129,8 +124,8 @@ class MetricsObserver:
         return Observation(
             t_s=now["t"],
             arrival_rate_rps=completed / dt,
-            ttft_p95_s=quantile("ttft"),
-            tpot_p95_s=quantile("tpot"),
+            ttft_s=quantile("ttft"),
+            tpot_s=quantile("tpot"),
             completed=int(completed),
             power_w=now["power"],
             energy_per_token_j=energy / tokens if tokens > 0 and energy >= 0 else None,
@@ -173,10 +168,10 @@ class RemoteController:
     def __init__(self, config: RemoteControllerConfig, agent_token: str, control_token: str) -> None:
         self.config = config
         self.control_token = control_token
-        self.slo = SLOTargets(config.slo.ttft_p99_s, config.slo.tpot_p99_s)
+        self.slo = config.slo
         self.http = httpx.AsyncClient(timeout=10.0)
         self.agents = NodeAgentActuator(resolve_agents(config), agent_token, _NoOtherKnobs())  # type: ignore[arg-type]
-        observer = MetricsObserver(config.metrics_url, self.http)
+        observer = MetricsObserver(config.metrics_url, self.http, config.slo.percentile)
 
         async def observe() -> Observation:
             if not self.agents.supported_clocks_mhz:

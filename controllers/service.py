@@ -22,9 +22,10 @@ from controllers.actuators import KnobApplyError, NodeAgentActuator, ReplicaActu
 from controllers.config import ControllerConfig
 from controllers.loop import ControlLoop
 from controllers.observe import Observer, front_door_observer
-from controllers.policies import Observation, SLOTargets, build_policy, policy_names
+from controllers.policies import Observation, build_policy, policy_names
 from profilers.clock import RealClock
 from serving.api import FrontDoor, error_response
+from serving.knobs import Knobs
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +34,6 @@ class PolicyChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
     policy: str
     options: dict[str, float | str] = Field(default_factory=dict)
-
-
-class KnobChange(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    clock_mhz: float | None = Field(default=None, gt=0)
-    max_num_seqs: int | None = Field(default=None, ge=1)
-    max_num_batched_tokens: int | None = Field(default=None, ge=1)
-    speculative_tokens: int | None = Field(default=None, ge=0, le=16)
-    pack_per_replica: int | None = Field(default=None, ge=0)
-    prefix_caching: bool | None = None
 
 
 def _with_agent_clocks(observe: Observer, agents: NodeAgentActuator) -> Callable[[], Awaitable[Observation]]:
@@ -63,11 +54,11 @@ class Controller:
     def __init__(self, config: ControllerConfig, door: FrontDoor) -> None:
         self.config = config
         self.door = door
-        self.slo = SLOTargets(config.slo.ttft_s, config.slo.tpot_s)
+        self.slo = config.slo
         self.token = config.token or secrets.token_urlsafe(24)
         replicas = ReplicaActuator(door.router)
         self.actuator: ReplicaActuator | NodeAgentActuator = replicas
-        observe = front_door_observer(door)
+        observe = front_door_observer(door, config.slo.percentile)
         if config.node_agents:
             agent_token = os.environ.get("TESTBED_NODE_AGENT_TOKEN", "")
             if not agent_token:
@@ -103,14 +94,14 @@ class Controller:
             "policy": self.loop.policy.name,
             "policies": policy_names(),
             "running": self.loop.running,
-            "knobs": _knobs(self.loop.current),
+            "knobs": self.loop.current.model_dump(),
             "pack_per_replica": self.door.router.pack_per_replica,
             "applied": {r: {"clock_mhz": a.clock_mhz, "max_num_seqs": a.max_num_seqs, "notes": a.notes}
                         for r, a in self.actuator.last_applied.items()},
-            "slo": {"ttft_s": self.slo.ttft_s, "tpot_s": self.slo.tpot_s},
+            "slo": self.slo.model_dump(),
             "recent_decisions": [
                 {"t_s": d.t_s, "policy": d.policy, "reason": d.reason, "changed": d.changed,
-                 "requested": _knobs(d.requested)} for d in last
+                 "requested": d.requested.model_dump()} for d in last
             ],
         }
 
@@ -118,13 +109,7 @@ class Controller:
         completions = list(self.door.recent.completions)
         if not completions:
             return None
-        ok = sum(1 for _, ttft, tpot in completions
-                 if ttft <= self.slo.ttft_s and (tpot is None or tpot <= self.slo.tpot_s))
-        return ok / len(completions)
-
-
-def _knobs(k: Any) -> dict[str, Any]:
-    return dataclasses.asdict(k)
+        return sum(1 for _, ttft, tpot in completions if self.slo.met(ttft, tpot)) / len(completions)
 
 
 class _ControllerCollector(Collector):
@@ -192,8 +177,11 @@ def add_control_routes(app: FastAPI, controller: Controller) -> None:
         if not authorized(request):
             return unauthorized()
         try:
-            change = KnobChange.model_validate(await request.json())
-        except (ValidationError, ValueError) as e:
+            change = Knobs.model_validate(await request.json())
+        except ValidationError as e:  # the same words as a campaign file's or Knobs(...)'s refusal
+            words = "; ".join(x["msg"] for x in e.errors())
+            return error_response(400, f"invalid knobs: {words}", code="invalid_request")
+        except ValueError as e:  # not JSON
             return error_response(400, f"invalid knobs: {e}", code="invalid_request")
         controller.loop.set_policy(build_policy("static", controller.slo, **change.model_dump(exclude_none=True)))
         try:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from controllers.config import ControllerConfig
 from serving.config import ServingConfig
+from serving.knobs import ClockMHz, NumSeqs
 from workloads.spec import CampaignSpec
 
 M = TypeVar("M", bound=BaseModel)
@@ -40,8 +41,8 @@ class EngineVariant(BaseModel):
     device: str = Field(description="Device preset name or path of a preset YAML.")
     dtype: str | None = Field(default=None, description="Operand type on this device, e.g. int8 for CIM.")
     model: str | None = None
-    clock_mhz: float | None = Field(default=None, gt=0)
-    max_num_seqs: int | None = Field(default=None, gt=0)
+    clock_mhz: ClockMHz | None = None
+    max_num_seqs: NumSeqs | None = None
 
     @property
     def name(self) -> str:

@@ -29,20 +29,21 @@ from controllers.actuators import EngineActuator
 from controllers.config import ControllerConfig
 from controllers.loop import ControlLoop
 from controllers.observe import Observer
-from controllers.policies import Policy, SLOTargets, build_policy
+from controllers.policies import Policy, build_policy
 from deploy.compare import device_floor
 from deploy.config import PathLatency
 from profilers.scrape import CounterSnapshot, counters_from_export
 from serving.api import RecentRequests
 from serving.config import ServingConfig
 from serving.emulated.engine import EmulatedEngine
+from serving.knobs import Knobs
 from serving.replica import Telemetry, export_snapshot
 from serving.router import ReplicaHandle, Router
 from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
 from workloads.arrivals import LengthStream, RequestSpec
 from workloads.campaign import run_campaign
 from workloads.client import ClosedLoop, RequestRecord
-from workloads.spec import CampaignSpec, KnobSetting, PolicySetting
+from workloads.spec import CampaignSpec, PolicySetting
 
 T = TypeVar("T")
 
@@ -177,7 +178,7 @@ class VirtualTarget:
             (e.replica, e.backend, t) for e, t in zip(self.engines, await self.telemetry(), strict=True)
         ))
 
-    async def apply(self, setting: KnobSetting | PolicySetting | None) -> None:
+    async def apply(self, setting: Knobs | PolicySetting | None) -> None:
         """Run the setting's policy (pinned knobs: the static policy; None: the deployment's own controller, if
         any) in the real control loop on the virtual clock until the next setting."""
         await self._release()
@@ -248,7 +249,7 @@ class VirtualTarget:
 
     def control_loop(self, policy: Policy, period_s: float, max_changes_per_min: int) -> ControlLoop:
         """The real control loop on the virtual clock, observing and actuating these engines in-process."""
-        observer = Observer(self.recent, self.telemetry, self.clock.now)
+        observer = Observer(self.recent, self.telemetry, self.clock.now, policy.slo.percentile)
         actuator = EngineActuator(self.engines, self.router)
         return ControlLoop(policy, observer, actuator, self.clock, period_s, max_changes_per_min)
 
@@ -275,15 +276,14 @@ class VirtualTarget:
         return records
 
 
-def _policy_for(setting: KnobSetting | PolicySetting | None, ctl: ControllerConfig) -> Policy | None:
+def _policy_for(setting: Knobs | PolicySetting | None, ctl: ControllerConfig) -> Policy | None:
     """The policy a point runs under: pinned knobs are the static policy with those values; no setting means
     the deployment's own controller (if it has one)."""
-    slo = SLOTargets(ctl.slo.ttft_s, ctl.slo.tpot_s)
-    if isinstance(setting, KnobSetting):
-        return build_policy("static", slo, **setting.model_dump(exclude_none=True))
+    if isinstance(setting, Knobs):
+        return build_policy("static", ctl.slo, **setting.model_dump(exclude_none=True))
     if isinstance(setting, PolicySetting):
-        return build_policy(setting.policy, slo, **setting.options)
-    return build_policy(ctl.policy, slo, **ctl.options) if ctl.enabled else None
+        return build_policy(setting.policy, ctl.slo, **setting.options)
+    return build_policy(ctl.policy, ctl.slo, **ctl.options) if ctl.enabled else None
 
 
 def run_virtual_campaign(

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
 
+from serving.knobs import BatchedTokens, ClockMHz, NumSeqs, SpeculativeTokens
+
 
 class EmulatedEngineConfig(BaseModel):
     """An emulated device in real time: iterations take the modeled time, energy is modeled exactly."""
@@ -21,16 +23,16 @@ class EmulatedEngineConfig(BaseModel):
         description="Operand type to emulate (e.g. int8 for CIM devices); default: the config's torch_dtype.",
     )
     max_model_len: int = Field(default=4096, gt=0, le=1_048_576, description="Context length in tokens.")
-    max_num_seqs: int = Field(default=256, gt=0, le=4096, description="Batch cap (concurrent sequences).")
-    max_num_batched_tokens: int = Field(default=8192, gt=0, description="Token budget of one iteration.")
+    max_num_seqs: NumSeqs = Field(default=256, description="Batch cap (concurrent sequences).")
+    max_num_batched_tokens: BatchedTokens = Field(default=8192, description="Token budget of one iteration.")
     tensor_parallel: int = Field(
         default=1, ge=1, le=64,
         description="Devices one replica's matrices are split over (weights, heads and KV cache split, two "
         "all-reduces per layer over the preset's interconnect); each is metered as a device of its own.",
     )
-    clock_mhz: float | None = Field(default=None, gt=0, description="Start clock; default is the maximum.")
-    speculative_tokens: int = Field(
-        default=0, ge=0, le=16, description="Speculative decoding: tokens proposed per step (0: off)."
+    clock_mhz: ClockMHz | None = Field(default=None, description="Start clock; default is the maximum.")
+    speculative_tokens: SpeculativeTokens = Field(
+        default=0, description="Speculative decoding: tokens proposed per step (0: off)."
     )
     spec_acceptance: float = Field(
         default=0.6, ge=0, lt=1,
@@ -58,7 +60,7 @@ class SpeculativeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["ngram", "draft_model"] = "ngram"
-    num_speculative_tokens: int = Field(default=3, ge=1, le=16)
+    num_speculative_tokens: SpeculativeTokens = Field(default=3, ge=1)
     prompt_lookup_max: int = Field(default=4, ge=1, le=16, description="ngram: longest n-gram to look up.")
     prompt_lookup_min: int = Field(default=1, ge=1, le=16, description="ngram: shortest n-gram to look up.")
     draft_model: str | None = Field(
@@ -107,8 +109,8 @@ class VLLMEngineConfig(BaseModel):
         default=None, description="None: float32 on a CPU (without bf16 units bf16 ran at half speed), `auto` (the "
         "checkpoint's) on a GPU.")
     max_model_len: int = Field(default=512, gt=0, le=1_048_576)
-    max_num_seqs: int = Field(default=64, gt=0, le=4096)
-    max_num_batched_tokens: int | None = Field(default=None, gt=0, description="Default: vLLM's choice.")
+    max_num_seqs: NumSeqs = 64
+    max_num_batched_tokens: BatchedTokens | None = Field(default=None, description="Default: vLLM's choice.")
     kv_cache_memory_bytes: Annotated[int, Field(gt=0)] | Literal["auto"] | None = Field(
         default="auto", description="KV-cache size; None: vLLM's default share of memory (half the RAM on a "
         "CPU); auto: 256 MiB on a CPU, vLLM's share of the GPU's memory on a GPU.")

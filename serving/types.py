@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from serving.knobs import Knobs as Knobs  # re-exported: the engine protocol's knobs
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -77,24 +79,6 @@ class EngineStats:
     """Prompt tokens looked up in the engine's prefix cache (None: the engine has no prefix cache)."""
     prefix_cache_hit_tokens: int | None = None
     """Of those, tokens found there: their prefill was not computed again."""
-
-
-@dataclass(frozen=True)
-class Knobs:
-    """Knob settings a controller asks for; ``None`` leaves a knob as it is."""
-
-    clock_mhz: float | None = None
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    speculative_tokens: int | None = None
-    """Speculative decoding: tokens proposed per step (by the configured method; n-gram if none); 0 turns it off."""
-    pack_per_replica: int | None = None
-    """Router admission (batch cap in the router): fill the busiest replica with fewer than this many requests
-    in flight before using the next, so replicas left without work draw idle power instead of running small
-    batches; 0 spreads the load (least outstanding)."""
-    prefix_caching: bool | None = None
-    """Reuse the KV blocks of prompt prefixes already computed (an engine restart on vLLM); engines without a prefix
-    cache ignore it with a note."""
 
 
 @dataclass(frozen=True)

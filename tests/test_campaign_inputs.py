@@ -154,7 +154,7 @@ def test_a_workload_field_added_later_leaves_older_campaigns_resumable() -> None
     knobs = CampaignSpec.model_validate(
         {"sweep": {"rate_rps": [1], "knobs": [{"max_num_seqs": 8}, {"speculative_tokens": 3}]}, "seed": 4}
     )
-    assert knobs.config_hash() == "e16301c321b3932f"  # from before KnobSetting.prefix_caching
+    assert knobs.config_hash() == "e16301c321b3932f"  # from before Knobs.prefix_caching
     off = [k.model_copy(update={"prefix_caching": False}) for k in knobs.sweep.knobs]
     assert knobs.model_copy(update={"sweep": knobs.sweep.model_copy(update={"knobs": off})}).config_hash() != (
         "e16301c321b3932f"
@@ -182,9 +182,10 @@ def test_every_example_campaign_file_is_valid(path: Path) -> None:
 
 
 def test_setting_labels_spell_switches_as_on_and_off() -> None:
-    from workloads.spec import KnobSetting, PolicySetting, setting_label
+    from serving.knobs import Knobs
+    from workloads.spec import PolicySetting, setting_label
 
-    assert setting_label(KnobSetting(max_num_seqs=8, prefix_caching=False)) == "max_num_seqs=8 prefix_caching=off"
-    assert setting_label(KnobSetting(prefix_caching=True)) == "prefix_caching=on"
-    assert setting_label(KnobSetting(clock_mhz=1410.0)) == "clock_mhz=1410"
+    assert setting_label(Knobs(max_num_seqs=8, prefix_caching=False)) == "max_num_seqs=8 prefix_caching=off"
+    assert setting_label(Knobs(prefix_caching=True)) == "prefix_caching=on"
+    assert setting_label(Knobs(clock_mhz=1410.0)) == "clock_mhz=1410"
     assert setting_label(PolicySetting(policy="static")) == "policy=static"

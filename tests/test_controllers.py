@@ -3,11 +3,12 @@ import asyncio
 import pytest
 
 from controllers.loop import ControlLoop
-from controllers.policies import Decision, Observation, SLOTargets, build_policy
+from controllers.policies import Decision, Observation, build_policy
+from serving.slo import SLO
 from serving.types import AppliedKnobs, Knobs
 
 CLOCKS = (510.0, 810.0, 1110.0, 1410.0, 1710.0, 1980.0)
-SLO = SLOTargets(ttft_s=1.0, tpot_s=0.1)
+TARGETS = SLO(ttft_s=1.0, tpot_s=0.1)
 
 
 def obs(t: float = 0.0, ttft: float | None = 0.2, tpot: float | None = 0.02) -> Observation:
@@ -44,7 +45,7 @@ class RecordingActuator:
 
 
 def test_slo_feedback_lowers_clock_with_headroom_and_jumps_up_at_risk() -> None:
-    p = build_policy("slo_feedback", SLO)
+    p = build_policy("slo_feedback", TARGETS)
     clocks = [p.decide(obs(tpot=0.02)).knobs.clock_mhz for _ in range(8)]
     assert clocks[-1] < clocks[0] and clocks == sorted(clocks, reverse=True)
     assert min(clocks) in CLOCKS
@@ -53,7 +54,7 @@ def test_slo_feedback_lowers_clock_with_headroom_and_jumps_up_at_risk() -> None:
 
 
 def test_slo_feedback_holds_without_data_and_settles_near_setpoint() -> None:
-    p = build_policy("slo_feedback", SLO, setpoint=0.7)
+    p = build_policy("slo_feedback", TARGETS, setpoint=0.7)
     first = p.decide(obs(ttft=None, tpot=None))
     assert first.reason == "no_data" and first.knobs.clock_mhz == max(CLOCKS)
     # Latency inversely proportional to clock: the loop should settle where pressure ~ setpoint.
@@ -66,7 +67,7 @@ def test_slo_feedback_holds_without_data_and_settles_near_setpoint() -> None:
 
 def test_unknown_policy_lists_known() -> None:
     with pytest.raises(ValueError, match=r"unknown policy 'magic'; known: .*slo_feedback"):
-        build_policy("magic", SLO)
+        build_policy("magic", TARGETS)
 
 
 class Flip:
@@ -103,7 +104,7 @@ async def test_defaults_restored_on_cancel_and_on_policy_failure() -> None:
     async def observe() -> Observation:
         return obs(t=clock.t)
 
-    loop = ControlLoop(build_policy("slo_feedback", SLO), observe, act, clock)
+    loop = ControlLoop(build_policy("slo_feedback", TARGETS), observe, act, clock)
     task = asyncio.create_task(loop.run())
     for _ in range(5):
         await asyncio.sleep(0)
@@ -137,7 +138,7 @@ def plant_obs(clock: float, t: float, rate: float = 5.0) -> Observation:
 
 
 def test_model_based_online_finds_the_cheapest_clock_meeting_the_slo() -> None:
-    p = build_policy("model_based", SLO, dwell=3, hold=50)
+    p = build_policy("model_based", TARGETS, dwell=3, hold=50)
     clock = max(CLOCKS)
     reasons = []
     for t in range(60):
@@ -151,7 +152,7 @@ def test_model_based_online_finds_the_cheapest_clock_meeting_the_slo() -> None:
 
 
 def test_model_based_stops_walking_down_at_the_slo() -> None:
-    tight = SLOTargets(ttft_s=1.0, tpot_s=0.06)  # 1110 MHz (0.054 s) is over 85% of it; 1410 MHz is not
+    tight = SLO(ttft_s=1.0, tpot_s=0.06)  # 1110 MHz (0.054 s) is over 85% of it; 1410 MHz is not
     p = build_policy("model_based", tight, dwell=2, hold=50)
     clock, seen = max(CLOCKS), set()
     for t in range(40):
@@ -168,7 +169,7 @@ def test_model_based_from_a_knob_sweep(tmp_path) -> None:
     rows.append("policy=slo_feedback,2,0.1,0.1,0.01")  # policy rows are not operating points
     path = tmp_path / "points.csv"
     path.write_text("\n".join(rows) + "\n")
-    slo = SLOTargets(ttft_s=1.0, tpot_s=0.08)  # 85% margin: TPOT <= 0.068 s
+    slo = SLO(ttft_s=1.0, tpot_s=0.08)  # 85% margin: TPOT <= 0.068 s
     p = build_policy("model_based", slo, profile=str(path))
     # At 1.5/s the 2/s curve applies: 810 MHz breaks the margin (0.073 s), 1410 MHz is cheaper than 1980.
     assert p.decide(plant_obs(1980, 0, rate=1.5)).knobs.clock_mhz == 1410
@@ -176,7 +177,7 @@ def test_model_based_from_a_knob_sweep(tmp_path) -> None:
     at8 = p.decide(plant_obs(1980, 1, rate=7.0))
     assert at8.knobs.clock_mhz == 1980 and at8.reason == "cheapest_meeting_slo"
     with pytest.raises(ValueError, match="not found"):
-        build_policy("model_based", SLO, profile=str(tmp_path / "missing.csv"))
+        build_policy("model_based", TARGETS, profile=str(tmp_path / "missing.csv"))
 
 
 def test_controller_config_rejects_bad_policy_options(tmp_path) -> None:
@@ -193,14 +194,14 @@ def test_controller_config_rejects_bad_policy_options(tmp_path) -> None:
 def test_speculation_on_at_low_load_off_at_high_load_or_low_acceptance() -> None:
     import dataclasses
 
-    p = build_policy("slo_feedback", SLO, spec_k=4, spec_max_running=8)
+    p = build_policy("slo_feedback", TARGETS, spec_k=4, spec_max_running=8)
     low = p.decide(obs())  # 3 running
     assert low.knobs.speculative_tokens == 4
     high = p.decide(dataclasses.replace(obs(), running=20))
     assert high.knobs.speculative_tokens == 0 and high.reason == "spec_off_high_load"
     poor = p.decide(dataclasses.replace(obs(), spec_acceptance=0.05))
     assert poor.knobs.speculative_tokens == 0 and poor.reason == "spec_low_acceptance"
-    assert build_policy("slo_feedback", SLO).decide(obs()).knobs.speculative_tokens is None  # left alone
+    assert build_policy("slo_feedback", TARGETS).decide(obs()).knobs.speculative_tokens is None  # left alone
 
 
 def test_model_based_profile_keeps_switches_and_integer_knobs(tmp_path) -> None:
@@ -283,10 +284,10 @@ async def test_an_operators_step_during_a_slow_periodic_step_runs_after_it() -> 
         return obs(t=clock.t)
 
     act = SlowActuator()
-    loop = ControlLoop(build_policy("static", SLO, max_num_seqs=64), observe, act, clock)
+    loop = ControlLoop(build_policy("static", TARGETS, max_num_seqs=64), observe, act, clock)
     periodic = asyncio.create_task(loop.step())
     await asyncio.sleep(0.01)  # the periodic step is applying max_num_seqs=64 now
-    loop.set_policy(build_policy("static", SLO, max_num_seqs=8))
+    loop.set_policy(build_policy("static", TARGETS, max_num_seqs=8))
     forced = await loop.step(force=True)
     await periodic
     assert max(overlaps) == 1

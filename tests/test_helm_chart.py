@@ -187,7 +187,9 @@ def test_schema_rejects_bad_values(args: list[str], message: str) -> None:
 
 @pytest.mark.parametrize("args", VARIANTS)
 def test_serving_config_matches_the_cli_schema(args: list[str]) -> None:
-    """The ConfigMap `testbed serve` reads parses as ServingConfig, and its site file as a SiteProfile."""
+    """The ConfigMap `testbed serve` reads parses as ServingConfig, its site file as a SiteProfile and the
+    controller file as the remote controller's config, comparing the p99 the chart's SLO values name."""
+    from controllers.remote import RemoteControllerConfig
     from profilers.footprint import SiteProfile
     from serving.config import ServingConfig
 
@@ -195,6 +197,7 @@ def test_serving_config_matches_the_cli_schema(args: list[str]) -> None:
     cm = next(d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-config"))
     config = ServingConfig.model_validate(yaml.safe_load(cm["data"]["serving.yaml"]))
     site = SiteProfile.model_validate(yaml.safe_load(cm["data"]["site.yaml"]))
+    assert RemoteControllerConfig.model_validate(yaml.safe_load(cm["data"]["controller.yaml"])).slo.percentile == 99
     assert config.site == "/etc/testbed/site.yaml"
     assert config.ray_address and config.ray_address.startswith("ray://")
     assert config.engine.model == "/models" or config.engine.model.startswith("/models/")

@@ -33,7 +33,7 @@ def test_config_is_what_the_chart_renders(tmp_path) -> None:
     text = """
 policy: slo_feedback
 interval_s: 10
-slo: {ttft_p99_s: 2.0, tpot_p99_s: 0.1, attainment_target: 0.99}
+slo: {ttft_s: 2.0, tpot_s: 0.1, percentile: 99}
 metrics_url: http://testbed.ns.svc:8000/metrics
 node_agent_service: testbed-node-agent.ns.svc
 node_agent_port: 9400
@@ -53,7 +53,7 @@ async def test_locks_clocks_through_the_agent_and_restores_them(served, monkeypa
             httpx.post(f"{served.url}/v1/completions", json={"model": "llama-3.1-8b", "prompt": "a b", "max_tokens": 4})
         config = RemoteControllerConfig(
             policy="static", options={"clock_mhz": 1410}, interval_s=0.2, node_agents=[agent_url],
-            slo={"ttft_p99_s": 2.0, "tpot_p99_s": 0.1}, metrics_url=f"{served.url}/metrics",
+            slo={"ttft_s": 2.0, "tpot_s": 0.1, "percentile": 99}, metrics_url=f"{served.url}/metrics",
         )
         obs = await MetricsObserver(config.metrics_url, httpx.AsyncClient())()
         assert obs.power_w > 0 and obs.clock_mhz == 1980

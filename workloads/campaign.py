@@ -35,11 +35,12 @@ from profilers.clock import Clock
 from profilers.footprint import SiteProfile, load_site_profile
 from profilers.meter import Measurement, window_energy
 from profilers.scrape import CounterSnapshot
+from serving.knobs import Knobs
 from workloads.arrivals import ClosedLoopArrivals, RequestSpec, TraceArrivals, build_requests, build_trace_requests
 from workloads.client import ClosedLoop, RequestRecord
 from workloads.inputs import trace_inputs
 from workloads.results import FloorFn, PointRow, ResultStore, engine_token_shares, summarize_point
-from workloads.spec import CampaignSpec, KnobSetting, PolicySetting, setting_label
+from workloads.spec import CampaignSpec, PolicySetting, setting_label
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -50,7 +51,7 @@ class OutputDirError(RuntimeError):
     """``--out`` holds something the run must not overwrite silently."""
 
 
-Setting = KnobSetting | PolicySetting | None
+Setting = Knobs | PolicySetting | None
 """What a point runs under: pinned knobs, a controller policy, or (None) the deployment as it is."""
 Work = list[RequestSpec] | ClosedLoop
 """What a point sends: an open-loop schedule of requests, or closed-loop users."""

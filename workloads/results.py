@@ -14,8 +14,8 @@ import pandas as pd
 
 from profilers.footprint import SiteProfile, footprint
 from profilers.meter import Measurement
+from serving.slo import SLO
 from workloads.client import RequestRecord
-from workloads.spec import SLO
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ import json
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
+from serving.knobs import Knobs
+from serving.slo import SLO, SLO_FIELDS_ADDED
 from workloads.arrivals import (
     Arrival,
     ClosedLoopArrivals,
@@ -76,35 +78,11 @@ class WorkloadSpec(BaseModel):
         return self
 
 
-class SLO(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    ttft_s: float = Field(default=1.0, gt=0, description="Time-to-first-token target.")
-    tpot_s: float = Field(default=0.1, gt=0, description="Time-per-output-token target.")
-
-
 class PolicySetting(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     policy: str = Field(min_length=1, description="A policy the target's controller knows, e.g. slo_feedback.")
     options: dict[str, float | str] = Field(default_factory=dict)
-
-
-class KnobSetting(BaseModel):
-    """Knobs pinned for a point (through the target's control API: the static policy with these values)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    clock_mhz: float | None = Field(default=None, gt=0)
-    max_num_seqs: int | None = Field(default=None, ge=1)
-    max_num_batched_tokens: int | None = Field(default=None, ge=1)
-    speculative_tokens: int | None = Field(default=None, ge=0, le=16, description="n-gram speculation; 0: off.")
-    pack_per_replica: int | None = Field(
-        default=None, ge=0, description="Router admission: fill each replica up to this many requests; 0: spread."
-    )
-    prefix_caching: bool | None = Field(
-        default=None, description="vLLM's prefix cache on or off (an engine restart); engines without one ignore it."
-    )
 
 
 class Sweep(BaseModel):
@@ -117,10 +95,13 @@ class Sweep(BaseModel):
     concurrency: list[PositiveInt] = Field(
         default_factory=list, description="Closed-loop users (arrival kind: closed), one point each."
     )
-    knobs: list[KnobSetting] = Field(default_factory=list, description="Pinned knob settings to compare.")
+    knobs: list[Knobs] = Field(
+        default_factory=list,
+        description="Pinned knob settings to compare (through the target's control API: the static policy).",
+    )
     policies: list[PolicySetting] = Field(default_factory=list, description="Controller policies to compare.")
 
-    def settings(self) -> list[KnobSetting | PolicySetting | None]:
+    def settings(self) -> list[Knobs | PolicySetting | None]:
         return [*self.knobs, *self.policies] or [None]
 
     @property
@@ -128,21 +109,18 @@ class Sweep(BaseModel):
         """The swept load values: request rates, or closed-loop user counts."""
         return [float(c) for c in self.concurrency] if self.concurrency else list(self.rate_rps)
 
-    def points(self) -> list[tuple[KnobSetting | PolicySetting | None, float]]:
+    def points(self) -> list[tuple[Knobs | PolicySetting | None, float]]:
         return [(s, r) for s in self.settings() for r in self.loads]
 
 
-def setting_label(setting: KnobSetting | PolicySetting | None) -> str:
+def setting_label(setting: Knobs | PolicySetting | None) -> str:
     if setting is None:
         return "as deployed"
     if isinstance(setting, PolicySetting):
         opts = ",".join(f"{k}={v:g}" if isinstance(v, float | int) else f"{k}={v}"
                         for k, v in sorted(setting.options.items()))
         return f"policy={setting.policy}" + (f"({opts})" if opts else "")
-    return " ".join(
-        f"{k}={('on' if v else 'off') if isinstance(v, bool) else format(v, 'g')}"
-        for k, v in setting.model_dump(exclude_none=True).items()
-    ) or "knobs=defaults"
+    return setting.label()
 
 
 class CampaignSpec(BaseModel):
@@ -177,9 +155,12 @@ class CampaignSpec(BaseModel):
 
     def config_hash(self) -> str:
         data = self.model_dump(mode="json")
-        sections = [(data["workload"], ADDED_FIELDS)] + [(k, ADDED_KNOB_FIELDS) for k in data["sweep"]["knobs"]]
+        sections = [(data["workload"], ADDED_FIELDS), (data["slo"], SLO_FIELDS_ADDED)]
+        sections += [(k, ADDED_KNOB_FIELDS) for k in data["sweep"]["knobs"]]
         if isinstance(data.get("deployment"), dict):  # campaign files (deploy/config.py) carry one
             sections.append((data["deployment"], ADDED_DEPLOYMENT_FIELDS))
+            if isinstance(slo := data["deployment"].get("controller", {}).get("slo"), dict):
+                sections.append((slo, SLO_FIELDS_ADDED))
             if isinstance(data["deployment"].get("engine"), dict):
                 sections.append((data["deployment"]["engine"], ADDED_ENGINE_FIELDS))
         for section, added in sections:  # a campaign from before the field still resumes

@@ -184,17 +184,11 @@ class EmulatedEngine:
             if self.clock_mhz != knobs.clock_mhz:
                 notes.append(f"clock {knobs.clock_mhz:g} MHz clamped to supported {self.clock_mhz:g} MHz")
         if knobs.max_num_seqs is not None:
-            if knobs.max_num_seqs < 1:
-                raise ValueError("max_num_seqs must be at least 1")
             self.max_num_seqs = knobs.max_num_seqs
             self._wake.set()
         if knobs.max_num_batched_tokens is not None:
-            if knobs.max_num_batched_tokens < 1:
-                raise ValueError("max_num_batched_tokens must be at least 1")
             self.config = self.config.model_copy(update={"max_num_batched_tokens": knobs.max_num_batched_tokens})
-        if knobs.speculative_tokens is not None:
-            if not 0 <= knobs.speculative_tokens <= 16:
-                raise ValueError("speculative_tokens must be between 0 (off) and 16")
+        if knobs.speculative_tokens is not None:  # Knobs holds each within its bounds
             self.speculative_tokens = knobs.speculative_tokens
         if knobs.prefix_caching is not None:
             notes.append("prefix_caching ignored: the emulated engine has no prefix cache")

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from serving.emulated.devices import DeviceFitError, DeviceSpec, Execution, device_from_dict
 from serving.emulated.shapes import ModelShape, SequenceWork, WorkCounts, count_rows
+from serving.knobs import MAX_SPECULATIVE_TOKENS
 
 __all__ = [
     "DeviceFitError",
@@ -279,10 +280,6 @@ def peak_tops_per_w(device: DeviceSpec, dtype: str, clock_mhz: float | None = No
     macs = device.peak_macs_per_s(dtype, clock)
     watts = macs * device.mac_energy_j(dtype, clock) + device.static_power_w(clock)
     return 2 * macs / watts / 1e12
-
-
-MAX_SPECULATIVE_TOKENS = 16
-"""Most tokens a speculative step may propose (the engines' ``speculative_tokens`` bound)."""
 
 
 @dataclass(frozen=True)
