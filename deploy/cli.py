@@ -80,7 +80,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
     from deploy.compare import device_floor
     from deploy.local import DeploymentStartError, LocalDeployment
     from serving.emulated.physics import DeviceFitError, PresetError
-    from workloads.campaign import OutputDirError, prepare_out_dir, run_campaign
+    from workloads.campaign import OutputDirError, TargetDownError, prepare_out_dir, run_campaign
     from workloads.http_target import ControlError, HttpTarget
     from workloads.inputs import campaign_prompts, trace_inputs, with_skip_bad_rows
     from workloads.prompts import TokenizerError
@@ -155,7 +155,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
     except OutputDirError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (DeploymentStartError, ControlError) as e:
+    except (DeploymentStartError, ControlError, TargetDownError) as e:
         print(f"error: {e}", file=sys.stderr)
         print(f"finished points are kept in {out}; continue with --resume", file=sys.stderr)
         return 1
@@ -168,6 +168,10 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
     _print_summary(console, points, out)
     report = out / "report.html"
     console.print(f"requests: {out / 'requests.parquet'}\npoints:   {out / 'points.csv'}\nreport:   {report}")
+    if failed := [int(p) for p in points[points["status"] == "failed"]["point"]]:
+        print(f"error: no request succeeded at point(s) {', '.join(map(str, failed))} (see notes in points.csv); "
+              "--resume measures them again", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -191,7 +191,8 @@ def test_unwritable_out_fails_before_the_campaign_starts(tmp_path, capsys) -> No
 
 
 @pytest.mark.slow
-def test_server_down_is_recorded_and_point_marked_degraded(tmp_path: Path) -> None:
+def test_a_dead_target_fails_the_point_stops_the_campaign_and_resume_measures_it_again(tmp_path: Path, capsys) -> None:
+    import json
     import socket
 
     with socket.socket() as s:  # a loopback port nobody listens on
@@ -199,13 +200,19 @@ def test_server_down_is_recorded_and_point_marked_degraded(tmp_path: Path) -> No
         port = s.getsockname()[1]
     path = write_campaign(tmp_path, model="m", workload={"duration_s": 1}, sweep={"rate_rps": [3, 4]})
     out = tmp_path / "out"
-    assert main(["campaign", "run", str(path), "--out", str(out), "--url", f"http://127.0.0.1:{port}"]) == 0
+    url = f"http://127.0.0.1:{port}"
+    assert main(["campaign", "run", str(path), "--out", str(out), "--url", url]) == 1
+    err = capsys.readouterr().err
+    assert "every request failed on the target's side" in err and "continue with --resume" in err
     points = pd.read_csv(out / "points.csv")
-    assert len(points) == 2 and (points["status"] == "degraded").all()
-    assert points["notes"].str.contains("energy unavailable").all()
-    assert (points["failed"] == points["requests"]).all()
+    assert points["point"].tolist() == [0] and points.iloc[0]["status"] == "failed"  # not a finished point
+    assert "no request succeeded" in points.iloc[0]["notes"] and "energy unavailable" in points.iloc[0]["notes"]
+    assert points.iloc[0]["failed"] == points.iloc[0]["requests"] > 0
     req = pd.read_parquet(out / "requests.parquet")
     assert len(req) == points["requests"].sum() and req["error"].str.contains("ConnectError").all()
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"  # never "finished"
+    assert main(["campaign", "run", str(path), "--out", str(out), "--url", url, "--resume"]) == 1
+    assert "point 0 (as deployed) already measured" not in capsys.readouterr().out  # measured again
 
 
 @pytest.mark.slow

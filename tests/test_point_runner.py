@@ -139,3 +139,16 @@ def test_the_floor_is_written_with_each_emulated_point(tmp_path: Path) -> None:
     points = run_virtual_campaign(spec(), SERVED, tmp_path, QUIET)
     assert (points["floor_j_per_token"] > 0).all() and (points["x_floor"] > 1).all()
     assert not math.isnan(points["x_floor"].iloc[0])
+
+
+def test_a_point_where_every_request_fails_is_failed_and_the_campaign_goes_on(tmp_path: Path) -> None:
+    s = spec(workload={"prompt_tokens": {"kind": "fixed", "value": 2000},
+                       "output_tokens": {"kind": "fixed", "value": 4},
+                       "duration_s": 1, "arrival": {"kind": "constant"}})
+    points = run_virtual_campaign(s, SERVED, tmp_path, QUIET)  # every prompt is over the 1024-token context
+    assert points["status"].tolist() == ["failed", "failed"]  # refused requests: the target is up, both points ran
+    assert points["notes"].str.contains("no request succeeded").all()
+    assert ResultStore(tmp_path).finished_points() == set()  # --resume measures them again
+    import json
+
+    assert json.loads((tmp_path / "manifest.json").read_text())["failed_points"] == [0, 1]

@@ -39,7 +39,15 @@ from serving.knobs import Knobs
 from workloads.arrivals import ClosedLoopArrivals, RequestSpec, TraceArrivals, build_requests, build_trace_requests
 from workloads.client import ClosedLoop, RequestRecord
 from workloads.inputs import trace_inputs
-from workloads.results import FloorFn, PointRow, ResultStore, engine_token_shares, summarize_point
+from workloads.results import (
+    FloorFn,
+    PointRow,
+    ResultStore,
+    engine_token_shares,
+    records_frame,
+    server_side_failures,
+    summarize_point,
+)
 from workloads.spec import CampaignSpec, PolicySetting, setting_label
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,11 @@ MIN_FREE_BYTES = 64 * 2**20
 
 class OutputDirError(RuntimeError):
     """``--out`` holds something the run must not overwrite silently."""
+
+
+class TargetDownError(RuntimeError):
+    """Every request of a point failed in transport or on the server: the target is down, so the campaign stops
+    (the point is kept as ``failed``; ``--resume`` measures it again)."""
 
 
 Setting = Knobs | PolicySetting | None
@@ -283,6 +296,12 @@ async def run_points(
             row, records, series = await _measure_point(spec, target, (point, len(points)), setting, load, console,
                                                         site, store.out, extra, floor)
             store.add_point(row, records, series)
+            if row.status == "failed" and 0 < len(server_side_failures(records_frame(records))) == row.requests:
+                errors = sorted({r.error for r in records if r.error})
+                raise TargetDownError(
+                    f"point {point} ({setting_label(setting)}): every request failed on the target's side "
+                    f"({'; '.join(errors[:3])}): is {target.label} still serving?"
+                )
     finally:
         await target.stop()
 
@@ -418,5 +437,7 @@ def run_campaign(
     extra = dict(manifest_extra or {})
     write_manifest(out, spec, target, "running", extra)
     run(run_points(spec, target, store, console, extra, floor))
-    write_manifest(out, spec, target, "finished", extra)
-    return store.points()
+    points = store.points()
+    failed = sorted(int(p) for p in points[points["status"] == "failed"]["point"])
+    write_manifest(out, spec, target, "failed" if failed else "finished", {**extra, "failed_points": failed})
+    return points

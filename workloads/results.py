@@ -79,7 +79,8 @@ class PointRow:
     dropped_devices: str
     """Devices whose counter reset or vanished in the window (their energy is not counted)."""
     status: str
-    """``ok``, or ``degraded`` with the reasons in ``notes``."""
+    """``ok``; ``degraded``, its figures not to be trusted as they are; ``failed``, no request succeeded (``--resume``
+    measures it again). The reasons are in ``notes``."""
     notes: str
     floor_j_per_token: float = math.nan
     """The emulated device's physical floor of energy per output token at the point's mean lengths (NaN: real)."""
@@ -175,7 +176,7 @@ def summarize_point(
     per_tok = (lambda x: x / out_tokens) if out_tokens > 0 else (lambda x: math.nan)
     duration = measurement.duration_s
     met = meets_slo(measured, slo) if len(measured) else pd.Series(dtype=bool)
-    reasons = [*_degradation(df, measurement), *notes]
+    reasons = [*(["no request succeeded"] if ok_all.empty else []), *_degradation(df, measurement), *notes]
     shares = token_shares or {}
     floor_j = (floor(max(1, round(ok_all["prompt_tokens"].mean())), max(1, round(ok_all["output_tokens"].mean())))
                if floor is not None and len(ok_all) else math.nan)
@@ -217,17 +218,23 @@ def summarize_point(
         **calibration_columns(devices, measurement.provenance_label),
         site=site.name,
         dropped_devices=";".join(measurement.dropped_devices),
-        status="degraded" if reasons else "ok",
+        status="failed" if ok_all.empty else "degraded" if reasons else "ok",
         notes="; ".join(reasons),
         floor_j_per_token=floor_j,
         x_floor=per_tok(energy) / floor_j if floor_j > 0 else math.nan,
     )
 
 
+def server_side_failures(records: pd.DataFrame) -> pd.DataFrame:
+    """Requests that failed in transport or on the server (not refused as invalid): the target's fault."""
+    failed = records[records["status"] != "ok"]
+    return failed[(failed["http_status"] == 0) | (failed["http_status"] >= 500)]
+
+
 def _degradation(df: pd.DataFrame, measurement: Measurement) -> list[str]:
     """Why a point's figures are not to be trusted as they are (empty: they are)."""
     notes = []
-    server_side = df[(df["status"] != "ok") & ((df["http_status"] == 0) | (df["http_status"] >= 500))]
+    server_side = server_side_failures(df)
     if len(server_side):
         notes.append(f"{len(server_side)} request(s) failed on the server side or in transport")
     if not measurement.energy_j:
@@ -272,7 +279,9 @@ class ResultStore:
         return pd.read_csv(self.points_path)
 
     def finished_points(self) -> set[int]:
-        return set(int(p) for p in self.points()["point"])
+        """Points measured for good: a ``failed`` point is measured again on ``--resume``."""
+        points = self.points()
+        return set(int(p) for p in points[points["status"] != "failed"]["point"])
 
     def add_point(
         self, row: PointRow, records: list[RequestRecord], timeseries: list[dict[str, object]]
@@ -297,7 +306,7 @@ class ResultStore:
             self._rebuild_requests()
 
     def _rebuild_requests(self) -> None:
-        done = self.finished_points()
+        done = set(int(p) for p in self.points()["point"])  # failed points too: their requests are on the books
         for pattern, target, empty in (
             ("point-*.parquet", self.requests_path, records_frame([])),
             ("timeseries-*.parquet", self.timeseries_path, pd.DataFrame(columns=TIMESERIES_COLUMNS)),
