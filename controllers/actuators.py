@@ -7,13 +7,14 @@ import contextlib
 import dataclasses
 import logging
 
+from profilers.errors import TestbedError
 from serving.router import REPLICA_GONE, Router
 from serving.types import AppliedKnobs, Knobs
 
 log = logging.getLogger(__name__)
 
 
-class KnobApplyError(TimeoutError):
+class KnobApplyError(TestbedError, TimeoutError):
     """A replica did not confirm a knob change (or a restore) in time; the message names it."""
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from profilers.errors import TestbedError
 from profilers.meter import CounterSample
 
 ENERGY_METRIC = "llm_energy_energy_joules"
@@ -21,7 +22,7 @@ ENGINE_TOKEN_COUNTERS = {
 }
 
 
-class MetricsUnavailableError(RuntimeError):
+class MetricsUnavailableError(TestbedError, RuntimeError):
     pass
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import ray.exceptions
 
 from profilers import trace
+from profilers.errors import TestbedError
 from profilers.exporter import DeviceSample, ExportSnapshot, ReplicaSample
 from serving.replica import StreamError, Telemetry
 from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
@@ -26,11 +27,11 @@ log = logging.getLogger(__name__)
 REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
-class NoReplicaError(RuntimeError):
+class NoReplicaError(TestbedError, RuntimeError):
     """No live replica can take the request."""
 
 
-class ReplicaFailedError(RuntimeError):
+class ReplicaFailedError(TestbedError, RuntimeError):
     """The replica died after it had streamed tokens; the request cannot be resumed transparently."""
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from profilers.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -120,7 +122,7 @@ class AppliedKnobs:
                      prefix_caching=self.prefix_caching)
 
 
-class RequestRejectedError(ValueError):
+class RequestRejectedError(ConfigError):
     """The engine cannot serve this request as asked (e.g. the prompt exceeds the context length)."""
 
     def __init__(self, message: str, param: str | None = None, code: str = "invalid_request") -> None:

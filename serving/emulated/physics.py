@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from profilers.errors import ConfigError, validation_problems
 from serving.emulated.devices import DeviceFitError, DeviceSpec, Execution, device_from_dict
 from serving.emulated.shapes import ModelShape, SequenceWork, WorkCounts, count_rows
 
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 
-class PresetError(ValueError):
+class PresetError(ConfigError):
     """A device preset or model shape that cannot be used; names the file and the field."""
 
 
@@ -355,7 +356,10 @@ def energy_floor_per_token(
 def _load_data(folder: str, name_or_path: str, suffix: str) -> tuple[dict, str]:
     path = Path(name_or_path)
     if path.suffix == suffix and path.exists():
-        text, where = path.read_text(), str(path)
+        try:
+            text, where = path.read_text(), str(path)
+        except (OSError, UnicodeDecodeError) as e:
+            raise PresetError(f"{path}: not a readable {suffix[1:].upper()} file: {e}") from e
     else:
         res = resources.files("serving.emulated") / folder / f"{name_or_path}{suffix}"
         if not res.is_file():
@@ -382,10 +386,7 @@ def load_device(name_or_path: str) -> DeviceSpec:
     try:
         spec = device_from_dict(data)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()
-        )
-        raise PresetError(f"{where}: invalid device preset: {problems}") from e
+        raise PresetError(f"{where}: invalid device preset: {validation_problems(e)}") from e
     except ValueError as e:
         raise PresetError(f"{where}: {e}") from e
     from serving.emulated.calibration import attach_calibration  # imports this module: not at the top
