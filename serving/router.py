@@ -17,7 +17,7 @@ import ray.exceptions
 
 from profilers import trace
 from profilers.errors import TestbedError
-from profilers.exporter import DeviceSample, ExportSnapshot, ReplicaSample
+from profilers.exporter import DeviceSample, ExportSnapshot
 from serving.replica import StreamError, Telemetry
 from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
 
@@ -324,15 +324,5 @@ class Router:
                                  rd.energy_j, rd.power_w, rd.clock_mhz,
                                  preset=info.preset if info else None, calibration=info.calibration if info else None)
                 )
-            s = tel.stats
-            snap.replicas.append(
-                ReplicaSample(
-                    r.name, s.backend, s.prompt_tokens_total, s.generated_tokens_total,
-                    s.attributed_prefill_j, s.attributed_decode_j, s.idle_j, s.running, s.waiting,
-                    kv_used_tokens=s.kv_used_tokens, kv_capacity_tokens=s.kv_capacity_tokens,
-                    spec_proposed_tokens=s.spec_proposed_tokens, spec_accepted_tokens=s.spec_accepted_tokens,
-                    prefix_cache_queried_tokens=s.prefix_cache_queried_tokens,
-                    prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
-                )
-            )
+            snap.replicas.append(tel.stats.export_sample(r.name))
         return snap

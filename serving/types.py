@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from profilers.errors import ConfigError
+from profilers.exporter import ReplicaSample
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,12 @@ class EngineStats:
     """Prompt tokens looked up in the engine's prefix cache (None: the engine has no prefix cache)."""
     prefix_cache_hit_tokens: int | None = None
     """Of those, tokens found there: their prefill was not computed again."""
+
+    def export_sample(self, replica: str) -> ReplicaSample:
+        """This replica's row of the exporter's snapshot: every field the two share by name, plus the totals."""
+        shared = {f.name: getattr(self, f.name) for f in fields(ReplicaSample) if hasattr(self, f.name)}
+        return ReplicaSample(**{**shared, "replica": replica, "prompt_tokens": self.prompt_tokens_total,
+                                "generated_tokens": self.generated_tokens_total})
 
 
 @dataclass(frozen=True)

@@ -279,3 +279,20 @@ async def test_abandoned_stream_to_a_replica_in_this_process_is_cancelled_in_the
         assert await run(router, "next", 7) == 7
     finally:
         await replica.engine.stop()
+
+
+def test_engine_stats_become_the_exporters_replica_sample_field_for_field() -> None:
+    from dataclasses import fields
+
+    from profilers.exporter import ReplicaSample
+    from serving.types import EngineStats
+
+    stats = EngineStats("engine-name", "vllm", *range(1, 16))
+    sample = stats.export_sample("replica-3")
+    assert sample.replica == "replica-3" and sample.backend == "vllm"
+    assert (sample.prompt_tokens, sample.generated_tokens) == (stats.prompt_tokens_total, stats.generated_tokens_total)
+    for f in fields(ReplicaSample):
+        if f.name != "replica" and hasattr(stats, f.name):
+            assert getattr(sample, f.name) == getattr(stats, f.name), f.name
+    assert all(hasattr(stats, f.name) or f.name in ("prompt_tokens", "generated_tokens", "replica")
+               for f in fields(ReplicaSample))  # a field the exporter adds must be reported by the engines
