@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from profilers.attribution import split
 from profilers.errors import ConfigError, validation_problems
 from serving.emulated.devices import DeviceFitError, DeviceSpec, Execution, device_from_dict
 from serving.emulated.shapes import ModelShape, SequenceWork, WorkCounts, count_rows
@@ -166,8 +167,8 @@ def _price(
     e_w, e_a, e_kv, e_act, e_tok = ex.weight_mac_j, ex.attn_mac_j, ex.kv_byte_j, ex.act_byte_j, ex.token_j
     own = [wm * e_w + am * e_a + kv * e_kv + act * e_act + m * e_tok
            for (m, _), (wm, am, kv, act) in zip(items, rows, strict=True)]
-    shared_per_token = (t.shared_j + t.static_j) / tokens
-    shares = [j + shared_per_token * m for j, (m, _) in zip(own, items, strict=True)]
+    shared = split(t.shared_j + t.static_j, [m for m, _ in items])
+    shares = [j + s for j, s in zip(own, shared, strict=True)]
     cost = IterationCost(
         time_s=t.time_s,
         energy_j=sum(own) + t.shared_j + t.static_j,
