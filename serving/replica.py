@@ -60,16 +60,14 @@ class _Outbox:
 
     def __init__(self) -> None:
         self.items: dict[str, list[TokenEvent | StreamError]] = {}
-        self.ready = asyncio.Event()
         self.on_ready: Callable[[], None] | None = None
         """Called when the outbox stops being empty (the socket channel schedules its flush)."""
 
     def put(self, item: TokenEvent | StreamError) -> None:
+        was_empty = not self.items
         self.items.setdefault(item.request_id, []).append(item)
-        if not self.ready.is_set():
-            self.ready.set()
-            if self.on_ready is not None:
-                self.on_ready()
+        if was_empty and self.on_ready is not None:
+            self.on_ready()
 
     def drain(self) -> list[TokenEvent | StreamError]:
         batch: list[TokenEvent | StreamError] = []
@@ -79,7 +77,6 @@ class _Outbox:
                 batch.append(merge_events(events))
             batch.extend(i for i in items if isinstance(i, StreamError))
         self.items = {}
-        self.ready.clear()
         return batch
 
 
@@ -114,9 +111,8 @@ class Replica:
     Two ways to stream: ``generate`` (one Ray message per event, for callers that want one request) and the
     channel, for routers: a TCP connection to the replica (``stream_address``) carrying requests and cancellations
     one way and, the other way, the events of all of the router's requests produced by one engine iteration as one
-    frame; or the same over Ray (``submit``/``cancel`` calls, ``events`` messages). A Ray message costs ~0.5 ms of
-    CPU in this process (which also runs the engine's output handling) and ~0.7 ms in the caller, a Ray call more;
-    a frame on a socket costs tens of microseconds."""
+    frame. A Ray message costs ~0.5 ms of CPU in this process (which also runs the engine's output handling) and
+    ~0.7 ms in the caller, a Ray call more; a frame on a socket costs tens of microseconds."""
 
     def __init__(self, replica: str, engine_config: dict[str, Any]) -> None:
         self.replica = replica
@@ -194,18 +190,6 @@ class Replica:
         for ch, task in list(self._pumps.values()):
             if ch == channel:
                 task.cancel()
-
-    async def events(self, channel: str) -> AsyncIterator[list[TokenEvent | StreamError]]:
-        """The channel's events as Ray messages, one batch per wake-up: the request pumps woken by one engine
-        iteration all run before this task does (the event loop runs ready tasks in order), so a batch holds the
-        whole iteration, and no event waits for a later one."""
-        outbox = self._outbox(channel)
-        try:
-            while True:
-                await outbox.ready.wait()
-                yield outbox.drain()
-        finally:
-            self._close_channel(channel)
 
     async def stream_address(self) -> tuple[str, int, str]:
         """Where a router connects for its channel on a socket, and the secret it must present (handed out
