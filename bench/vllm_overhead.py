@@ -15,7 +15,6 @@ TTFT medians moved by 1-2 ms between runs on a shared 2-core host, more than the
   router  the production ``Router`` in this process over the same actor, no HTTP: requests and their events go
           over the replica's channel socket (one frame of events per engine iteration): the cost of the hop
           between the front door and the replica.
-  raymsg  the same channel over Ray (a Ray call per request, a Ray message per engine iteration).
   http    the OpenAI front door as in production (``create_app`` over a ``Router``, uvicorn on uvloop) in a child
           process of its own, attached to this Ray cluster and routing to the same replica actor as ``direct`` and
           ``router`` (the same engine, not a second one); this process is the client (the testbed's load-generator
@@ -43,7 +42,7 @@ and the engine share the cores: the ``http`` figures then include the client's o
 deployment spends elsewhere.
 
     python bench/vllm_overhead.py [--requests 64] [--concurrency 1 4 8 16] [--rates 10 20] [--max-tokens 32] [--trace]
-        [--paths direct raymsg router http asgi vllm-serve aiohttp in-replica] [--door-realtime]
+        [--paths direct router http asgi vllm-serve aiohttp in-replica] [--door-realtime]
 """
 
 from __future__ import annotations
@@ -190,7 +189,7 @@ class BenchReplica(Replica):
         return await at_times(self._one(max_tokens), dues, start)
 
 
-PATHS = ["direct", "raymsg", "router", "http", "in-replica", "asgi", "vllm-serve", "aiohttp"]
+PATHS = ["direct", "router", "http", "in-replica", "asgi", "vllm-serve", "aiohttp"]
 ACTOR_NAME, NAMESPACE = "vllm-overhead-bench", "vllm-overhead-bench"
 
 
@@ -296,10 +295,9 @@ async def run_paths(
     """``urls``: the front door's (``http``), and the ASGI-only door's (``asgi``) when that path runs."""
     import aiohttp
 
-    from serving.router import Channel, ReplicaHandle, Router
+    from serving.router import ReplicaHandle, Router
 
     router = Router([ReplicaHandle("replica-0", actor, backend="vllm")])
-    raymsg = Router([ReplicaHandle("replica-0", actor, backend="vllm", channel=Channel(actor, transport="ray"))])
 
     def routed(r: Router) -> Callable[[], Awaitable[Sample]]:
         async def one() -> Sample:
@@ -365,7 +363,6 @@ async def run_paths(
         paths: dict[str, Callable[[int, int], Awaitable[tuple[float, list[Sample]]]]] = {
             "direct": lambda n, c: actor.direct.remote(n, c, args.max_tokens),
             "router": lambda n, c: closed_loop(routed(router), n, c),
-            "raymsg": lambda n, c: closed_loop(routed(raymsg), n, c),
             "http": lambda n, c: closed_loop(http_one, n, c),
             "asgi": lambda n, c: closed_loop(asgi_one, n, c),
             "vllm-serve": lambda n, c: closed_loop(vllm_serve_one, n, c),
@@ -375,7 +372,6 @@ async def run_paths(
         at: dict[str, Callable[[list[float], float], Awaitable[list[Sample]]]] = {
             "direct": lambda dues, start: actor.direct_at.remote(dues, start, args.max_tokens),
             "router": lambda dues, start: at_times(routed(router), dues, start),
-            "raymsg": lambda dues, start: at_times(routed(raymsg), dues, start),
             "http": lambda dues, start: at_times(http_one, dues, start),
             "asgi": lambda dues, start: at_times(asgi_one, dues, start),
             "vllm-serve": lambda dues, start: at_times(vllm_serve_one, dues, start),
@@ -423,7 +419,6 @@ async def run_paths(
                 for name, samples in zip(paths, results, strict=True):
                     record(name, f"{rate:g}/s", samples, wall, cpu)
     await router.stop()
-    await raymsg.stop()
     for pool in pools:
         await pool.aclose()
     return list(runs.values())
@@ -557,7 +552,7 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=4,
                    help="closed loops: the paths take turns in up to this many blocks per round")
     p.add_argument("--model", help="checkpoint directory (default: build the tiny model into a temp dir)")
-    p.add_argument("--paths", nargs="+", default=["direct", "raymsg", "router", "http"], choices=PATHS,
+    p.add_argument("--paths", nargs="+", default=["direct", "router", "http"], choices=PATHS,
                    help="paths to run; the first named is the baseline of the ratios and differences")
     p.add_argument("--trace", action="store_true",
                    help="record the latency trace (profilers/trace.py) in every process and print where each "

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 
+from profilers.errors import TestbedError
 from serving.router import REPLICA_GONE, Router
 from serving.types import AppliedKnobs, Knobs
 
 log = logging.getLogger(__name__)
 
 
-class KnobApplyError(TimeoutError):
+class KnobApplyError(TestbedError, TimeoutError):
     """A replica did not confirm a knob change (or a restore) in time; the message names it."""
 
 
@@ -162,14 +162,19 @@ class NodeAgentActuator:
 
     async def restore_defaults(self) -> None:
         for agent in self.agents:
-            with contextlib.suppress(Exception):
-                await self.http.post(f"{agent}/reset")
+            try:
+                (await self.http.post(f"{agent}/reset")).raise_for_status()
+            except Exception as e:  # the other agents and knobs are restored all the same
+                log.warning("could not restore the default clocks on %s: %r (the agent restores them when the "
+                            "controller's lease runs out)", agent, e)
         await self.inner.restore_defaults()
 
     async def heartbeat(self, lease_s: float) -> None:
         self.lease_s = lease_s
         for agent in self.agents:
             if agent not in self.unavailable:
-                with contextlib.suppress(Exception):
-                    await self.http.post(f"{agent}/heartbeat", json={"lease_s": lease_s})
+                try:
+                    (await self.http.post(f"{agent}/heartbeat", json={"lease_s": lease_s})).raise_for_status()
+                except Exception as e:  # a missed heartbeat: the agent restores its defaults if the lease runs out
+                    log.warning("heartbeat to the node agent %s failed: %r", agent, e)
         await self.inner.heartbeat(lease_s)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 
 from profilers import nvml as nvml_source
+from profilers.errors import TestbedError
 from profilers.nvml import convert_error
 
 log = logging.getLogger(__name__)
 
 
-class ClockKnobUnavailableError(RuntimeError):
+class ClockKnobUnavailableError(TestbedError, RuntimeError):
     """The clock knob cannot be used on this machine; the message says why."""
 
 

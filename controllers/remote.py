@@ -22,13 +22,13 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from controllers.actuators import NodeAgentActuator
 from controllers.loop import ControlLoop
 from controllers.policies import Observation, build_policy, policy_names
 from profilers.clock import RealClock
+from profilers.scrape import ascrape_counters
 from serving.api import error_response
 from serving.slo import SLO
 from serving.types import AppliedKnobs, Knobs
@@ -80,31 +80,11 @@ class MetricsObserver:
         self._last: dict[str, Any] | None = None
 
     async def scrape(self) -> dict[str, Any]:
-        resp = await self.http.get(self.url)
-        resp.raise_for_status()
-        out: dict[str, Any] = {"t": time.monotonic(), "ttft": {}, "tpot": {}, "e2e_count": 0.0, "energy": 0.0,
-                               "tokens": 0.0, "power": 0.0, "running": 0.0, "waiting": 0.0, "clocks": []}
-        for fam in text_string_to_metric_families(resp.text):
-            for s in fam.samples:
-                if s.name in ("llm_energy_request_ttft_seconds_bucket", "llm_energy_request_tpot_seconds_bucket"):
-                    key = "ttft" if "ttft" in s.name else "tpot"
-                    le = float(s.labels["le"])
-                    out[key][le] = out[key].get(le, 0.0) + s.value
-                elif s.name == "llm_energy_request_e2e_seconds_count":
-                    out["e2e_count"] += s.value
-                elif s.name == "llm_energy_energy_joules_total":
-                    out["energy"] += s.value
-                elif s.name == "llm_energy_tokens_total" and s.labels.get("kind") == "generated":
-                    out["tokens"] += s.value
-                elif s.name == "llm_energy_power_watts":
-                    out["power"] += s.value
-                elif s.name == "llm_energy_clock_mhz":
-                    out["clocks"].append(s.value)
-                elif s.name == "llm_energy_requests_running":
-                    out["running"] += s.value
-                elif s.name == "llm_energy_requests_waiting":
-                    out["waiting"] += s.value
-        return out
+        snap = await ascrape_counters(self.url, self.http)
+        return {"t": time.monotonic(), **snap.latency_buckets, "e2e_count": snap.requests_completed,
+                "energy": sum(c.energy_j for c in snap.energy.values()), "tokens": snap.generated_total,
+                "power": sum(snap.power_w.values()), "running": snap.running, "waiting": snap.waiting,
+                "clocks": list(snap.clock_mhz.values())}
 
     async def __call__(self) -> Observation:
         now = await self.scrape()

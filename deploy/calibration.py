@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from deploy.virtual import VirtualClock
+from profilers.errors import ConfigError
 from serving.config import EmulatedEngineConfig
 from serving.emulated.devices import DeviceSpec, device_from_dict
 from serving.emulated.engine import EmulatedEngine
@@ -55,7 +56,7 @@ OUTPUT_SIGMA = 0.8
 line to pages. It sets the mean context of a running sequence (length-biased: P + O·e^(σ²)/2)."""
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(ConfigError):
     """A measurements file or row that cannot be replayed; names the file, the line and the field."""
 
 

@@ -14,12 +14,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from deploy.config import CampaignFile, ConfigError, DeploymentError, load_serving_config, load_yaml_model
+from deploy.config import CampaignFile, ConfigError, load_serving_config, load_yaml_model
 from deploy.opscli import add_ops_commands
+from profilers.errors import TestbedError
 from serving.config import ServingConfig
-from serving.engine import MissingExtraError
-
-EXIT_USAGE = 2
 
 
 def _print_summary(console: Console, points, out: Path) -> None:  # type: ignore[no-untyped-def]
@@ -68,6 +66,18 @@ def _preflight(config: ServingConfig) -> None:
         raise ConfigError(f"deployment.engine.model: {e}") from e
 
 
+def _check_site_and_devices(spec: CampaignFile, url: str | None) -> None:
+    """The site profile and every emulated device preset are read before anything starts (a bad one would
+    otherwise fail inside the replicas, or after the first point)."""
+    from profilers.footprint import load_site_profile
+    from serving.emulated.physics import load_device
+
+    load_site_profile(spec.site)
+    if spec.deployment.engine.kind == "emulated" and not url:
+        for device in [spec.deployment.engine.device, *(v.device for v in spec.compare or [])]:
+            load_device(device)
+
+
 def served_tokenizer(config: ServingConfig) -> str | None:
     """What ``workload.tokenizer: auto`` means for a deployment the campaign starts: the vLLM model's directory
     (where this machine can read it), ``word`` for emulated engines."""
@@ -79,8 +89,7 @@ def served_tokenizer(config: ServingConfig) -> str | None:
 def cmd_campaign_run(args: argparse.Namespace) -> int:
     from deploy.compare import device_floor
     from deploy.local import DeploymentStartError, LocalDeployment
-    from serving.emulated.physics import DeviceFitError, PresetError
-    from workloads.campaign import OutputDirError, TargetDownError, prepare_out_dir, run_campaign
+    from workloads.campaign import TargetDownError, prepare_out_dir, run_campaign
     from workloads.http_target import ControlError, HttpTarget
     from workloads.inputs import campaign_prompts, trace_inputs, with_skip_bad_rows
     from workloads.prompts import TokenizerError
@@ -94,6 +103,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
         raise ConfigError("--resume and --overwrite exclude each other")
     if spec.clock == "virtual" and args.url:
         raise ConfigError("clock: virtual simulates the emulated deployment in-process; drop --url")
+    _check_site_and_devices(spec, args.url)
     out = Path(args.out)
     if args.skip_bad_rows:
         spec = with_skip_bad_rows(spec)
@@ -152,15 +162,9 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
             console.print(f"comparison: {out / 'compare.csv'}; one campaign per device under {out}/")
             return 0
         points = run_one(spec, out)
-    except OutputDirError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
     except (DeploymentStartError, ControlError, TargetDownError) as e:
         print(f"error: {e}", file=sys.stderr)
         print(f"finished points are kept in {out}; continue with --resume", file=sys.stderr)
-        return 1
-    except (DeviceFitError, PresetError) as e:  # raised in-process by virtual-time runs
-        console.print(f"[red]error:[/] {e}")
         return 1
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: finished points are kept in {out}; continue with --resume")
@@ -246,34 +250,25 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_model_build_tiny(args: argparse.Namespace) -> int:
-    from deploy.models import ModelDirError, build_tiny
+    from deploy.models import build_tiny
 
-    try:
-        out = build_tiny(Path(args.dir), seed=args.seed)
-    except ModelDirError as e:
-        raise ConfigError(str(e)) from e
+    out = build_tiny(Path(args.dir), seed=args.seed)
     print(f"tiny Llama checkpoint (seed {args.seed}) written to {out}")
     return 0
 
 
 def cmd_model_import_smollm2(args: argparse.Namespace) -> int:
-    from deploy.models import ModelDirError, import_smollm2
+    from deploy.models import import_smollm2
 
-    try:
-        out = import_smollm2(Path(args.dir))
-    except ModelDirError as e:
-        raise ConfigError(str(e)) from e
+    out = import_smollm2(Path(args.dir))
     print(f"SmolLM2-135M-Instruct checkpoint written to {out}")
     return 0
 
 
 def cmd_model_check(args: argparse.Namespace) -> int:
-    from deploy.models import ModelDirError, check_model_dir
+    from deploy.models import check_model_dir
 
-    try:
-        print(f"{check_model_dir(Path(args.dir))}: a model checkpoint")
-    except ModelDirError as e:
-        raise ConfigError(str(e)) from e
+    print(f"{check_model_dir(Path(args.dir))}: a model checkpoint")
     return 0
 
 
@@ -376,12 +371,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except ConfigError as e:
+    except TestbedError as e:  # the message says what to do: no traceback
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (MissingExtraError, DeploymentError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from controllers.config import ControllerConfig
+from profilers.errors import ConfigError, TestbedError
 from serving.config import ServingConfig
 from serving.knobs import ClockMHz, NumSeqs
 from workloads.spec import CampaignSpec
@@ -18,11 +19,7 @@ from workloads.spec import CampaignSpec
 M = TypeVar("M", bound=BaseModel)
 
 
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message is meant for the user as it is."""
-
-
-class DeploymentError(RuntimeError):
+class DeploymentError(TestbedError, RuntimeError):
     """The deployment cannot start as configured (the message says what to change)."""
 
 
@@ -144,6 +141,8 @@ def load_yaml_model(path: Path, model: type[M]) -> M:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text (YAML) file: {e}") from e
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -162,7 +161,7 @@ def load_serving_config(path: Path) -> DeploymentConfig:
     """A deployment config, or the ``deployment:`` section of a campaign file."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # load_yaml_model below says what is wrong
         data = {}
     if isinstance(data, dict) and "deployment" in data:
         return load_yaml_model(path, CampaignFile).deployment

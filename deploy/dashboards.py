@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Metrics not exported yet; panels that read them stay empty until they are.
-PLANNED_METRICS: tuple[str, ...] = ()
 TTFT_SLO_CHOICES = ("0.5", "1.0", "2.0", "5.0")
 DEFAULT_TTFT_SLO = "2.0"
 TAG = "llm-energy"
@@ -40,10 +38,6 @@ class Panel:
     description: str = ""
     width: int = 12
     height: int = 8
-
-    @property
-    def planned_metrics(self) -> list[str]:
-        return [m for m in PLANNED_METRICS if any(m in q.expr for q in self.queries)]
 
 
 @dataclass(frozen=True)
@@ -396,10 +390,6 @@ def _variables(names: tuple[str, ...]) -> list[dict[str, Any]]:
 def _panel_json(panel: Panel, pid: int, x: int, y: int) -> dict[str, Any]:
     ds = {"type": "prometheus", "uid": "${datasource}"}
     description = panel.description
-    if panel.planned_metrics:
-        description = (description + " " if description else "") + (
-            f"Empty until the controller exports {', '.join(panel.planned_metrics)}."
-        )
     body: dict[str, Any] = {
         "id": pid,
         "type": panel.kind,

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deploy.dashboards import all_dashboards, to_json
+from profilers.errors import TestbedError
 
 DATASOURCE_UID = "testbed-prometheus"
 FOLDER_UID = "llm-energy"
 
 
-class GrafanaPushError(RuntimeError):
+class GrafanaPushError(TestbedError, RuntimeError):
     """A push that failed; the message is one line with the HTTP status where there is one."""
 
 

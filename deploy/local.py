@@ -15,9 +15,10 @@ import yaml
 
 from deploy.config import DeploymentConfig
 from deploy.raycluster import RAY_ENV
+from profilers.errors import TestbedError
 
 
-class DeploymentStartError(RuntimeError):
+class DeploymentStartError(TestbedError, RuntimeError):
     pass
 
 

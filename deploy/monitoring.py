@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 import httpx
 import yaml
 
+from profilers.errors import TestbedError
+
 INSTALL_HINT = (
     "install it with `apt-get install --no-install-recommends prometheus` (Debian/Ubuntu; the service "
     "need not run) or put a Prometheus 2.x binary on PATH, or pass --prometheus-bin PATH"
@@ -32,7 +34,7 @@ INSTALL_HINT = (
 RAY_SD_FILE = Path("/tmp/ray/prom_metrics_service_discovery.json")
 
 
-class MonitorError(RuntimeError):
+class MonitorError(TestbedError, RuntimeError):
     """The monitoring stack cannot start or stop; the message says what to do."""
 
 

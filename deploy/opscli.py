@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import os
 import signal
-import sys
 import threading
 from pathlib import Path
 
@@ -32,45 +31,31 @@ def cmd_dashboards_provision(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboards_push(args: argparse.Namespace) -> int:
-    from deploy.grafana import GrafanaPushError, push_dashboards
+    from deploy.grafana import push_dashboards
 
     token = args.token or os.environ.get("GRAFANA_TOKEN")
-    try:
-        result = push_dashboards(args.grafana_url, token, args.prometheus_url, timeout_s=args.timeout)
-    except GrafanaPushError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    result = push_dashboards(args.grafana_url, token, args.prometheus_url, timeout_s=args.timeout)
     for uid in result.dashboards:
         print(f"{result.url}/d/{uid}")
     return 0
 
 
 def cmd_monitor_up(args: argparse.Namespace) -> int:
-    from deploy.monitoring import LocalPrometheus, MonitorError, monitor_up, prometheus_config
+    from deploy.monitoring import LocalPrometheus, monitor_up, prometheus_config
 
-    try:
-        if args.foreground:
-            config = prometheus_config(args.url, args.scrape_interval)
-            with LocalPrometheus(config, port=args.port, binary=args.prometheus_bin) as prom:
-                print(
-                    f"prometheus: {prom.url}  (scraping {', '.join(args.url)}; Ctrl-C stops it)", flush=True
-                )
-                stop = threading.Event()
-                signal.signal(signal.SIGTERM, lambda *_: stop.set())
-                with contextlib.suppress(KeyboardInterrupt):
-                    stop.wait()
-            return 0
-        state = monitor_up(
-            args.url,
-            Path(args.state_dir),
-            port=args.port,
-            scrape_interval=args.scrape_interval,
-            binary=args.prometheus_bin,
-            ray=not args.no_ray,
-        )
-    except MonitorError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.foreground:
+        config = prometheus_config(args.url, args.scrape_interval)
+        with LocalPrometheus(config, port=args.port, binary=args.prometheus_bin) as prom:
+            print(f"prometheus: {prom.url}  (scraping {', '.join(args.url)}; Ctrl-C stops it)", flush=True)
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            with contextlib.suppress(KeyboardInterrupt):
+                stop.wait()
+        return 0
+    state = monitor_up(
+        args.url, Path(args.state_dir), port=args.port, scrape_interval=args.scrape_interval,
+        binary=args.prometheus_bin, ray=not args.no_ray,
+    )
     print(f"prometheus: {state.url}  (pid {state.pid}, scraping {', '.join(state.targets)})")
     print(f"graph:      {state.url}/graph?g0.expr=llm_energy_energy_per_token_joules&g0.range_input=15m")
     print(f"stop it:    testbed monitor down --state-dir {args.state_dir}")
@@ -78,13 +63,9 @@ def cmd_monitor_up(args: argparse.Namespace) -> int:
 
 
 def cmd_monitor_down(args: argparse.Namespace) -> int:
-    from deploy.monitoring import MonitorError, monitor_down
+    from deploy.monitoring import monitor_down
 
-    try:
-        state = monitor_down(Path(args.state_dir))
-    except MonitorError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    state = monitor_down(Path(args.state_dir))
     print(f"stopped prometheus (pid {state.pid})")
     return 0
 

@@ -289,8 +289,11 @@ async def _serve_in_replica(
             signal.signal(sig, handler)
     if stopping.done():
         done.cancel()
-        with contextlib.suppress(Exception):  # restores the knobs the controller set, then stops the door
+        try:  # restores the knobs the controller set, then stops the door
             await asyncio.wait_for(host.actor.stop_hosted.remote(), 60)
+        except Exception as e:
+            log.warning("replica %s: could not restore the default knobs and stop the front door: %r",
+                        host.name, e)
         return None
     stopping.cancel()
     why = done.exception()

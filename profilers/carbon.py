@@ -19,13 +19,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from profilers.errors import ConfigError
 from profilers.footprint import J_PER_KWH, SiteProfile
 
 log = logging.getLogger(__name__)
 SECONDS_PER_YEAR = 365.25 * 86400
 
 
-class CifSeriesError(ValueError):
+class CifSeriesError(ConfigError):
     pass
 
 

@@ -12,7 +12,9 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from profilers.errors import ConfigError, validation_problems
 
 J_PER_KWH = 3.6e6
 
@@ -67,7 +69,7 @@ def builtin_site_names() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-class UnknownSiteError(ValueError):
+class UnknownSiteError(ConfigError):
     pass
 
 
@@ -75,7 +77,10 @@ def load_site_profile(name_or_path: str) -> SiteProfile:
     """A shipped profile by name (``azure``, ``aws``, ``deepseek``) or a YAML file of the same fields."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.exists():
-        data = yaml.safe_load(path.read_text())
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"site profile {path}: not a readable YAML file: {e}") from e
         series = data.get("cif_series_csv") if isinstance(data, dict) else None
         if series and not Path(series).is_absolute():
             data["cif_series_csv"] = str(path.parent / series)
@@ -88,4 +93,7 @@ def load_site_profile(name_or_path: str) -> SiteProfile:
                 "cif_kg_per_kwh"
             )
         data = yaml.safe_load(res.read_text())
-    return SiteProfile.model_validate(data)
+    try:
+        return SiteProfile.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"site profile {name_or_path}: {validation_problems(e)}") from e

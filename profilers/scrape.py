@@ -1,4 +1,6 @@
-"""Read the testbed's energy counters from any Prometheus text endpoint (ours, or a compatible one)."""
+"""The one reader of a ``/metrics`` page: the testbed's energy counters, token counters, engine state and
+request-latency histograms from any Prometheus text endpoint (ours, or a compatible one). Campaigns difference
+its energy counters over a point; the controller in its own process (``controllers.remote``) observes through it."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from profilers.errors import TestbedError
 from profilers.exporter import ExportSnapshot
 from profilers.meter import CounterSample
 
@@ -22,7 +25,7 @@ ENGINE_TOKEN_COUNTERS = {
 }
 
 
-class MetricsUnavailableError(RuntimeError):
+class MetricsUnavailableError(TestbedError, RuntimeError):
     pass
 
 
@@ -41,6 +44,14 @@ class CounterSnapshot:
     """Engine token counters keyed ``replica/name`` (names: :data:`ENGINE_TOKEN_COUNTERS`), where exported."""
     device_info: dict[str, tuple[str, str]] = field(default_factory=dict)
     """Emulated devices keyed ``replica/device``: (preset, calibration label), from ``llm_energy_device_info``."""
+    latency_buckets: dict[str, dict[float, float]] = field(default_factory=dict)
+    """The front door's cumulative latency histograms by phase (``ttft``, ``tpot``): ``{le: count}``, summed over
+    every series."""
+    requests_completed: float = 0.0
+    """Requests the front door finished (``llm_energy_request_e2e_seconds_count``, summed)."""
+    running: float = 0.0
+    waiting: float = 0.0
+    """Requests running and waiting in the engines, summed over replicas."""
 
     def device_labels(self) -> list[tuple[str | None, str | None, str]]:
         """(preset, calibration, provenance) of every metered device (``workloads.results.calibration_columns``)."""
@@ -49,6 +60,11 @@ class CounterSnapshot:
     @property
     def generated_total(self) -> float:
         return sum(self.generated_tokens.values())
+
+
+LATENCY_HISTOGRAMS = {
+    "llm_energy_request_ttft_seconds_bucket": "ttft", "llm_energy_request_tpot_seconds_bucket": "tpot",
+}
 
 
 def parse_counters(text: str) -> CounterSnapshot:
@@ -60,6 +76,8 @@ def parse_counters(text: str) -> CounterSnapshot:
     sampler_errors: dict[str, float] = {}
     engine_tokens: dict[str, float] = {}
     device_info: dict[str, tuple[str, str]] = {}
+    buckets: dict[str, dict[float, float]] = {"ttft": {}, "tpot": {}}
+    completed = running = waiting = 0.0
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             key = f"{s.labels.get('replica', '')}/{s.labels.get('device', '')}"
@@ -78,8 +96,18 @@ def parse_counters(text: str) -> CounterSnapshot:
                 device_info[key] = (s.labels.get("preset", ""), s.labels.get("calibration", ""))
             elif (name := ENGINE_TOKEN_COUNTERS.get((s.name, s.labels.get("kind", "")))) is not None:
                 engine_tokens[f"{s.labels.get('replica', '')}/{name}"] = s.value
+            elif (phase := LATENCY_HISTOGRAMS.get(s.name)) is not None:
+                le = float(s.labels["le"])
+                buckets[phase][le] = buckets[phase].get(le, 0.0) + s.value
+            elif s.name == "llm_energy_request_e2e_seconds_count":
+                completed += s.value
+            elif s.name == "llm_energy_requests_running":
+                running += s.value
+            elif s.name == "llm_energy_requests_waiting":
+                waiting += s.value
     return CounterSnapshot(
-        energy, tokens, frozenset(backends), power, clock, sampler_errors, engine_tokens, device_info
+        energy, tokens, frozenset(backends), power, clock, sampler_errors, engine_tokens, device_info, buckets,
+        completed, running, waiting,
     )
 
 
@@ -107,30 +135,14 @@ def counters_from_export(snap: ExportSnapshot) -> CounterSnapshot:
     return CounterSnapshot(
         energy, {r.replica: float(r.generated_tokens) for r in snap.replicas},
         frozenset(d.backend for d in snap.devices), power, clock, errors, engine_tokens, info,
+        running=float(sum(r.running for r in snap.replicas)), waiting=float(sum(r.waiting for r in snap.replicas)),
     )
-
-
-def scrape_counters(
-    metrics_url: str, client: httpx.Client | None = None, timeout_s: float = 5.0
-) -> CounterSnapshot:
-    """Fetch and parse ``metrics_url``; raise :class:`MetricsUnavailableError` with the reason."""
-    try:
-        if client is None:
-            with httpx.Client(timeout=timeout_s) as c:
-                resp = c.get(metrics_url)
-        else:
-            resp = client.get(metrics_url, timeout=timeout_s)
-    except httpx.HTTPError as e:
-        raise MetricsUnavailableError(f"cannot scrape {metrics_url}: {e!r}") from e
-    if resp.status_code != 200:
-        raise MetricsUnavailableError(f"cannot scrape {metrics_url}: HTTP {resp.status_code}")
-    return parse_counters(resp.text)
 
 
 async def ascrape_counters(
     metrics_url: str, client: httpx.AsyncClient, timeout_s: float = 5.0
 ) -> CounterSnapshot:
-    """Async :func:`scrape_counters` for callers already on an event loop."""
+    """Fetch and parse ``metrics_url``; raise :class:`MetricsUnavailableError` with the reason."""
     try:
         resp = await client.get(metrics_url, timeout=timeout_s)
     except httpx.HTTPError as e:

@@ -23,11 +23,6 @@ _FACTORIES: dict[str, SourceFactory] = {"nvml": NVMLSource, "rapl": RaplSource}
 DEFAULT_ORDER = ("nvml", "rapl")
 
 
-def register_source(name: str, factory: SourceFactory) -> None:
-    """Make ``name`` probeable (e.g. an emulated device from a layer above)."""
-    _FACTORIES[name] = factory
-
-
 def known_sources() -> list[str]:
     return sorted(_FACTORIES)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, runtime_checkable
 
+from profilers.errors import TestbedError
 from serving.types import AppliedKnobs, EngineStats, GenerationRequest, Knobs, TokenEvent
 
 
@@ -25,7 +26,7 @@ class Engine(Protocol):
     async def stop(self) -> None: ...
 
 
-class MissingExtraError(ImportError):
+class MissingExtraError(TestbedError, ImportError):
     """An optional dependency (an install extra) is missing; the message names the extra to install."""
 
 

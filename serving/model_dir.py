@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from profilers.errors import ConfigError
+
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
-class ModelDirError(ValueError):
+class ModelDirError(ConfigError):
     """A model directory that cannot be served; the message names the path and what was expected."""
 
 

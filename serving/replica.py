@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import ray
 
 from profilers import trace
-from profilers.exporter import DeviceSample, ExportSnapshot, ReplicaSample
+from profilers.exporter import DeviceSample, ExportSnapshot
 from profilers.types import DeviceInfo, PowerReading
 from serving.config import parse_engine_config
 from serving.engine import Engine, build_engine
@@ -60,17 +60,7 @@ def export_snapshot(replicas: Iterable[tuple[str, str, Telemetry]]) -> ExportSna
                              rd.energy_j, rd.power_w, rd.clock_mhz,
                              preset=info.preset if info else None, calibration=info.calibration if info else None)
             )
-        s = tel.stats
-        snap.replicas.append(
-            ReplicaSample(
-                name, s.backend, s.prompt_tokens_total, s.generated_tokens_total,
-                s.attributed_prefill_j, s.attributed_decode_j, s.idle_j, s.running, s.waiting,
-                kv_used_tokens=s.kv_used_tokens, kv_capacity_tokens=s.kv_capacity_tokens,
-                spec_proposed_tokens=s.spec_proposed_tokens, spec_accepted_tokens=s.spec_accepted_tokens,
-                prefix_cache_queried_tokens=s.prefix_cache_queried_tokens,
-                prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
-            )
-        )
+        snap.replicas.append(tel.stats.export_sample(name))
     return snap
 
 
@@ -87,16 +77,14 @@ class _Outbox:
 
     def __init__(self) -> None:
         self.items: dict[str, list[TokenEvent | StreamError]] = {}
-        self.ready = asyncio.Event()
         self.on_ready: Callable[[], None] | None = None
         """Called when the outbox stops being empty (the socket channel schedules its flush)."""
 
     def put(self, item: TokenEvent | StreamError) -> None:
+        was_empty = not self.items
         self.items.setdefault(item.request_id, []).append(item)
-        if not self.ready.is_set():
-            self.ready.set()
-            if self.on_ready is not None:
-                self.on_ready()
+        if was_empty and self.on_ready is not None:
+            self.on_ready()
 
     def drain(self) -> list[TokenEvent | StreamError]:
         batch: list[TokenEvent | StreamError] = []
@@ -106,7 +94,6 @@ class _Outbox:
                 batch.append(merge_events(events))
             batch.extend(i for i in items if isinstance(i, StreamError))
         self.items = {}
-        self.ready.clear()
         return batch
 
 
@@ -141,9 +128,8 @@ class Replica:
     Two ways to stream: ``generate`` (one Ray message per event, for callers that want one request) and the
     channel, for routers: a TCP connection to the replica (``stream_address``) carrying requests and cancellations
     one way and, the other way, the events of all of the router's requests produced by one engine iteration as one
-    frame; or the same over Ray (``submit``/``cancel`` calls, ``events`` messages). A Ray message costs ~0.5 ms of
-    CPU in this process (which also runs the engine's output handling) and ~0.7 ms in the caller, a Ray call more;
-    a frame on a socket costs tens of microseconds."""
+    frame. A Ray message costs ~0.5 ms of CPU in this process (which also runs the engine's output handling) and
+    ~0.7 ms in the caller, a Ray call more; a frame on a socket costs tens of microseconds."""
 
     def __init__(self, replica: str, engine_config: dict[str, Any]) -> None:
         self.replica = replica
@@ -221,18 +207,6 @@ class Replica:
         for ch, task in list(self._pumps.values()):
             if ch == channel:
                 task.cancel()
-
-    async def events(self, channel: str) -> AsyncIterator[list[TokenEvent | StreamError]]:
-        """The channel's events as Ray messages, one batch per wake-up: the request pumps woken by one engine
-        iteration all run before this task does (the event loop runs ready tasks in order), so a batch holds the
-        whole iteration, and no event waits for a later one."""
-        outbox = self._outbox(channel)
-        try:
-            while True:
-                await outbox.ready.wait()
-                yield outbox.drain()
-        finally:
-            self._close_channel(channel)
 
     async def stream_address(self) -> tuple[str, int, str]:
         """Where a router connects for its channel on a socket, and the secret it must present (handed out

@@ -16,6 +16,7 @@ from typing import Any
 import ray.exceptions
 
 from profilers import trace
+from profilers.errors import TestbedError
 from profilers.exporter import ExportSnapshot
 from serving.replica import StreamError, Telemetry, export_snapshot
 from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
@@ -26,11 +27,11 @@ log = logging.getLogger(__name__)
 REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
-class NoReplicaError(RuntimeError):
+class NoReplicaError(TestbedError, RuntimeError):
     """No live replica can take the request."""
 
 
-class ReplicaFailedError(RuntimeError):
+class ReplicaFailedError(TestbedError, RuntimeError):
     """The replica died after it had streamed tokens; the request cannot be resumed transparently."""
 
 
@@ -44,14 +45,12 @@ class _ChannelClosed:
 
 
 class Channel:
-    """This router's requests to one replica and their events, split into one queue per request. ``"socket"``: a
-    TCP connection to the replica (``Replica.stream_address``) carries requests one way and one frame of events
-    per engine iteration the other; ``"ray"``: ``Replica.submit``/``cancel`` calls and ``Replica.events``
-    messages. One reader task per replica, started on first use, restarted after a failure."""
+    """This router's requests to one replica and their events, split into one queue per request: a TCP connection
+    to the replica (``Replica.stream_address``) carries requests one way and one frame of events per engine
+    iteration the other. One reader task per replica, started on first use, restarted after a failure."""
 
-    def __init__(self, actor: Any, transport: str = "socket") -> None:
+    def __init__(self, actor: Any) -> None:
         self.actor = actor
-        self.transport = transport
         self.id = uuid.uuid4().hex
         self.queues: dict[str, asyncio.Queue[TokenEvent | StreamError | _ChannelClosed]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -66,19 +65,14 @@ class Channel:
         return queue
 
     async def submit(self, request: GenerationRequest) -> None:
-        """Start a request (after :meth:`open`); over the socket a rejection arrives in its queue."""
-        if self.transport == "ray":
-            await self.actor.submit.remote(request, self.id)
-            return
+        """Start a request (after :meth:`open`); a rejection arrives in its queue."""
         assert self._writer is not None
         # Connected: no await (a task step per request); else wait, raising the channel's error if it failed.
         writer = self._writer.result() if self._writer.done() else await asyncio.shield(self._writer)
         self._send(writer, {"submit": request.__dict__})  # a flat dataclass: no deep copy (asdict) needed
 
     def cancel(self, request_id: str) -> None:
-        if self.transport == "ray":
-            self.actor.cancel.remote(request_id)
-        elif self._writer is not None and self._writer.done() and not self._writer.exception():
+        if self._writer is not None and self._writer.done() and not self._writer.exception():
             self._send(self._writer.result(), {"cancel": request_id})
 
     @staticmethod
@@ -99,11 +93,7 @@ class Channel:
     async def _read(self) -> None:
         error: BaseException = RuntimeError("the replica closed the event stream")
         try:
-            if self.transport == "ray":
-                async for ref in self.actor.events.options(num_returns="streaming").remote(self.id):
-                    self._dispatch(await ref)
-            else:
-                await self._read_socket()
+            await self._read_socket()
         except asyncio.CancelledError:
             raise
         except (OSError, asyncio.IncompleteReadError) as e:
@@ -162,7 +152,7 @@ class ReplicaHandle:
     alive: bool = True
     backend: str = "emulated"
     channel: Channel | None = None
-    """Set for Ray replica actors (they offer ``submit``/``events``); in-process stand-ins stream per request."""
+    """Set for Ray replica actors (they offer ``stream_address``); in-process stand-ins stream per request."""
     local: Any = None
     """The replica itself when this router runs in its actor (a front door hosted by the replica): requests call
     its ``generate`` in process, no crossing; ``actor`` stays its Ray handle for telemetry and knobs."""
@@ -173,7 +163,7 @@ class ReplicaHandle:
 
 
 def _has_channel(actor: Any) -> bool:
-    return hasattr(actor, "submit") and hasattr(actor, "events")
+    return hasattr(actor, "stream_address")
 
 
 def _unwrap(error: BaseException) -> BaseException:

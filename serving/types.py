@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
+from profilers.errors import ConfigError
+from profilers.exporter import ReplicaSample
 from serving.knobs import Knobs as Knobs  # re-exported: the engine protocol's knobs
 
 
@@ -80,6 +82,12 @@ class EngineStats:
     prefix_cache_hit_tokens: int | None = None
     """Of those, tokens found there: their prefill was not computed again."""
 
+    def export_sample(self, replica: str) -> ReplicaSample:
+        """This replica's row of the exporter's snapshot: every field the two share by name, plus the totals."""
+        shared = {f.name: getattr(self, f.name) for f in fields(ReplicaSample) if hasattr(self, f.name)}
+        return ReplicaSample(**{**shared, "replica": replica, "prompt_tokens": self.prompt_tokens_total,
+                                "generated_tokens": self.generated_tokens_total})
+
 
 @dataclass(frozen=True)
 class AppliedKnobs:
@@ -104,7 +112,7 @@ class AppliedKnobs:
                      prefix_caching=self.prefix_caching)
 
 
-class RequestRejectedError(ValueError):
+class RequestRejectedError(ConfigError):
     """The engine cannot serve this request as asked (e.g. the prompt exceeds the context length)."""
 
     def __init__(self, message: str, param: str | None = None, code: str = "invalid_request") -> None:

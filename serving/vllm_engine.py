@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from profilers import trace
+from profilers.attribution import split
 from profilers.cpu_model import CpuPowerModel
 from profilers.source import PowerSource
 from profilers.sources import probe_sources
@@ -465,21 +466,20 @@ class VLLMEngine:
             for lg in self._inflight.values()
             if lg.pending_prefill or lg.pending_decode
         ]
-        total = sum(p + d for _, p, d in weights)
-        if total == 0:
+        if not weights:
             if self._inflight and not idle_before:
                 self._unassigned_j += delta
             else:
                 self._idle_j += delta + self._unassigned_j
                 self._unassigned_j = 0.0
             return
-        delta += self._unassigned_j
+        shares = split(delta + self._unassigned_j, [w for _, p, d in weights for w in (p, d)])
         self._unassigned_j = 0.0
-        for lg, p, d in weights:
-            lg.prefill_j += delta * p / total
-            lg.decode_j += delta * d / total
-            self._prefill_j += delta * p / total
-            self._decode_j += delta * d / total
+        for (lg, _, _), prefill_j, decode_j in zip(weights, shares[::2], shares[1::2], strict=True):
+            lg.prefill_j += prefill_j
+            lg.decode_j += decode_j
+            self._prefill_j += prefill_j
+            self._decode_j += decode_j
             lg.pending_prefill = lg.pending_decode = 0.0
 
     def stats(self) -> EngineStats:

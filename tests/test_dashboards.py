@@ -9,7 +9,7 @@ from pathlib import Path
 from prometheus_client import generate_latest
 
 from deploy.cli import main
-from deploy.dashboards import PLANNED_METRICS, all_dashboards, iter_queries, render, substitute, to_json
+from deploy.dashboards import all_dashboards, iter_queries, render, substitute, to_json
 from profilers.exporter import DeviceSample, ExportSnapshot, ReplicaSample, build_registry
 from profilers.footprint import load_site_profile
 
@@ -88,24 +88,14 @@ def test_the_four_dashboards_and_their_subjects() -> None:
     assert any("reason" in t for t in titles["llm-energy-controller"])
 
 
-def test_every_query_uses_exported_or_planned_metrics() -> None:
+def test_every_query_uses_exported_metrics() -> None:
     exported = exported_names()
     assert (
         "llm_energy_energy_joules_total" in exported and "llm_energy_request_ttft_seconds_bucket" in exported
     )
     for d, panel, query in iter_queries():
         for name in METRIC.findall(query.expr):
-            assert name in exported or name in PLANNED_METRICS, (
-                f"{d.uid}/{panel.title}: unknown metric {name}"
-            )
-    # The planned ones are really not exported yet (else the dashboard notes would be wrong).
-    assert not exported & set(PLANNED_METRICS)
-
-
-def test_panels_reading_planned_metrics_say_so() -> None:
-    for d in all_dashboards():
-        for p, body in zip(d.panels, to_json(d)["panels"], strict=True):
-            assert ("Empty until the controller exports" in body["description"]) == bool(p.planned_metrics)
+            assert name in exported, f"{d.uid}/{panel.title}: unknown metric {name}"
 
 
 def test_dashboard_json_structure() -> None:

@@ -128,3 +128,37 @@ async def test_controller_keeps_other_knobs_when_the_clock_is_refused(fake_gpus)
         assert applied[0].clock_mhz is None
     finally:
         next(gen, None)
+
+
+async def test_a_failed_clock_restore_or_heartbeat_is_logged_with_the_agent_and_the_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    from controllers.actuators import NodeAgentActuator
+
+    class Inner:
+        restored = heartbeats = 0
+
+        async def restore_defaults(self) -> None:
+            self.restored += 1
+
+        async def heartbeat(self, lease_s: float) -> None:
+            self.heartbeats += 1
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "down":
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(500, json={"error": {"message": "nvml failed"}})
+
+    inner = Inner()
+    act = NodeAgentActuator(["http://down:9400", "http://gpu-1:9400"], TOKEN, inner)  # type: ignore[arg-type]
+    act.http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    with caplog.at_level(logging.WARNING, logger="controllers.actuators"):
+        await act.restore_defaults()
+        await act.heartbeat(30.0)
+    restores = [r.getMessage() for r in caplog.records if "restore the default clocks" in r.getMessage()]
+    assert len(restores) == 2 and "http://down:9400" in restores[0] and "ConnectError" in restores[0]
+    assert "http://gpu-1:9400" in restores[1] and "500" in restores[1]
+    assert sum("heartbeat to the node agent" in r.getMessage() for r in caplog.records) == 2
+    assert inner.restored == 1 and inner.heartbeats == 1  # the other knobs are restored all the same

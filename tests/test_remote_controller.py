@@ -78,3 +78,43 @@ async def test_locks_clocks_through_the_agent_and_restores_them(served, monkeypa
     finally:
         next(agents, None)
         nvml_fake.reset()
+
+
+async def test_observer_reads_the_page_through_the_shared_parser() -> None:
+    """Two scrapes of a /metrics page: the latency percentiles come from the histograms' differences."""
+    pages = []
+    for count, fast in ((0, 0), (10, 8)):
+        pages.append(f"""# TYPE llm_energy_request_ttft_seconds histogram
+llm_energy_request_ttft_seconds_bucket{{le="0.1"}} {fast}
+llm_energy_request_ttft_seconds_bucket{{le="1.0"}} {count}
+llm_energy_request_ttft_seconds_bucket{{le="+Inf"}} {count}
+llm_energy_request_ttft_seconds_count {count}
+llm_energy_request_ttft_seconds_sum 1.0
+# TYPE llm_energy_request_e2e_seconds histogram
+llm_energy_request_e2e_seconds_bucket{{le="+Inf"}} {count}
+llm_energy_request_e2e_seconds_count {count}
+llm_energy_request_e2e_seconds_sum 2.0
+# TYPE llm_energy_energy_joules counter
+llm_energy_energy_joules_total{{replica="r0",device="gpu0",backend="nvml",provenance="measured"}} {100 + 50 * count}
+llm_energy_energy_joules_total{{replica="r1",device="gpu0",backend="nvml",provenance="measured"}} {100 + 50 * count}
+# TYPE llm_energy_tokens counter
+llm_energy_tokens_total{{replica="r0",kind="generated"}} {10 * count}
+# TYPE llm_energy_power_watts gauge
+llm_energy_power_watts{{replica="r0",device="gpu0"}} 300
+llm_energy_power_watts{{replica="r1",device="gpu0"}} 200
+# TYPE llm_energy_clock_mhz gauge
+llm_energy_clock_mhz{{replica="r0",device="gpu0"}} 1410
+llm_energy_clock_mhz{{replica="r1",device="gpu0"}} 1980
+# TYPE llm_energy_requests_running gauge
+llm_energy_requests_running{{replica="r0"}} 3
+llm_energy_requests_running{{replica="r1"}} 2
+""")
+    served = iter(pages)
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, text=next(served)))
+    observer = MetricsObserver("http://door/metrics", httpx.AsyncClient(transport=transport))
+    first = await observer()
+    assert first.completed == 0 and first.ttft_p95_s is None and first.energy_per_token_j is None
+    obs = await observer()
+    assert obs.completed == 10 and obs.power_w == 500 and obs.clock_mhz == 1980 and obs.running == 5
+    assert obs.energy_per_token_j == pytest.approx(2 * 500 / 100)
+    assert obs.ttft_p95_s == pytest.approx(0.1 + 0.9 * (9.5 - 8) / 2)  # rank 9.5 in (0.1, 1.0]

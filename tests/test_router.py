@@ -99,7 +99,7 @@ def test_outbox_ships_one_event_per_request_and_keeps_errors() -> None:
         ("TokenEvent", "a"), ("TokenEvent", "b"), ("StreamError", "b")
     ]
     assert batch[0].token_ids == [0, 1, 2] and batch[0].text == "xxx" and batch[0].output_tokens == 3
-    assert not box.ready.is_set() and box.drain() == []
+    assert not box.items and box.drain() == []
 
 
 class _SlowSocket:
@@ -168,20 +168,13 @@ async def _socket_batches(actor, channel: str):  # type: ignore[no-untyped-def]
         writer.close()
 
 
-async def _ray_batches(actor, channel: str):  # type: ignore[no-untyped-def]
-    async for ref in actor.events.options(num_returns="streaming").remote(channel):
-        yield await ref
-
-
-@pytest.mark.parametrize("transport", ["socket", "ray"])
-async def test_channel_ships_an_iteration_of_many_requests_in_one_message(ray_local, transport: str) -> None:
+async def test_channel_ships_an_iteration_of_many_requests_in_one_message(ray_local) -> None:
     dep = await start_deployment(cfg(replicas=1))
     try:
         actor = dep.router.replicas[0].actor
-        channel = f"test-channel-{transport}"
-        batches = (_socket_batches if transport == "socket" else _ray_batches)(actor, channel)
-        if transport == "socket":  # connect first; events submitted before a connection would wait for it
-            reading = asyncio.ensure_future(anext(batches))
+        channel = "test-channel"
+        batches = _socket_batches(actor, channel)
+        reading = asyncio.ensure_future(anext(batches))  # connect first: events submitted before would wait
         await asyncio.gather(*(
             actor.submit.remote(GenerationRequest(f"c{i}", prompt="a b c", max_tokens=20), channel) for i in range(8)
         ))
@@ -196,8 +189,7 @@ async def test_channel_ships_an_iteration_of_many_requests_in_one_message(ray_lo
                 if ev.finished:
                     finished.add(ev.request_id)
 
-        if transport == "socket":
-            take(await reading)
+        take(await reading)
         async for batch in batches:
             take(batch)
             if len(finished) == 8:
@@ -279,3 +271,20 @@ async def test_abandoned_stream_to_a_replica_in_this_process_is_cancelled_in_the
         assert await run(router, "next", 7) == 7
     finally:
         await replica.engine.stop()
+
+
+def test_engine_stats_become_the_exporters_replica_sample_field_for_field() -> None:
+    from dataclasses import fields
+
+    from profilers.exporter import ReplicaSample
+    from serving.types import EngineStats
+
+    stats = EngineStats("engine-name", "vllm", *range(1, 16))
+    sample = stats.export_sample("replica-3")
+    assert sample.replica == "replica-3" and sample.backend == "vllm"
+    assert (sample.prompt_tokens, sample.generated_tokens) == (stats.prompt_tokens_total, stats.generated_tokens_total)
+    for f in fields(ReplicaSample):
+        if f.name != "replica" and hasattr(stats, f.name):
+            assert getattr(sample, f.name) == getattr(stats, f.name), f.name
+    assert all(hasattr(stats, f.name) or f.name in ("prompt_tokens", "generated_tokens", "replica")
+               for f in fields(ReplicaSample))  # a field the exporter adds must be reported by the engines

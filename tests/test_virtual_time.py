@@ -127,7 +127,7 @@ def test_compare_entry_that_does_not_fit_fails_with_the_reason(tmp_path: Path, c
     campaign = tmp_path / "hw.yaml"
     campaign.write_text(yaml.safe_dump(data))
     assert main(["campaign", "run", str(campaign), "--out", str(tmp_path / "out")]) == 1
-    assert "does not fit" in capsys.readouterr().out
+    assert "does not fit" in capsys.readouterr().err
 
 
 def test_virtual_clock_refuses_a_url(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -32,6 +32,7 @@ from rich.progress import (
 from rich.text import Text
 
 from profilers.clock import Clock
+from profilers.errors import ConfigError, TestbedError
 from profilers.footprint import SiteProfile, load_site_profile
 from profilers.meter import Measurement, window_energy
 from profilers.scrape import CounterSnapshot
@@ -55,11 +56,11 @@ MANIFEST = "manifest.json"
 MIN_FREE_BYTES = 64 * 2**20
 
 
-class OutputDirError(RuntimeError):
+class OutputDirError(ConfigError):
     """``--out`` holds something the run must not overwrite silently."""
 
 
-class TargetDownError(RuntimeError):
+class TargetDownError(TestbedError, RuntimeError):
     """Every request of a point failed in transport or on the server: the target is down, so the campaign stops
     (the point is kept as ``failed``; ``--resume`` measures it again)."""
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from profilers import trace
+from profilers.errors import TestbedError
 from workloads.arrivals import LengthSampler, LengthStream, RequestSpec
 from workloads.http1 import ConnectionPool, Endpoint, Exchange, post_request
 from workloads.prompts import PromptFn, synth_prompt
@@ -114,7 +115,7 @@ _SPIN_S = 0.001
 """How close to its due time a send stops sleeping and spins the loop (timers have 1 ms granularity)."""
 
 
-class LoadGeneratorError(RuntimeError):
+class LoadGeneratorError(TestbedError, RuntimeError):
     """A load-generator process failed or died: the point's records are incomplete."""
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import httpx
 
 from profilers.clock import RealClock
+from profilers.errors import TestbedError
 from profilers.scrape import CounterSnapshot, MetricsUnavailableError, ascrape_counters
 from workloads.campaign import Setting, Work
 from workloads.client import ClosedLoop, LoadClient, RequestRecord
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 KNOB_APPLY_TIMEOUT_S = 1200.0
 
 
-class ControlError(RuntimeError):
+class ControlError(TestbedError, RuntimeError):
     """The target's control API refused or is missing, so the sweep's settings cannot be applied."""
 
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from profilers.errors import ConfigError
+
 PromptFn = Callable[[int, int], str]
 
 _WORDS = (
@@ -47,7 +49,7 @@ def synth_prompt(n_tokens: int, seed: int) -> str:
     return " ".join(_WORDS[i] for i in rng.integers(0, len(_WORDS), size=n_tokens))
 
 
-class TokenizerError(ValueError):
+class TokenizerError(ConfigError):
     """A tokenizer that cannot be loaded or cannot produce a prompt of the requested length."""
 
 

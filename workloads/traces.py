@@ -15,10 +15,12 @@ from typing import TextIO
 
 import numpy as np
 
+from profilers.errors import ConfigError
+
 BUILTIN_TRACES = {"azure_conv_2023": "azure_llm_2023_conv.csv"}
 
 
-class TraceError(ValueError):
+class TraceError(ConfigError):
     """A trace that cannot be replayed; the message names file, line and column."""
 
 

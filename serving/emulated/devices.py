@@ -15,11 +15,12 @@ from typing import Any, ClassVar, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from profilers.errors import TestbedError
 from serving.emulated.shapes import ModelShape, WorkCounts
 from serving.emulated.technology import SRAM_PJ_PER_BYTE_45NM, node_scale
 
 
-class DeviceFitError(ValueError):
+class DeviceFitError(TestbedError, ValueError):
     """The model cannot run on the device (not enough memory for its weights and a minimum KV cache)."""
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from profilers.attribution import split
+from profilers.errors import ConfigError, validation_problems
 from serving.emulated.devices import DeviceFitError, DeviceSpec, Execution, device_from_dict
 from serving.emulated.shapes import ModelShape, SequenceWork, WorkCounts, count_rows
 from serving.knobs import MAX_SPECULATIVE_TOKENS
@@ -48,7 +50,7 @@ __all__ = [
 ]
 
 
-class PresetError(ValueError):
+class PresetError(ConfigError):
     """A device preset or model shape that cannot be used; names the file and the field."""
 
 
@@ -166,8 +168,8 @@ def _price(
     e_w, e_a, e_kv, e_act, e_tok = ex.weight_mac_j, ex.attn_mac_j, ex.kv_byte_j, ex.act_byte_j, ex.token_j
     own = [wm * e_w + am * e_a + kv * e_kv + act * e_act + m * e_tok
            for (m, _), (wm, am, kv, act) in zip(items, rows, strict=True)]
-    shared_per_token = (t.shared_j + t.static_j) / tokens
-    shares = [j + shared_per_token * m for j, (m, _) in zip(own, items, strict=True)]
+    shared = split(t.shared_j + t.static_j, [m for m, _ in items])
+    shares = [j + s for j, s in zip(own, shared, strict=True)]
     cost = IterationCost(
         time_s=t.time_s,
         energy_j=sum(own) + t.shared_j + t.static_j,
@@ -352,7 +354,10 @@ def energy_floor_per_token(
 def _load_data(folder: str, name_or_path: str, suffix: str) -> tuple[dict, str]:
     path = Path(name_or_path)
     if path.suffix == suffix and path.exists():
-        text, where = path.read_text(), str(path)
+        try:
+            text, where = path.read_text(), str(path)
+        except (OSError, UnicodeDecodeError) as e:
+            raise PresetError(f"{path}: not a readable {suffix[1:].upper()} file: {e}") from e
     else:
         res = resources.files("serving.emulated") / folder / f"{name_or_path}{suffix}"
         if not res.is_file():
@@ -379,10 +384,7 @@ def load_device(name_or_path: str) -> DeviceSpec:
     try:
         spec = device_from_dict(data)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()
-        )
-        raise PresetError(f"{where}: invalid device preset: {problems}") from e
+        raise PresetError(f"{where}: invalid device preset: {validation_problems(e)}") from e
     except ValueError as e:
         raise PresetError(f"{where}: {e}") from e
     from serving.emulated.calibration import attach_calibration  # imports this module: not at the top

@@ -8,6 +8,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from profilers.errors import ConfigError
 from serving.emulated.technology import DTYPE_BYTES
 
 _TORCH_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "int8"}
@@ -241,7 +242,7 @@ class ModelShape(BaseModel):
         )
 
 
-class UnshapeableModelError(ValueError):
+class UnshapeableModelError(ConfigError):
     """A config.json describes an architecture the emulator cannot count; names the field."""
 
 
