@@ -55,13 +55,6 @@ class _Exchange:
         self.task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
-        # Counted here, not when the task is made: a task cancelled before it starts runs none of this.
-        admission = self.protocol.admission
-        if not admission.enter():  # at the in-flight cap: answered now, the connection kept
-            overloaded = admission.overloaded()
-            self._write_whole(overloaded.status_code, overloaded.raw_headers, overloaded.body)
-            self._complete()
-            return
         try:
             response = await answer(self.route, bytes(self.body))
             self.body = bytearray()
@@ -77,7 +70,6 @@ class _Exchange:
             log.exception("front door: the stream of %s failed", self.protocol.scope.get("path"))
             self.protocol.transport.close()  # the client sees a truncated stream, not a corrupt one
         finally:
-            admission.leave()
             self._complete()
 
     def _head(self, status: int, headers: list[tuple[bytes, bytes]], chunked: bool) -> list[bytes]:
@@ -326,7 +318,15 @@ class DoorProtocol(HttpToolsProtocol):
         if not isinstance(exchange, _Exchange):
             super().on_message_complete()
             return
+        admission = self.admission
+        if not admission.enter():  # at the in-flight cap: answered now, without a task; the connection is kept
+            overloaded = admission.overloaded()
+            exchange._write_whole(overloaded.status_code, overloaded.raw_headers, overloaded.body)
+            exchange._complete()
+            return
         task = exchange.task = self.loop.create_task(exchange.run())
+        # Its place is given back when the task ends, even cancelled before it ran (the client went at once).
+        task.add_done_callback(lambda _: admission.leave())
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)  # the server waits for it on a graceful shutdown
 

@@ -409,3 +409,19 @@ def test_a_request_without_max_tokens_carries_the_default_cap(door: Door) -> Non
     httpx.post(door.url + "/v1/completions", json={"model": MODEL, "prompt": "a"})
     httpx.post(door.url + "/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 3})
     assert [(r.max_tokens, r.default_max_tokens) for r in seen] == [(None, 1024), (3, 1024)]
+
+
+async def test_the_asgi_path_counts_requests_in_flight_too() -> None:
+    """Other ASGI servers (and requests pipelined behind another) go through GenerationFastPath: same cap."""
+    router = StubRouter(tokens=20, gap_s=0.01)
+    front = FrontDoor(router, MODEL, 2048, load_site_profile("azure"), DoorConfig(max_inflight_requests=1))  # type: ignore[arg-type]
+    app = create_app(front)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        body = {"model": MODEL, "prompt": "a", "max_tokens": 20}
+        first = asyncio.create_task(client.post("/v1/completions", json=body))
+        while front.admission.inflight == 0:
+            await asyncio.sleep(0.001)
+        r = await client.post("/v1/completions", json=body)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert (await first).status_code == 200 and front.admission.inflight == 0
+        assert (await client.post("/v1/completions", json=body)).status_code == 200
