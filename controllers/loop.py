@@ -1,5 +1,6 @@
 """The control loop: observe, decide, actuate (rate-limited), log and export every decision; restore the
-devices' defaults on exit, on cancellation and when the policy or observation fails."""
+devices' defaults on exit, on cancellation and when a step fails (the policy, the observation or the actuator);
+a failed step is logged and counted by reason, and the loop goes on at the next period."""
 
 from __future__ import annotations
 
@@ -39,9 +40,17 @@ class DecisionRecord:
 class LoopStats:
     decisions: dict[tuple[str, str], int] = field(default_factory=dict)
     history: deque[DecisionRecord] = field(default_factory=lambda: deque(maxlen=1000))
+    errors: dict[str, int] = field(default_factory=dict)
+    """Failed steps by reason: the stage that failed (observe, decide, apply, heartbeat) or ``restore`` (putting
+    the defaults back after a failure failed too)."""
+    last_error: str | None = None
 
     def count(self, policy: str, reason: str) -> None:
         self.decisions[(policy, reason)] = self.decisions.get((policy, reason), 0) + 1
+
+    def error(self, reason: str, exc: BaseException) -> None:
+        self.errors[reason] = self.errors.get(reason, 0) + 1
+        self.last_error = f"{reason}: {type(exc).__name__}: {exc}"
 
 
 class ControlLoop:
@@ -70,6 +79,8 @@ class ControlLoop:
         # apply its knobs while the other's are still being applied (an engine restart takes seconds), and the
         # knobs recorded as current would be whichever finished last, not what the replicas run.
         self._step_lock = asyncio.Lock()
+        self.stage = "observe"
+        """The stage of the step in progress (or of the last one): what a failure is counted under."""
 
     def set_policy(self, policy: Policy) -> None:
         log.info("policy %s -> %s", self.policy.name, policy.name)
@@ -79,9 +90,13 @@ class ControlLoop:
         """One period; ``force`` (an operator's explicit setting) bypasses the rate limit. Steps never overlap:
         one that arrives during another runs after it, deciding on what that one applied."""
         async with self._step_lock:
+            self.stage = "observe"
             obs = await self.observe()
+            self.stage = "decide"
             decision = self.policy.decide(obs)
+            self.stage = "apply"
             record = await self._actuate(obs.t_s, decision, force)
+            self.stage = "heartbeat"
             await self.actuator.heartbeat(self.lease_s)
             return record
 
@@ -106,21 +121,38 @@ class ControlLoop:
         return record
 
     async def run(self) -> None:
-        """Run until cancelled; defaults are restored however the loop ends."""
+        """Run until cancelled; defaults are restored however the loop ends, and after a step that fails (logged,
+        counted in ``stats.errors``), after which the loop goes on at the next period."""
         self.running = True
         try:
             while True:
-                await self.step()
+                try:
+                    await self.step()
+                except Exception as e:  # any failure of a step: the loop must not die of it
+                    await self._recover(e)
                 await self.clock.sleep(self.period_s)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            self.stats.count(self.policy.name, "error")
-            log.exception("control loop failed; restoring the devices' default knobs")
-            raise
         finally:
             self.running = False
             await asyncio.shield(self.actuator.restore_defaults())
+            self.current = Knobs()
+
+    async def _recover(self, exc: Exception) -> None:
+        """After a failed step: count it, and put the devices' defaults back (the safe setting: what the engines
+        started with) unless they are known to be in force already."""
+        reason = self.stage
+        self.stats.error(reason, exc)
+        self.stats.count(self.policy.name, "error")
+        log.error("control step failed in %s (%s: %s); restoring the devices' default knobs, retrying in %.3g s",
+                  reason, type(exc).__name__, exc, self.period_s, exc_info=exc)
+        if self.current == Knobs() and reason in ("observe", "decide"):
+            return  # nothing was changed: the defaults are in force
+        async with self._step_lock:  # not while an operator's forced step applies its knobs
+            try:
+                await asyncio.shield(self.actuator.restore_defaults())
+            except Exception as e:
+                self.stats.error("restore", e)
+                log.error("restoring the default knobs failed too (%s: %s); retrying at the next failure or exit",
+                          type(e).__name__, e)
             self.current = Knobs()
 
 

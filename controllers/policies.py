@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+from pydantic import TypeAdapter, ValidationError
 
 from serving.knobs import Knobs
 from serving.slo import SLO
@@ -68,10 +72,31 @@ def build_policy(name: str, slo: SLO, **options: float | str) -> Policy:
         factory = _POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(_POLICIES))}") from None
+    options = _typed_options(name, factory, options)
     try:
         return factory(slo=slo, **options)
     except TypeError as e:
         raise ValueError(f"policy {name!r} does not take these options ({', '.join(options)}): {e}") from None
+
+
+def _typed_options(name: str, factory: PolicyFactory, options: dict[str, float | str]) -> dict[str, Any]:
+    """The options converted to the types the policy's fields declare (``"1500"`` to 1500.0), refused when they do
+    not convert (``clock_mhz: "fast"``): a policy that builds with a bad option fails at every decision instead."""
+    if not dataclasses.is_dataclass(factory):
+        return dict(options)
+    hints = typing.get_type_hints(factory)
+    typed: dict[str, Any] = {}
+    for key, value in options.items():
+        hint = hints.get(key)
+        if hint is None:  # not a field: the factory refuses it (TypeError)
+            typed[key] = value
+            continue
+        try:
+            typed[key] = TypeAdapter(hint).validate_python(value)
+        except ValidationError as e:
+            problem = e.errors()[0]["msg"] if e.errors() else str(e)
+            raise ValueError(f"policy {name!r}: option {key}={value!r}: {problem}") from None
+    return typed
 
 
 def policy_names() -> list[str]:

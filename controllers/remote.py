@@ -171,6 +171,7 @@ class RemoteController:
             "node_agents": self.agents.agents, "unavailable": self.agents.unavailable,
             "supported_clocks_mhz": list(self.agents.supported_clocks_mhz),
             "clock_mhz": self.loop.current.clock_mhz,
+            "errors": dict(self.loop.stats.errors), "last_error": self.loop.stats.last_error,
             "recent_decisions": [{"t_s": d.t_s, "reason": d.reason, "changed": d.changed} for d in last],
         }
 

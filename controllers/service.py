@@ -24,6 +24,7 @@ from controllers.loop import ControlLoop
 from controllers.observe import Observer, front_door_observer
 from controllers.policies import Observation, build_policy, policy_names
 from profilers.clock import RealClock
+from profilers.exporter import NAMESPACE
 from serving.api import FrontDoor, error_response
 from serving.knobs import Knobs
 
@@ -94,6 +95,8 @@ class Controller:
             "policy": self.loop.policy.name,
             "policies": policy_names(),
             "running": self.loop.running,
+            "errors": dict(self.loop.stats.errors),
+            "last_error": self.loop.stats.last_error,
             "knobs": self.loop.current.model_dump(),
             "pack_per_replica": self.door.router.pack_per_replica,
             "applied": {r: {"clock_mhz": a.clock_mhz, "max_num_seqs": a.max_num_seqs, "notes": a.notes}
@@ -134,12 +137,18 @@ class _ControllerCollector(Collector):
                                         labels=["policy", "reason"])
         for (policy, reason), n in self.c.loop.stats.decisions.items():
             decisions.add_metric([policy, reason], n)
+        errors = CounterMetricFamily(
+            f"{NAMESPACE}_controller_errors", "Failed control steps by reason (the stage that failed: observe, decide, "
+            "apply, heartbeat; restore: putting the defaults back failed too). The loop restores the default knobs "
+            "and goes on.", labels=["reason"])
+        for reason, n in self.c.loop.stats.errors.items():
+            errors.add_metric([reason], n)
         slo = GaugeMetricFamily("llm_energy_slo_attainment_ratio",
                                 "Share of recent requests meeting both the TTFT and TPOT targets.")
         value = self.c.slo_attainment()
         if value is not None:
             slo.add_metric([], value)
-        yield from (knob, decisions, slo)
+        yield from (knob, decisions, errors, slo)
 
 
 def add_control_routes(app: FastAPI, controller: Controller) -> None:
@@ -166,7 +175,7 @@ def add_control_routes(app: FastAPI, controller: Controller) -> None:
         try:
             change = PolicyChange.model_validate(await request.json())
             policy = build_policy(change.policy, controller.slo, **change.options)
-        except (ValidationError, ValueError, TypeError) as e:
+        except (ValidationError, ValueError, TypeError, OSError) as e:  # nothing changed: built before the swap
             return error_response(400, f"invalid policy change: {e}", param="policy", code="invalid_request")
         controller.loop.set_policy(policy)
         return JSONResponse(controller.state())

@@ -149,7 +149,7 @@ async def start_deployment(config: ServingConfig) -> Deployment:
             log.warning("replica %s: %s, started in %.1f s; power source: %s", info["replica"],
                         info.get("engine", "?"), info.get("engine_start_s") or 0.0, info["power_source"])
     router = Router(handles, policy=config.router)
-    door = FrontDoor(router, config.model_name, config.engine.max_model_len, site)
+    door = FrontDoor(router, config.model_name, config.engine.max_model_len, site, config.door_limits)
     return Deployment(config, router, door, list(infos), pg)
 
 
@@ -174,9 +174,12 @@ def front_door_server(app: FastAPI, door_http: bool = True) -> uvicorn.Server:
     """uvicorn as the front door runs everywhere (serve, tests, benches): uvloop, the door's own HTTP protocol
     (httptools; the generation endpoints answered on the connection, ``serving/http_door.py``), no access log and
     no lifespan, so a bench measures the configuration users serve with. ``app`` comes from ``create_app``;
-    ``door_http=False`` serves every request through ASGI with uvicorn's own protocol (benches compare the two)."""
-    http: Any = door_protocol(app.state.door) if door_http else "httptools"
-    return uvicorn.Server(uvicorn.Config(app, http=http, log_level="warning", access_log=False, lifespan="off"))
+    ``door_http=False`` serves every request through ASGI with uvicorn's own protocol (benches compare the two), without
+    the door's limits but uvicorn's keep-alive timeout (serving.config.DoorConfig)."""
+    door = app.state.door
+    http: Any = door_protocol(door) if door_http else "httptools"
+    return uvicorn.Server(uvicorn.Config(app, http=http, log_level="warning", access_log=False, lifespan="off",
+                                         timeout_keep_alive=door.limits.keep_alive_timeout_s))  # type: ignore[arg-type]
 
 
 def build_app(config: DeploymentConfig, door: FrontDoor) -> tuple[FastAPI, Controller | None]:
@@ -332,7 +335,8 @@ class HostedFrontDoor:
             for name, actor, kind in self.replicas
         ]
         self._router = Router(handles, policy=cfg.router)
-        door = FrontDoor(self._router, cfg.model_name, cfg.engine.max_model_len, load_site_profile(cfg.site))
+        door = FrontDoor(self._router, cfg.model_name, cfg.engine.max_model_len, load_site_profile(cfg.site),
+                         cfg.door_limits)
         app, self._controller = build_app(cfg, door)
         sock = bind_socket(cfg.host, cfg.port)
         if self._controller is not None:

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from profilers import trace
 from profilers.exporter import ExportSnapshot, build_registry
 from profilers.footprint import SiteProfile
+from serving.config import DoorConfig
 from serving.router import NoReplicaError, ReplicaFailedError, Router
 from serving.tokenizer import render_chat
 from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
@@ -34,7 +35,8 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    # Clients send many OpenAI fields we do not act on (top_p, user, ...): accept and ignore them.
+    # Clients send OpenAI fields that change nothing here (user, metadata, ...): accept them. Fields that would
+    # change the output are refused with a 400 unless they hold their neutral value (UNSUPPORTED_FIELDS).
     model_config = ConfigDict(extra="allow")
 
     model: str
@@ -52,6 +54,61 @@ class _Common(BaseModel):
         return self.max_completion_tokens or self.max_tokens
 
 
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    # field: the values that mean "not used" (what clients such as `vllm bench serve` send by default)
+    "stop": (None, [], ""),
+    "stop_token_ids": (None, []),
+    "include_stop_str_in_output": (None, False),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "prompt_logprobs": (None,),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "use_beam_search": (None, False),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1),
+    "top_p": (None, 1),
+    "top_k": (None, 0, -1),
+    "min_p": (None, 0),
+    "min_tokens": (None, 0),
+    "bad_words": (None, []),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
+}
+"""OpenAI (and vLLM) request fields the door does not implement. Ignoring them would answer something else than
+was asked (a completion that runs past its stop string, no log-probabilities), so a request that uses one gets a
+400 naming it; the neutral values are accepted."""
+
+
+def unsupported_field(body: BaseModel) -> str | None:
+    """The first field of ``body`` that asks for something the door does not implement, if any."""
+    for name, value in (body.model_extra or {}).items():
+        neutral = UNSUPPORTED_FIELDS.get(name)
+        if neutral is not None and not any(_same(value, v) for v in neutral):
+            return name
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal JSON values, a number equal to a number (1 and 1.0) but not to a boolean (0 and false)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str]
 
@@ -66,10 +123,42 @@ class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Admission:
+    """Generation requests in flight at one door, against ``DoorConfig.max_inflight_requests``."""
+
+    __slots__ = ("inflight", "limit", "rejected", "retry_after_s")
+
+    def __init__(self, limit: int, retry_after_s: int) -> None:
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.inflight = 0
+        self.rejected = 0
+
+    def enter(self) -> bool:
+        """Take a place, or count a rejection (False) when there is none."""
+        if self.inflight >= self.limit:
+            self.rejected += 1
+            return False
+        self.inflight += 1
+        return True
+
+    def leave(self) -> None:
+        self.inflight -= 1
+
+    def overloaded(self) -> JSONResponse:
+        return error_response(
+            503, f"the server is at its limit of {self.limit} requests in flight; retry after "
+            f"{self.retry_after_s} s", code="overloaded", headers={"retry-after": str(self.retry_after_s)},
+        )
 
 
 class RecentRequests:
@@ -106,8 +195,12 @@ class RecentRequests:
 
 
 class FrontDoor:
-    def __init__(self, router: Router, model_name: str, max_model_len: int, site: SiteProfile) -> None:
+    def __init__(
+        self, router: Router, model_name: str, max_model_len: int, site: SiteProfile, limits: DoorConfig | None = None,
+    ) -> None:
         self.router = router
+        self.limits = limits or DoorConfig()
+        self.admission = Admission(self.limits.max_inflight_requests, self.limits.retry_after_s)
         self.recent = RecentRequests()
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -133,10 +226,14 @@ class FrontDoor:
     ) -> Response:
         if (bad := self.check_model(body.model)) is not None:
             return bad
+        if (name := unsupported_field(body)) is not None:
+            return error_response(400, f"`{name}` is not supported by this server: leave it out (or at its "
+                                       "default) to be served", param=name, code="unsupported_parameter")
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         request = GenerationRequest(
             request_id=rid, prompt=prompt, prompt_token_ids=prompt_ids, max_tokens=body.token_limit,
             ignore_eos=body.ignore_eos, temperature=body.temperature, seed=body.seed, messages=messages,
+            default_max_tokens=self.limits.default_max_tokens,
         )
         t_arrival = time.perf_counter()
         trace.mark(rid, "door.receive", t_arrival)
@@ -383,6 +480,7 @@ class GenerationFastPath:
     def __init__(self, app: Any, door: FrontDoor) -> None:
         self.app = app
         self.routes = generation_routes(door)
+        self.admission = door.admission
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         route = self.routes.get(scope["path"]) if scope["type"] == "http" else None
@@ -394,8 +492,15 @@ class GenerationFastPath:
                                            code="method_not_allowed")
         elif (raw := await _read_body(receive)) is None:
             return  # the client went away before its request was complete
+        elif not self.admission.enter():
+            response = self.admission.overloaded()
         else:
-            response = await answer(route, raw)
+            try:
+                response = await answer(route, raw)
+                await response(scope, receive, send)
+            finally:
+                self.admission.leave()
+            return
         await response(scope, receive, send)
 
 

@@ -174,6 +174,48 @@ def parse_engine_config(data: dict[str, Any]) -> EmulatedEngineConfig | VLLMEngi
     return _ENGINE_ADAPTER.validate_python(data)
 
 
+class DoorConfig(BaseModel):
+    """The front door's limits: what one door takes before it answers 408/413/431/503 or closes a connection
+    (enforced by its own HTTP protocol, ``serving/http_door.py``). Defaults suit one door in front of a few
+    replicas; every limit is bounded so that a typo cannot turn it off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_connections: int = Field(
+        default=4096, ge=2, le=1_000_000,
+        description="Open connections. A connection beyond it closes the connection idle (or still sending its "
+        "request) for the longest, so /health and /metrics still answer under a flood of idle or slow "
+        "connections; if every connection is being answered, the new one gets a 503. At most three quarters of "
+        "the process's open-file limit (RLIMIT_NOFILE).")
+    max_inflight_requests: int = Field(
+        default=2048, ge=1, le=1_000_000,
+        description="Generation requests (completions, chat completions) being answered at once; one more gets "
+        "an immediate 503 with Retry-After. /health, /metrics, /v1/models and /control are not counted. The "
+        "engines queue what their batch cannot hold, so this bounds the queue, not the batch.")
+    retry_after_s: int = Field(default=1, ge=0, le=3600, description="Retry-After of a 503 at the in-flight cap.")
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, le=600,
+        description="A request's line and headers must arrive within this of its first byte (of the connection's "
+        "opening, for its first request): else 408 and close (slow headers, idle new connections).")
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600,
+        description="A request's body must be complete within this of its headers: else 408 and close (bodies "
+        "shorter than their Content-Length, chunked bodies that never end).")
+    keep_alive_timeout_s: float = Field(
+        default=5.0, gt=0, le=3600,
+        description="An idle keep-alive connection is closed after this (uvicorn's timeout_keep_alive).")
+    max_header_bytes: int = Field(
+        default=64 << 10, ge=1024, le=16 << 20, description="Request line and headers, bytes; beyond it: 431.")
+    max_body_bytes: int = Field(
+        default=4 << 20, ge=1024, le=1 << 30,
+        description="Request body, bytes; beyond it: 413, from Content-Length before the body is read, or as "
+        "soon as a chunked body passes it (the body is not kept).")
+    default_max_tokens: int | None = Field(
+        default=1024, ge=1, le=1_048_576,
+        description="Tokens generated for a request that sets neither max_tokens nor max_completion_tokens (at "
+        "most the context length minus the prompt, as vLLM); None: up to the context length, as vLLM.")
+
+
 class ServingConfig(BaseModel):
     """A deployment: replicas of one engine behind an OpenAI-compatible front door."""
 
@@ -204,6 +246,14 @@ class ServingConfig(BaseModel):
         "process; 'in_replica', on the event loop of a replica actor on its node, whose requests then skip two "
         "process crossings (half a millisecond of TTFT on a 2-vCPU host). That replica's modeled CPU power then "
         "includes the door's work, and if it dies `testbed serve` takes the door over on the same port.")
+
+    door: DoorConfig | None = Field(
+        default=None, description="The front door's limits (connections, requests in flight, timeouts, body size, "
+        "default max_tokens); None: DoorConfig's defaults.")
+
+    @property
+    def door_limits(self) -> DoorConfig:
+        return self.door or DoorConfig()
 
     @model_validator(mode="after")
     def _door_on_a_ray_node(self) -> ServingConfig:

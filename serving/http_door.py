@@ -8,6 +8,15 @@ complete, run as one task, and answered with the status line, the headers and th
 following chunks go straight to the transport. Every other request (models, health, metrics, control API), and a
 generation request pipelined behind another, goes through uvicorn's ASGI cycle as before, where
 :class:`serving.api.GenerationFastPath` answers it with the same code.
+
+The protocol also enforces the door's limits (``serving.config.DoorConfig``), which uvicorn's httptools protocol
+lacks: it has a keep-alive timeout (``timeout_keep_alive``, set from the config) but no timeout while a request
+arrives, no bound on headers or body, and its ``limit_concurrency`` answers every request 503 at the cap, /health
+included. Here a request's headers must arrive within ``header_timeout_s`` and its body within ``body_timeout_s``
+(408 and close); headers beyond ``max_header_bytes`` get a 431 and bodies beyond ``max_body_bytes`` a 413, from
+Content-Length before reading or as a chunked body passes it; a connection beyond ``max_connections`` closes the
+one idle (or still sending its request) for the longest, so health checks get through a flood of idle
+connections; generation requests beyond ``max_inflight_requests`` get a 503 with Retry-After at once.
 """
 
 from __future__ import annotations
@@ -15,13 +24,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import resource
 from collections.abc import Callable
 from typing import Any
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from serving.api import SSE_DONE, FrontDoor, Route, SSEResponse, answer, generation_routes
+from serving.api import SSE_DONE, Admission, FrontDoor, Route, SSEResponse, answer, error_response, generation_routes
+from serving.config import DoorConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +57,7 @@ class _Exchange:
     async def run(self) -> None:
         try:
             response = await answer(self.route, bytes(self.body))
+            self.body = bytearray()
             if isinstance(response, SSEResponse):
                 await self._stream(response)
             else:
@@ -109,15 +121,167 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+class _Connections:
+    """What the connections of one server share: the limits, and the connections that may be closed to make room
+    for a new one (idle, or still sending a request), the longest in that state first."""
+
+    def __init__(self, limits: DoorConfig) -> None:
+        self.limits = limits
+        self.max_connections = limits.max_connections
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and limits.max_connections > soft * 3 // 4:
+            self.max_connections = max(2, soft * 3 // 4)
+            log.warning("front door: max_connections %d is more than the open-file limit (%d) allows; using %d",
+                        limits.max_connections, soft, self.max_connections)
+        self.closable: dict[DoorProtocol, None] = {}  # insertion-ordered: the oldest first
+        self.evicted = 0
+        self.refused = 0
+
+
 class DoorProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol; the routes in ``routes`` (exact path, POST) are answered by an
-    :class:`_Exchange` instead of the ASGI app."""
+    :class:`_Exchange` instead of the ASGI app, and the door's limits are enforced (see the module's docstring)."""
 
-    def __init__(self, *args: Any, routes: dict[bytes, Route], **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, routes: dict[bytes, Route], admission: Admission, shared: _Connections, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.routes = routes
+        self.admission = admission
+        self.shared = shared
+        self.limits = shared.limits
+        self.phase = "idle"  # idle | headers | body | answering
+        self.read_timer: asyncio.TimerHandle | None = None
+        self.header_bytes = 0
+        self.body_bytes = 0
+        self.refused = False  # a limit answered this connection: it is closing, the rest of its input is dropped
+
+    # Connections and timeouts
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        shared = self.shared
+        if len(self.connections) > shared.max_connections:
+            victim = next(iter(shared.closable), None)
+            if victim is None:  # every connection is being answered: this one waits for none of them
+                shared.refused += 1
+                self._refuse(503, "the server is at its connection limit; retry later", retry=True)
+                return
+            shared.evicted += 1
+            victim.evict()
+        shared.closable[self] = None
+        self._arm(self.limits.header_timeout_s)  # a new connection must send its request in time
+
+    def evict(self) -> None:
+        """Make room for a new connection: close this idle (or slow) one."""
+        self.shared.closable.pop(self, None)
+        self._disarm()
+        if self.phase == "idle":
+            self.transport.close()  # an idle keep-alive connection: clients retry on a fresh one
+        else:
+            self._refuse(503, "the server is at its connection limit; retry later", retry=True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.shared.closable.pop(self, None)
+        self._disarm()
+        exchange = self.cycle
+        if isinstance(exchange, _Exchange) and not exchange.response_complete:
+            exchange.disconnected = True
+            if exchange.task is not None:
+                exchange.task.cancel()  # the client went away: the stream's close cancels it in the engine
+        super().connection_lost(exc)
+
+    def _arm(self, delay_s: float) -> None:
+        self._disarm()
+        self.read_timer = self.loop.call_later(delay_s, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self.read_timer is not None:
+            self.read_timer.cancel()
+            self.read_timer = None
+
+    def _timed_out(self) -> None:
+        self.read_timer = None
+        if self.phase == "answering" or self.transport.is_closing():
+            return
+        if self.phase == "idle" and self.header_bytes == 0:
+            self.transport.close()  # a connection that never sent a byte of a request: nothing to answer
+            return
+        what = "headers" if self.phase in ("idle", "headers") else "body"
+        self._refuse(408, f"the request's {what} did not arrive in time")
+
+    def _refuse(self, status: int, message: str, retry: bool = False) -> None:
+        """Answer ``status`` and close: the request (if any) is not served and nothing more is read."""
+        self.refused = True
+        self.shared.closable.pop(self, None)
+        self._disarm()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # an ASGI app reading the body sees a disconnect; its answer goes nowhere
+            cycle.message_event.set()
+        if cycle is not None and (cycle.response_complete or getattr(cycle, "response_started", False)):
+            self.transport.close()  # answered already (without reading the body): nothing more to say
+            return
+        response = error_response(status, message, code="overloaded" if status == 503 else "request_limit",
+                                  headers={"retry-after": str(self.admission.retry_after_s)} if retry else None)
+        head = [STATUS_LINE[status]]
+        for name, value in (*self.server_state.default_headers, *response.raw_headers):
+            head += [name, b": ", value, b"\r\n"]
+        head.append(b"connection: close\r\n\r\n")
+        if not self.transport.is_closing():
+            self.transport.write(b"".join([*head, response.body]))
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
+        if self.phase == "idle" and self.read_timer is None:  # the first bytes of a request on a kept-alive one
+            self._arm(self.limits.header_timeout_s)
+        super().data_received(data)
+
+    def on_response_complete(self) -> None:
+        pipelined = bool(self.pipeline)
+        super().on_response_complete()
+        if self.phase == "answering" and not pipelined and not self.transport.is_closing():
+            self.phase = "idle"
+            self.header_bytes = 0
+            self.shared.closable[self] = None  # the newest idle one: the last to be closed
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.phase = "headers"
+        self.header_bytes = 1  # a request has begun (a timeout answers it with a 408)
+        self.body_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        if self.refused:
+            return
+        self._count_header(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.refused:
+            return
+        self._count_header(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def _count_header(self, n: int) -> None:
+        self.header_bytes += n
+        if self.header_bytes > self.limits.max_header_bytes:
+            self._refuse(431, f"the request's headers are larger than {self.limits.max_header_bytes} bytes")
 
     def on_headers_complete(self) -> None:
+        if self.refused:
+            return
+        self.phase = "body"
+        self._arm(self.limits.body_timeout_s)
+        for name, value in self.headers:
+            if name == b"content-length" and value.isdigit() and int(value) > self.limits.max_body_bytes:
+                self._refuse(413, f"the request's body ({int(value)} bytes) is larger than the limit of "
+                                  f"{self.limits.max_body_bytes} bytes")
+                return
         idle = self.cycle is None or self.cycle.response_complete  # else pipelined: uvicorn queues it (ASGI path)
         route = None
         if idle and self.parser.get_method() == b"POST" and not self.parser.should_upgrade():
@@ -133,30 +297,42 @@ class DoorProtocol(HttpToolsProtocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
+        if self.refused:
+            return
+        self.body_bytes += len(body)
+        if self.body_bytes > self.limits.max_body_bytes:
+            self._refuse(413, f"the request's body is larger than the limit of {self.limits.max_body_bytes} bytes")
+            return
         if isinstance(self.cycle, _Exchange):
             self.cycle.body += body
         else:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        if self.refused:
+            return
+        self._disarm()
+        self.phase = "answering"
+        self.shared.closable.pop(self, None)
         exchange = self.cycle
         if not isinstance(exchange, _Exchange):
             super().on_message_complete()
             return
+        admission = self.admission
+        if not admission.enter():  # at the in-flight cap: answered now, without a task; the connection is kept
+            overloaded = admission.overloaded()
+            exchange._write_whole(overloaded.status_code, overloaded.raw_headers, overloaded.body)
+            exchange._complete()
+            return
         task = exchange.task = self.loop.create_task(exchange.run())
+        # Its place is given back when the task ends, even cancelled before it ran (the client went at once).
+        task.add_done_callback(lambda _: admission.leave())
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)  # the server waits for it on a graceful shutdown
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        exchange = self.cycle
-        if isinstance(exchange, _Exchange) and not exchange.response_complete:
-            exchange.disconnected = True
-            if exchange.task is not None:
-                exchange.task.cancel()  # the client went away: the stream's close cancels it in the engine
-        super().connection_lost(exc)
-
 
 def door_protocol(door: FrontDoor) -> Callable[..., asyncio.Protocol]:
-    """The protocol factory uvicorn takes as ``Config(http=...)`` for a front door."""
+    """The protocol factory uvicorn takes as ``Config(http=...)`` for a front door (one per server: the
+    connection limit is the server's)."""
     routes = {path.encode(): route for path, route in generation_routes(door).items()}
-    return functools.partial(DoorProtocol, routes=routes)
+    return functools.partial(DoorProtocol, routes=routes, admission=door.admission, shared=_Connections(door.limits))

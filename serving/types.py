@@ -21,6 +21,8 @@ class GenerationRequest:
     seed: int | None = None
     messages: list[dict[str, str]] | None = None
     """Chat requests: the messages, for engines that apply the model's own chat template."""
+    default_max_tokens: int | None = None
+    """The cap when ``max_tokens`` is None (the front door's ``default_max_tokens``), within the context length."""
 
 
 @dataclass(frozen=True)

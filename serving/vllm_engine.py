@@ -351,7 +351,8 @@ class VLLMEngine:
                 param="prompt",
                 code="context_length_exceeded",
             )
-        max_tokens = request.max_tokens if request.max_tokens is not None else limit - len(ids)
+        max_tokens = request.max_tokens if request.max_tokens is not None else min(
+            limit - len(ids), request.default_max_tokens or limit)  # the door's default cap, within the context
         if len(ids) + max_tokens > limit:
             raise RequestRejectedError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "

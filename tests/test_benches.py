@@ -101,3 +101,15 @@ def test_calibration_bench_prints_a_row_per_measurement_and_the_band_per_gpu() -
     lines = run.stdout.splitlines()
     assert sum(" H100x" in line for line in lines) == 50
     assert any(line.startswith("H100 | 50 |") for line in lines)
+
+
+def test_door_bench_prints_admitted_and_rejected_streams_and_health_under_a_flood() -> None:
+    run = subprocess.run([sys.executable, str(BENCH / "door_bench.py"), "--streams", "10", "40", "--max-inflight",
+                          "20", "--max-connections", "60", "--max-tokens", "200"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    rows = {cells[0]: cells[1:4] for line in run.stdout.splitlines() if (cells := line.split())[:1] in (["10"], ["40"])}
+    assert rows["10"] == ["10", "0", "0"]  # all admitted
+    admitted, rejected, failed = map(int, rows["40"])
+    assert admitted + rejected == 40 and rejected >= 10 and failed == 0  # beyond the in-flight cap: 503s, no failure
+    assert "/health during the flood" in run.stdout and ", 0 failed," in run.stdout

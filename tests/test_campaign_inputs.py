@@ -168,6 +168,11 @@ def test_a_workload_field_added_later_leaves_older_campaigns_resumable() -> None
     split = quickstart.deployment.engine.model_copy(update={"tensor_parallel": 2})
     tp2 = quickstart.model_copy(update={"deployment": quickstart.deployment.model_copy(update={"engine": split})})
     assert tp2.config_hash() != "fcbf3989e597bbd0"
+    # The front door's limits (door: null unless given) likewise.
+    from serving.config import DoorConfig
+
+    limited = quickstart.deployment.model_copy(update={"door": DoorConfig(max_inflight_requests=64)})
+    assert quickstart.model_copy(update={"deployment": limited}).config_hash() != "fcbf3989e597bbd0"
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")),

@@ -29,6 +29,22 @@ def test_reading_needs_no_token_changing_does(served) -> None:
     assert httpx.get(f"{served.url}/control").json()["policy"] == "static"  # nothing changed
 
 
+def test_a_policy_with_bad_options_is_refused_before_anything_changes(served) -> None:
+    before = httpx.get(f"{served.url}/control").json()
+    for options in ({"clock_mhz": "fast"}, {"max_num_seqs": "many"}, {"setpoint": "high"}):
+        policy = "slo_feedback" if "setpoint" in options else "static"
+        r = httpx.post(f"{served.url}/control/policy", json={"policy": policy, "options": options}, headers=AUTH)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "invalid_request" and next(iter(options)) in error["message"]
+    after = httpx.get(f"{served.url}/control").json()
+    assert (after["policy"], after["knobs"], after["running"]) == (before["policy"], before["knobs"], True)
+    assert after["errors"] == {}  # the loop never ran the bad policy
+    text = httpx.get(f"{served.url}/metrics").text
+    assert "# TYPE llm_energy_controller_errors_total counter" in text or \
+        "# TYPE llm_energy_controller_errors counter" in text
+
+
 def test_pinning_knobs_applies_clamped_values_and_exports_them(served) -> None:
     try:
         r = httpx.post(f"{served.url}/control/knobs", json={"clock_mhz": 1000, "max_num_seqs": 16,

@@ -113,16 +113,73 @@ async def test_defaults_restored_on_cancel_and_on_policy_failure() -> None:
         await task
     assert act.restored == 1
 
-    class Broken:
-        name = "broken"
 
-        def decide(self, o: Observation) -> Decision:
+
+class FailsSometimes:
+    """Wants a lower clock every period, but fails on the periods in ``failing`` (a corrupt model file, a bug)."""
+
+    name = "sometimes"
+
+    def __init__(self, failing: set[int]) -> None:
+        self.failing = failing
+        self.calls = 0
+
+    def decide(self, o: Observation) -> Decision:
+        self.calls += 1
+        if self.calls in self.failing:
             raise RuntimeError("model file corrupt")
+        return Decision(Knobs(clock_mhz=CLOCKS[-1 - self.calls % 3]), "down")
 
-    loop = ControlLoop(Broken(), observe, act, clock)
-    with pytest.raises(RuntimeError, match="corrupt"):
-        await loop.run()
-    assert act.restored == 2 and loop.stats.decisions[("broken", "error")] == 1
+
+async def test_a_failing_step_restores_defaults_is_counted_and_the_loop_goes_on() -> None:
+    clock, act = StepClock(), RecordingActuator()
+
+    async def observe() -> Observation:
+        return obs(t=clock.t)
+
+    policy = FailsSometimes({3, 4})
+    loop = ControlLoop(policy, observe, act, clock, period_s=1.0)
+    task = asyncio.create_task(loop.run())
+    while policy.calls < 8:
+        await asyncio.sleep(0)
+    assert loop.running and not task.done()
+    assert loop.stats.errors == {"decide": 2} and loop.stats.decisions[("sometimes", "error")] == 2
+    assert "model file corrupt" in (loop.stats.last_error or "")
+    assert act.restored == 1  # after the first failure (knobs had been changed); the second found the defaults
+    times = [r.t_s for r in loop.stats.history]
+    assert len(times) >= 5 and max(times) >= 7.0  # decisions go on after the failures, one period apart
+    assert loop.current != Knobs()  # and apply again
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert act.restored == 2 and not loop.running
+
+
+async def test_an_actuator_that_fails_is_counted_under_apply_and_the_loop_goes_on() -> None:
+    clock = StepClock()
+
+    class Hung(RecordingActuator):
+        async def apply(self, knobs: Knobs) -> list[AppliedKnobs]:
+            if len(self.applied) < 2:
+                self.applied.append(knobs)
+                raise TimeoutError("replica-0 did not confirm the knobs in 30 s")
+            return await super().apply(knobs)
+
+    act = Hung()
+
+    async def observe() -> Observation:
+        return obs(t=clock.t)
+
+    policy = FailsSometimes(set())
+    loop = ControlLoop(policy, observe, act, clock, period_s=1.0)
+    task = asyncio.create_task(loop.run())
+    while policy.calls < 5:
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert loop.stats.errors == {"apply": 2} and act.restored == 3  # two failures, then the exit
+    assert len(act.applied) >= 3  # a decision after the failures was applied
 
 
 def plant(clock: float, rate: float = 5.0) -> tuple[float, float]:

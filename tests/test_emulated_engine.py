@@ -141,3 +141,17 @@ async def test_speculation_knob_applies_live() -> None:
     assert eng.speculative_tokens == 3
     with pytest.raises(ValueError, match=r"knob speculative_tokens: must be an integer in \[0, 16\]"):
         Knobs(speculative_tokens=40)  # refused before any engine sees it
+
+
+async def test_without_max_tokens_the_default_cap_holds_within_the_context() -> None:
+    """The front door's default_max_tokens (DoorConfig) caps a request without max_tokens; the context length
+    minus the prompt caps the default (vLLM's behaviour without a default)."""
+    eng, _ = engine()
+    await eng.start()
+    prompt = " ".join(["w"] * 500)
+    capped = [e async for e in eng.generate(GenerationRequest("a", prompt="w w", default_max_tokens=5))]
+    in_context = [e async for e in eng.generate(GenerationRequest("b", prompt=prompt, default_max_tokens=100))]
+    uncapped = [e async for e in eng.generate(GenerationRequest("c", prompt=prompt))]
+    await eng.stop()
+    assert capped[-1].output_tokens == 5
+    assert in_context[-1].output_tokens == 12 and uncapped[-1].output_tokens == 12  # 512 - 500

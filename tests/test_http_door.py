@@ -5,6 +5,7 @@ ASGI path it shares its handlers with."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -17,8 +18,10 @@ import openai
 import pytest
 
 from deploy.serve import bind_socket, front_door_server
+from profilers.exporter import ExportSnapshot
 from profilers.footprint import load_site_profile
 from serving.api import FrontDoor, create_app
+from serving.config import DoorConfig
 from serving.http_door import DoorProtocol
 from serving.types import GenerationRequest, TokenEvent
 
@@ -36,6 +39,9 @@ class StubRouter:
     started: int = 0
     closed: list[str] = field(default_factory=list)
     """Request ids whose stream was closed before its last token (the engine would cancel them)."""
+
+    async def snapshot(self) -> ExportSnapshot:
+        return ExportSnapshot()
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         self.started += 1
@@ -61,13 +67,13 @@ class Door:
     url: str
     port: int
     router: StubRouter
+    front: FrontDoor
 
 
-@pytest.fixture
-def door() -> Iterator[Door]:
-    router = StubRouter()
-    app = create_app(FrontDoor(router, MODEL, 2048, load_site_profile("azure")))  # type: ignore[arg-type]
-    server = front_door_server(app)
+@contextlib.contextmanager
+def serve_door(router: StubRouter, limits: DoorConfig | None = None) -> Iterator[Door]:
+    front = FrontDoor(router, MODEL, 2048, load_site_profile("azure"), limits)  # type: ignore[arg-type]
+    server = front_door_server(create_app(front))
     sock = bind_socket("127.0.0.1", 0)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=lambda: loop.run_until_complete(server.serve(sockets=[sock])), daemon=True)
@@ -75,9 +81,15 @@ def door() -> Iterator[Door]:
     while not server.started:
         time.sleep(0.01)
     port = sock.getsockname()[1]
-    yield Door(f"http://127.0.0.1:{port}", port, router)
+    yield Door(f"http://127.0.0.1:{port}", port, router, front)
     server.should_exit = True
     thread.join(10)
+
+
+@pytest.fixture
+def door() -> Iterator[Door]:
+    with serve_door(StubRouter()) as d:
+        yield d
 
 
 def raw_post(path: str, body: dict, extra: str = "") -> bytes:
@@ -231,3 +243,185 @@ async def test_other_asgi_servers_get_the_same_answers_from_the_middleware() -> 
         assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 3
         r = await client.post("/v1/completions", content=b"{nope")
         assert r.status_code == 400
+
+
+# The door's limits (serving.config.DoorConfig): timeouts, connection and in-flight caps, sizes, OpenAI fields.
+
+END = b"data: [DONE]\n\n\r\n0\r\n\r\n"  # a stream's last event and the end of its chunked body
+FAST = {"header_timeout_s": 0.3, "body_timeout_s": 0.3, "keep_alive_timeout_s": 0.3}
+
+
+def connect(door: Door) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", door.port), timeout=5)
+
+
+def read_all(conn: socket.socket, timeout_s: float = 3.0) -> bytes:
+    """Everything until the server closes the connection (a hang fails at the timeout)."""
+    conn.settimeout(timeout_s)
+    data = b""
+    while part := conn.recv(65536):
+        data += part
+    return data
+
+
+def test_idle_slow_and_incomplete_requests_are_timed_out() -> None:
+    with serve_door(StubRouter(), DoorConfig(**FAST)) as door:
+        idle = connect(door)  # never sends a byte: closed without an answer
+        slow = connect(door)
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: t\r\n")  # headers that never end
+        short = connect(door)
+        short.sendall(raw_post("/v1/completions", STREAM)[:-5])  # a body shorter than its Content-Length
+        chunked = connect(door)
+        chunked.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n")
+        control = connect(door)  # the ASGI path: a body that never ends
+        control.sendall(b"POST /control/policy HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\n{")
+        t0 = time.perf_counter()
+        for _ in range(2):  # a chunked body that never ends, trickled faster than the timeout: the timeout is the
+            chunked.sendall(b"1\r\nx\r\n")  # body's, not the gap's
+            time.sleep(0.1)
+        assert read_all(idle) == b""
+        for conn in (slow, short, chunked):
+            answer = read_all(conn)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert b"connection: close" in answer
+        answer = read_all(control)  # answered without its body (no such route here), then closed
+        assert answer.startswith(b"HTTP/1.1 404 ") and answer.count(b"HTTP/1.1") == 1
+        assert time.perf_counter() - t0 < 2.0
+        # The door still serves.
+        assert httpx.post(door.url + "/v1/completions", json={"model": MODEL, "prompt": "a"}).status_code == 200
+
+
+def test_an_idle_keep_alive_connection_is_closed() -> None:
+    with serve_door(StubRouter(), DoorConfig(**FAST)) as door:
+        conn = connect(door)
+        conn.sendall(raw_post("/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 2}))
+        t0 = time.perf_counter()
+        assert read_all(conn).startswith(b"HTTP/1.1 200 ")  # then closed after keep_alive_timeout_s
+        assert 0.2 < time.perf_counter() - t0 < 2.0
+
+
+def test_at_the_connection_cap_the_oldest_idle_connection_makes_room_for_health() -> None:
+    with serve_door(StubRouter(), DoorConfig(max_connections=8)) as door:
+        flood = [connect(door) for _ in range(11)]  # 3 beyond the cap: each closes the oldest idle one
+        time.sleep(0.1)  # accepted
+        t0 = time.perf_counter()
+        r = httpx.get(door.url + "/health")  # at the cap too: closes the next oldest
+        assert r.status_code in (200, 503) and time.perf_counter() - t0 < 1.0
+        assert [read_all(c, 1.0) for c in flood[:4]] == [b""] * 4
+        flood[4].setblocking(False)
+        with pytest.raises(BlockingIOError):
+            flood[4].recv(1)  # the newer ones are still open
+
+
+def test_when_every_connection_is_answered_a_new_one_gets_a_503() -> None:
+    with serve_door(StubRouter(tokens=50, gap_s=0.02), DoorConfig(max_connections=2)) as door:
+        streams = [connect(door) for _ in range(2)]
+        for conn in streams:
+            conn.sendall(raw_post("/v1/completions", {**STREAM, "max_tokens": 50}))
+            read_until(conn, b"data: ")
+        extra = connect(door)
+        answer = read_all(extra)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in answer
+        for conn in streams:  # the streams go on
+            assert read_until(conn, END).endswith(END)
+
+
+def test_beyond_the_in_flight_cap_a_generation_request_gets_a_503_at_once() -> None:
+    with serve_door(StubRouter(tokens=40, gap_s=0.02), DoorConfig(max_inflight_requests=2)) as door:
+        streams = [connect(door) for _ in range(2)]
+        for conn in streams:
+            conn.sendall(raw_post("/v1/completions", {**STREAM, "max_tokens": 40}))
+            read_until(conn, b"data: ")
+        assert door.front.admission.inflight == 2
+        extra = connect(door)
+        t0 = time.perf_counter()
+        extra.sendall(raw_post("/v1/completions", {**STREAM, "stream": False}))
+        answer = read_until(extra, b'"code":"overloaded"}}')
+        assert time.perf_counter() - t0 < 0.1
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1\r\n" in answer
+        r = httpx.post(door.url + "/v1/completions", json=STREAM)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+        assert httpx.get(door.url + "/health").status_code in (200, 503)  # not counted
+        assert httpx.get(door.url + "/metrics").status_code == 200
+        streams[0].close()  # a client that goes away frees its place
+        assert read_until(streams[1], END).endswith(END)
+        deadline = time.monotonic() + 2
+        while door.front.admission.inflight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert door.front.admission.inflight == 0
+        assert httpx.post(door.url + "/v1/completions", json={**STREAM, "stream": False}).status_code == 200
+
+
+def test_oversized_bodies_and_headers_are_refused() -> None:
+    with serve_door(StubRouter(), DoorConfig(max_body_bytes=4096, max_header_bytes=2048)) as door:
+        conn = connect(door)  # refused from Content-Length, before the body is sent
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: t\r\ncontent-length: 10000000\r\n\r\n")
+        answer = read_all(conn)
+        assert answer.startswith(b"HTTP/1.1 413 ") and b'"param":null' in answer
+        conn = connect(door)  # a chunked body: refused as it passes the limit, the rest is not read
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n"
+                     + (b"400\r\n" + b"x" * 1024 + b"\r\n") * 5)  # no last chunk: refused at 5 KiB, not at its end
+        assert read_all(conn).startswith(b"HTTP/1.1 413 ")
+        conn = connect(door)  # the ASGI path too
+        conn.sendall(b"POST /control/policy HTTP/1.1\r\nhost: t\r\ncontent-length: 5000\r\n\r\n")
+        assert read_all(conn).startswith(b"HTTP/1.1 413 ")
+        conn = connect(door)
+        conn.sendall(b"GET /health HTTP/1.1\r\nhost: t\r\nx-big: " + b"y" * 4000 + b"\r\n\r\n")
+        assert read_all(conn).startswith(b"HTTP/1.1 431 ")
+        body = {"model": MODEL, "prompt": "a " * 1000, "max_tokens": 2}  # under the limit
+        assert httpx.post(door.url + "/v1/completions", json=body).status_code == 200
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("stop", ["\n"]), ("stop", "x"), ("logprobs", 1), ("logprobs", 0), ("top_logprobs", 2), ("echo", True),
+    ("best_of", 2), ("top_p", 0.9), ("presence_penalty", 0.5), ("logit_bias", {"1": 5}), ("suffix", "x"),
+    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]),
+])
+def test_fields_the_door_does_not_implement_get_a_400_naming_them(door: Door, field: str, value: object) -> None:
+    for path, body in (("/v1/completions", {"model": MODEL, "prompt": "a"}),
+                       ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "a"}]})):
+        r = httpx.post(door.url + path, json={**body, field: value})
+        assert r.status_code == 400, (path, r.text)
+        error = r.json()["error"]
+        assert error["param"] == field and field in error["message"] and error["type"] == "invalid_request_error"
+    assert door.router.started == 0
+
+
+def test_neutral_values_of_those_fields_are_served(door: Door) -> None:
+    neutral = {"stop": None, "logprobs": None, "best_of": 1, "top_p": 1.0, "temperature": 0.0, "echo": False,
+               "presence_penalty": 0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "user": "u", "top_k": -1}
+    r = httpx.post(door.url + "/v1/completions", json={"model": MODEL, "prompt": "a", **neutral})
+    assert r.status_code == 200, r.text
+    r = httpx.post(door.url + "/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "a"}], "logprobs": False, "stop": []})
+    assert r.status_code == 200, r.text
+
+
+def test_a_request_without_max_tokens_carries_the_default_cap(door: Door) -> None:
+    seen: list[GenerationRequest] = []
+    stream = door.router.stream
+
+    def spy(request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        seen.append(request)
+        return stream(request)
+
+    door.router.stream = spy  # type: ignore[method-assign]
+    httpx.post(door.url + "/v1/completions", json={"model": MODEL, "prompt": "a"})
+    httpx.post(door.url + "/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 3})
+    assert [(r.max_tokens, r.default_max_tokens) for r in seen] == [(None, 1024), (3, 1024)]
+
+
+async def test_the_asgi_path_counts_requests_in_flight_too() -> None:
+    """Other ASGI servers (and requests pipelined behind another) go through GenerationFastPath: same cap."""
+    router = StubRouter(tokens=20, gap_s=0.01)
+    front = FrontDoor(router, MODEL, 2048, load_site_profile("azure"), DoorConfig(max_inflight_requests=1))  # type: ignore[arg-type]
+    app = create_app(front)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        body = {"model": MODEL, "prompt": "a", "max_tokens": 20}
+        first = asyncio.create_task(client.post("/v1/completions", json=body))
+        while front.admission.inflight == 0:
+            await asyncio.sleep(0.001)
+        r = await client.post("/v1/completions", json=body)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert (await first).status_code == 200 and front.admission.inflight == 0
+        assert (await client.post("/v1/completions", json=body)).status_code == 200

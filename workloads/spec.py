@@ -24,7 +24,7 @@ from workloads.arrivals import (
 # means "as before": left out of the config hash at that value, so a run directory started before them resumes.
 ADDED_FIELDS = {"shared_prefix_tokens": 0}
 ADDED_KNOB_FIELDS = {"prefix_caching": None}
-ADDED_DEPLOYMENT_FIELDS = {"front_door": "separate"}
+ADDED_DEPLOYMENT_FIELDS = {"front_door": "separate", "door": None}
 ADDED_ENGINE_FIELDS = {"tensor_parallel": 1}
 """Engine fields added after campaigns were written, with the value they had implicitly (see config_hash)."""
 

@@ -258,7 +258,8 @@ class EmulatedEngine:
                 param="prompt",
                 code="context_length_exceeded",
             )
-        max_tokens = request.max_tokens if request.max_tokens is not None else limit - prompt_len
+        max_tokens = request.max_tokens if request.max_tokens is not None else min(
+            limit - prompt_len, request.default_max_tokens or limit)  # the door's default cap, within the context
         if max_tokens < 1:
             raise RequestRejectedError("max_tokens must be at least 1", param="max_tokens")
         if prompt_len + max_tokens > limit:
