@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 
 class PolicyChange(BaseModel):
+    """Body of ``POST /control/policy``: the policy to switch to and its options."""
+
     model_config = ConfigDict(extra="forbid")
     policy: str
     options: dict[str, float | str] = Field(default_factory=dict)
@@ -52,6 +54,8 @@ def _with_agent_clocks(observe: Observer, agents: NodeAgentActuator) -> Callable
 
 
 class Controller:
+    """The in-process controller of a deployment: its control loop, actuators and the ``/control`` API state."""
+
     def __init__(self, config: ControllerConfig, door: FrontDoor) -> None:
         self.config = config
         self.door = door
@@ -79,6 +83,7 @@ class Controller:
         door.registry.register(_ControllerCollector(self))
 
     def start(self) -> None:
+        """Start the control loop as a background task on the running event loop."""
         self._task = asyncio.create_task(self.loop.run(), name="control-loop")
 
     async def stop(self) -> None:
@@ -90,6 +95,7 @@ class Controller:
             self._task = None
 
     def state(self) -> dict[str, Any]:
+        """The state for ``GET /control``: policy, knobs applied per replica, SLO, errors, recent decisions."""
         last = list(self.loop.stats.history)[-10:]
         return {
             "policy": self.loop.policy.name,
@@ -109,6 +115,7 @@ class Controller:
         }
 
     def slo_attainment(self) -> float | None:
+        """Share of recently completed requests whose TTFT and TPOT met the SLO; None when none completed."""
         completions = list(self.door.recent.completions)
         if not completions:
             return None

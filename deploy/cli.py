@@ -87,6 +87,7 @@ def served_tokenizer(config: ServingConfig) -> str | None:
 
 
 def cmd_campaign_run(args: argparse.Namespace) -> int:
+    """``testbed campaign run``: run a campaign (against a URL, or a deployment started for it) and write its report."""
     from deploy.compare import device_floor
     from deploy.local import DeploymentStartError, LocalDeployment
     from workloads.campaign import TargetDownError, prepare_out_dir, run_campaign
@@ -180,6 +181,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """``testbed serve``: start a deployment from its YAML (port, host, replicas overridable), serve until stopped."""
     from deploy.serve import serve
 
     config = load_serving_config(Path(args.file))
@@ -209,6 +211,7 @@ def _fast_loop():  # type: ignore[no-untyped-def]
 
 
 def cmd_controller_run(args: argparse.Namespace) -> int:
+    """``testbed controller run``: the out-of-process controller of a deployment, setting clocks through node agents."""
     import uvicorn
 
     from controllers.remote import RemoteController, RemoteControllerConfig, create_remote_app, tokens_from_env
@@ -226,6 +229,7 @@ def cmd_controller_run(args: argparse.Namespace) -> int:
 
 
 def cmd_node_agent(args: argparse.Namespace) -> int:
+    """``testbed node-agent``: serve this node's GPU clock agent (needs TESTBED_NODE_AGENT_TOKEN)."""
     import uvicorn
 
     from controllers.node_agent import NodeAgent, create_agent_app
@@ -240,6 +244,7 @@ def cmd_node_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """``testbed report``: (re)write a campaign directory's ``report.html`` and print its path."""
     from workloads.report import write_report
 
     out = Path(args.dir)
@@ -250,6 +255,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_model_build_tiny(args: argparse.Namespace) -> int:
+    """``testbed model build-tiny``: write a tiny random-weight Llama checkpoint with a local tokenizer."""
     from deploy.models import build_tiny
 
     out = build_tiny(Path(args.dir), seed=args.seed)
@@ -258,6 +264,7 @@ def cmd_model_build_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_model_import_smollm2(args: argparse.Namespace) -> int:
+    """``testbed model import-smollm2``: write the SmolLM2-135M-Instruct checkpoint to a directory."""
     from deploy.models import import_smollm2
 
     out = import_smollm2(Path(args.dir))
@@ -266,6 +273,7 @@ def cmd_model_import_smollm2(args: argparse.Namespace) -> int:
 
 
 def cmd_model_check(args: argparse.Namespace) -> int:
+    """``testbed model check``: fail unless the directory holds a servable checkpoint."""
     from deploy.models import check_model_dir
 
     print(f"{check_model_dir(Path(args.dir))}: a model checkpoint")
@@ -273,6 +281,7 @@ def cmd_model_check(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """``testbed compare``: compare two campaigns point by point (B against A), print the table, write the HTML."""
     from workloads.report import write_comparison
 
     dirs = [Path(args.a), Path(args.b)]
@@ -296,6 +305,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``testbed`` argument parser with every subcommand."""
     p = argparse.ArgumentParser(prog="testbed", description="LLM inference-serving energy testbed.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True)
@@ -366,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``testbed``: run the subcommand; a TestbedError prints one line and sets the exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -80,6 +80,7 @@ def device_floor(config: ServingConfig) -> FloorFn | None:
 
 
 def print_comparison(console: Console, table: pd.DataFrame) -> None:
+    """Print a hardware comparison table (one row per device or backend) to the console."""
     view = Table(title="Hardware comparison")
     for label in COMPARE_COLUMNS.values():
         view.add_column(label, justify="right")

@@ -19,7 +19,7 @@ from profilers.errors import TestbedError
 
 
 class DeploymentStartError(TestbedError, RuntimeError):
-    pass
+    """A deployment started for a campaign did not come up; the message says why."""
 
 
 class LocalDeployment:

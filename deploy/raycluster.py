@@ -13,6 +13,7 @@ RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_wor
 
 
 def ray_env() -> None:
+    """Set the Ray environment every testbed process must agree on (auth off, no usage stats, normal niceness)."""
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
 

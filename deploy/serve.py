@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Deployment:
+    """A running deployment: its config, router, front door, replica actors' info and placement group."""
+
     config: ServingConfig
     router: Router
     door: FrontDoor
@@ -42,6 +44,7 @@ class Deployment:
     placement_group: Any = None
 
     async def stop(self) -> None:
+        """Stop the router, then every replica actor (killed), and remove the placement group."""
         await self.router.stop()
         for r in self.router.replicas:
             if r.alive:
@@ -79,6 +82,7 @@ def replica_gpus(config: ServingConfig, cluster_gpus: float) -> float:
 
 
 def unplaceable(config: ServingConfig, gpus: float) -> str:
+    """Message for a placement that did not fit: what was asked against the cluster's CPUs and GPUs, and what to do."""
     total, free = ray.cluster_resources(), ray.available_resources()
 
     def have(name: str) -> str:
@@ -154,6 +158,7 @@ async def start_deployment(config: ServingConfig) -> Deployment:
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` with Nagle off, inheritable; OSError naming the address if taken."""
     # proto=IPPROTO_TCP matters: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they are TCP,
     # and with Nagle on, a response written as headers then body waits ~40 ms for the client's delayed ACK.
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -327,6 +332,7 @@ class HostedFrontDoor:
     CARRIED_ENV: ClassVar[tuple[str, ...]] = ("TESTBED_NODE_AGENT_TOKEN",)
 
     async def start(self, replica: Any) -> dict[str, Any]:
+        """Build the router, front door and controller in this replica and serve; returns the URL, token and pid."""
         cfg = self.config
         for name, value in self.env.items():
             os.environ.setdefault(name, value)
@@ -353,10 +359,12 @@ class HostedFrontDoor:
                 "pid": os.getpid()}
 
     async def wait(self) -> None:
+        """Wait until the hosted front door's server exits."""
         if self._task is not None:
             await asyncio.shield(self._task)
 
     async def stop(self) -> None:
+        """Stop the controller, the front door's server and the router."""
         if self._controller is not None:
             await self._controller.stop()
         if self._server is not None and self._task is not None:
@@ -380,6 +388,7 @@ class BackgroundServer:
     _cleanups: list[Callable[[], Awaitable[None]]]
 
     def stop(self) -> None:
+        """Stop the server thread, run the cleanups and stop the deployment."""
         self._server.should_exit = True
         self._thread.join(timeout=10)
         for cleanup in self._cleanups:

@@ -27,7 +27,7 @@ SECONDS_PER_YEAR = 365.25 * 86400
 
 
 class CifSeriesError(ConfigError):
-    pass
+    """A carbon-intensity series file is missing or malformed; the message names the file and line."""
 
 
 def _parse_time(text: str) -> float:
@@ -50,6 +50,7 @@ class CifSeries:
 
     @classmethod
     def load_csv(cls, path: Path | str) -> CifSeries:
+        """Read a ``timestamp,gco2e_per_kwh`` CSV (Unix seconds or ISO 8601; header and ``#`` comments skipped)."""
         path = Path(path)
         if not path.is_file():
             raise CifSeriesError(f"CIF series {path} does not exist")
@@ -110,9 +111,11 @@ class EmbodiedCarbon(BaseModel):
 
     @property
     def g_per_second(self) -> float:
+        """Embodied carbon charged per second of service, in gCO2e (amortised evenly over the service life)."""
         return self.kg_per_device * 1000.0 / (self.service_life_years * SECONDS_PER_YEAR)
 
     def grams(self, seconds_in_use: float) -> float:
+        """Embodied carbon (gCO2e) of ``seconds_in_use`` seconds of the device's service life."""
         return max(0.0, seconds_in_use) * self.g_per_second
 
 
@@ -129,6 +132,7 @@ class CarbonAccumulator:
         self._grams: dict[str, float] = {}
 
     def update(self, key: str, energy_j: float, t_s: float) -> float:
+        """Charge the counter ``key``'s energy increase (J) up to ``t_s`` at the CIF then; returns its total gCO2e."""
         last = self._last.get(key)
         grams = self._grams.get(key, 0.0)
         if last is not None and energy_j >= last[1]:

@@ -38,6 +38,8 @@ def _gauge(name: str, doc: str, labels: list[str]) -> Family:
 
 @dataclass(frozen=True)
 class DeviceSample:
+    """One device's counters as exported on ``/metrics``: cumulative energy (J), power (W), clock, provenance."""
+
     replica: str
     device: str
     backend: str
@@ -56,6 +58,8 @@ class DeviceSample:
 
 @dataclass(frozen=True)
 class ReplicaSample:
+    """One replica's counters as exported: tokens, energy attributed to prefill/decode/idle (J), load, KV cache."""
+
     replica: str
     backend: str
     prompt_tokens: int
@@ -77,6 +81,8 @@ class ReplicaSample:
 
 @dataclass
 class ExportSnapshot:
+    """Everything one scrape exports: every device's and every replica's sample."""
+
     devices: list[DeviceSample] = field(default_factory=list)
     replicas: list[ReplicaSample] = field(default_factory=list)
 
@@ -124,6 +130,7 @@ class EnergyCollector(FastCollector):
         self._first_seen: dict[str, float] = {}
 
     def families(self) -> list[Family]:
+        """The energy, water and carbon metric families of a fresh snapshot, per device and per replica."""
         snap = self._snapshot_fn()
         return [*self._device_families(snap), *self._replica_families(snap)]
 
@@ -274,11 +281,14 @@ class EnergyCollector(FastCollector):
 
 @dataclass
 class LatencyHistograms:
+    """The front door's TTFT, TPOT and end-to-end latency histograms (seconds), labelled by replica."""
+
     ttft: HistogramCollector
     tpot: HistogramCollector
     e2e: HistogramCollector
 
     def observe(self, replica: str, ttft_s: float | None, tpot_s: float | None, e2e_s: float) -> None:
+        """Record one finished request's latencies (s) under its replica; TTFT/TPOT only where known."""
         if ttft_s is not None:
             self.ttft.observe(replica, ttft_s)
         if tpot_s is not None:

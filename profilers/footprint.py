@@ -41,6 +41,8 @@ class SiteProfile(BaseModel):
 
 @dataclass(frozen=True)
 class Footprint:
+    """Energy (IT and facility, J), water (site and source, L) and carbon (gCO2e) of some IT energy at a site."""
+
     energy_it_j: float
     energy_facility_j: float
     water_site_l: float
@@ -49,10 +51,12 @@ class Footprint:
 
     @property
     def water_l(self) -> float:
+        """Total water in litres: on site (cooling) plus at the source (electricity generation)."""
         return self.water_site_l + self.water_source_l
 
 
 def footprint(energy_it_j: float, site: SiteProfile) -> Footprint:
+    """The footprint of ``energy_it_j`` joules of IT energy at a site (PUE, WUE and CIF applied)."""
     e_it_kwh = energy_it_j / J_PER_KWH
     e_f_kwh = e_it_kwh * site.pue
     return Footprint(
@@ -65,12 +69,13 @@ def footprint(energy_it_j: float, site: SiteProfile) -> Footprint:
 
 
 def builtin_site_names() -> list[str]:
+    """Names of the site profiles shipped in ``profilers/sites`` (usable as ``site:``)."""
     folder = resources.files("profilers") / "sites"
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 class UnknownSiteError(ConfigError):
-    pass
+    """A site name that is neither a built-in profile nor an existing YAML file."""
 
 
 def load_site_profile(name_or_path: str) -> SiteProfile:

@@ -50,6 +50,7 @@ class EmulatedEngineConfig(BaseModel):
 
     @property
     def served_name(self) -> str:
+        """The model name clients request: the emulated model's name."""
         return self.model
 
 
@@ -144,6 +145,7 @@ class VLLMEngineConfig(BaseModel):
 
     @property
     def served_name(self) -> str:
+        """The model name clients request: ``served_model_name``, else the model directory's name."""
         return self.served_model_name or Path(self.model).name
 
     def resolved(self, on_gpu: bool) -> VLLMEngineConfig:
@@ -171,6 +173,7 @@ _ENGINE_ADAPTER: TypeAdapter[EmulatedEngineConfig | VLLMEngineConfig] = TypeAdap
 
 
 def parse_engine_config(data: dict[str, Any]) -> EmulatedEngineConfig | VLLMEngineConfig:
+    """Validate an ``engine:`` mapping into the config class its ``kind`` names."""
     return _ENGINE_ADAPTER.validate_python(data)
 
 
@@ -253,6 +256,7 @@ class ServingConfig(BaseModel):
 
     @property
     def door_limits(self) -> DoorConfig:
+        """The front door's limits: ``door``, else DoorConfig's defaults."""
         return self.door or DoorConfig()
 
     @model_validator(mode="after")
@@ -269,4 +273,5 @@ class ServingConfig(BaseModel):
 
     @property
     def model_name(self) -> str:
+        """The model name the front door serves: ``served_model_name``, else the engine's."""
         return self.served_model_name or self.engine.served_name

@@ -31,11 +31,14 @@ log = logging.getLogger(__name__)
 class HostedService(Protocol):
     """Something a caller runs on a replica actor's event loop (see :meth:`Replica.host`); sent pickled."""
 
-    async def start(self, replica: Replica) -> dict[str, Any]: ...
+    async def start(self, replica: Replica) -> dict[str, Any]:
+        """Start on the replica's event loop; returns where it listens (e.g. the URL)."""
 
-    async def wait(self) -> None: ...
+    async def wait(self) -> None:
+        """Return when the service has ended."""
 
-    async def stop(self) -> None: ...
+    async def stop(self) -> None:
+        """Stop the service."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,7 @@ class Replica:
         self._hosted: HostedService | None = None
 
     async def start(self) -> dict[str, Any]:
+        """Start the engine, keep its start-up knobs as defaults; returns pid, node, GPUs and engine description."""
         await self.engine.start()
         current = await self.engine.apply(Knobs())  # a no-op that reports the engine's start-up knobs
         self.defaults = current.as_knobs()
@@ -158,10 +162,12 @@ class Replica:
         return {**info, **describe()} if describe else info
 
     async def describe(self) -> dict[str, Any]:
+        """The replica's name and backend with what its engine says of itself (model, version, KV cache...)."""
         describe = getattr(self.engine, "describe", None)
         return {"replica": self.replica, "backend": self.engine.backend, **(describe() if describe else {})}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Stream a request's token events from the engine (Ray streaming-generator path)."""
         trace.mark(request.request_id, "actor.receive")
         async for event in self.engine.generate(request):
             if event.index == 0:
@@ -198,6 +204,7 @@ class Replica:
             self._pumps.pop(rid, None)
 
     async def cancel(self, request_id: str) -> None:
+        """Cancel a request streamed over the channel (the client went away)."""
         if (pump := self._pumps.get(request_id)) is not None:
             pump[1].cancel()
 
@@ -263,6 +270,7 @@ class Replica:
                     await self.cancel(command["cancel"])
 
     async def telemetry(self) -> Telemetry:
+        """The engine's stats, devices, power readings and supported clocks, for the router and controller."""
         source = self.engine
         devices = source.devices() if hasattr(source, "devices") else []
         readings = source.read() if hasattr(source, "read") else []
@@ -270,6 +278,7 @@ class Replica:
         return Telemetry(self.engine.stats(), devices, readings, clocks)
 
     async def apply(self, knobs: Knobs) -> AppliedKnobs:
+        """Apply knobs to the engine (may restart it); the lease watchdog waits while this runs."""
         # A knob can restart the engine (seconds to minutes), and the controller that asked waits for the answer
         # before its next heartbeat: the change's own duration is not the controller's silence.
         self._applying += 1
@@ -281,6 +290,7 @@ class Replica:
                 self._lease_until = max(self._lease_until, time.monotonic() + self._lease_s)
 
     async def restore_defaults(self) -> AppliedKnobs:
+        """Re-apply the knobs the engine started with."""
         return await self.apply(self.defaults)
 
     async def heartbeat(self, lease_s: float) -> None:
@@ -300,6 +310,7 @@ class Replica:
                 await self.restore_defaults()
 
     async def stop(self) -> None:
+        """Stop the hosted service, the stream server and the engine."""
         await self.stop_hosted()
         if self._server is not None:
             self._server.close()
@@ -321,6 +332,7 @@ class Replica:
             await self._hosted.wait()
 
     async def stop_hosted(self) -> None:
+        """Stop the service hosted on this actor, if any."""
         if self._hosted is not None:
             service, self._hosted = self._hosted, None
             await service.stop()

@@ -57,6 +57,7 @@ class Channel:
         self._writer: asyncio.Future[asyncio.StreamWriter] | None = None
 
     def open(self, request_id: str) -> asyncio.Queue[TokenEvent | StreamError | _ChannelClosed]:
+        """Register a request's event queue, (re)starting the reader and connection if needed."""
         if self._reader is None or self._reader.done():
             self._writer = asyncio.get_running_loop().create_future()
             self._reader = asyncio.create_task(self._read())
@@ -72,6 +73,7 @@ class Channel:
         self._send(writer, {"submit": request.__dict__})  # a flat dataclass: no deep copy (asdict) needed
 
     def cancel(self, request_id: str) -> None:
+        """Ask the replica to cancel a request (only if the connection is up)."""
         if self._writer is not None and self._writer.done() and not self._writer.exception():
             self._send(self._writer.result(), {"cancel": request_id})
 
@@ -83,6 +85,7 @@ class Channel:
         writer.write(len(data).to_bytes(4, "big") + data)
 
     def close(self, request_id: str) -> None:
+        """Drop a finished request's queue."""
         self.queues.pop(request_id, None)
 
     def _dispatch(self, batch: list[TokenEvent | StreamError]) -> None:
@@ -137,6 +140,7 @@ class Channel:
         return ConnectionError(f"the replica's event stream closed while the actor is alive: {error!r}")
 
     async def stop(self) -> None:
+        """Stop the reader task (its connection closes with it)."""
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(BaseException):
@@ -145,6 +149,8 @@ class Channel:
 
 @dataclass
 class ReplicaHandle:
+    """The router's view of one replica: its actor, requests outstanding and routed, liveness, stream channel."""
+
     name: str
     actor: Any
     outstanding: int = 0
@@ -187,9 +193,11 @@ class Router:
         """Set by a controller (knob ``pack_per_replica``): fill replicas in order up to this many requests."""
 
     def live(self) -> list[ReplicaHandle]:
+        """Replicas still alive."""
         return [r for r in self.replicas if r.alive]
 
     def pick(self, exclude: set[str] = frozenset()) -> ReplicaHandle:  # type: ignore[assignment]
+        """The replica for the next request: round robin, packing, or least outstanding; NoReplicaError if none."""
         candidates = [r for r in self.live() if r.name not in exclude]
         if not candidates:
             dead = [r.name for r in self.replicas if not r.alive]
@@ -209,11 +217,13 @@ class Router:
         return min(candidates, key=lambda r: (r.outstanding, r.routed))
 
     def mark_dead(self, replica: ReplicaHandle, error: BaseException) -> None:
+        """Stop routing to a replica that died (logged once)."""
         if replica.alive:
             log.error("replica %s is gone (%s); routing around it", replica.name, type(error).__name__)
         replica.alive = False
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Stream a request's events from a replica, retrying on another if one dies before the first event."""
         tried: set[str] = set()
         while True:
             replica = self.pick(tried)
@@ -282,6 +292,7 @@ class Router:
                     channel.cancel(rid)
 
     async def stop(self) -> None:
+        """Stop every replica's stream channel."""
         for r in self.replicas:
             if r.channel is not None:
                 await r.channel.stop()

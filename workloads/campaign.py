@@ -189,6 +189,7 @@ def _hardware() -> dict[str, object]:
 def write_manifest(
     out: Path, spec: CampaignSpec, target: Target, status: str, extra: dict[str, object] | None = None
 ) -> None:
+    """Write or update the campaign's ``manifest.json`` atomically: status, config hash, versions, machine, site."""
     path = out / MANIFEST
     manifest = json.loads(path.read_text()) if path.exists() else {"created": datetime.now(UTC).isoformat()}
     manifest.update({

@@ -39,6 +39,8 @@ from workloads.prompts import PromptFn, synth_prompt
 
 @dataclass
 class RequestRecord:
+    """One request's outcome as stored in ``requests.parquet``: timing (s), tokens, replica, energy (J), status."""
+
     point: int
     request_index: int
     intended_send_s: float
@@ -61,6 +63,7 @@ class RequestRecord:
 
     @property
     def ok(self) -> bool:
+        """Whether the request succeeded (status ``ok``)."""
         return self.status == "ok"
 
     @property
@@ -71,6 +74,8 @@ class RequestRecord:
 
 @dataclass(frozen=True)
 class ClientSettings:
+    """How the load client reaches the target: base URL, model, concurrency cap, timeout, API key, prompt maker."""
+
     base_url: str
     model: str
     max_concurrency: int | None = None
@@ -105,6 +110,7 @@ class RawResponse:
 
     @classmethod
     def of(cls, ex: Exchange) -> RawResponse:
+        """The wire-format copy of an exchange to send back from a generator process."""
         return cls(ex.sent_at, ex.status, ex.headers.get("x-replica", ""), ex.error, ex.pieces,
                    ex.headers.get("x-request-id", ""), ex.headers_at)
 
@@ -588,6 +594,7 @@ class LoadClient:
         return out
 
     def close(self) -> None:
+        """Stop the generator processes (killed if they do not exit within 2 s) and close their pipes."""
         for proc, conn in self._workers:
             with contextlib.suppress(OSError, BrokenPipeError):
                 conn.send(("stop",))

@@ -36,6 +36,7 @@ def figure_sources(points: pd.DataFrame) -> list[str]:
 
 
 def summary_frame(points: pd.DataFrame) -> pd.DataFrame:
+    """The points' summary columns that exist, renamed to their report headings."""
     return points[[c for c in SUMMARY_COLUMNS if c in points.columns]].rename(columns=SUMMARY_COLUMNS)
 
 
@@ -142,6 +143,7 @@ def _plot_power(ts: pd.DataFrame) -> str:
 
 
 def replica_breakdown(requests: pd.DataFrame) -> pd.DataFrame:
+    """Per point and replica: successful requests, output tokens, attributed energy (J) and J per token."""
     ok = requests[requests["status"] == "ok"]
     if ok.empty:
         return pd.DataFrame()
@@ -157,6 +159,7 @@ def replica_breakdown(requests: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_report(out: Path) -> Path:
+    """Write ``report.html`` (summary, figures, per-replica breakdown) for the campaign in ``out``; returns its path."""
     store = ResultStore(out)
     store.repair()
     points = store.points()
@@ -218,6 +221,7 @@ def compare_frame(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_comparison(dir_a: Path, dir_b: Path, out: Path) -> tuple[Path, pd.DataFrame]:
+    """Write an HTML comparison of two campaigns (J/token against load) to ``out``; returns it and the joined points."""
     a, b = ResultStore(dir_a).points(), ResultStore(dir_b).points()
     merged = compare_frame(a, b)
     fig, ax = plt.subplots(figsize=(6, 3.6))

@@ -245,6 +245,7 @@ def _degradation(df: pd.DataFrame, measurement: Measurement) -> list[str]:
 
 
 def records_frame(records: list[RequestRecord]) -> pd.DataFrame:
+    """Request records as a DataFrame with one column per RequestRecord field."""
     # Column by column with getattr: dataclasses.asdict deep-copies every ITL list and took ~30% of a
     # virtual-time run's CPU.
     cols = [f.name for f in dataclasses.fields(RequestRecord)]
@@ -267,13 +268,16 @@ class ResultStore:
 
     @property
     def points_path(self) -> Path:
+        """Path of the per-point summary table, ``points.csv``."""
         return self.out / "points.csv"
 
     @property
     def requests_path(self) -> Path:
+        """Path of the per-request table, ``requests.parquet``."""
         return self.out / "requests.parquet"
 
     def points(self) -> pd.DataFrame:
+        """The per-point summary table (empty with the expected columns if there is none yet)."""
         if not self.points_path.exists():
             return pd.DataFrame(columns=POINT_COLUMNS)
         return pd.read_csv(self.points_path)
@@ -319,12 +323,15 @@ class ResultStore:
 
     @property
     def timeseries_path(self) -> Path:
+        """Path of the power and clock time series, ``timeseries.parquet``."""
         return self.out / "timeseries.parquet"
 
     def timeseries(self) -> pd.DataFrame:
+        """The power and clock time series (empty with the expected columns if there is none yet)."""
         if not self.timeseries_path.exists():
             return pd.DataFrame(columns=TIMESERIES_COLUMNS)
         return pd.read_parquet(self.timeseries_path)
 
     def requests(self) -> pd.DataFrame:
+        """Every request record so far (an empty frame with the record columns if there is none)."""
         return pd.read_parquet(self.requests_path) if self.requests_path.exists() else records_frame([])

@@ -30,6 +30,8 @@ ADDED_ENGINE_FIELDS = {"tensor_parallel": 1}
 
 
 class WorkloadSpec(BaseModel):
+    """How requests are generated: arrivals, prompt and output lengths, sending window, warm-up, cool-down, prompts."""
+
     model_config = ConfigDict(extra="forbid")
 
     arrival: Arrival = Field(default_factory=PoissonArrivals)
@@ -79,6 +81,8 @@ class WorkloadSpec(BaseModel):
 
 
 class PolicySetting(BaseModel):
+    """A controller policy to compare in a sweep, with its options."""
+
     model_config = ConfigDict(extra="forbid")
 
     policy: str = Field(min_length=1, description="A policy the target's controller knows, e.g. slo_feedback.")
@@ -102,6 +106,7 @@ class Sweep(BaseModel):
     policies: list[PolicySetting] = Field(default_factory=list, description="Controller policies to compare.")
 
     def settings(self) -> list[Knobs | PolicySetting | None]:
+        """The settings compared: pinned knobs, then policies; ``[None]`` (as deployed) when there are neither."""
         return [*self.knobs, *self.policies] or [None]
 
     @property
@@ -110,10 +115,12 @@ class Sweep(BaseModel):
         return [float(c) for c in self.concurrency] if self.concurrency else list(self.rate_rps)
 
     def points(self) -> list[tuple[Knobs | PolicySetting | None, float]]:
+        """Every (setting, load) point of the sweep, settings outermost."""
         return [(s, r) for s in self.settings() for r in self.loads]
 
 
 def setting_label(setting: Knobs | PolicySetting | None) -> str:
+    """A short human-readable label of a sweep setting (``as deployed``, ``policy=...`` or the knobs)."""
     if setting is None:
         return "as deployed"
     if isinstance(setting, PolicySetting):
@@ -124,6 +131,8 @@ def setting_label(setting: Knobs | PolicySetting | None) -> str:
 
 
 class CampaignSpec(BaseModel):
+    """A campaign file: name, seed, site, model, workload, SLO and the sweep of settings and loads."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(default="campaign", min_length=1)
@@ -151,9 +160,11 @@ class CampaignSpec(BaseModel):
 
     @property
     def closed_loop(self) -> bool:
+        """Whether the workload is closed-loop (a fixed number of users, swept by ``sweep.concurrency``)."""
         return isinstance(self.workload.arrival, ClosedLoopArrivals)
 
     def config_hash(self) -> str:
+        """Short hash of the settings, checked by ``--resume`` (fields added later left out while at their default)."""
         data = self.model_dump(mode="json")
         sections = [(data["workload"], ADDED_FIELDS), (data["slo"], SLO_FIELDS_ADDED)]
         sections += [(k, ADDED_KNOB_FIELDS) for k in data["sweep"]["knobs"]]
