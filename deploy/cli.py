@@ -88,7 +88,7 @@ def served_tokenizer(config: ServingConfig) -> str | None:
 
 def cmd_campaign_run(args: argparse.Namespace) -> int:
     """``testbed campaign run``: run a campaign (against a URL, or a deployment started for it) and write its report."""
-    from deploy.compare import device_floor
+    from deploy.compare import device_floor, model_reference
     from deploy.local import DeploymentStartError, LocalDeployment
     from workloads.campaign import TargetDownError, prepare_out_dir, run_campaign
     from workloads.http_target import ControlError, HttpTarget
@@ -150,7 +150,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
             deployment = d.model_copy(update={"controller": d.controller.model_copy(update={"token": token})})
             with LocalDeployment(deployment, out / "deployment.log") as url:
                 points = run_campaign(spec, HttpTarget(url, args.metrics_url, token, prompts), out, console,
-                                      floor=device_floor(d))
+                                      floor=device_floor(d), reference=model_reference(d))
         write_report(out)
         return points
 

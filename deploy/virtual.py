@@ -30,7 +30,7 @@ from controllers.config import ControllerConfig
 from controllers.loop import ControlLoop
 from controllers.observe import Observer
 from controllers.policies import Policy, build_policy
-from deploy.compare import device_floor
+from deploy.compare import device_floor, model_reference
 from deploy.config import PathLatency
 from profilers.scrape import CounterSnapshot, counters_from_export
 from serving.api import RecentRequests
@@ -305,4 +305,5 @@ def run_virtual_campaign(
         f"virtual time: {config.replicas} x {config.engine.device} replicas of {config.engine.model}, "
         f"{len(spec.sweep.points())} point(s)"
     )
-    return run_campaign(spec, target, out, console, run=target.clock.execute, floor=device_floor(config))
+    return run_campaign(spec, target, out, console, run=target.clock.execute, floor=device_floor(config),
+                        reference=model_reference(config))

@@ -17,13 +17,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from profilers.errors import ConfigError
-from profilers.footprint import J_PER_KWH, SiteProfile
+from profilers.footprint import J_PER_KWH, SECONDS_PER_YEAR, EmbodiedCarbon, SiteProfile
 
 log = logging.getLogger(__name__)
-SECONDS_PER_YEAR = 365.25 * 86400
+__all__ = ["SECONDS_PER_YEAR", "CarbonAccumulator", "CifSeries", "EmbodiedCarbon", "operational_carbon_g"]
 
 
 class CifSeriesError(ConfigError):
@@ -98,25 +96,6 @@ def operational_carbon_g(
     """Operational gCO2e of IT energy spent over ``[t0_s, t1_s]`` (Unix seconds)."""
     g_per_kwh = cif.mean(t0_s, t1_s) if cif is not None else site.cif_kg_per_kwh * 1000.0
     return energy_it_j * site.pue / J_PER_KWH * g_per_kwh
-
-
-class EmbodiedCarbon(BaseModel):
-    """Embodied carbon of one device and the life it is spread over."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kg_per_device: float = Field(ge=0.0, le=100_000.0, description="Cradle-to-gate kgCO2e of one device.")
-    service_life_years: float = Field(gt=0.0, le=30.0, description="Years the cost is amortised over.")
-    source: str = Field(default="", description="Where the figure comes from.")
-
-    @property
-    def g_per_second(self) -> float:
-        """Embodied carbon charged per second of service, in gCO2e (amortised evenly over the service life)."""
-        return self.kg_per_device * 1000.0 / (self.service_life_years * SECONDS_PER_YEAR)
-
-    def grams(self, seconds_in_use: float) -> float:
-        """Embodied carbon (gCO2e) of ``seconds_in_use`` seconds of the device's service life."""
-        return max(0.0, seconds_in_use) * self.g_per_second
 
 
 class CarbonAccumulator:

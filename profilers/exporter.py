@@ -7,6 +7,7 @@ and idle energy are separate families, so ``sum()`` over any family never double
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -18,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from profilers.carbon import CarbonAccumulator, CifSeries, EmbodiedCarbon, site_cif_series
 from profilers.exposition import ExporterRegistry, Family, FastCollector, HistogramCollector
 from profilers.footprint import SiteProfile, footprint
+from profilers.lifecycle import LifecycleAccumulator
 
 NAMESPACE = "llm_energy"
 DEVICE_LABELS = ["replica", "device", "backend", "provenance"]
@@ -128,6 +130,7 @@ class EnergyCollector(FastCollector):
         self._carbon = CarbonAccumulator(site, cif) if cif is not None else None
         self._wall_clock = wall_clock
         self._first_seen: dict[str, float] = {}
+        self._lifecycle = LifecycleAccumulator(site)
 
     def families(self) -> list[Family]:
         """The energy, water and carbon metric families of a fresh snapshot, per device and per replica."""
@@ -243,7 +246,25 @@ class EnergyCollector(FastCollector):
             "is not computed again.",
             labels=[*REPLICA_LABELS, "kind"],
         )
+        boundary = _counter(
+            f"{NAMESPACE}_boundary_energy_joules",
+            "Energy in a boundary: accelerator (the devices' own) or comprehensive (plus the host's CPU and DRAM "
+            "for the replica's share of its node, modeled from a host power preset, times PUE; absent where the "
+            "host is unknown, never 0).",
+            labels=[*REPLICA_LABELS, "boundary", "provenance"],
+        )
+        sci = _gauge(
+            f"{NAMESPACE}_sci_per_token_grams",
+            "GSF SCI per generated token since the replica started: ((E x I) + M) / R, E comprehensive "
+            "(accelerator x PUE where the host is unknown), I location-based, M embodied; status=complete|partial.",
+            labels=[*REPLICA_LABELS, "status"],
+        )
         now = self._clock()
+        presets_by_replica: dict[str, list[str | None]] = {}
+        uptime_by_replica: dict[str, float] = {}
+        for d in snap.devices:
+            presets_by_replica.setdefault(d.replica, []).append(d.preset)
+            uptime_by_replica[d.replica] = max(uptime_by_replica.get(d.replica, 0.0), self._uptime_s(d, now))
         energy_by_replica: dict[str, tuple[float, str]] = {}
         for d in snap.devices:
             total, prov = energy_by_replica.get(d.replica, (0.0, d.provenance))
@@ -276,7 +297,19 @@ class EnergyCollector(FastCollector):
                     value = window.update(now, energy_by_replica[r.replica][0], r.generated_tokens)
                 if value is not None:
                     per_token.add([*labels, prov], value)
-        return [tokens, attributed, idle, per_token, running, waiting, closure, kv_usage, kv_capacity, spec, prefix]
+                with self._lock:
+                    life = self._lifecycle.update(
+                        r.replica, uptime_by_replica.get(r.replica, 0.0), energy_by_replica[r.replica][0],
+                        r.attributed_prefill_j + r.attributed_decode_j, presets_by_replica.get(r.replica, []), prov,
+                    )
+                boundary.add([*labels, "accelerator", prov], life.accelerator_j)
+                if math.isfinite(life.comprehensive_j):
+                    boundary.add([*labels, "comprehensive", "mixed" if prov == "measured" else prov],
+                                 life.comprehensive_j)
+                if r.generated_tokens > 0:
+                    sci.add([*labels, life.sci_status.split(":")[0]], life.sci_per(r.generated_tokens))
+        return [tokens, attributed, idle, per_token, running, waiting, closure, kv_usage, kv_capacity, spec, prefix,
+                boundary, sci]
 
 
 @dataclass

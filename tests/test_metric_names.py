@@ -34,6 +34,9 @@ FROZEN: dict[str, tuple[str, tuple[str, ...]]] = {
     "llm_energy_kv_cache_capacity_tokens": ("gauge", REP),
     "llm_energy_spec_decode_tokens_total": ("counter", ("backend", "kind", "replica")),
     "llm_energy_prefix_cache_tokens_total": ("counter", ("backend", "kind", "replica")),
+    # Issue #20: the two boundaries and the SCI (added on purpose).
+    "llm_energy_boundary_energy_joules_total": ("counter", ("backend", "boundary", "provenance", "replica")),
+    "llm_energy_sci_per_token_grams": ("gauge", ("backend", "replica", "status")),
     "llm_energy_request_ttft_seconds_bucket": ("histogram", ("le", "replica")),
     "llm_energy_request_ttft_seconds_count": ("histogram", ("replica",)),
     "llm_energy_request_ttft_seconds_sum": ("histogram", ("replica",)),
