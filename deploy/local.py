@@ -14,7 +14,7 @@ import httpx
 import yaml
 
 from deploy.config import DeploymentConfig
-from deploy.raycluster import RAY_ENV
+from deploy.raycluster import ray_env
 from profilers.errors import TestbedError
 
 
@@ -37,7 +37,7 @@ class LocalDeployment:
         tmp = Path(self._tmp.name)
         cfg_path, ready = tmp / "serving.yaml", tmp / "ready"
         cfg_path.write_text(yaml.safe_dump(self.config.model_dump(mode="json")))
-        env = {**os.environ, **RAY_ENV, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **ray_env(), "PYTHONUNBUFFERED": "1"}
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "deploy.cli", "serve", str(cfg_path), "--ready-file", str(ready)],

@@ -127,7 +127,7 @@ async def start_deployment(config: ServingConfig) -> Deployment:
         actor = ReplicaActor.options(
             num_cpus=config.num_cpus_per_replica, num_gpus=gpus, max_concurrency=4096, max_restarts=0,
             **placement[i],
-        ).remote(name, config.engine.model_dump())
+        ).remote(name, config.engine.model_dump(), channel_host(config))
         handles.append(ReplicaHandle(name, actor, backend=config.engine.kind))
     # Ray waits for room for an actor (and for its placement group's bundles) indefinitely, since an autoscaler may
     # add a node: bound it, or a deployment asking for GPUs the cluster lacks would hang here without a word.
@@ -195,6 +195,11 @@ def build_app(config: DeploymentConfig, door: FrontDoor) -> tuple[FastAPI, Contr
         controller = Controller(config.controller, door)
         add_control_routes(app, controller)
     return app, controller
+
+
+def channel_host(config: ServingConfig) -> str | None:
+    """Where the replicas' channels listen: as configured, else loopback for a local Ray (None: the node's address)."""
+    return config.channel_host or (None if config.ray_address else "127.0.0.1")
 
 
 def _url(host: str, port: int) -> str:

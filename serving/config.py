@@ -237,6 +237,11 @@ class ServingConfig(BaseModel):
         "them (without, every replica of a node runs on its first GPU). None: 1 for a vLLM engine when the Ray "
         "cluster has GPUs, else 0.")
     ray_address: str | None = Field(default=None, description="Attach to this Ray cluster instead of a local one.")
+    channel_host: str | None = Field(
+        default=None, description="Address the replicas' token channels listen on. None: loopback when the testbed "
+        "starts its own Ray, the replica's node address when it attaches to a cluster (routers on other nodes must "
+        "reach it).",
+    )
     placement: Literal["none", "spread", "strict_spread", "pack"] = Field(
         default="none", description="Place replicas with a Ray placement group: spread over nodes, or pack."
     )

@@ -51,6 +51,11 @@ class Telemetry:
     supported_clocks_mhz: tuple[float, ...] = ()
 
 
+def channel_proof(secret: str, channel: str, nonce: str) -> bytes:
+    """What a replica answers a router's nonce with: an HMAC only a holder of the channel's secret can compute."""
+    return hmac.new(secret.encode(), f"{channel} {nonce}".encode(), "sha256").hexdigest().encode()
+
+
 def export_snapshot(replicas: Iterable[tuple[str, str, Telemetry]]) -> ExportSnapshot:
     """The exporter's view of replicas given as (name, backend, telemetry): one conversion for every caller."""
     snap = ExportSnapshot()
@@ -134,8 +139,9 @@ class Replica:
     frame. A Ray message costs ~0.5 ms of CPU in this process (which also runs the engine's output handling) and
     ~0.7 ms in the caller, a Ray call more; a frame on a socket costs tens of microseconds."""
 
-    def __init__(self, replica: str, engine_config: dict[str, Any]) -> None:
+    def __init__(self, replica: str, engine_config: dict[str, Any], channel_host: str | None = None) -> None:
         self.replica = replica
+        self._channel_host = channel_host
         self.niceness = run_at_normal_priority(replica)
         self.engine: Engine = build_engine(parse_engine_config(engine_config), replica)
         self.defaults = Knobs()
@@ -219,22 +225,25 @@ class Replica:
         """Where a router connects for its channel on a socket, and the secret it must present (handed out
         through Ray only, so only members of the Ray cluster can open a channel). See :meth:`_serve_channel`."""
         if self._server is None:
-            host = ray.util.get_node_ip_address()
+            host = self._channel_host or ray.util.get_node_ip_address()
             self._server = await asyncio.start_server(self._serve_channel, host, 0)
         host, port = self._server.sockets[0].getsockname()[:2]
         return host, port, self._secret
 
     async def _serve_channel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One router's channel on a socket. The router sends ``SECRET CHANNEL\\n``, then JSON frames
-        (4-byte length, ``{"submit": request}`` or ``{"cancel": request_id}``); this side sends frames of pickled
-        batches, as :meth:`events` yields them. Rejected requests come back as :class:`StreamError`."""
+        """One router's channel on a socket. The router sends ``SECRET CHANNEL NONCE\\n`` and this side proves it
+        holds the secret too (:func:`channel_proof`), so the router unpickles frames only from the replica; then the
+        router sends JSON frames (4-byte length, ``{"submit": request}`` or ``{"cancel": request_id}``) and this side
+        frames of pickled batches, as :meth:`events` yields them. Rejected requests come back as
+        :class:`StreamError`."""
         channel = None
         try:
             line = (await asyncio.wait_for(reader.readline(), 30)).decode(errors="replace").split()
-            if len(line) != 2 or not hmac.compare_digest(line[0], self._secret):
+            if len(line) != 3 or not hmac.compare_digest(line[0], self._secret):
                 log.warning("replica %s: refused a channel connection without the secret", self.replica)
                 return
             channel = line[1]
+            writer.write(channel_proof(self._secret, channel, line[2]) + b"\n")
             outbox = self._outbox(channel)
             flush = _ChannelFlush(outbox, writer)
             outbox.on_ready = flush.schedule

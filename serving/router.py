@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import itertools
 import json
 import logging
 import pickle
+import secrets
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ import ray.exceptions
 from profilers import trace
 from profilers.errors import TestbedError
 from profilers.exporter import ExportSnapshot
-from serving.replica import StreamError, Telemetry, export_snapshot
+from serving.replica import StreamError, Telemetry, channel_proof, export_snapshot
 from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -113,7 +115,12 @@ class Channel:
         host, port, secret = await self.actor.stream_address.remote()
         reader, writer = await asyncio.open_connection(host, port)
         try:
-            writer.write(f"{secret} {self.id}\n".encode())
+            nonce = secrets.token_hex(16)
+            writer.write(f"{secret} {self.id} {nonce}\n".encode())
+            proof = (await asyncio.wait_for(reader.readline(), 30)).strip()
+            if not hmac.compare_digest(proof, channel_proof(secret, self.id, nonce)):
+                # Whoever answered does not hold the replica's secret: nothing it sends is unpickled.
+                raise ConnectionRefusedError(f"the peer at {host}:{port} did not prove the replica's channel secret")
             assert self._writer is not None
             self._writer.set_result(writer)
             while True:

@@ -37,7 +37,7 @@ class ArrivalProcess(Protocol):
 class PoissonArrivals(BaseModel):
     """Exponential inter-arrival times (memoryless open-loop traffic)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["poisson"] = "poisson"
 
     def times(self, rng: np.random.Generator, rate_rps: float, duration_s: float) -> Iterator[float]:
@@ -53,7 +53,7 @@ class PoissonArrivals(BaseModel):
 class ConstantArrivals(BaseModel):
     """Evenly spaced requests (the first at t=0)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["constant"] = "constant"
 
     def times(self, rng: np.random.Generator, rate_rps: float, duration_s: float) -> Iterator[float]:
@@ -66,7 +66,7 @@ class ConstantArrivals(BaseModel):
 class GammaArrivals(BaseModel):
     """Gamma inter-arrival times with coefficient of variation ``cv`` (1 = Poisson, > 1 = bursty)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["gamma"] = "gamma"
     cv: float = Field(default=2.0, gt=0, le=20, description="Burstiness: std/mean of inter-arrival gaps.")
 
@@ -122,7 +122,7 @@ class RampArrivals(RateProfile):
     """Rate changing linearly from ``start`` to ``end`` (relative levels) over the point; the mean is the
     sweep's rate, so ``start: 0, end: 1`` ramps from 0 to twice ``rate_rps``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["ramp"] = "ramp"
     start: float = Field(ge=0, description="Relative rate at t = 0.")
     end: float = Field(ge=0, description="Relative rate at the end of the point.")
@@ -150,7 +150,7 @@ class DiurnalArrivals(RateProfile):
     """Sinusoidal rate ``1 + amplitude * sin(2 pi (t / period_s + phase))``, e.g. a day compressed into a
     point; ``phase`` is the fraction of a period at t = 0 (0: mean and rising, 0.25: peak, 0.75: trough)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["diurnal"] = "diurnal"
     period_s: float = Field(gt=0, description="Length of one cycle, seconds.")
     amplitude: float = Field(default=0.5, ge=0, lt=1, description="Swing relative to the mean (0 to < 1).")
@@ -176,7 +176,7 @@ class PiecewiseArrivals(RateProfile):
     """Rate interpolated linearly between ``points`` ``[t_s, level]`` (relative levels; the last level holds
     to the end of the point), e.g. ``[[0, 1], [60, 3], [120, 1]]`` for a burst one minute in."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["piecewise"] = "piecewise"
     points: list[tuple[float, float]] = Field(min_length=1, description="[t_s, relative rate] pairs.")
 
@@ -236,7 +236,7 @@ class TraceArrivals(BaseModel):
     thins the trace further (a seeded fraction of requests) before the rate is matched.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["trace"] = "trace"
     path: str = Field(
         description="Trace path (Azure or BurstGPT CSV, Mooncake JSONL) or a shipped trace, e.g. azure_conv_2023."
@@ -256,7 +256,7 @@ class ClosedLoopArrivals(BaseModel):
     The sweep's ``concurrency`` values are the numbers of users; the request rate is whatever the server sustains.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["closed"] = "closed"
     think_time_s: float = Field(default=0.0, ge=0, le=3600, description="Pause between a response and the next.")
 
@@ -271,7 +271,7 @@ Arrival = Annotated[
 class FixedLength(BaseModel):
     """Every request has the same token length, ``value``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["fixed"] = "fixed"
     value: int = Field(gt=0)
 
@@ -283,7 +283,7 @@ class FixedLength(BaseModel):
 class UniformLength(BaseModel):
     """Token lengths uniform over the integers ``[low, high]``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["uniform"] = "uniform"
     low: int = Field(gt=0)
     high: int = Field(gt=0)
@@ -302,7 +302,7 @@ class UniformLength(BaseModel):
 class LogNormalLength(BaseModel):
     """Log-normal with the given median and log-space sigma, clipped to [min, max]."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["lognormal"] = "lognormal"
     median: float = Field(gt=0)
     sigma: float = Field(ge=0, le=4)
@@ -325,7 +325,7 @@ class TraceLength(BaseModel):
     """Token counts drawn (seeded, with replacement) from a column of a request trace (Azure or BurstGPT
     CSV, Mooncake JSONL): the trace's empirical distribution, clipped to [min, max]."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["trace"] = "trace"
     path: str = Field(
         description="Trace path (Azure or BurstGPT CSV, Mooncake JSONL) or a shipped trace, e.g. azure_conv_2023."
