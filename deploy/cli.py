@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import secrets
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from deploy.config import CampaignFile, ConfigError, load_serving_config, load_y
 from deploy.opscli import add_ops_commands
 from profilers.errors import TestbedError
 from serving.config import ServingConfig
+from workloads.client import die_with_parent
 
 
 def _print_summary(console: Console, points, out: Path) -> None:  # type: ignore[no-untyped-def]
@@ -154,6 +156,9 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
         write_report(out)
         return points
 
+    # SIGTERM (what `timeout`, schedulers and Kubernetes send) unwinds like Ctrl-C: the load stops, finished points
+    # stay, and the deployment this campaign started is stopped and its files removed.
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_campaign_stopped)
     try:
         if spec.compare:
             from deploy.compare import run_comparison
@@ -167,9 +172,11 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         print(f"finished points are kept in {out}; continue with --resume", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (CampaignStopped): the load and the deployment stopped
         console.print(f"[yellow]interrupted[/]: finished points are kept in {out}; continue with --resume")
-        return 130
+        return 128 + (e.signum if isinstance(e, CampaignStopped) else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     _print_summary(console, points, out)
     report = out / "report.html"
     console.print(f"requests: {out / 'requests.parquet'}\npoints:   {out / 'points.csv'}\nreport:   {report}")
@@ -180,11 +187,27 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
     return 0
 
 
+class CampaignStopped(KeyboardInterrupt):
+    """A signal asked the campaign to stop: it unwinds as Ctrl-C does, and exits with 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+def _raise_campaign_stopped(signum: int, _frame: object) -> None:
+    raise CampaignStopped(signum)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """``testbed serve``: start a deployment from its YAML (port, host, replicas overridable), serve until stopped."""
     from deploy.serve import serve
 
+    if args.parent_pid:
+        die_with_parent(args.parent_pid)
     config = load_serving_config(Path(args.file))
+    if args.remove_on_exit:  # the control token is in it: on disk no longer than it takes to read
+        Path(args.file).unlink(missing_ok=True)
     given = (("port", args.port), ("host", args.host), ("replicas", args.replicas))
     updates = {k: v for k, v in given if v is not None}
     config = config.model_validate({**config.model_dump(), **updates})
@@ -197,6 +220,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # code 15: the stop was asked for and went cleanly (serve's cleanup ran), so it is a success.
         if e.code != signal.SIGTERM:
             raise
+    finally:
+        if args.remove_on_exit:
+            shutil.rmtree(args.remove_on_exit, ignore_errors=True)
     return 0
 
 
@@ -330,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, help="0 picks a free port")
     srv.add_argument("--replicas", type=int)
     srv.add_argument("--ready-file", help="write the URL here once serving (for scripts)")
+    srv.add_argument("--parent-pid", type=int, help="stop when this process (the one that started serve) dies")
+    srv.add_argument("--remove-on-exit", help="a directory of this deployment's files (its config, with the control "
+                     "token) to delete: the config as soon as it is read, the directory on exit")
     srv.set_defaults(func=cmd_serve)
 
     mod = sub.add_parser("model", help="build or import model checkpoints for the vLLM engine")

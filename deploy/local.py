@@ -31,7 +31,8 @@ class LocalDeployment:
         self.log_path = log_path
         self.start_timeout_s = start_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
-        self._tmp = tempfile.TemporaryDirectory(prefix="testbed-deploy-")
+        # serve removes the directory itself (it holds the control token), even when this process was killed
+        self._tmp = tempfile.TemporaryDirectory(prefix="testbed-deploy-", ignore_cleanup_errors=True)
 
     def __enter__(self) -> str:
         tmp = Path(self._tmp.name)
@@ -40,7 +41,8 @@ class LocalDeployment:
         env = {**os.environ, **ray_env(), "PYTHONUNBUFFERED": "1"}
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", "serve", str(cfg_path), "--ready-file", str(ready)],
+            [sys.executable, "-m", "deploy.cli", "serve", str(cfg_path), "--ready-file", str(ready),
+             "--parent-pid", str(os.getpid()), "--remove-on-exit", str(tmp)],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
         deadline = time.monotonic() + self.start_timeout_s

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import gc
 import itertools
 import json
@@ -18,6 +19,7 @@ import math
 import multiprocessing.connection
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -379,6 +381,19 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel for SIGTERM when the process that started this one dies (kill -9 included), so a load
+    generator or a deployment never outlives its campaign; exits at once if that parent is already gone. Called
+    by the child itself (not a preexec_fn, unsafe in a threaded parent). Linux only: elsewhere a no-op."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def worker_main(conn: multiprocessing.connection.Connection) -> None:
     """A generator process (``python -m workloads.loadworker FD``): runs the points it is sent, streaming finished
     records back in batches."""
@@ -517,7 +532,7 @@ class LoadClient:
         while len(self._workers) < n:
             ours, theirs = socket.socketpair()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "workloads.loadworker", str(theirs.fileno())],
+                [sys.executable, "-m", "workloads.loadworker", str(theirs.fileno()), str(os.getpid())],
                 pass_fds=(theirs.fileno(),), cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": _import_root()},
             )
             theirs.close()
