@@ -153,6 +153,7 @@ async def start_deployment(config: ServingConfig) -> Deployment:
             log.warning("replica %s: %s, started in %.1f s; power source: %s", info["replica"],
                         info.get("engine", "?"), info.get("engine_start_s") or 0.0, info["power_source"])
     router = Router(handles, policy=config.router)
+    router.start_watch(config.heartbeat_s, config.replica_deadline_s)
     door = FrontDoor(router, config.model_name, config.engine.max_model_len, site, config.door_limits)
     return Deployment(config, router, door, list(infos), pg)
 
@@ -346,6 +347,7 @@ class HostedFrontDoor:
             for name, actor, kind in self.replicas
         ]
         self._router = Router(handles, policy=cfg.router)
+        self._router.start_watch(cfg.heartbeat_s, cfg.replica_deadline_s)
         door = FrontDoor(self._router, cfg.model_name, cfg.engine.max_model_len, load_site_profile(cfg.site),
                          cfg.door_limits)
         app, self._controller = build_app(cfg, door)

@@ -79,6 +79,8 @@ class ReplicaSample:
     prefix_cache_queried_tokens: int | None = None
     """None: the engine has no prefix cache (no samples are exported)."""
     prefix_cache_hit_tokens: int | None = None
+    up: bool = True
+    """False: the replica is dead or not answering; these are its last counters, frozen."""
 
 
 @dataclass
@@ -219,6 +221,10 @@ class EnergyCollector(FastCollector):
         running = _gauge(
             f"{NAMESPACE}_requests_running", "Requests in the running batch.", labels=REPLICA_LABELS
         )
+        up = _gauge(
+            f"{NAMESPACE}_replica_up", "1: the replica answers; 0: dead or not answering its heartbeat (its counters "
+            "are its last, frozen).", labels=REPLICA_LABELS,
+        )
         waiting = _gauge(
             f"{NAMESPACE}_requests_waiting", "Requests queued for admission.", labels=REPLICA_LABELS
         )
@@ -278,6 +284,7 @@ class EnergyCollector(FastCollector):
             attributed.add([*labels, "decode", prov], r.attributed_decode_j)
             idle.add([*labels, prov], r.idle_j)
             running.add(labels, r.running)
+            up.add(labels, 1.0 if r.up else 0.0)
             waiting.add(labels, r.waiting)
             if r.kv_capacity_tokens > 0:
                 kv_usage.add(labels, r.kv_used_tokens / r.kv_capacity_tokens)
@@ -308,8 +315,8 @@ class EnergyCollector(FastCollector):
                                  life.comprehensive_j)
                 if r.generated_tokens > 0:
                     sci.add([*labels, life.sci_status.split(":")[0]], life.sci_per(r.generated_tokens))
-        return [tokens, attributed, idle, per_token, running, waiting, closure, kv_usage, kv_capacity, spec, prefix,
-                boundary, sci]
+        return [tokens, attributed, idle, per_token, running, waiting, up, closure, kv_usage, kv_capacity, spec,
+                prefix, boundary, sci]
 
 
 @dataclass

@@ -560,10 +560,11 @@ def create_app(door: FrontDoor) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        replicas = {r.name: ("up" if r.alive else "dead") for r in door.router.replicas}
-        ok = any(r.alive for r in door.router.replicas)
-        return JSONResponse({"status": "ok" if ok else "unavailable", "replicas": replicas},
-                            status_code=200 if ok else 503)
+        replicas = {r.name: ("dead" if not r.alive else "up" if r.responsive else "not answering")
+                    for r in door.router.replicas}
+        ok = bool(door.router.routable())
+        status = "unavailable" if not ok else "ok" if len(door.router.routable()) == len(replicas) else "degraded"
+        return JSONResponse({"status": status, "replicas": replicas}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -237,6 +237,12 @@ class ServingConfig(BaseModel):
         "them (without, every replica of a node runs on its first GPU). None: 1 for a vLLM engine when the Ray "
         "cluster has GPUs, else 0.")
     ray_address: str | None = Field(default=None, description="Attach to this Ray cluster instead of a local one.")
+    heartbeat_s: float = Field(default=1.0, gt=0, le=60, description="Period of the router's replica heartbeat.")
+    replica_deadline_s: float = Field(
+        default=10.0, gt=0, le=600, description="A replica silent this long is routed around, reported not answering "
+        "on /health and /metrics, and its in-flight requests end with an error (a request not yet streamed is retried "
+        "on another replica).",
+    )
     channel_host: str | None = Field(
         default=None, description="Address the replicas' token channels listen on. None: loopback when the testbed "
         "starts its own Ray, the replica's node address when it attaches to a cluster (routers on other nodes must "

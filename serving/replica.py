@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -11,7 +12,7 @@ import os
 import pickle
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,8 +57,9 @@ def channel_proof(secret: str, channel: str, nonce: str) -> bytes:
     return hmac.new(secret.encode(), f"{channel} {nonce}".encode(), "sha256").hexdigest().encode()
 
 
-def export_snapshot(replicas: Iterable[tuple[str, str, Telemetry]]) -> ExportSnapshot:
-    """The exporter's view of replicas given as (name, backend, telemetry): one conversion for every caller."""
+def export_snapshot(replicas: Iterable[tuple[str, str, Telemetry]], down: Set[str] = frozenset()) -> ExportSnapshot:
+    """The exporter's view of replicas given as (name, backend, telemetry): one conversion for every caller.
+    ``down``: replicas whose telemetry is their last answer (dead or not answering), exported with ``up`` 0."""
     snap = ExportSnapshot()
     for name, backend, tel in replicas:
         infos = {d.device: d for d in tel.devices}
@@ -68,7 +70,8 @@ def export_snapshot(replicas: Iterable[tuple[str, str, Telemetry]]) -> ExportSna
                              rd.energy_j, rd.power_w, rd.clock_mhz,
                              preset=info.preset if info else None, calibration=info.calibration if info else None)
             )
-        snap.replicas.append(tel.stats.export_sample(name))
+        sample = tel.stats.export_sample(name)
+        snap.replicas.append(dataclasses.replace(sample, up=False) if name in down else sample)
     return snap
 
 

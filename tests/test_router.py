@@ -290,8 +290,9 @@ def test_engine_stats_become_the_exporters_replica_sample_field_for_field() -> N
     for f in fields(ReplicaSample):
         if f.name != "replica" and hasattr(stats, f.name):
             assert getattr(sample, f.name) == getattr(stats, f.name), f.name
-    assert all(hasattr(stats, f.name) or f.name in ("prompt_tokens", "generated_tokens", "replica")
-               for f in fields(ReplicaSample))  # a field the exporter adds must be reported by the engines
+    # A field the exporter adds must be reported by the engines (``up`` is the router's: heartbeats).
+    assert all(hasattr(stats, f.name) or f.name in ("prompt_tokens", "generated_tokens", "replica", "up")
+               for f in fields(ReplicaSample))
 
 
 async def test_router_unpickles_nothing_from_a_peer_that_cannot_prove_the_secret() -> None:

@@ -25,7 +25,9 @@ from workloads.arrivals import (
 # means "as before": left out of the config hash at that value, so a run directory started before them resumes.
 ADDED_FIELDS = {"shared_prefix_tokens": 0}
 ADDED_KNOB_FIELDS = {"prefix_caching": None}
-ADDED_DEPLOYMENT_FIELDS = {"front_door": "separate", "door": None, "channel_host": None}
+ADDED_DEPLOYMENT_FIELDS = {
+    "front_door": "separate", "door": None, "channel_host": None, "heartbeat_s": 1.0, "replica_deadline_s": 10.0,
+}
 ADDED_ENGINE_FIELDS = {"tensor_parallel": 1}
 """Engine fields added after campaigns were written, with the value they had implicitly (see config_hash)."""
 # Bounds on the load a point may ask for: beyond them a typo (1e9 req/s, .inf) would grow the schedule's memory
