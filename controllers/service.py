@@ -25,7 +25,7 @@ from controllers.observe import Observer, front_door_observer
 from controllers.policies import Observation, build_policy, policy_names
 from profilers.clock import RealClock
 from profilers.exporter import NAMESPACE
-from serving.api import FrontDoor, error_response
+from serving.api import ErrorResponse, FrontDoor, error_response
 from serving.knobs import Knobs
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,17 @@ class _ControllerCollector(Collector):
         yield from (knob, decisions, errors, slo)
 
 
+_CONTROL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Not a valid change; nothing changed."},
+    401: {"model": ErrorResponse, "description": "No or wrong bearer token."},
+}
+
+
+def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAPI request body for a route that reads its JSON itself (validated with the same model)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def add_control_routes(app: FastAPI, controller: Controller) -> None:
     """``GET /control`` is open; changing anything needs ``Authorization: Bearer <token>``."""
 
@@ -175,7 +186,8 @@ def add_control_routes(app: FastAPI, controller: Controller) -> None:
     async def get_control() -> dict[str, Any]:
         return controller.state()
 
-    @app.post("/control/policy")
+    @app.post("/control/policy", responses=_CONTROL_RESPONSES,
+              openapi_extra=_json_body(PolicyChange.model_json_schema()))
     async def set_policy(request: Request) -> JSONResponse:
         if not authorized(request):
             return unauthorized()
@@ -187,7 +199,9 @@ def add_control_routes(app: FastAPI, controller: Controller) -> None:
         controller.loop.set_policy(policy)
         return JSONResponse(controller.state())
 
-    @app.post("/control/knobs")
+    @app.post("/control/knobs", responses={**_CONTROL_RESPONSES, 504: {
+        "model": ErrorResponse, "description": "The engines did not confirm the knobs in time."}},
+              openapi_extra=_json_body(Knobs.model_json_schema()))
     async def set_knobs(request: Request) -> JSONResponse:
         """Pin knobs: switches to the static policy with these values."""
         if not authorized(request):

@@ -537,6 +537,47 @@ async def _read_body(receive: Any) -> bytes | None:
             return b"".join(parts)
 
 
+class _ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, as every error of the door's is answered."""
+
+    error: _ErrorBody
+
+
+_GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "A completion, or with `stream: true` its server-sent events (`text/event-stream`).",
+          "content": {"application/json": {}, "text/event-stream": {}}},
+    **{code: {"model": ErrorResponse, "description": why} for code, why in (
+        (400, "The body does not validate, asks for a field the door does not implement, or exceeds the context."),
+        (404, "Not the served model."), (408, "The body did not arrive in time."), (413, "The body is too large."),
+        (431, "The headers are too large."), (503, "Every in-flight slot is taken (see Retry-After)."),
+        (500, "The door failed (a bug): OpenAI's server_error shape."),
+    )},
+}
+
+
+def _documented(route: Route) -> Callable[..., Awaitable[Response]]:
+    async def documented(body: Any) -> Response:
+        return await answer(route, body.model_dump_json().encode())
+
+    documented.__annotations__["body"] = route[0]  # the model FastAPI documents (annotations are strings here)
+    return documented
+
+
+def _document_generation_endpoints(app: FastAPI, door: FrontDoor) -> None:
+    """Declare the generation endpoints in the OpenAPI document (clients and fuzzers read it); they are answered
+    before these routes by :class:`GenerationFastPath` and the door's own protocol, with the same handlers."""
+    for path, route in generation_routes(door).items():
+        app.add_api_route(path, _documented(route), methods=["POST"], responses=_GENERATION_RESPONSES,
+                          response_class=Response, summary=f"OpenAI {path}")
+
+
 def create_app(door: FrontDoor) -> FastAPI:
     """The front door's FastAPI app: generation endpoints, ``/v1/models``, ``/health``, ``/metrics``."""
     app = FastAPI(title="llm-energy-testbed front door", docs_url=None, redoc_url=None)
@@ -550,6 +591,8 @@ def create_app(door: FrontDoor) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), code=None)
+
+    _document_generation_endpoints(app, door)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
