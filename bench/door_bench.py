@@ -9,7 +9,9 @@ This process then
    line), and of the admitted requests' time to first token;
 2. opens idle connections (never a byte sent) up to twice the connection cap while polling ``/health`` on a fresh
    connection every few milliseconds: the slowest /health answer, and how many idle connections the door closed
-   to make room.
+   to make room;
+3. sends oversized bodies (``--attack-rounds`` rounds of 4 at once, half declaring ``--attack-mb`` MB in
+   Content-Length, half chunked without end): the door's resident memory before and after.
 
     python bench/door_bench.py [--streams 500 3000] [--max-tokens 16] [--max-connections N] [--max-inflight N]
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -46,7 +49,7 @@ class EngineRouter:
         from serving.emulated.engine import EmulatedEngine
 
         self.engine = EmulatedEngine(EmulatedEngineConfig(model=MODEL), "r0")
-        self.replicas = [SimpleNamespace(name="r0", alive=True)]  # what /health reports
+        self.replicas = [SimpleNamespace(name="r0", alive=True, responsive=True)]  # what /health reports
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         async for event in self.engine.generate(request):
@@ -56,6 +59,9 @@ class EngineRouter:
         from profilers.exporter import ExportSnapshot
 
         return ExportSnapshot()
+
+    def routable(self) -> list[object]:
+        return self.replicas
 
 
 def serve(sock: socket.socket, limits: DoorConfig) -> None:
@@ -167,6 +173,44 @@ async def flood(port: int, n: int, poll_s: float) -> dict[str, float]:
             "p99_ms": (p99(latencies) or 0.0) * 1e3}
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, MB (from /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def oversized_body(port: int, size_mb: int, chunked: bool) -> str:
+    """Send a body far over the limit until the door answers or closes; returns its status line."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = "transfer-encoding: chunked" if chunked else f"content-length: {size_mb * 2**20}"
+    writer.write(f"POST /v1/completions HTTP/1.1\r\nhost: b\r\ncontent-type: application/json\r\n{head}\r\n\r\n"
+                 .encode())
+    block = b"x" * 2**20
+    chunk = f"{len(block):x}\r\n".encode() + block + b"\r\n" if chunked else block
+    answered = asyncio.ensure_future(reader.readline())
+    with contextlib.suppress(ConnectionError):
+        for _ in range(size_mb):
+            if answered.done():  # the door has answered (and closes): stop sending
+                break
+            writer.write(chunk)
+            await writer.drain()
+    try:
+        line = await asyncio.wait_for(answered, 30)
+    except (ConnectionError, TimeoutError):
+        line = b"(closed)"
+    writer.close()
+    return line.decode(errors="replace").strip()
+
+
+async def attack(port: int, rounds: int, size_mb: int) -> list[str]:
+    out = []
+    for _ in range(rounds):
+        out += await asyncio.gather(*(oversized_body(port, size_mb, chunked=i % 2 == 1) for i in range(4)))
+    return out
+
+
 def ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1e3:.1f}"
 
@@ -179,6 +223,8 @@ def main() -> None:
     p.add_argument("--max-inflight", type=int, help="the door's max_inflight_requests (default: DoorConfig's)")
     p.add_argument("--flood-factor", type=float, default=2.0, help="idle connections, as a multiple of the cap")
     p.add_argument("--poll-ms", type=float, default=10.0, help="pause between /health polls during the flood")
+    p.add_argument("--attack-rounds", type=int, default=10, help="rounds of 4 oversized bodies")
+    p.add_argument("--attack-mb", type=int, default=200, help="size of each oversized body, MB")
     args = p.parse_args()
     import uvloop
 
@@ -199,6 +245,11 @@ def main() -> None:
     try:
         rows = [(n, uvloop.run(streams(port, n, args.max_tokens))) for n in args.streams]
         flooded = uvloop.run(flood(port, n_flood, args.poll_ms / 1e3))
+        time.sleep(1.0)
+        rss_before = rss_mb(server.pid)  # type: ignore[arg-type]
+        statuses = uvloop.run(attack(port, args.attack_rounds, args.attack_mb))
+        time.sleep(1.0)
+        rss_after = rss_mb(server.pid)  # type: ignore[arg-type]
     finally:
         server.terminate()
         server.join(10)
@@ -215,6 +266,10 @@ def main() -> None:
           f"{args.flood_factor:g}x the cap; {f['closed']:.0f} closed by the door to make room")
     print(f"/health during the flood: {f['polls']:.0f} polls, {f['failed']:.0f} failed, "
           f"p99 {f['p99_ms']:.1f} ms, max {f['max_ms']:.1f} ms")
+    answers = {x: statuses.count(x) for x in sorted(set(statuses))}
+    print(f"\noversized bodies: {len(statuses)} x {args.attack_mb} MB ({args.attack_rounds} rounds of 4, half "
+          f"chunked); answers {answers}; door RSS {rss_before:.0f} MB before, {rss_after:.0f} MB after "
+          f"({rss_after - rss_before:+.0f} MB)")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 

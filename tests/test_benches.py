@@ -105,7 +105,8 @@ def test_calibration_bench_prints_a_row_per_measurement_and_the_band_per_gpu() -
 
 def test_door_bench_prints_admitted_and_rejected_streams_and_health_under_a_flood() -> None:
     run = subprocess.run([sys.executable, str(BENCH / "door_bench.py"), "--streams", "10", "40", "--max-inflight",
-                          "20", "--max-connections", "60", "--max-tokens", "200"],
+                          "20", "--max-connections", "60", "--max-tokens", "200", "--attack-rounds", "2",
+                          "--attack-mb", "16"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     rows = {cells[0]: cells[1:4] for line in run.stdout.splitlines() if (cells := line.split())[:1] in (["10"], ["40"])}
@@ -113,3 +114,8 @@ def test_door_bench_prints_admitted_and_rejected_streams_and_health_under_a_floo
     admitted, rejected, failed = map(int, rows["40"])
     assert admitted + rejected == 40 and rejected >= 10 and failed == 0  # beyond the in-flight cap: 503s, no failure
     assert "/health during the flood" in run.stdout and ", 0 failed," in run.stdout
+    (attack,) = [line for line in run.stdout.splitlines() if line.startswith("oversized bodies")]
+    # Every oversized body is refused: a 413, or (a chunked sender still writing when the door closed) a reset.
+    answers = eval(attack.split("answers ")[1].split("; door RSS")[0])  # the bench's dict of status lines
+    assert set(answers) <= {"HTTP/1.1 413 Request Entity Too Large", "(closed)"}, attack
+    assert answers.get("HTTP/1.1 413 Request Entity Too Large", 0) >= 4, attack
