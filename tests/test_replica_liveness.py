@@ -98,3 +98,54 @@ async def test_a_killed_replicas_energy_up_to_its_death_stays_in_the_snapshot(ra
         assert (await consume(router, "after", 5))[:2] == ("replica-0", "ok")
     finally:
         await dep.stop()
+
+
+@pytest.mark.slow
+def test_a_replica_killed_during_a_campaign_point_keeps_its_energy_and_every_request(ray_local, tmp_path) -> None:
+    """kill -9 of one replica mid-point, through the real door and the campaign's HTTP target: every request has a
+    row, each completed or failed with a reason, and the point's energy includes the dead replica's up to its death."""
+    import threading
+
+    from deploy.serve import serve_in_background
+    from workloads.campaign import prepare_out_dir, run_campaign
+    from workloads.http_target import HttpTarget
+    from workloads.results import ResultStore
+    from workloads.spec import CampaignSpec
+
+    server = serve_in_background(config().model_copy(update={"port": 0}))
+    try:
+        pid = {i["replica"]: i["pid"] for i in server.deployment.replica_info}
+        spec = CampaignSpec.model_validate({
+            "name": "chaos", "seed": 2, "site": "aws",
+            "workload": {"arrival": {"kind": "poisson"}, "duration_s": 6, "client_processes": 0,
+                         "prompt_tokens": {"kind": "fixed", "value": 64},
+                         "output_tokens": {"kind": "fixed", "value": 64}},
+            "sweep": {"rate_rps": [8]},
+        })
+        prepare_out_dir(tmp_path, spec, resume=False, overwrite=False)
+        energy_at_kill: dict[str, float] = {}
+
+        def kill_mid_point() -> None:
+            time.sleep(3.0)
+            snap = asyncio.run_coroutine_threadsafe(server.deployment.router.snapshot(), server.loop).result(10)
+            energy_at_kill.update(devices(snap, "replica-1"))
+            os.kill(pid["replica-1"], signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_mid_point)
+        killer.start()
+        points = run_campaign(spec, HttpTarget(server.url), tmp_path)
+        killer.join()
+        p = points.iloc[0]
+        requests = ResultStore(tmp_path).requests()
+        assert len(requests) == p["requests"] > 0  # every request has a row
+        failed = requests[requests["status"] != "ok"]
+        assert (failed["error"].str.len() > 0).all(), failed  # each failure says why
+        assert p["completed"] >= 0.9 * p["requests"], p.to_dict()
+        assert energy_at_kill and all(e > 0 for e in energy_at_kill.values())
+        series = ResultStore(tmp_path).timeseries()
+        dead = series[series["replica"] == "replica-1"]
+        assert dead["energy_j"].max() >= max(energy_at_kill.values())  # its counter stays in every later scrape
+        assert "replica-1" not in str(p["dropped_devices"])  # its energy is counted, not dropped
+        assert p["energy_j"] >= p["attributed_energy_j"] * 0.999  # nothing attributed that was not metered
+    finally:
+        server.stop()
