@@ -239,6 +239,50 @@ def cmd_node_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_meter(args: argparse.Namespace) -> int:
+    """A node energy exporter beside any serving stack: ``/metrics`` with the replicas' energy families."""
+    from profilers.cpu_model import process_cpu_seconds
+    from profilers.footprint import load_site_profile
+    from profilers.node_meter import NodeMeter, choose_source, meter_registry, serve_metrics
+    from profilers.sources import known_sources
+
+    for pid in args.pid or []:
+        try:
+            process_cpu_seconds(pid)
+        except OSError as e:
+            raise ConfigError(f"--pid {pid}: no such process ({e.strerror or e})") from e
+    order = [s.strip() for s in args.sources.split(",") if s.strip()]
+    if unknown := sorted(set(order) - set(known_sources())):
+        raise ConfigError(f"--sources: unknown {unknown}; use some of {known_sources()} (the CPU model comes last)")
+    # Without --pid the CPU model watches pid 1's tree: every process of the node (of the container's namespace).
+    source, text = choose_source(args.pid or [1], args.gpus, order, args.idle_w, args.core_w)
+    meter = NodeMeter(source, args.node, args.interval, text).start()
+    try:
+        server = serve_metrics(meter_registry(meter, load_site_profile(args.site)), args.host, args.port)
+    except OSError as e:
+        meter.stop()
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}; choose another --port") from e
+    signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
+    host, port = server.server_address[:2]
+    print(f"meter: {text}", flush=True)
+    print(f"meter: serving http://{host}:{port}/metrics as replica={meter.node}", flush=True)
+    if args.ready_file:
+        Path(args.ready_file).write_text(f"http://{host}:{port}/metrics\n")
+    import threading
+
+    thread = threading.Thread(target=server.serve_forever, name="meter-http", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    except KeyboardInterrupt:
+        server.shutdown()
+    finally:
+        server.server_close()
+        meter.stop()
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from workloads.report import write_report
 
@@ -350,6 +394,23 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--restore-on-exit", action=argparse.BooleanOptionalAction, default=True,
                        help="reset the clocks to the driver's defaults at start-up and on exit (default: on)")
     agent.set_defaults(func=cmd_node_agent)
+
+    met = sub.add_parser("meter", help="node energy exporter beside any server: /metrics with llm_energy_* device "
+                         "counters (NVML, else RAPL, else the CPU power model of --pid's process trees)")
+    met.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for a pod)")
+    met.add_argument("--port", type=int, default=9400, help="default 9400; 0 picks a free port")
+    met.add_argument("--pid", type=int, action="append", help="process tree the CPU power model meters "
+                     "(repeatable; default: pid 1, the whole node); NVML and RAPL meter devices, not processes")
+    met.add_argument("--gpus", help="GPUs to read, as CUDA_VISIBLE_DEVICES (default: $CUDA_VISIBLE_DEVICES, else all)")
+    met.add_argument("--sources", default="nvml,rapl", help="power counters to try in order before the CPU model")
+    met.add_argument("--interval", type=float, default=1.0, help="seconds between background reads (scrapes "
+                     "always read afresh)")
+    met.add_argument("--node", help="the replica label of its series (default: the host name)")
+    met.add_argument("--idle-w", type=float, default=10.0, help="CPU power model: idle watts")
+    met.add_argument("--core-w", type=float, default=12.0, help="CPU power model: watts per busy core")
+    met.add_argument("--site", default="azure", help="site profile for the water and carbon counters")
+    met.add_argument("--ready-file", help="write the /metrics URL here once serving (for scripts)")
+    met.set_defaults(func=cmd_meter)
 
     rep = sub.add_parser("report", help="(re)write report.html of a campaign directory")
     rep.add_argument("dir")

@@ -52,6 +52,10 @@ class CounterSnapshot:
     running: float = 0.0
     waiting: float = 0.0
     """Requests running and waiting in the engines, summed over replicas."""
+    meter_up: dict[str, float] = field(default_factory=dict)
+    """``testbed meter`` nodes by replica label: 1 if their last read of the power source worked."""
+    meter_errors: dict[str, str] = field(default_factory=dict)
+    """Their last failed read, while down (``llm_energy_meter_error_info``)."""
 
     def device_labels(self) -> list[tuple[str | None, str | None, str]]:
         """(preset, calibration, provenance) of every metered device (``workloads.results.calibration_columns``)."""
@@ -78,6 +82,8 @@ def parse_counters(text: str) -> CounterSnapshot:
     device_info: dict[str, tuple[str, str]] = {}
     buckets: dict[str, dict[float, float]] = {"ttft": {}, "tpot": {}}
     completed = running = waiting = 0.0
+    meter_up: dict[str, float] = {}
+    meter_errors: dict[str, str] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             key = f"{s.labels.get('replica', '')}/{s.labels.get('device', '')}"
@@ -105,9 +111,13 @@ def parse_counters(text: str) -> CounterSnapshot:
                 running += s.value
             elif s.name == "llm_energy_requests_waiting":
                 waiting += s.value
+            elif s.name == "llm_energy_meter_up":
+                meter_up[s.labels.get("replica", "")] = s.value
+            elif s.name == "llm_energy_meter_error_info":
+                meter_errors[s.labels.get("replica", "")] = s.labels.get("error", "")
     return CounterSnapshot(
         energy, tokens, frozenset(backends), power, clock, sampler_errors, engine_tokens, device_info, buckets,
-        completed, running, waiting,
+        completed, running, waiting, meter_up, meter_errors,
     )
 
 

@@ -269,6 +269,19 @@ def _sampler_failures(begin: CounterSnapshot, end: CounterSnapshot) -> str:
     return ", ".join(k for k, n in sorted(end.sampler_errors.items()) if n > begin.sampler_errors.get(k, 0.0))
 
 
+def sampler_notes(begin: CounterSnapshot, end: CounterSnapshot) -> list[str]:
+    """Why a point's energy is incomplete: samplers that failed in the window, and the reason a ``testbed meter``
+    gave (its last error) where it was down at either edge."""
+    notes = []
+    if failing := _sampler_failures(begin, end):
+        notes.append(f"power sampler errors during the point on {failing}: energy there is incomplete")
+    for node in sorted(set(begin.meter_up) | set(end.meter_up)):
+        if min(begin.meter_up.get(node, 1.0), end.meter_up.get(node, 1.0)) < 1.0:
+            why = end.meter_errors.get(node) or begin.meter_errors.get(node) or "no reason given"
+            notes.append(f"meter {node} was down: {why}")
+    return notes
+
+
 def _window_tokens(begin: CounterSnapshot, end: CounterSnapshot) -> int | None:
     """Tokens the server generated between two scrapes (None if it does not export token counters)."""
     if not end.generated_tokens:
@@ -353,13 +366,12 @@ async def _measure_point(
         row = summarize_point(point, setting_label(setting), offered_rate(spec, load, records), records,
                               Measurement(duration_s=window_s), "unknown", site, spec.slo, **common)
         return row, records, live.rows
-    failing = _sampler_failures(first, last)
     row = summarize_point(
         point, setting_label(setting), offered_rate(spec, load, records), records,
         window_energy(first.energy, last.energy, window_s), ",".join(sorted(last.backends)) or "unknown", site,
         spec.slo, window_tokens=_window_tokens(first, last), devices=last.device_labels(),
         token_shares=engine_token_shares(first.engine_tokens, last.engine_tokens),
-        notes=[f"power sampler errors during the point on {failing}: energy there is incomplete"] if failing else [],
+        notes=sampler_notes(first, last),
         **common,
     )
     return row, records, live.rows
