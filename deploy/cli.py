@@ -86,6 +86,26 @@ def served_tokenizer(config: ServingConfig) -> str | None:
     return "word"
 
 
+def _with_metering_flags(spec: CampaignFile, args: argparse.Namespace) -> CampaignFile:
+    """The file's ``metering:`` with the command line's flags in place of the fields they name (validated alike)."""
+    from pydantic import ValidationError
+
+    from profilers.errors import validation_problems
+    from workloads.spec import MeteringSpec
+
+    flags = {"energy_metrics": args.energy_metrics, "token_metrics": args.token_metrics,
+             "energy_family": args.energy_family, "token_family": args.token_family}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if not flags:
+        return spec
+    base = spec.metering.model_dump() if spec.metering is not None else {}
+    try:
+        metering = MeteringSpec.model_validate({**base, **flags})
+    except ValidationError as e:
+        raise ConfigError(f"metering flags: {validation_problems(e)}") from e
+    return spec.model_copy(update={"metering": metering})
+
+
 def cmd_campaign_run(args: argparse.Namespace) -> int:
     from deploy.compare import device_floor
     from deploy.local import DeploymentStartError, LocalDeployment
@@ -99,6 +119,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
     # Outside a terminal rich assumes 80 columns and squeezes the summary table; logs can be wider.
     console = Console() if sys.stdout.isatty() else Console(width=170)
     spec = load_yaml_model(Path(args.file), CampaignFile)  # validate before touching --out
+    spec = _with_metering_flags(spec, args)
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
     if spec.clock == "virtual" and args.url:
@@ -139,7 +160,8 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
             points = run_virtual_campaign(spec, spec.deployment, out, console, spec.virtual)
         elif args.url:
             token = args.control_token or os.environ.get("TESTBED_CONTROL_TOKEN")
-            points = run_campaign(spec, HttpTarget(args.url, args.metrics_url, token, prompts), out, console)
+            points = run_campaign(spec, HttpTarget(args.url, args.metrics_url, token, prompts, spec.metering), out,
+                                  console)
         else:
             what = " ".join(filter(None, (d.engine.kind, getattr(d.engine, "device", ""))))
             console.print(f"starting the deployment: {d.replicas} x {what} replicas of {d.model_name} "
@@ -148,8 +170,8 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
             token = d.controller.token or secrets.token_urlsafe(24)
             deployment = d.model_copy(update={"controller": d.controller.model_copy(update={"token": token})})
             with LocalDeployment(deployment, out / "deployment.log") as url:
-                points = run_campaign(spec, HttpTarget(url, args.metrics_url, token, prompts), out, console,
-                                      floor=device_floor(d))
+                target = HttpTarget(url, args.metrics_url, token, prompts, spec.metering)
+                points = run_campaign(spec, target, out, console, floor=device_floor(d))
         write_report(out)
         return points
 
@@ -350,6 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="output directory")
     run.add_argument("--url", help="drive this running OpenAI-compatible server instead of starting a deployment")
     run.add_argument("--metrics-url", help="Prometheus endpoint with llm_energy_* counters (default: URL/metrics)")
+    run.add_argument("--energy-metrics", action="append", metavar="URL", help="energy counters to read instead of "
+                     "the target's /metrics (repeatable): testbed meter, dcgm-exporter or Kepler; replaces the "
+                     "file's metering.energy_metrics")
+    run.add_argument("--token-metrics", action="append", metavar="URL", help="generated-token counters (repeatable):"
+                     " vLLM, SGLang, TGI or ours; without one, the responses' usage counts")
+    run.add_argument("--energy-family", choices=["ours", "dcgm", "kepler_node", "kepler_container"],
+                     help="which energy family to use where the endpoints expose more than one")
+    run.add_argument("--token-family", choices=["ours", "vllm", "sglang", "tgi"],
+                     help="which token family to use where the endpoints expose more than one")
     run.add_argument("--control-token", help="bearer token of the --url target's control API (for knob/policy "
                      "sweeps; default: $TESTBED_CONTROL_TOKEN)")
     run.add_argument("--resume", action="store_true", help="continue a campaign in --out, skipping finished points")

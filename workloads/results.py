@@ -86,6 +86,12 @@ class PointRow:
     """The emulated device's physical floor of energy per output token at the point's mean lengths (NaN: real)."""
     x_floor: float = math.nan
     """``energy_per_token_j`` over the floor: never below 1."""
+    energy_source: str = ""
+    """Where the window's energy came from: ``family: endpoint(s)`` (``ours``: llm_energy_energy_joules_total,
+    ``dcgm``, ``kepler_node``, ``kepler_container``; ``prometheus: ...`` for a query), or ``target /metrics``."""
+    token_source: str = ""
+    """Where ``output_tokens`` came from: ``family: endpoint(s)`` of a server token counter (``ours``, ``vllm``,
+    ``sglang``, ``tgi``), or ``client usage`` (the responses' ``usage``, no server counter)."""
 
 
 POINT_COLUMNS = [f.name for f in dataclasses.fields(PointRow)]
@@ -157,6 +163,8 @@ def summarize_point(
     token_shares: Mapping[str, float] | None = None,
     notes: Sequence[str] = (),
     floor: FloorFn | None = None,
+    energy_source: str = "",
+    token_source: str = "",
 ) -> PointRow:
     """The :class:`PointRow` of a measured point.
 
@@ -222,6 +230,8 @@ def summarize_point(
         notes="; ".join(reasons),
         floor_j_per_token=floor_j,
         x_floor=per_tok(energy) / floor_j if floor_j > 0 else math.nan,
+        energy_source=energy_source,
+        token_source=token_source if window_tokens is not None else "client usage",
     )
 
 
@@ -238,7 +248,7 @@ def _degradation(df: pd.DataFrame, measurement: Measurement) -> list[str]:
     if len(server_side):
         notes.append(f"{len(server_side)} request(s) failed on the server side or in transport")
     if not measurement.energy_j:
-        notes.append("energy unavailable (no llm_energy_* counters could be scraped)")
+        notes.append("energy unavailable (no energy counters could be scraped)")
     if measurement.dropped_devices:
         notes.append(f"energy of {', '.join(measurement.dropped_devices)} dropped (counter reset or device gone)")
     return notes

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from serving.knobs import Knobs
 from serving.slo import SLO, SLO_FIELDS_ADDED
@@ -27,6 +29,43 @@ ADDED_KNOB_FIELDS = {"prefix_caching": None}
 ADDED_DEPLOYMENT_FIELDS = {"front_door": "separate", "door": None}
 ADDED_ENGINE_FIELDS = {"tensor_parallel": 1}
 """Engine fields added after campaigns were written, with the value they had implicitly (see config_hash)."""
+ADDED_CAMPAIGN_FIELDS = {"metering": None}
+"""Top-level campaign fields added later, with the value that means "as before" (see config_hash)."""
+
+
+def _http_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{url!r} is not an http(s) URL (e.g. http://node:9400/metrics)")
+    return url
+
+
+class MeteringSpec(BaseModel):
+    """Where a ``--url`` campaign reads energy and tokens, when not from the target's own ``/metrics``
+    (the same as ``campaign run``'s ``--energy-metrics``, ``--token-metrics``, ``--energy-family``,
+    ``--token-family``; flags given on the command line replace the file's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    energy_metrics: list[str] = Field(
+        default_factory=list, description="Prometheus text endpoints with energy counters (testbed meter, "
+        "dcgm-exporter, Kepler), scraped at the window's edges.",
+    )
+    token_metrics: list[str] = Field(
+        default_factory=list, description="Endpoints with generated-token counters (vLLM, SGLang, TGI, ours); "
+        "none: the clients' usage counts.",
+    )
+    energy_family: Literal["ours", "dcgm", "kepler_node", "kepler_container"] | None = Field(
+        default=None, description="Which energy family to use where the endpoints expose more than one.",
+    )
+    token_family: Literal["ours", "vllm", "sglang", "tgi"] | None = Field(
+        default=None, description="Which token family to use where the endpoints expose more than one.",
+    )
+
+    @field_validator("energy_metrics", "token_metrics")
+    @classmethod
+    def _urls(cls, urls: list[str]) -> list[str]:
+        return [_http_url(u) for u in urls]
 
 
 class WorkloadSpec(BaseModel):
@@ -133,6 +172,9 @@ class CampaignSpec(BaseModel):
     workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
     slo: SLO = Field(default_factory=SLO)
     sweep: Sweep
+    metering: MeteringSpec | None = Field(
+        default=None, description="Energy and token endpoints of a --url target (default: its own /metrics).",
+    )
 
     @model_validator(mode="after")
     def _load_matches_arrivals(self) -> CampaignSpec:
@@ -155,7 +197,7 @@ class CampaignSpec(BaseModel):
 
     def config_hash(self) -> str:
         data = self.model_dump(mode="json")
-        sections = [(data["workload"], ADDED_FIELDS), (data["slo"], SLO_FIELDS_ADDED)]
+        sections = [(data, ADDED_CAMPAIGN_FIELDS), (data["workload"], ADDED_FIELDS), (data["slo"], SLO_FIELDS_ADDED)]
         sections += [(k, ADDED_KNOB_FIELDS) for k in data["sweep"]["knobs"]]
         if isinstance(data.get("deployment"), dict):  # campaign files (deploy/config.py) carry one
             sections.append((data["deployment"], ADDED_DEPLOYMENT_FIELDS))
