@@ -94,7 +94,8 @@ def _with_metering_flags(spec: CampaignFile, args: argparse.Namespace) -> Campai
     from workloads.spec import MeteringSpec
 
     flags = {"energy_metrics": args.energy_metrics, "token_metrics": args.token_metrics,
-             "energy_family": args.energy_family, "token_family": args.token_family}
+             "energy_family": args.energy_family, "token_family": args.token_family,
+             "prometheus": args.prometheus, "energy_query": args.energy_query, "token_query": args.token_query}
     flags = {k: v for k, v in flags.items() if v is not None}
     if not flags:
         return spec
@@ -381,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="which energy family to use where the endpoints expose more than one")
     run.add_argument("--token-family", choices=["ours", "vllm", "sglang", "tgi"],
                      help="which token family to use where the endpoints expose more than one")
+    run.add_argument("--prometheus", metavar="URL", help="read each window's energy and tokens through this "
+                     "Prometheus (counters' increase between the window's own start and end)")
+    run.add_argument("--energy-query", help="PromQL of energy counters in joules (with --prometheus; default: "
+                     "llm_energy_energy_joules_total)")
+    run.add_argument("--token-query", help="PromQL of generated-token counters (with --prometheus; default: "
+                     'llm_energy_tokens_total{kind="generated"})')
     run.add_argument("--control-token", help="bearer token of the --url target's control API (for knob/policy "
                      "sweeps; default: $TESTBED_CONTROL_TOKEN)")
     run.add_argument("--resume", action="store_true", help="continue a campaign in --out, skipping finished points")

@@ -111,6 +111,8 @@ class CounterSnapshot:
     """Where :attr:`generated_tokens` came from; empty: the target's own /metrics, ours."""
     scrape_errors: dict[str, str] = field(default_factory=dict)
     """Endpoints that could not be scraped for this snapshot, with why (their series are missing from it)."""
+    wall_time_s: float = float("nan")
+    """Wall-clock time of the snapshot, where a reader needs it (a window read through Prometheus)."""
 
     def device_labels(self) -> list[tuple[str | None, str | None, str]]:
         """(preset, calibration, provenance) of every metered device (``workloads.results.calibration_columns``)."""

@@ -71,6 +71,20 @@ Work = list[RequestSpec] | ClosedLoop
 """What a point sends: an open-loop schedule of requests, or closed-loop users."""
 
 
+@dataclass
+class WindowReading:
+    """A point's window read by the target itself after the fact (through Prometheus), in place of differencing
+    the snapshots at its edges (see ``HttpTarget.read_window``)."""
+
+    measurement: Measurement
+    tokens: int | None
+    notes: list[str]
+    energy_source: str
+    token_source: str
+    uncertainty_j: float
+    backend: str
+
+
 class Target(Protocol):
     """What a campaign drives, in real or virtual time: everything :func:`run_points` reads, sleeps or sends goes
     through it (``workloads.http_target.HttpTarget``: a URL; ``deploy.virtual.VirtualTarget``: in-process
@@ -394,6 +408,16 @@ async def _measure_point(
                               Measurement(duration_s=window_s), "unknown", site, spec.slo, **common,
                               notes=[f"no counters at the window's {'start' if first is None else 'end'}: "
                                      "the target's metrics could not be scraped"])
+        return row, records, live.rows
+    reader = getattr(target, "read_window", None)  # optional: a target that reads windows through Prometheus
+    reading: WindowReading | None = await reader(first, last, window_s) if callable(reader) else None
+    if reading is not None:
+        row = summarize_point(
+            point, setting_label(setting), offered_rate(spec, load, records), records, reading.measurement,
+            reading.backend, site, spec.slo, window_tokens=reading.tokens, notes=reading.notes,
+            energy_source=reading.energy_source, token_source=reading.token_source,
+            energy_uncertainty_j=reading.uncertainty_j, **common,
+        )
         return row, records, live.rows
     tokens, token_notes = window_tokens(first, last)
     row = summarize_point(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -12,7 +13,15 @@ import httpx
 
 from profilers.clock import RealClock
 from profilers.errors import ConfigError, TestbedError
-from profilers.meter import CounterSample
+from profilers.meter import CounterSample, Measurement
+from profilers.promread import (
+    DEFAULT_ENERGY_QUERY,
+    DEFAULT_TOKEN_QUERY,
+    PrometheusQueryError,
+    increase,
+    instant,
+    scrape_interval_s,
+)
 from profilers.sampler import PowerIntegrator
 from profilers.scrape import (
     AUTO_ENERGY_FAMILIES,
@@ -26,7 +35,7 @@ from profilers.scrape import (
     parse_counters,
     select_sources,
 )
-from workloads.campaign import Setting, Work
+from workloads.campaign import Setting, WindowReading, Work
 from workloads.client import ClosedLoop, LoadClient, RequestRecord
 from workloads.inputs import Prompts, campaign_prompts
 from workloads.spec import CampaignSpec, MeteringSpec, PolicySetting, setting_label
@@ -64,8 +73,9 @@ class HttpTarget:
         prompts: Prompts | None = None, metering: MeteringSpec | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self.metering = metering if metering is not None and (metering.energy_metrics or metering.token_metrics) \
-            else None
+        self.metering = metering if metering is not None and (
+            metering.energy_metrics or metering.token_metrics or metering.prometheus) else None
+        self._prom_interval_s = float("nan")
         self._energy_family = "ours"
         self._token_family: str | None = None
         self._own_token_urls: list[str] = []
@@ -114,6 +124,8 @@ class HttpTarget:
                 log.warning("%s", e)
                 return None
         m = self.metering
+        if m.prometheus:  # the window is read afterwards (read_window): only the edges' wall-clock times matter
+            return CounterSnapshot({}, {}, wall_time_s=time.time())
         energy_urls = m.energy_metrics or [self.metrics_url]
         token_urls = m.token_metrics or self._own_token_urls
         urls = list(dict.fromkeys([*energy_urls, *token_urls]))
@@ -154,9 +166,69 @@ class HttpTarget:
             raise MeteringError(f"{what} {url} answered HTTP {resp.status_code}")
         return resp.text
 
+    async def read_window(self, begin: CounterSnapshot, end: CounterSnapshot, window_s: float) -> WindowReading | None:
+        """The point's energy and tokens through Prometheus, between the edges' wall-clock times (None: not in
+        Prometheus mode, the edges' snapshots are differenced as usual)."""
+        m = self.metering
+        if m is None or not m.prometheus:
+            return None
+        assert self._http is not None
+        # The sample after the end edge (for interpolation), and a scrape under way appended once it finishes.
+        interval = self._prom_interval_s if self._prom_interval_s > 0 else 0.0
+        await asyncio.sleep(min(interval, 30.0) + 0.25)
+        e_query, t_query = m.energy_query or DEFAULT_ENERGY_QUERY, m.token_query or DEFAULT_TOKEN_QUERY
+        notes: list[str] = []
+        t0, t1 = begin.wall_time_s, end.wall_time_s
+        try:
+            energy = await increase(self._http, m.prometheus, e_query, t0, t1, self._prom_interval_s)
+        except PrometheusQueryError as e:
+            energy = None
+            notes.append(f"energy unavailable: {e}")
+        try:
+            tokens = await increase(self._http, m.prometheus, t_query, t0, t1, self._prom_interval_s)
+        except PrometheusQueryError as e:
+            tokens = None
+            notes.append(f"server token count unavailable ({e}): the clients' count is used")
+        measurement = Measurement(duration_s=window_s)
+        uncertainty = float("nan")
+        if energy is not None:
+            measurement.energy_j = dict(energy.per_series)
+            measurement.provenance = dict(energy.provenance)
+            measurement.dropped_devices = list(energy.dropped)
+            if window_s > 0 and energy.per_series:
+                uncertainty = energy.total / window_s * self._prom_interval_s
+        n_tokens = None
+        if tokens is not None and tokens.per_series and not tokens.dropped:
+            n_tokens = round(tokens.total)
+        elif tokens is not None and tokens.dropped:
+            notes.append(f"token series {', '.join(tokens.dropped)} reset or missing at an edge: the clients' count "
+                         "is used")
+        where = f"prometheus: {m.prometheus} increase({e_query}) at the window's edges"
+        if not math.isnan(self._prom_interval_s):
+            where += f" (scrape interval {self._prom_interval_s:g} s)"
+        return WindowReading(measurement, n_tokens, notes, where, f"prometheus: {m.prometheus} {t_query}",
+                             uncertainty, "prometheus")
+
+    async def _check_prometheus(self, m: MeteringSpec) -> None:
+        assert self._http is not None and m.prometheus is not None
+        query = m.energy_query or DEFAULT_ENERGY_QUERY
+        try:
+            found = await instant(self._http, m.prometheus, query, time.time())
+            self._prom_interval_s = await scrape_interval_s(self._http, m.prometheus)
+        except PrometheusQueryError as e:
+            raise MeteringError(str(e)) from e
+        if not found:
+            raise MeteringError(
+                f"{m.prometheus} has no series for the energy query {query!r} now: is it scraping the meter (or "
+                "the exporter)? Pass --energy-query for another exporter's counters (in joules)"
+            )
+
     async def _check_metering(self, m: MeteringSpec) -> None:
         """Refuse, before any load, endpoints with none of the families we read, and two energy families that may
         meter the same devices (counting both would double count) unless one is chosen."""
+        if m.prometheus:
+            await self._check_prometheus(m)
+            return
         found: dict[str, list[str]] = {}
         for url in m.energy_metrics:
             text = await self._fetch_text(url, "--energy-metrics")

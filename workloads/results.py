@@ -89,6 +89,9 @@ class PointRow:
     energy_source: str = ""
     """Where the window's energy came from: ``family: endpoint(s)`` (``ours``: llm_energy_energy_joules_total,
     ``dcgm``, ``kepler_node``, ``kepler_container``; ``prometheus: ...`` for a query), or ``target /metrics``."""
+    energy_uncertainty_j: float = math.nan
+    """What the energy window may be off by, where it is read through Prometheus: the mean power times the scrape
+    interval (an edge's sample is up to one interval old); NaN for direct scrapes (exact to the scrape)."""
     token_source: str = ""
     """Where ``output_tokens`` came from: ``family: endpoint(s)`` of a server token counter (``ours``, ``vllm``,
     ``sglang``, ``tgi``), or ``client usage`` (the responses' ``usage``, no server counter)."""
@@ -165,6 +168,7 @@ def summarize_point(
     floor: FloorFn | None = None,
     energy_source: str = "",
     token_source: str = "",
+    energy_uncertainty_j: float = math.nan,
 ) -> PointRow:
     """The :class:`PointRow` of a measured point.
 
@@ -231,6 +235,7 @@ def summarize_point(
         floor_j_per_token=floor_j,
         x_floor=per_tok(energy) / floor_j if floor_j > 0 else math.nan,
         energy_source=energy_source,
+        energy_uncertainty_j=energy_uncertainty_j,
         token_source=token_source if window_tokens is not None else "client usage",
     )
 

@@ -62,10 +62,37 @@ class MeteringSpec(BaseModel):
         default=None, description="Which token family to use where the endpoints expose more than one.",
     )
 
+    prometheus: str | None = Field(
+        default=None, description="Read the window's energy and tokens through this Prometheus (its base URL) "
+        "instead of scraping: the counters' increase between the window's own start and end times.",
+    )
+    energy_query: str | None = Field(
+        default=None, min_length=1, description="PromQL instant vector of energy counters in joules (default: "
+        "llm_energy_energy_joules_total); with prometheus only.",
+    )
+    token_query: str | None = Field(
+        default=None, min_length=1, description="PromQL instant vector of generated-token counters (default: "
+        'llm_energy_tokens_total{kind="generated"}); with prometheus only.',
+    )
+
     @field_validator("energy_metrics", "token_metrics")
     @classmethod
     def _urls(cls, urls: list[str]) -> list[str]:
         return [_http_url(u) for u in urls]
+
+    @field_validator("prometheus")
+    @classmethod
+    def _prom_url(cls, url: str | None) -> str | None:
+        return None if url is None else _http_url(url)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> MeteringSpec:
+        if (self.energy_query or self.token_query) and not self.prometheus:
+            raise ValueError("energy_query and token_query are PromQL: they need prometheus (its URL)")
+        if self.prometheus and (self.energy_metrics or self.token_metrics or self.energy_family or self.token_family):
+            raise ValueError("prometheus reads energy and tokens itself: drop energy_metrics/token_metrics and the "
+                             "families (or drop prometheus and scrape the endpoints directly)")
+        return self
 
 
 class WorkloadSpec(BaseModel):
