@@ -99,15 +99,17 @@ def test_metering_is_validated(metering: dict[str, object], problem: str) -> Non
 
 # --- stub servers ----------------------------------------------------------------------------------------------------
 class Exporter:
-    """A /metrics endpoint whose text is ``page(t)``, t in seconds since it started; None answers HTTP 500."""
+    """A /metrics endpoint whose text is ``page(t)``, t in seconds since its first request (the campaign's check
+    before load, moments before the point starts); None answers HTTP 500."""
 
     def __init__(self, page: Callable[[float], str | None]) -> None:
         self.page = page
-        self.t0 = time.monotonic()
+        self.t0: float | None = None
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                outer.t0 = outer.t0 if outer.t0 is not None else time.monotonic()
                 body = outer.page(time.monotonic() - outer.t0)
                 if body is None:
                     self.send_error(500)
