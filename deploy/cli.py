@@ -440,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     met.add_argument("--pid", type=int, action="append", help="process tree the CPU power model meters "
                      "(repeatable; default: pid 1, the whole node); NVML and RAPL meter devices, not processes")
     met.add_argument("--gpus", help="GPUs to read, as CUDA_VISIBLE_DEVICES (default: $CUDA_VISIBLE_DEVICES, else all)")
-    met.add_argument("--sources", default="nvml,rapl", help="power counters to try in order before the CPU model")
+    met.add_argument("--sources", default="nvml,rapl,zeus", help="power counters to try in order before the CPU "
+                     "model (zeus: the zeus package, where installed)")
     met.add_argument("--interval", type=float, default=1.0, help="seconds between background reads (scrapes "
                      "always read afresh)")
     met.add_argument("--node", help="the replica label of its series (default: the host name)")

@@ -25,7 +25,7 @@ from profilers.exporter import DeviceSample, EnergyCollector, ExportSnapshot
 from profilers.exposition import ExporterRegistry, Family, FastCollector
 from profilers.footprint import SiteProfile, load_site_profile
 from profilers.source import PowerSource
-from profilers.sources import DEFAULT_ORDER, probe_sources
+from profilers.sources import METER_ORDER, probe_sources
 from profilers.types import PowerReading
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class MeterStatus:
 
 
 def choose_source(
-    pids: Sequence[int] = (), gpus: str | None = None, order: Sequence[str] = DEFAULT_ORDER,
+    pids: Sequence[int] = (), gpus: str | None = None, order: Sequence[str] = METER_ORDER,
     idle_w: float = 10.0, core_w: float = 12.0,
 ) -> tuple[PowerSource, str]:
     """The node's power source, probed as a replica probes it; the CPU model watches ``pids`` (default: none
