@@ -288,6 +288,8 @@ def cmd_meter(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
     host, port = server.server_address[:2]
     print(f"meter: {text}", flush=True)
+    if args.pid and not text.startswith("CPU power model"):
+        print("meter: note: --pid limits only the CPU power model; this power source meters whole devices", flush=True)
     print(f"meter: serving http://{host}:{port}/metrics as replica={meter.node}", flush=True)
     if args.ready_file:
         Path(args.ready_file).write_text(f"http://{host}:{port}/metrics\n")

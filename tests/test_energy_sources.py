@@ -89,6 +89,9 @@ def test_config_hash_of_files_without_metering_is_unchanged() -> None:
 @pytest.mark.parametrize("metering, problem", [
     ({"energy_metrics": ["n:9400/metrics"]}, "not an http\\(s\\) URL"),
     ({"energy_family": "nvml"}, "energy_family"),
+    ({"energy_family": "dcgm"}, "energy_family chooses among energy_metrics"),
+    ({"prometheus": "http://p:9090", "energy_metrics": ["http://n:9400/metrics"]}, "prometheus reads energy"),
+    ({"energy_query": "x"}, "need prometheus"),
     ({"token_metrics": "http://x/metrics"}, "token_metrics"),
     ({"energy_url": ["http://x/metrics"]}, "energy_url"),
 ])
@@ -288,3 +291,30 @@ def test_a_token_counter_reset_is_degraded_and_falls_back_to_the_clients(stub_ur
     row = run(spec({"energy_metrics": [meter.url], "token_metrics": [tokens.url]}), stub_url, tmp_path)
     assert row["status"] == "degraded" and "went backwards" in row["notes"]
     assert row["token_source"] == "client usage" and row["output_tokens"] == row["client_output_tokens"]
+
+
+def test_cli_flags_fill_metering_and_refusals_exit_2(stub_url: str, exporters, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from deploy.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(spec().model_dump(mode="json", exclude={"metering"})))
+    assert main(["campaign", "run", str(path), "--out", str(tmp_path / "a"), "--url", stub_url,
+                 "--energy-metrics", "n:9400/metrics"]) == 2
+    assert "metering flags: energy_metrics: Value error, 'n:9400/metrics' is not an http(s) URL" in \
+        capsys.readouterr().err
+    e = exporters(lambda t: "up 1\n")
+    assert main(["campaign", "run", str(path), "--out", str(tmp_path / "b"), "--url", stub_url,
+                 "--energy-metrics", e.url]) == 2
+    err = capsys.readouterr().err
+    assert f"--energy-metrics {e.url} exposes none of the energy families" in err and "it has 1 metric family: up" \
+        in err
+    meter = exporters(lambda t: ours(100 * t))
+    assert main(["campaign", "run", str(path), "--out", str(tmp_path / "c"), "--url", stub_url,
+                 "--energy-metrics", meter.url]) == 0
+    import pandas as pd
+
+    row = pd.read_csv(tmp_path / "c" / "points.csv").iloc[0]
+    assert row["energy_source"] == f"ours: {meter.url}" and row["status"] == "ok"

@@ -89,6 +89,10 @@ class MeteringSpec(BaseModel):
     def _one_way(self) -> MeteringSpec:
         if (self.energy_query or self.token_query) and not self.prometheus:
             raise ValueError("energy_query and token_query are PromQL: they need prometheus (its URL)")
+        if self.energy_family and not self.energy_metrics:
+            raise ValueError("energy_family chooses among energy_metrics endpoints: give them (--energy-metrics)")
+        if self.token_family and not self.token_metrics:
+            raise ValueError("token_family chooses among token_metrics endpoints: give them (--token-metrics)")
         if self.prometheus and (self.energy_metrics or self.token_metrics or self.energy_family or self.token_family):
             raise ValueError("prometheus reads energy and tokens itself: drop energy_metrics/token_metrics and the "
                              "families (or drop prometheus and scrape the endpoints directly)")
