@@ -95,6 +95,7 @@ def _with_metering_flags(spec: CampaignFile, args: argparse.Namespace) -> Campai
 
     flags = {"energy_metrics": args.energy_metrics, "token_metrics": args.token_metrics,
              "energy_family": args.energy_family, "token_family": args.token_family,
+             "energy_series": args.energy_series,
              "prometheus": args.prometheus, "energy_query": args.energy_query, "token_query": args.token_query}
     flags = {k: v for k, v in flags.items() if v is not None}
     if not flags:
@@ -380,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "file's metering.energy_metrics")
     run.add_argument("--token-metrics", action="append", metavar="URL", help="generated-token counters (repeatable):"
                      " vLLM, SGLang, TGI or ours; without one, the responses' usage counts")
+    run.add_argument("--energy-series", metavar="REGEX", help="keep only the energy series whose key (replica/device, "
+                     "e.g. Hostname/gpu0 for DCGM, pod/container for Kepler containers) matches in full")
     run.add_argument("--energy-family", choices=["ours", "dcgm", "kepler_node", "kepler_container"],
                      help="which energy family to use where the endpoints expose more than one")
     run.add_argument("--token-family", choices=["ours", "vllm", "sglang", "tgi"],

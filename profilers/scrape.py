@@ -24,6 +24,7 @@ Names and units, with the versions they are documented for:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import httpx
@@ -291,6 +292,7 @@ async def ascrape_counters(
 def select_sources(
     energy: list[tuple[str, CounterSnapshot]], tokens: list[tuple[str, CounterSnapshot]],
     energy_family: str, token_family: str | None, power_integrated: dict[str, CounterSample] | None = None,
+    energy_series: str | None = None,
 ) -> CounterSnapshot:
     """The snapshot a campaign differences: ``energy_family``'s counters from every ``(url, snapshot)`` of
     ``energy`` (DCGM GPUs without a counter from ``power_integrated``), ``token_family``'s generated tokens from
@@ -316,6 +318,8 @@ def select_sources(
             backends |= snap.backends
         meter_up.update(snap.meter_up)
         meter_errors.update(snap.meter_errors)
+    if energy_series is not None:
+        merged = {k: v for k, v in merged.items() if re.fullmatch(energy_series, k)}
     if energy_family != "ours":
         backends = {energy_family} if merged else set()
     generated: dict[str, float] = {}
@@ -324,6 +328,8 @@ def select_sources(
             generated[f"{url}|{key}"] = n
     integrated = sorted(k for k in (power_integrated or {}) if k in merged and energy_family == "dcgm")
     e_src = f"{energy_family}: {', '.join(u for u, _ in energy)}"
+    if energy_series is not None:
+        e_src += f" (series {energy_series})"
     if integrated:
         e_src += f" (power integrated between scrapes for {', '.join(integrated)})"
     return CounterSnapshot(

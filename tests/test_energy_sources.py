@@ -270,16 +270,29 @@ def test_dcgm_power_without_counter_is_integrated_and_labelled(stub_url: str, ex
     assert "power integrated between scrapes for node-a/gpu0" in row["energy_source"] and row["backend"] == "dcgm"
 
 
+class Calls:
+    """A page by how many times it was fetched (1: the check before load; the point's first scrapes are 2-3, its
+    sampler then fetches every 0.2 s, its end scrape last), so a change lands inside the window however slow the
+    host: ``page(n)``."""
+
+    def __init__(self, page: Callable[[int], str | None]) -> None:
+        self.page, self.n = page, 0
+
+    def __call__(self, t: float) -> str | None:
+        self.n += 1
+        return self.page(self.n)
+
+
 @pytest.mark.parametrize("page, reason", [
-    (lambda t: ours(100 * t if t < 1.0 else t - 1.0), "dropped (counter reset or device gone)"),
-    (lambda t: ours(100 * t if t < 1.0 else 100 * t - 90), "node-a/gpu0 went backwards inside the point"),
-    (lambda t: ours(100 * t) + (ours(50 * t, "gpu1") if t < 1.0 else ""), "energy of node-a/gpu1 dropped"),
-    (lambda t: ours(100 * t) if t < 1.0 else None, "failed at the window's end"),
-    (lambda t: ours(100 * t) + (ours(50 * t, "gpu1") if t > 1.0 else ""), "node-a/gpu1 appeared inside the window"),
+    (lambda n: ours(100 * n if n < 6 else 1), "dropped (counter reset or device gone)"),
+    (lambda n: ours(100 * n if n < 6 else 100 * n - 550), "node-a/gpu0 went backwards inside the point"),
+    (lambda n: ours(100 * n) + (ours(50 * n, "gpu1") if n < 6 else ""), "energy of node-a/gpu1 dropped"),
+    (lambda n: ours(100 * n) if n < 6 else None, "failed at the window's end"),
+    (lambda n: ours(100 * n) + (ours(50 * n, "gpu1") if n >= 6 else ""), "node-a/gpu1 appeared inside the window"),
 ], ids=["counter-reset", "reset-end-above-start", "series-vanished", "scrape-failed", "series-appeared"])
 def test_a_broken_energy_window_is_degraded_with_the_reason(stub_url: str, exporters, tmp_path: Path,
-                                                            page: Callable[[float], str | None], reason: str) -> None:
-    meter = exporters(page)
+                                                            page: Callable[[int], str | None], reason: str) -> None:
+    meter = exporters(Calls(page))
     row = run(spec({"energy_metrics": [meter.url]}), stub_url, tmp_path)
     assert row["status"] == "degraded" and reason in row["notes"], row["notes"]
 
@@ -287,7 +300,7 @@ def test_a_broken_energy_window_is_degraded_with_the_reason(stub_url: str, expor
 def test_a_token_counter_reset_is_degraded_and_falls_back_to_the_clients(stub_url: str, exporters,
                                                                          tmp_path: Path) -> None:
     meter = exporters(lambda t: ours(100 * t))
-    tokens = exporters(lambda t: vllm_tokens(round(1000 + 50 * t) if t < 1.0 else round(50 * (t - 1))))
+    tokens = exporters(Calls(lambda n: vllm_tokens(1000 + 10 * n if n < 6 else 10 * n)))
     row = run(spec({"energy_metrics": [meter.url], "token_metrics": [tokens.url]}), stub_url, tmp_path)
     assert row["status"] == "degraded" and "went backwards" in row["notes"]
     assert row["token_source"] == "client usage" and row["output_tokens"] == row["client_output_tokens"]
@@ -318,3 +331,13 @@ def test_cli_flags_fill_metering_and_refusals_exit_2(stub_url: str, exporters, t
 
     row = pd.read_csv(tmp_path / "c" / "points.csv").iloc[0]
     assert row["energy_source"] == f"ours: {meter.url}" and row["status"] == "ok"
+
+
+def test_energy_series_keeps_the_served_models_devices(stub_url: str, exporters, tmp_path: Path) -> None:
+    two = exporters(lambda t: ours(100 * t, "gpu0") + ours(1000 * t, "gpu1"))
+    row = run(spec({"energy_metrics": [two.url], "energy_series": "node-a/gpu0"}), stub_url, tmp_path)
+    assert row["status"] == "ok" and row["energy_j"] == pytest.approx(100 * row["duration_s"], rel=0.1)
+    assert row["energy_source"].endswith("(series node-a/gpu0)")
+    s = spec({"energy_metrics": [two.url], "energy_series": "gpu0"})  # must match the whole key
+    with pytest.raises(MeteringError, match="matches none of the ours series: node-a/gpu0, node-a/gpu1"):
+        start(HttpTarget(stub_url, metering=s.metering), s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -48,6 +49,12 @@ KNOB_APPLY_TIMEOUT_S = 1200.0
 
 class ControlError(TestbedError, RuntimeError):
     """The target's control API refused or is missing, so the sweep's settings cannot be applied."""
+
+
+def snapshots_keys(family: str, snaps: list[CounterSnapshot]) -> set[str]:
+    """Every series key of ``family`` in ``snaps`` (DCGM's power-only GPUs too)."""
+    keys = {k for s in snaps for k in s.energy_families.get(family, {})}
+    return keys | ({k for s in snaps for k in s.power_families.get("dcgm", {})} if family == "dcgm" else set())
 
 
 class ModelNotServedError(ConfigError):
@@ -142,7 +149,7 @@ class HttpTarget:
         family = self._energy_family if m.energy_metrics else "ours"
         token_family = self._token_family if m.token_metrics else ("ours" if self._own_token_urls else None)
         return select_sources([(u, snaps[u]) for u in energy_urls], [(u, snaps[u]) for u in token_urls],
-                              family, token_family, integrated)
+                              family, token_family, integrated, m.energy_series)
 
     async def _scrape(self, url: str) -> CounterSnapshot:
         """One endpoint's counters; a failure gives an empty snapshot that says why (the point is degraded)."""
@@ -230,9 +237,11 @@ class HttpTarget:
             await self._check_prometheus(m)
             return
         found: dict[str, list[str]] = {}
+        energy_snaps: list[CounterSnapshot] = []
         for url in m.energy_metrics:
             text = await self._fetch_text(url, "--energy-metrics")
-            families = found_energy_families(parse_counters(text, origin=urlsplit(url).netloc))
+            energy_snaps.append(parse_counters(text, origin=urlsplit(url).netloc))
+            families = found_energy_families(energy_snaps[-1])
             if not families:
                 names = metric_names(text)
                 raise MeteringError(
@@ -250,6 +259,13 @@ class HttpTarget:
                     f"--energy-metrics {', '.join(lacking)} expose(s) no {self._energy_family} counters (the family "
                     f"chosen): each endpoint must meter with the same family, or drop it"
                 )
+            if m.energy_series is not None:
+                keys = sorted(k for k in snapshots_keys(self._energy_family, energy_snaps))
+                if not any(re.fullmatch(m.energy_series, k) for k in keys):
+                    raise MeteringError(
+                        f"--energy-series {m.energy_series!r} matches none of the {self._energy_family} series: "
+                        f"{', '.join(keys[:40])}"
+                    )
         found = {}
         for url in m.token_metrics:
             text = await self._fetch_text(url, "--token-metrics")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -62,6 +63,11 @@ class MeteringSpec(BaseModel):
         default=None, description="Which token family to use where the endpoints expose more than one.",
     )
 
+    energy_series: str | None = Field(
+        default=None, min_length=1, description="Regular expression the energy series' keys (replica/device: "
+        "Hostname/gpu0 for DCGM, pod/container for Kepler containers, node/gpu1 for the meter) must match in full: "
+        "the devices or containers of the served model, out of all a node exporter reports.",
+    )
     prometheus: str | None = Field(
         default=None, description="Read the window's energy and tokens through this Prometheus (its base URL) "
         "instead of scraping: the counters' increase between the window's own start and end times.",
@@ -80,6 +86,16 @@ class MeteringSpec(BaseModel):
     def _urls(cls, urls: list[str]) -> list[str]:
         return [_http_url(u) for u in urls]
 
+    @field_validator("energy_series")
+    @classmethod
+    def _regex(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{pattern!r} is not a regular expression: {e}") from e
+        return pattern
+
     @field_validator("prometheus")
     @classmethod
     def _prom_url(cls, url: str | None) -> str | None:
@@ -89,6 +105,8 @@ class MeteringSpec(BaseModel):
     def _one_way(self) -> MeteringSpec:
         if (self.energy_query or self.token_query) and not self.prometheus:
             raise ValueError("energy_query and token_query are PromQL: they need prometheus (its URL)")
+        if self.energy_series and not self.energy_metrics:
+            raise ValueError("energy_series selects among energy_metrics endpoints' series: give them")
         if self.energy_family and not self.energy_metrics:
             raise ValueError("energy_family chooses among energy_metrics endpoints: give them (--energy-metrics)")
         if self.token_family and not self.token_metrics:
