@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from promserver import INSTALL_HINT, PromServer, prometheus_binary
-from test_energy_sources import run, spec, stub_url  # noqa: F401 (the stub server fixture)
+from test_energy_sources import Exporter, run, spec, stub_url, vllm_tokens  # noqa: F401 (the stub server fixture)
 
 from profilers import nvml, nvml_fake
 from profilers.node_meter import NodeMeter, choose_source, meter_registry, serve_metrics
@@ -92,3 +92,18 @@ def test_a_query_with_no_series_is_refused_before_load(prom: PromServer, stub_ur
 
     with pytest.raises(MeteringError, match="no series for the energy query"):
         asyncio.run(go())
+
+
+def test_tokens_through_prometheus_from_a_vllm_counter(meter_url: str, stub_url: str,  # noqa: F811
+                                                        tmp_path: Path) -> None:
+    tokens = Exporter(lambda t: vllm_tokens(round(40 * t)))  # 40 tokens/s
+    try:
+        with PromServer([meter_url.split("/")[2], tokens.url.split("/")[2]], interval="200ms") as p:
+            p.wait_for_scrapes(3)
+            row = run(spec({"prometheus": p.url, "token_query": "vllm:generation_tokens_total"}, duration_s=3.0),
+                      stub_url, tmp_path)
+    finally:
+        tokens.close()
+    assert row["status"] == "ok", row["notes"]
+    assert row["token_source"] == f"prometheus: {p.url} vllm:generation_tokens_total"
+    assert row["output_tokens"] == pytest.approx(40 * row["duration_s"], rel=0.1)
