@@ -331,6 +331,10 @@ def test_cli_flags_fill_metering_and_refusals_exit_2(stub_url: str, exporters, t
 
     row = pd.read_csv(tmp_path / "c" / "points.csv").iloc[0]
     assert row["energy_source"] == f"ours: {meter.url}" and row["status"] == "ok"
+    import json
+
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["metering"]["energy_metrics"] == [meter.url]
 
 
 def test_energy_series_keeps_the_served_models_devices(stub_url: str, exporters, tmp_path: Path) -> None:

@@ -210,6 +210,8 @@ def write_manifest(
         "site": spec.site, "target": target.label, "versions": _versions(),
         "machine": _hardware(), "site_profile": load_site_profile(spec.site).model_dump(mode="json"),
         "traces": trace_inputs(spec),
+        # Where energy and tokens are read (the file's metering: with the command line's flags applied).
+        "metering": spec.metering.model_dump(mode="json", exclude_none=True) if spec.metering else None,
         "updated": datetime.now(UTC).isoformat(),
         **(extra or {}),
     })
