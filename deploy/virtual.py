@@ -30,7 +30,7 @@ from controllers.config import ControllerConfig
 from controllers.loop import ControlLoop
 from controllers.observe import Observer
 from controllers.policies import Policy, build_policy
-from deploy.compare import device_floor
+from deploy.compare import device_floor, model_reference
 from deploy.config import PathLatency
 from profilers.scrape import CounterSnapshot, counters_from_export
 from serving.api import RecentRequests
@@ -66,9 +66,11 @@ class VirtualClock:
         calling the run deadlocked."""
 
     def now(self) -> float:
+        """Current virtual time in seconds."""
         return self._now
 
     async def sleep(self, seconds: float) -> None:
+        """Wait until virtual time reaches ``now + seconds`` (the clock jumps there when every task waits)."""
         if seconds <= 0:
             await asyncio.sleep(0)
             return
@@ -77,6 +79,7 @@ class VirtualClock:
         await fut
 
     async def sleep_until(self, t_s: float) -> None:
+        """Wait until virtual time ``t_s``."""
         await self.sleep(t_s - self._now)
 
     def execute(self, main: Coroutine[Any, Any, T]) -> T:
@@ -169,11 +172,13 @@ class VirtualTarget:
         return {}
 
     async def stop(self) -> None:
+        """Release the deployment's resources and stop every engine."""
         await self._release()
         for e in self.engines:
             await e.stop()
 
     async def counters(self) -> CounterSnapshot:
+        """The target's counters as a scrape of its ``/metrics`` would give them, built from the engines' telemetry."""
         return counters_from_export(export_snapshot(
             (e.replica, e.backend, t) for e, t in zip(self.engines, await self.telemetry(), strict=True)
         ))
@@ -245,6 +250,7 @@ class VirtualTarget:
             rec.error = f"timed out after {self.request_timeout_s:g} s (virtual)"
 
     async def telemetry(self) -> list[Telemetry]:
+        """Every engine's stats, devices, readings and supported clocks, read now."""
         return [Telemetry(e.stats(), e.devices(), e.read(), tuple(e.supported_clocks_mhz())) for e in self.engines]
 
     def control_loop(self, policy: Policy, period_s: float, max_changes_per_min: int) -> ControlLoop:
@@ -299,4 +305,5 @@ def run_virtual_campaign(
         f"virtual time: {config.replicas} x {config.engine.device} replicas of {config.engine.model}, "
         f"{len(spec.sweep.points())} point(s)"
     )
-    return run_campaign(spec, target, out, console, run=target.clock.execute, floor=device_floor(config))
+    return run_campaign(spec, target, out, console, run=target.clock.execute, floor=device_floor(config),
+                        reference=model_reference(config))

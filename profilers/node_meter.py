@@ -35,6 +35,8 @@ ERROR_TEXT_MAX = 200
 
 @dataclass(frozen=True)
 class MeterStatus:
+    """The meter's health: whether its last read worked, how many reads it made and how many failed, and why."""
+
     up: bool
     samples: int
     errors_total: int
@@ -118,6 +120,7 @@ class NodeMeter:
         log.warning("meter: read failed (%d so far): %s", self._errors, self._last_error)
 
     def status(self) -> MeterStatus:
+        """The meter's health now (for ``llm_energy_meter_up`` and ``llm_energy_meter_error_info``)."""
         with self._lock:
             return MeterStatus(self._up, self._samples, self._errors, self._last_error)
 
@@ -138,11 +141,13 @@ class NodeMeter:
 
     # --- thread ----------------------------------------------------------------------------------
     def start(self) -> NodeMeter:
+        """Start the background reads (every ``interval_s``); returns the meter."""
         self._thread = threading.Thread(target=self._run, name="node-meter", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop the background reads and close the source."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5.0)
@@ -164,6 +169,7 @@ class MeterStatusCollector(FastCollector):
         self.meter = meter
 
     def families(self) -> list[Family]:
+        """The meter's up gauge, its last error and what it reads, as exposition families."""
         st = self.meter.status()
         up = Family("llm_energy_meter_up", "1 if the meter's last read of its power source worked, else 0 "
                     "(see llm_energy_meter_error_info).", "gauge", ["replica"])
@@ -179,6 +185,7 @@ class MeterStatusCollector(FastCollector):
 
 
 def meter_registry(meter: NodeMeter, site: SiteProfile | None = None) -> ExporterRegistry:
+    """The meter's ``/metrics``: the replicas' energy collector over the meter's snapshot, and its status."""
     registry = ExporterRegistry()
     registry.register(EnergyCollector(meter.snapshot, site or load_site_profile("azure")))
     registry.register(MeterStatusCollector(meter))

@@ -25,7 +25,7 @@ DEFAULT_TOKEN_QUERY = 'llm_energy_tokens_total{kind="generated"}'
 
 
 class PrometheusQueryError(TestbedError, RuntimeError):
-    pass
+    """A Prometheus that cannot be queried, or a query it refuses or answers with something not a vector."""
 
 
 @dataclass
@@ -42,6 +42,7 @@ class PromIncrease:
 
     @property
     def total(self) -> float:
+        """The increase summed over every counted series."""
         return sum(self.per_series.values())
 
 

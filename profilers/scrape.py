@@ -69,7 +69,7 @@ ENGINE_TOKEN_COUNTERS = {
 
 
 class MetricsUnavailableError(TestbedError, RuntimeError):
-    pass
+    """A testbed's ``/metrics`` could not be fetched or parsed."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,7 @@ class CounterSnapshot:
 
     @property
     def generated_total(self) -> float:
+        """Generated tokens summed over every replica."""
         return sum(self.generated_tokens.values())
 
 
@@ -130,7 +131,8 @@ LATENCY_HISTOGRAMS = {
 
 
 def parse_counters(text: str, origin: str = "") -> CounterSnapshot:
-    """Every family we know in ``text``; ``origin`` (the endpoint's host:port) names the replica of another
+    """Parse a ``/metrics`` text into energy, token, power, clock, load and latency counters: the testbed's, and
+    the other exporters' families we know; ``origin`` (the endpoint's host:port) names the replica of another
     exporter's series that carry no host label of their own."""
     energy: dict[str, CounterSample] = {}
     tokens: dict[str, float] = {}
@@ -245,6 +247,7 @@ def metric_names(text: str) -> list[str]:
 
 
 def found_energy_families(snap: CounterSnapshot) -> list[str]:
+    """The energy families (:data:`ENERGY_FAMILIES`) ``snap`` has series of, in that order."""
     return [f for f in ENERGY_FAMILIES if snap.energy_families.get(f) or (f == "dcgm" and snap.power_families.get(f))]
 
 

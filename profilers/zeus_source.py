@@ -16,6 +16,8 @@ from profilers.types import DeviceInfo, PowerReading, Provenance
 
 
 class ZeusSource:
+    """PowerSource over Zeus's ``zeus.device`` GPUs and CPUs (energy since it opened, provenance measured)."""
+
     backend = "zeus"
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -52,9 +54,11 @@ class ZeusSource:
         self._base = {r.device: r.energy_j for r in self._read_raw()}
 
     def describe(self) -> str:
+        """One line for the start-up log: Zeus, and how each device's energy is obtained."""
         return "Zeus (measured): " + ", ".join(f"{d.device}={d.energy_method}" for d in self._infos)
 
     def devices(self) -> list[DeviceInfo]:
+        """The GPUs and CPU packages (and their DRAM) Zeus found."""
         return list(self._infos)
 
     def _read_raw(self) -> list[PowerReading]:
