@@ -167,3 +167,32 @@ def test_cli_refuses_a_pid_that_does_not_exist(capsys: pytest.CaptureFixture[str
 
     assert main(["meter", "--pid", "999999999", "--port", "0"]) == 2
     assert "--pid 999999999: no such process" in capsys.readouterr().err
+
+
+def test_a_campaign_point_over_a_failing_meter_is_degraded_with_the_reason(fake_nvml: None, tmp_path: Path) -> None:
+    from test_energy_sources import run, spec
+
+    gpu = FakeGPU(power_trace=[(0, 200.0)])
+    nvml_fake.configure([gpu])
+    source, _ = choose_source()
+    meter = NodeMeter(source, node="n")
+    server = serve_metrics(meter_registry(meter), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    stub = subprocess.Popen([sys.executable, str(REPO / "bench" / "stub_server.py"), "--model", "stub"],
+                            stdout=subprocess.PIPE, text=True)
+    fail = threading.Timer(1.0, lambda: gpu.errors.update(nvmlDeviceGetTotalEnergyConsumption=pynvml_unknown()))
+    try:
+        assert stub.stdout is not None
+        url = stub.stdout.readline().split()[-1]
+        fail.start()
+        row = run(spec({"energy_metrics": [f"http://127.0.0.1:{server.server_address[1]}/metrics"]}, duration_s=3.0),
+                  url, tmp_path)
+    finally:
+        fail.cancel()
+        stub.terminate()
+        stub.wait(10)
+        server.shutdown()
+        server.server_close()
+        meter.stop()
+    assert row["status"] == "degraded", row["notes"]
+    assert "meter n was down: " in row["notes"] and "energy counter" in row["notes"]
