@@ -88,6 +88,28 @@ def served_tokenizer(config: ServingConfig) -> str | None:
     return "word"
 
 
+def _with_metering_flags(spec: CampaignFile, args: argparse.Namespace) -> CampaignFile:
+    """The file's ``metering:`` with the command line's flags in place of the fields they name (validated alike)."""
+    from pydantic import ValidationError
+
+    from profilers.errors import validation_problems
+    from workloads.spec import MeteringSpec
+
+    flags = {"energy_metrics": args.energy_metrics, "token_metrics": args.token_metrics,
+             "energy_family": args.energy_family, "token_family": args.token_family,
+             "energy_series": args.energy_series,
+             "prometheus": args.prometheus, "energy_query": args.energy_query, "token_query": args.token_query}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if not flags:
+        return spec
+    base = spec.metering.model_dump() if spec.metering is not None else {}
+    try:
+        metering = MeteringSpec.model_validate({**base, **flags})
+    except ValidationError as e:
+        raise ConfigError(f"metering flags: {validation_problems(e)}") from e
+    return spec.model_copy(update={"metering": metering})
+
+
 def cmd_campaign_run(args: argparse.Namespace) -> int:
     """``testbed campaign run``: run a campaign (against a URL, or a deployment started for it) and write its report."""
     from deploy.compare import device_floor, model_reference
@@ -102,6 +124,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
     # Outside a terminal rich assumes 80 columns and squeezes the summary table; logs can be wider.
     console = Console() if sys.stdout.isatty() else Console(width=170)
     spec = load_yaml_model(Path(args.file), CampaignFile)  # validate before touching --out
+    spec = _with_metering_flags(spec, args)
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
     if spec.clock == "virtual" and args.url:
@@ -142,7 +165,8 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
             points = run_virtual_campaign(spec, spec.deployment, out, console, spec.virtual)
         elif args.url:
             token = args.control_token or os.environ.get("TESTBED_CONTROL_TOKEN")
-            points = run_campaign(spec, HttpTarget(args.url, args.metrics_url, token, prompts), out, console)
+            points = run_campaign(spec, HttpTarget(args.url, args.metrics_url, token, prompts, spec.metering), out,
+                                  console)
         else:
             what = " ".join(filter(None, (d.engine.kind, getattr(d.engine, "device", ""))))
             console.print(f"starting the deployment: {d.replicas} x {what} replicas of {d.model_name} "
@@ -151,8 +175,9 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
             token = d.controller.token or secrets.token_urlsafe(24)
             deployment = d.model_copy(update={"controller": d.controller.model_copy(update={"token": token})})
             with LocalDeployment(deployment, out / "deployment.log") as url:
-                points = run_campaign(spec, HttpTarget(url, args.metrics_url, token, prompts), out, console,
-                                      floor=device_floor(d), reference=model_reference(d))
+                target = HttpTarget(url, args.metrics_url, token, prompts, spec.metering)
+                points = run_campaign(spec, target, out, console, floor=device_floor(d),
+                                      reference=model_reference(d))
         write_report(out)
         return points
 
@@ -269,6 +294,52 @@ def cmd_node_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_meter(args: argparse.Namespace) -> int:
+    """A node energy exporter beside any serving stack: ``/metrics`` with the replicas' energy families."""
+    from profilers.cpu_model import process_cpu_seconds
+    from profilers.footprint import load_site_profile
+    from profilers.node_meter import NodeMeter, choose_source, meter_registry, serve_metrics
+    from profilers.sources import known_sources
+
+    for pid in args.pid or []:
+        try:
+            process_cpu_seconds(pid)
+        except OSError as e:
+            raise ConfigError(f"--pid {pid}: no such process ({e.strerror or e})") from e
+    order = [s.strip() for s in args.sources.split(",") if s.strip()]
+    if unknown := sorted(set(order) - set(known_sources())):
+        raise ConfigError(f"--sources: unknown {unknown}; use some of {known_sources()} (the CPU model comes last)")
+    # Without --pid the CPU model watches pid 1's tree: every process of the node (of the container's namespace).
+    source, text = choose_source(args.pid or [1], args.gpus, order, args.idle_w, args.core_w)
+    meter = NodeMeter(source, args.node, args.interval, text).start()
+    try:
+        server = serve_metrics(meter_registry(meter, load_site_profile(args.site)), args.host, args.port)
+    except OSError as e:
+        meter.stop()
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}; choose another --port") from e
+    signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
+    host, port = server.server_address[:2]
+    print(f"meter: {text}", flush=True)
+    if args.pid and not text.startswith("CPU power model"):
+        print("meter: note: --pid limits only the CPU power model; this power source meters whole devices", flush=True)
+    print(f"meter: serving http://{host}:{port}/metrics as replica={meter.node}", flush=True)
+    if args.ready_file:
+        Path(args.ready_file).write_text(f"http://{host}:{port}/metrics\n")
+    import threading
+
+    thread = threading.Thread(target=server.serve_forever, name="meter-http", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    except KeyboardInterrupt:
+        server.shutdown()
+    finally:
+        server.server_close()
+        meter.stop()
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """``testbed report``: (re)write a campaign directory's ``report.html`` and print its path."""
     from workloads.report import write_report
@@ -342,6 +413,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="output directory")
     run.add_argument("--url", help="drive this running OpenAI-compatible server instead of starting a deployment")
     run.add_argument("--metrics-url", help="Prometheus endpoint with llm_energy_* counters (default: URL/metrics)")
+    run.add_argument("--energy-metrics", action="append", metavar="URL", help="energy counters to read instead of "
+                     "the target's /metrics (repeatable): testbed meter, dcgm-exporter or Kepler; replaces the "
+                     "file's metering.energy_metrics")
+    run.add_argument("--token-metrics", action="append", metavar="URL", help="generated-token counters (repeatable):"
+                     " vLLM, SGLang, TGI or ours; without one, the responses' usage counts")
+    run.add_argument("--energy-series", metavar="REGEX", help="keep only the energy series whose key (replica/device, "
+                     "e.g. Hostname/gpu0 for DCGM, pod/container for Kepler containers) matches in full")
+    run.add_argument("--energy-family", choices=["ours", "dcgm", "kepler_node", "kepler_container"],
+                     help="which energy family to use where the endpoints expose more than one")
+    run.add_argument("--token-family", choices=["ours", "vllm", "sglang", "tgi"],
+                     help="which token family to use where the endpoints expose more than one")
+    run.add_argument("--prometheus", metavar="URL", help="read each window's energy and tokens through this "
+                     "Prometheus (counters' increase between the window's own start and end)")
+    run.add_argument("--energy-query", help="PromQL of energy counters in joules (with --prometheus; default: "
+                     "llm_energy_energy_joules_total)")
+    run.add_argument("--token-query", help="PromQL of generated-token counters (with --prometheus; default: "
+                     'llm_energy_tokens_total{kind="generated"})')
     run.add_argument("--control-token", help="bearer token of the --url target's control API (for knob/policy "
                      "sweeps; default: $TESTBED_CONTROL_TOKEN)")
     run.add_argument("--resume", action="store_true", help="continue a campaign in --out, skipping finished points")
@@ -389,6 +477,24 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--restore-on-exit", action=argparse.BooleanOptionalAction, default=True,
                        help="reset the clocks to the driver's defaults at start-up and on exit (default: on)")
     agent.set_defaults(func=cmd_node_agent)
+
+    met = sub.add_parser("meter", help="node energy exporter beside any server: /metrics with llm_energy_* device "
+                         "counters (NVML, else RAPL, else the CPU power model of --pid's process trees)")
+    met.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for a pod)")
+    met.add_argument("--port", type=int, default=9400, help="default 9400; 0 picks a free port")
+    met.add_argument("--pid", type=int, action="append", help="process tree the CPU power model meters "
+                     "(repeatable; default: pid 1, the whole node); NVML and RAPL meter devices, not processes")
+    met.add_argument("--gpus", help="GPUs to read, as CUDA_VISIBLE_DEVICES (default: $CUDA_VISIBLE_DEVICES, else all)")
+    met.add_argument("--sources", default="nvml,rapl,zeus", help="power counters to try in order before the CPU "
+                     "model (zeus: the zeus package, where installed)")
+    met.add_argument("--interval", type=float, default=1.0, help="seconds between background reads (scrapes "
+                     "always read afresh)")
+    met.add_argument("--node", help="the replica label of its series (default: the host name)")
+    met.add_argument("--idle-w", type=float, default=10.0, help="CPU power model: idle watts")
+    met.add_argument("--core-w", type=float, default=12.0, help="CPU power model: watts per busy core")
+    met.add_argument("--site", default="azure", help="site profile for the water and carbon counters")
+    met.add_argument("--ready-file", help="write the /metrics URL here once serving (for scripts)")
+    met.set_defaults(func=cmd_meter)
 
     rep = sub.add_parser("report", help="(re)write report.html of a campaign directory")
     rep.add_argument("dir")

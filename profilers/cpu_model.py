@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from profilers.types import DeviceInfo, PowerReading, Provenance
@@ -73,7 +73,7 @@ class CpuPowerModel:
         self,
         idle_w: float = 10.0,
         core_w: float = 12.0,
-        pid: int | None = None,
+        pid: int | Sequence[int] | None = None,
         device: str = "cpu0",
         proc: Path = Path("/proc"),
         now: Callable[[], float] = time.monotonic,
@@ -83,7 +83,12 @@ class CpuPowerModel:
             raise ValueError(f"power model parameters must be >= 0 W (idle_w={idle_w}, core_w={core_w})")
         self.idle_w = idle_w
         self.core_w = core_w
-        self.pid = os.getpid() if pid is None else pid
+        roots = [os.getpid()] if pid is None else [pid] if isinstance(pid, int) else list(pid)
+        if not roots:
+            raise ValueError("the CPU power model needs at least one process id")
+        self.pids = roots
+        """The roots of the watched process trees (``testbed meter --pid``, repeatable)."""
+        self.pid = roots[0]
         self.device = device
         self.proc = proc
         self._now = now
@@ -92,7 +97,7 @@ class CpuPowerModel:
         # CPU time of processes that exited is kept, so the integral never goes backwards.
         self._last_cpu: dict[int, float] = {}
         self._cpu_of_gone = 0.0
-        self._pids: list[int] = [self.pid]
+        self._pids: list[int] = list(roots)
         self._scanned_at = -1e18
         self._t0 = now()
         self._cpu0 = self._cpu_seconds()
@@ -105,13 +110,13 @@ class CpuPowerModel:
         """One line saying how power is modeled: idle and per-core watts, and whose utilisation is counted."""
         return (
             f"CPU power model (modeled): {self.idle_w:g} W idle + {self.core_w:g} W per busy core, "
-            f"utilisation of pid {self.pid} and its children from {self.proc}"
+            f"utilisation of pid {', '.join(map(str, self.pids))} and its children from {self.proc}"
         )
 
     def _cpu_seconds(self) -> float:
         t = self._now()
         if t - self._scanned_at >= self._rescan_s:
-            self._pids = [self.pid, *descendants(self.pid, self.proc)]
+            self._pids = list(dict.fromkeys(p for root in self.pids for p in (root, *descendants(root, self.proc))))
             self._scanned_at = t
         seen: dict[int, float] = {}
         for pid in self._pids:
@@ -120,10 +125,14 @@ class CpuPowerModel:
             except (OSError, ValueError, IndexError):
                 continue
         for pid, cpu in self._last_cpu.items():
-            if pid not in seen and pid != self.pid:
+            if pid not in seen:  # a root that exited too: the integral never goes backwards
                 self._cpu_of_gone += cpu
         self._last_cpu = seen
         return self._cpu_of_gone + sum(seen.values())
+
+    def gone(self) -> list[int]:
+        """Watched roots that no longer exist (their CPU time so far stays counted; nothing more of theirs will)."""
+        return [p for p in self.pids if not (self.proc / str(p)).exists()]
 
     def rescan(self) -> None:
         """Walk the process tree again at the next read (the tree changed: an engine started its processes)."""

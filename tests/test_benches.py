@@ -55,7 +55,7 @@ def test_hop_floor_bench_prints_a_row_per_server_end() -> None:
 def test_vllm_overhead_bench_measures_every_path_on_a_real_engine(tmp_path: Path) -> None:
     """A short run of the bench behind #3's figures: every path at every load gets a row, and the replica's start
     time and memory are reported."""
-    pytest.importorskip("vllm", reason="vllm is not installed: pip install 'llm-energy-testbed[cpu]'")
+    pytest.importorskip("vllm", reason="vllm is not installed: scripts/install-vllm.sh")
     run = subprocess.run(
         [sys.executable, str(BENCH / "vllm_overhead.py"), "--requests", "8", "--concurrency", "1", "--rates", "10",
          "--rounds", "1", "--blocks", "1", "--paths", "direct", "router", "http", "in-replica", "--trace"],

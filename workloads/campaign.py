@@ -72,6 +72,20 @@ Work = list[RequestSpec] | ClosedLoop
 """What a point sends: an open-loop schedule of requests, or closed-loop users."""
 
 
+@dataclass
+class WindowReading:
+    """A point's window read by the target itself after the fact (through Prometheus), in place of differencing
+    the snapshots at its edges (see ``HttpTarget.read_window``)."""
+
+    measurement: Measurement
+    tokens: int | None
+    notes: list[str]
+    energy_source: str
+    token_source: str
+    uncertainty_j: float
+    backend: str
+
+
 class Target(Protocol):
     """What a campaign drives, in real or virtual time: everything :func:`run_points` reads, sleeps or sends goes
     through it (``workloads.http_target.HttpTarget``: a URL; ``deploy.virtual.VirtualTarget``: in-process
@@ -198,6 +212,8 @@ def write_manifest(
         "site": spec.site, "target": target.label, "versions": _versions(),
         "machine": _hardware(), "site_profile": load_site_profile(spec.site).model_dump(mode="json"),
         "traces": trace_inputs(spec),
+        # Where energy and tokens are read (the file's metering: with the command line's flags applied).
+        "metering": spec.metering.model_dump(mode="json", exclude_none=True) if spec.metering else None,
         "updated": datetime.now(UTC).isoformat(),
         **(extra or {}),
     })
@@ -240,6 +256,10 @@ class _Live:
     first: CounterSnapshot | None = None
     rows: list[dict[str, object]] = field(default_factory=list)
     joules_per_token: float = math.nan
+    last: CounterSnapshot | None = None
+    resets: set[str] = field(default_factory=set)
+    """Counters (energy ``replica/device``, tokens ``tokens replica``) seen going backwards between two samples: a
+    reset inside the window that its edges alone would not show (the end above the start)."""
 
 
 async def _counters_at(target: Target, when: float) -> CounterSnapshot | None:
@@ -253,6 +273,12 @@ async def _sample(target: Target, point: int, live: _Live, period_s: float) -> N
         t = target.clock.now() - live.t0
         if snap is not None:
             live.first = live.first or snap
+            if live.last is not None:
+                live.resets.update(k for k, v in snap.energy.items()
+                                   if k in live.last.energy and v.energy_j < live.last.energy[k].energy_j)
+                live.resets.update(f"tokens {k}" for k, v in snap.generated_tokens.items()
+                                   if v < live.last.generated_tokens.get(k, 0.0))
+            live.last = snap
             for key, sample in snap.energy.items():
                 replica, _, device = key.partition("/")
                 live.rows.append({
@@ -271,11 +297,41 @@ def _sampler_failures(begin: CounterSnapshot, end: CounterSnapshot) -> str:
     return ", ".join(k for k, n in sorted(end.sampler_errors.items()) if n > begin.sampler_errors.get(k, 0.0))
 
 
-def _window_tokens(begin: CounterSnapshot, end: CounterSnapshot) -> int | None:
-    """Tokens the server generated between two scrapes (None if it does not export token counters)."""
-    if not end.generated_tokens:
-        return None
-    return int(sum(max(0.0, n - begin.generated_tokens.get(r, 0.0)) for r, n in end.generated_tokens.items()))
+def sampler_notes(begin: CounterSnapshot, end: CounterSnapshot) -> list[str]:
+    """Why a point's energy is incomplete: samplers that failed in the window, the reason a ``testbed meter``
+    gave (its last error) where it was down at either edge, endpoints that could not be scraped at an edge, and
+    devices that appeared inside the window (their energy is not counted)."""
+    notes = []
+    if failing := _sampler_failures(begin, end):
+        notes.append(f"power sampler errors during the point on {failing}: energy there is incomplete")
+    for node in sorted(set(begin.meter_up) | set(end.meter_up)):
+        if min(begin.meter_up.get(node, 1.0), end.meter_up.get(node, 1.0)) < 1.0:
+            why = end.meter_errors.get(node) or begin.meter_errors.get(node) or "no reason given"
+            notes.append(f"meter {node} was down: {why}")
+    for edge, snap in (("start", begin), ("end", end)):
+        for url, why in sorted(snap.scrape_errors.items()):
+            notes.append(f"scrape of {url} failed at the window's {edge}: {why}")
+    if appeared := sorted(set(end.energy) - set(begin.energy)):
+        notes.append(f"energy series {', '.join(appeared)} appeared inside the window: not counted")
+    return notes
+
+
+def window_tokens(begin: CounterSnapshot, end: CounterSnapshot) -> tuple[int | None, list[str]]:
+    """Tokens the server generated between two scrapes, and why they cannot be trusted (a counter that went
+    backwards or vanished: then None, the clients' count is used and the point is degraded); None with no note if
+    the server exports no token counter."""
+    if not end.generated_tokens and not begin.generated_tokens:
+        return None, []
+    reset = sorted(k for k, n in end.generated_tokens.items() if n < begin.generated_tokens.get(k, 0.0))
+    missing = sorted(set(begin.generated_tokens) - set(end.generated_tokens))
+    notes = []
+    if reset:
+        notes.append(f"token counter {', '.join(reset)} went backwards (server restart): the clients' count is used")
+    if missing:
+        notes.append(f"token counter {', '.join(missing)} vanished inside the window: the clients' count is used")
+    if notes:
+        return None, notes
+    return int(sum(n - begin.generated_tokens.get(r, 0.0) for r, n in end.generated_tokens.items())), []
 
 
 async def run_points(
@@ -356,15 +412,31 @@ async def _measure_point(
     }
     if first is None or last is None:
         row = summarize_point(point, setting_label(setting), offered_rate(spec, load, records), records,
-                              Measurement(duration_s=window_s), "unknown", site, spec.slo, **common)
+                              Measurement(duration_s=window_s), "unknown", site, spec.slo, **common,
+                              notes=[f"no counters at the window's {'start' if first is None else 'end'}: "
+                                     "the target's metrics could not be scraped"])
         return row, records, live.rows
-    failing = _sampler_failures(first, last)
+    reader = getattr(target, "read_window", None)  # optional: a target that reads windows through Prometheus
+    reading: WindowReading | None = await reader(first, last, window_s) if callable(reader) else None
+    if reading is not None:
+        row = summarize_point(
+            point, setting_label(setting), offered_rate(spec, load, records), records, reading.measurement,
+            reading.backend, site, spec.slo, window_tokens=reading.tokens, notes=reading.notes,
+            energy_source=reading.energy_source, token_source=reading.token_source,
+            energy_uncertainty_j=reading.uncertainty_j, **common,
+        )
+        return row, records, live.rows
+    tokens, token_notes = window_tokens(first, last)
     row = summarize_point(
         point, setting_label(setting), offered_rate(spec, load, records), records,
         window_energy(first.energy, last.energy, window_s), ",".join(sorted(last.backends)) or "unknown", site,
-        spec.slo, window_tokens=_window_tokens(first, last), devices=last.device_labels(),
+        spec.slo, window_tokens=tokens, devices=last.device_labels(),
         token_shares=engine_token_shares(first.engine_tokens, last.engine_tokens),
-        notes=[f"power sampler errors during the point on {failing}: energy there is incomplete"] if failing else [],
+        notes=[*sampler_notes(first, last), *token_notes,
+               *([f"counter(s) {', '.join(sorted(live.resets))} went backwards inside the point (reset): its "
+                  "figures miss what was counted before the reset"] if live.resets else [])],
+        energy_source=last.energy_source or f"ours: {target.label}",
+        token_source=last.token_source or f"ours: {target.label}",
         **common,
     )
     return row, records, live.rows

@@ -124,6 +124,15 @@ class PointRow:
     """``comprehensive_per_token_j`` over ``reference_j_per_token`` (ours / theirs)."""
     reference: str = ""
     """Whose estimate ``reference_j_per_token`` is (``EcoLogits 0.11.3 estimate ...``), or why there is none."""
+    energy_source: str = ""
+    """Where the window's energy came from: ``family: endpoint(s)`` (``ours``: llm_energy_energy_joules_total,
+    ``dcgm``, ``kepler_node``, ``kepler_container``; ``prometheus: ...`` for a query), or ``target /metrics``."""
+    energy_uncertainty_j: float = math.nan
+    """What the energy window may be off by, where it is read through Prometheus: the mean power times the scrape
+    interval (an edge's sample is up to one interval old); NaN for direct scrapes (exact to the scrape)."""
+    token_source: str = ""
+    """Where ``output_tokens`` came from: ``family: endpoint(s)`` of a server token counter (``ours``, ``vllm``,
+    ``sglang``, ``tgi``), or ``client usage`` (the responses' ``usage``, no server counter)."""
 
 
 POINT_COLUMNS = [f.name for f in dataclasses.fields(PointRow)]
@@ -199,6 +208,9 @@ def summarize_point(
     notes: Sequence[str] = (),
     floor: FloorFn | None = None,
     reference: ReferenceFn | None = None,
+    energy_source: str = "",
+    token_source: str = "",
+    energy_uncertainty_j: float = math.nan,
 ) -> PointRow:
     """The :class:`PointRow` of a measured point.
 
@@ -285,6 +297,9 @@ def summarize_point(
         reference_j_per_token=ref.j_per_token if ref else math.nan,
         reference_ratio=comprehensive_per_tok / ref.j_per_token if ref and ref.j_per_token > 0 else math.nan,
         reference=ref.label if ref else ("" if reference is None else "none: ecologits not installed"),
+        energy_source=energy_source,
+        energy_uncertainty_j=energy_uncertainty_j,
+        token_source=token_source if window_tokens is not None else "client usage",
     )
 
 
@@ -310,7 +325,7 @@ def _degradation(df: pd.DataFrame, measurement: Measurement) -> list[str]:
     if len(server_side):
         notes.append(f"{len(server_side)} request(s) failed on the server side or in transport")
     if not measurement.energy_j:
-        notes.append("energy unavailable (no llm_energy_* counters could be scraped)")
+        notes.append("energy unavailable (no energy counters could be scraped)")
     if measurement.dropped_devices:
         notes.append(f"energy of {', '.join(measurement.dropped_devices)} dropped (counter reset or device gone)")
     return notes

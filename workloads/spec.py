@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated
+import re
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serving.knobs import Knobs
 from serving.slo import SLO, SLO_FIELDS_ADDED
@@ -30,6 +32,93 @@ ADDED_DEPLOYMENT_FIELDS = {
 }
 ADDED_ENGINE_FIELDS = {"tensor_parallel": 1}
 """Engine fields added after campaigns were written, with the value they had implicitly (see config_hash)."""
+ADDED_CAMPAIGN_FIELDS = {"metering": None}
+"""Top-level campaign fields added later, with the value that means "as before" (see config_hash)."""
+
+
+def _http_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{url!r} is not an http(s) URL (e.g. http://node:9400/metrics)")
+    return url
+
+
+class MeteringSpec(BaseModel):
+    """Where a ``--url`` campaign reads energy and tokens, when not from the target's own ``/metrics``
+    (the same as ``campaign run``'s ``--energy-metrics``, ``--token-metrics``, ``--energy-family``,
+    ``--token-family``; flags given on the command line replace the file's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    energy_metrics: list[str] = Field(
+        default_factory=list, description="Prometheus text endpoints with energy counters (testbed meter, "
+        "dcgm-exporter, Kepler), scraped at the window's edges.",
+    )
+    token_metrics: list[str] = Field(
+        default_factory=list, description="Endpoints with generated-token counters (vLLM, SGLang, TGI, ours); "
+        "none: the clients' usage counts.",
+    )
+    energy_family: Literal["ours", "dcgm", "kepler_node", "kepler_container"] | None = Field(
+        default=None, description="Which energy family to use where the endpoints expose more than one.",
+    )
+    token_family: Literal["ours", "vllm", "sglang", "tgi"] | None = Field(
+        default=None, description="Which token family to use where the endpoints expose more than one.",
+    )
+
+    energy_series: str | None = Field(
+        default=None, min_length=1, description="Regular expression the energy series' keys (replica/device: "
+        "Hostname/gpu0 for DCGM, pod/container for Kepler containers, node/gpu1 for the meter) must match in full: "
+        "the devices or containers of the served model, out of all a node exporter reports.",
+    )
+    prometheus: str | None = Field(
+        default=None, description="Read the window's energy and tokens through this Prometheus (its base URL) "
+        "instead of scraping: the counters' increase between the window's own start and end times.",
+    )
+    energy_query: str | None = Field(
+        default=None, min_length=1, description="PromQL instant vector of energy counters in joules (default: "
+        "llm_energy_energy_joules_total); with prometheus only.",
+    )
+    token_query: str | None = Field(
+        default=None, min_length=1, description="PromQL instant vector of generated-token counters (default: "
+        'llm_energy_tokens_total{kind="generated"}); with prometheus only.',
+    )
+
+    @field_validator("energy_metrics", "token_metrics")
+    @classmethod
+    def _urls(cls, urls: list[str]) -> list[str]:
+        return [_http_url(u) for u in urls]
+
+    @field_validator("energy_series")
+    @classmethod
+    def _regex(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{pattern!r} is not a regular expression: {e}") from e
+        return pattern
+
+    @field_validator("prometheus")
+    @classmethod
+    def _prom_url(cls, url: str | None) -> str | None:
+        return None if url is None else _http_url(url)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> MeteringSpec:
+        if (self.energy_query or self.token_query) and not self.prometheus:
+            raise ValueError("energy_query and token_query are PromQL: they need prometheus (its URL)")
+        if self.energy_series and not self.energy_metrics:
+            raise ValueError("energy_series selects among energy_metrics endpoints' series: give them")
+        if self.energy_family and not self.energy_metrics:
+            raise ValueError("energy_family chooses among energy_metrics endpoints: give them (--energy-metrics)")
+        if self.token_family and not self.token_metrics:
+            raise ValueError("token_family chooses among token_metrics endpoints: give them (--token-metrics)")
+        if self.prometheus and (self.energy_metrics or self.token_metrics or self.energy_family or self.token_family):
+            raise ValueError("prometheus reads energy and tokens itself: drop energy_metrics/token_metrics and the "
+                             "families (or drop prometheus and scrape the endpoints directly)")
+        return self
+
+
 # Bounds on the load a point may ask for: beyond them a typo (1e9 req/s, .inf) would grow the schedule's memory
 # without bound before the first request is sent. A point's requests are built up front, ~1 KB each.
 MAX_RATE_RPS = 100_000.0
@@ -154,6 +243,9 @@ class CampaignSpec(BaseModel):
     workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
     slo: SLO = Field(default_factory=SLO)
     sweep: Sweep
+    metering: MeteringSpec | None = Field(
+        default=None, description="Energy and token endpoints of a --url target (default: its own /metrics).",
+    )
 
     @model_validator(mode="after")
     def _load_matches_arrivals(self) -> CampaignSpec:
@@ -183,7 +275,7 @@ class CampaignSpec(BaseModel):
     def config_hash(self) -> str:
         """Short hash of the settings, checked by ``--resume`` (fields added later left out while at their default)."""
         data = self.model_dump(mode="json")
-        sections = [(data["workload"], ADDED_FIELDS), (data["slo"], SLO_FIELDS_ADDED)]
+        sections = [(data, ADDED_CAMPAIGN_FIELDS), (data["workload"], ADDED_FIELDS), (data["slo"], SLO_FIELDS_ADDED)]
         sections += [(k, ADDED_KNOB_FIELDS) for k in data["sweep"]["knobs"]]
         if isinstance(data.get("deployment"), dict):  # campaign files (deploy/config.py) carry one
             sections.append((data["deployment"], ADDED_DEPLOYMENT_FIELDS))
