@@ -10,6 +10,11 @@ $(BIN)/testbed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	@# Zeus (a power source of `testbed meter`, tested here) requires amdsmi; without ROCm's libamd_smi.so that
+	@# package breaks `import ray` (Ray imports amdsmi when installed), so it goes where ROCm is absent.
+	$(BIN)/python -m pip install --quiet "zeus==0.16.0"
+	@ldconfig -p 2>/dev/null | grep -q libamd_smi.so || [ -e /opt/rocm/lib/libamd_smi.so ] || \
+	  $(BIN)/python -m pip uninstall --quiet -y amdsmi
 	@touch $@
 
 setup: $(BIN)/testbed
