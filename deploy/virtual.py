@@ -79,6 +79,18 @@ class VirtualClock:
     async def sleep_until(self, t_s: float) -> None:
         await self.sleep(t_s - self._now)
 
+    def alarm(self, t_s: float) -> asyncio.Future[None]:
+        """A future that resolves when the clock reaches exactly ``t_s`` (no float round trip through a duration,
+        as :meth:`sleep` makes): an engine's fast-forwarded run ends there. :meth:`rearm` moves it earlier."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._timers, (t_s, next(self._seq), fut))
+        return fut
+
+    def rearm(self, fut: asyncio.Future[None], t_s: float) -> None:
+        """Resolve ``fut`` (from :meth:`alarm`) at ``t_s`` instead, which must not be later than its time: the
+        old entry stays in the heap and is skipped once ``fut`` is done."""
+        heapq.heappush(self._timers, (t_s, next(self._seq), fut))
+
     def execute(self, main: Coroutine[Any, Any, T]) -> T:
         """Run ``main`` to completion on a new event loop driven by this clock; return its result."""
         with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(_ClockSelector(self))) as runner:
@@ -146,6 +158,7 @@ class VirtualTarget:
         self._token_times: dict[str, list[float]] = {}
         for e in self.engines:
             e.on_token = self._on_token
+            e.on_tokens = self._on_tokens
             e.stream_every_token = False  # token times come from the hook; events only open and close
         self.router = Router([ReplicaHandle(e.replica, None, backend=e.backend, local=e) for e in self.engines],
                              policy=config.router)
@@ -159,6 +172,13 @@ class VirtualTarget:
             self._token_times[request_id] = [t_s]
         else:
             times.append(t_s)
+
+    def _on_tokens(self, request_id: str, times: list[float]) -> None:
+        own = self._token_times.get(request_id)
+        if own is None:
+            self._token_times[request_id] = list(times)
+        else:
+            own.extend(times)
 
     async def start(self, spec: CampaignSpec | None = None) -> dict[str, object]:
         """Start the engines; requests slower than the campaign's ``request_timeout_s`` count as failed."""
