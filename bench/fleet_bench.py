@@ -44,7 +44,7 @@ def fleet_campaign(replicas: int, rate: float, duration_s: float = 600.0):  # ty
     })
 
 
-def run_once(replicas: int, rate: float, duration_s: float, profile: bool) -> dict[str, object]:
+def run_once(replicas: int, rate: float, duration_s: float, profile: bool, sort: str = "tottime") -> dict[str, object]:
     from deploy.compare import device_floor
     from deploy.virtual import VirtualTarget
     from workloads.campaign import prepare_out_dir, run_campaign
@@ -66,7 +66,7 @@ def run_once(replicas: int, rate: float, duration_s: float, profile: bool) -> di
         simulated = target.clock.now()
     if prof:
         s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+        pstats.Stats(prof, stream=s).sort_stats(sort).print_stats(30)
         print(s.getvalue())
     row = points.iloc[0]
     return {"replicas": replicas, "req/s": rate, "simulated s": simulated, "wall s": wall, "CPU s": cpu,

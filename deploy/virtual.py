@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pandas as pd
 from rich.console import Console
 
@@ -153,8 +154,9 @@ class VirtualTarget:
         self.latency = latency or PathLatency()
         self.controller: ControllerConfig = getattr(config, "controller", None) or ControllerConfig(enabled=False)
         self.seed = config.engine.seed
-        self.engines = [EmulatedEngine(config.engine, f"replica-{i}", clock=self.clock)
-                        for i in range(config.replicas)]
+        first = EmulatedEngine(config.engine, "replica-0", clock=self.clock)  # the preset and shape, read once
+        self.engines = [first, *(EmulatedEngine(config.engine, f"replica-{i}", clock=self.clock, device=first.device,
+                                                model=first.model) for i in range(1, config.replicas))]
         self._token_times: dict[str, list[float]] = {}
         for e in self.engines:
             e.on_token = self._on_token
@@ -252,12 +254,13 @@ class VirtualTarget:
             rec.status, rec.http_status, rec.error = "failed", 400, str(e)
             return
         assert last is not None
-        times = [t + back for t in self._token_times.pop(req.request_id)]  # when the client reads them
+        read = np.asarray(self._token_times.pop(req.request_id)) + back  # when the client reads them
+        times = read.tolist()
         rec.replica, rec.output_tokens = last.replica, last.output_tokens
         rec.energy_j, rec.energy_provenance = last.energy_j, last.provenance
         rec.ttft_s = times[0] - t_send
         rec.e2e_s = times[-1] - t_send
-        rec.itl_s = [b - a for a, b in itertools.pairwise(times)]
+        rec.itl_s = np.diff(read).tolist()
         rec.tpot_s = (rec.e2e_s - rec.ttft_s) / (rec.output_tokens - 1) if rec.output_tokens > 1 else math.nan
         self.recent.complete(times[-1], rec.ttft_s, None if math.isnan(rec.tpot_s) else rec.tpot_s)
         rec.http_status, rec.status = 200, "ok" if rec.e2e_s <= self.request_timeout_s else "failed"

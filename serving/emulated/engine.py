@@ -165,6 +165,7 @@ class EmulatedEngine:
         self._accounted_until = self.clock.now()
         self._inflight: tuple[float, IterationCost] | None = None
         self._run_state: _Run | None = None
+        self._run_hint = 32
         self._prompt_tokens = 0
         self._generated_tokens = 0
         self._iterations = 0
@@ -519,36 +520,34 @@ class EmulatedEngine:
         # Steps before any request's last token (that step is left to the ordinary path, which ends it).
         limit = min(s.max_tokens - s.generated for s in seqs) - 1
         # Steps 1.. allocate one KV slot per sequence; the ordinary path preempts once the cache is full.
-        limit = min(limit, 1 + (self.kv_capacity_tokens - self._kv_used) // batch, MAX_RUN_STEPS)
+        # Priced ahead: as many steps as recent runs lasted before something cut them, doubling while none is.
+        limit = min(limit, 1 + (self.kv_capacity_tokens - self._kv_used) // batch, self._run_hint)
         if limit < 2:
             return None
         steps = decode_steps(self.device, self.model, [item[2] for item in plan], limit, self.clock_mhz,
                              self.tensor_parallel)
-        times = steps.time_s.tolist()
-        throttled = steps.throttled.tolist()
-        now = self.clock.now()
-        starts: list[float] = []
-        ends: list[float] = []
-        wakes: list[float] = []
-        start = busy = t0
-        for i in range(limit):
-            if throttled[i]:
-                break  # the governor picks a lower clock: step_cost's business
-            if i > 0:
-                if now - busy > MAX_LAG_S:
-                    break
-                start = busy  # back to back, as the ordinary loop starts the next step
-            end = start + times[i]
-            seconds = end - now  # VirtualClock.sleep's arithmetic, so the clock lands where stepping lands
-            now = max(now, now + seconds) if seconds > 0 else now
-            starts.append(start)
-            ends.append(end)
-            wakes.append(now)
-            busy = end
-        if len(wakes) < 2:
+        k = limit if not steps.throttled.any() else int(steps.throttled.argmax())  # throttled: step_cost's business
+        if k < 2:
             return None
-        run = _Run(seqs, starts, ends, wakes, steps, len(wakes))
-        run.alarm = self.clock.alarm(wakes[-1])  # type: ignore[attr-defined]
+        # Each step ends where the last ended plus its time (the ordinary loop's busy_until) ...
+        ends_a = np.add.accumulate(np.concatenate(([t0], steps.time_s[:k])))[1:]
+        # ... and the clock lands on now + (end - now), VirtualClock.sleep's arithmetic. Where that is the end
+        # itself (always, unless a step is longer than the time since the clock's zero), the next step starts at
+        # the clock and both series are one; the run stops before the first step where they part.
+        now = self.clock.now()
+        seconds = float(ends_a[0]) - now
+        if not seconds > 0 or now + seconds != ends_a[0]:
+            return None
+        if k > 1:
+            landed = ends_a[:-1] + (ends_a[1:] - ends_a[:-1]) == ends_a[1:]
+            if not landed.all():
+                k = 1 + int(landed.argmin())
+                if k < 2:
+                    return None
+        ends = ends_a[:k].tolist()
+        starts = [t0, *ends[:-1]]
+        run = _Run(seqs, starts, ends, ends, steps, k)
+        run.alarm = self.clock.alarm(ends[-1])  # type: ignore[attr-defined]
         self._run_state = run
         self._inflight = (starts[0], run.cost(0))
         return run
@@ -558,6 +557,10 @@ class EmulatedEngine:
         assert run.alarm is not None
         try:
             await run.alarm
+            if run.steps == len(run.wakes):  # not cut: price longer runs ahead next time
+                self._run_hint = min(MAX_RUN_STEPS, 2 * self._run_hint)
+            else:
+                self._run_hint = max(8, 2 * run.steps)
         except asyncio.CancelledError:  # the engine stops: keep what has happened by now
             self._sync()
             self._run_state = self._inflight = None
