@@ -91,6 +91,16 @@ class CampaignFile(CampaignSpec):
         default_factory=PathLatency,
         description="clock: virtual only: the latency of the real serving path, added to each request.",
     )
+    workers: int = Field(
+        default=1, ge=0,
+        description="clock: virtual only: points simulated at once, each a Ray task building its own replicas "
+        "(1: one after the other in this process; 0: one per CPU of the Ray cluster). Same rows either way.",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="clock: virtual only: the Ray cluster (host:port) whose workers simulate the points (default: "
+        "a local Ray when workers is not 1). Checked before anything runs.",
+    )
     compare: list[EngineVariant] | None = Field(
         default=None, min_length=1,
         description="Run the campaign once per entry (results in OUT/<label>/), compared side by side.",

@@ -86,6 +86,9 @@ class PointRow:
     """The emulated device's physical floor of energy per output token at the point's mean lengths (NaN: real)."""
     x_floor: float = math.nan
     """``energy_per_token_j`` over the floor: never below 1."""
+    sim_speed_x: float = math.nan
+    """Virtual time only: the point's simulated seconds per wall-clock second of simulating it (its target built,
+    run and stopped; NaN in real time). The one column that differs between two runs of the same campaign."""
 
 
 POINT_COLUMNS = [f.name for f in dataclasses.fields(PointRow)]

@@ -166,6 +166,8 @@ class EmulatedEngine:
         self._inflight: tuple[float, IterationCost] | None = None
         self._run_state: _Run | None = None
         self._run_hint = 32
+        self.fast_forwarded_steps = 0
+        """Iterations committed by fast-forwarded runs rather than one by one (a diagnostic)."""
         self._prompt_tokens = 0
         self._generated_tokens = 0
         self._iterations = 0
@@ -595,6 +597,7 @@ class EmulatedEngine:
         run.allocated += started
         self._kv_used += batch * started
         self._iterations += k
+        self.fast_forwarded_steps += k
         self._generated_tokens += batch * k
         times = run.wakes[lo:done]
         bulk, single = self.on_tokens, self.on_token
