@@ -40,6 +40,7 @@ class EngineVariant(BaseModel):
     model: str | None = None
     clock_mhz: ClockMHz | None = None
     max_num_seqs: NumSeqs | None = None
+    replicas: int | None = Field(default=None, ge=1, description="Replicas of this entry (default: the deployment's).")
 
     @property
     def name(self) -> str:

@@ -228,10 +228,7 @@ class DecodeSteps:
 def _seq_sum(m: np.ndarray) -> np.ndarray:
     """Row sums of ``m`` added left to right, as Python's ``sum`` of each row does (numpy's own reduction sums
     pairwise: a different float result)."""
-    acc = m[:, 0].copy()
-    for j in range(1, m.shape[1]):
-        acc += m[:, j]
-    return acc
+    return np.add.accumulate(m, axis=1)[:, -1]  # accumulate runs left to right: no pairwise reordering
 
 
 def decode_steps(
