@@ -5,6 +5,7 @@ shape) for a 600 s point, through the whole campaign path (VirtualTarget, run_po
 
     python bench/fleet_bench.py                       # 32 replicas @ 80 req/s and 256 @ 640 req/s, 600 s
     python bench/fleet_bench.py --only 32 --profile   # + cProfile of the run, top functions by own time
+    python bench/fleet_bench.py --sweep 2             # 8 virtual points: serial, then as Ray tasks on 2 workers
 
 The shipped trace holds 19,366 requests over about an hour (5.53 req/s): time-scaled to 80 req/s it spans ~242 s
 of the 600 s point, to 640 req/s ~30 s; the simulated span is the whole point (the engines idle after the burst).
@@ -74,12 +75,52 @@ def run_once(replicas: int, rate: float, duration_s: float, profile: bool, sort:
             "J/token": float(row["energy_per_token_j"])}
 
 
+def sweep(workers: int) -> None:
+    """8 points (8 replicas, the trace at 10 and 20 req/s, 4 clocks, 120 s each) serial in this process, then as
+    Ray tasks on ``workers`` local workers: wall times, and whether points.csv agrees (sim_speed_x aside)."""
+    import ray
+
+    from deploy.raycluster import init_ray
+    from deploy.virtual import run_virtual_campaign
+
+    base = fleet_campaign(8, 10.0, 120.0)
+    data = base.model_dump()
+    data["sweep"] = {"rate_rps": [10.0, 20.0], "knobs": [{"clock_mhz": c} for c in (1980, 1560, 1260, 960)]}
+    spec = type(base).model_validate(data)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        quiet = Console(file=io.StringIO())
+        t0 = time.perf_counter()
+        serial = run_virtual_campaign(spec, spec.deployment, Path(tmp) / "serial", quiet)
+        rows.append({"run": "serial, in process", "points": len(serial), "wall s": time.perf_counter() - t0})
+        init_ray(num_cpus=workers)
+        on_ray = spec.model_copy(update={"workers": workers})
+        t0 = time.perf_counter()
+        parallel = run_virtual_campaign(on_ray, on_ray.deployment, Path(tmp) / "ray", quiet)
+        rows.append({"run": f"Ray tasks, {workers} local workers", "points": len(parallel),
+                     "wall s": time.perf_counter() - t0})
+        ray.shutdown()
+        same = serial.drop(columns="sim_speed_x").equals(parallel.drop(columns="sim_speed_x"))
+    frame = pd.DataFrame(rows)
+    frame["x serial"] = frame["wall s"] / frame["wall s"].iloc[0]
+    t = Table(title=f"8 virtual points, serial vs Ray ({workers} workers); points.csv identical: {same}")
+    for c in frame.columns:
+        t.add_column(str(c), justify="right")
+    for _, r in frame.iterrows():
+        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r])
+    Console(width=200).print(t)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", type=int, choices=sorted(CASES), help="one case: its replica count")
     p.add_argument("--duration", type=float, default=600.0, help="simulated seconds per point")
     p.add_argument("--profile", action="store_true", help="cProfile the run(s) (slower) and print the top")
+    p.add_argument("--sweep", type=int, metavar="WORKERS", help="serial vs Ray sweep of 8 points instead")
     args = p.parse_args()
+    if args.sweep:
+        sweep(args.sweep)
+        return
     rows = [run_once(n, CASES[n], args.duration, args.profile) for n in ([args.only] if args.only else CASES)]
     frame = pd.DataFrame(rows)
     t = Table(title="Fleet-scale virtual time: Azure conv trace, time-scaled, emulated H100 x Llama-3.1-8B")
