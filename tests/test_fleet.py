@@ -115,3 +115,15 @@ def test_unreachable_ray_address_fails_before_writing(tmp_path: Path, capsys) ->
     assert main(["campaign", "run", str(campaign), "--out", str(tmp_path / "out")]) == 2
     assert "cannot reach a Ray cluster" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_where_points_run_is_not_part_of_the_configuration(tmp_path: Path) -> None:
+    """A campaign resumes with other workers or on another cluster; a compare entry may size the fleet."""
+    from deploy.compare import variant_spec
+    from deploy.config import EngineVariant
+
+    serial = _campaign(tmp_path)
+    assert serial.config_hash() == _campaign(tmp_path, workers=0, ray_address="10.0.0.1:6379").config_hash()
+    big = variant_spec(serial, EngineVariant(device="h100_sxm", replicas=256))
+    assert big.deployment.replicas == 256 and serial.deployment.replicas == 2
+    assert big.config_hash() != serial.config_hash()
