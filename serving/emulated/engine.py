@@ -96,6 +96,9 @@ class _Run:
     allocated: int = 1
     """Steps whose KV slots are allocated (the first by the schedule)."""
     alarm: asyncio.Future[None] | None = None
+    tail: int = 0
+    """1 when the run's last step ends a request: that step is committed by the engine when it wakes, with the
+    ordinary emission (the request finished, its slots freed), never by a look from outside."""
 
     def cost(self, i: int) -> IterationCost:
         """Step ``i`` as the power reading interpolates it (time and energy)."""
@@ -519,8 +522,9 @@ class EmulatedEngine:
             return None  # a waiting request could be admitted as soon as the cache or budget allows
         seqs = [item[0] for item in plan]
         batch = len(seqs)
-        # Steps before any request's last token (that step is left to the ordinary path, which ends it).
-        limit = min(s.max_tokens - s.generated for s in seqs) - 1
+        # Up to the step that gives the first request its last token (emitted as the ordinary path does).
+        last = min(s.max_tokens - s.generated for s in seqs)
+        limit = last
         # Steps 1.. allocate one KV slot per sequence; the ordinary path preempts once the cache is full.
         # Priced ahead: as many steps as recent runs lasted before something cut them, doubling while none is.
         limit = min(limit, 1 + (self.kv_capacity_tokens - self._kv_used) // batch, self._run_hint)
@@ -548,7 +552,7 @@ class EmulatedEngine:
                     return None
         ends = ends_a[:k].tolist()
         starts = [t0, *ends[:-1]]
-        run = _Run(seqs, starts, ends, ends, steps, k)
+        run = _Run(seqs, starts, ends, ends, steps, k, tail=int(k == last))
         run.alarm = self.clock.alarm(ends[-1])  # type: ignore[attr-defined]
         self._run_state = run
         self._inflight = (starts[0], run.cost(0))
@@ -567,11 +571,22 @@ class EmulatedEngine:
             self._sync()
             self._run_state = self._inflight = None
             raise
-        self._sync(run.wakes[run.steps - 1])
+        last = run.steps - 1
+        self._sync(run.wakes[last])
         self._run_state = None
         self._inflight = None
-        self._accounted_until = run.ends[run.steps - 1]
-        return run.ends[run.steps - 1]
+        self._accounted_until = run.ends[last]
+        if run.tail:  # the step that finishes a request: as the ordinary loop ends an iteration
+            now = run.wakes[last]
+            self._iterations += 1
+            self.fast_forwarded_steps += 1
+            for seq, share in zip(run.seqs, run.cost_of.shares_j[last].tolist(), strict=True):
+                seq.decode_j += share
+                self._decode_j += share
+                if not seq.done:
+                    self._emit_token(seq, now)
+            self._energy_j = self._idle_j + self._prefill_j + self._decode_j
+        return run.ends[last]
 
     def _sync(self, now: float | None = None) -> None:
         """Bring a fast-forwarded run's state up to ``now``: the steps that have ended by then are committed
@@ -580,7 +595,7 @@ class EmulatedEngine:
         if run is None:
             return
         now = self.clock.now() if now is None else now
-        done = bisect.bisect_right(run.wakes, now, 0, run.steps)
+        done = bisect.bisect_right(run.wakes, now, 0, run.steps - run.tail)
         if done <= run.committed:
             return
         lo, seqs, batch = run.committed, run.seqs, len(run.seqs)
@@ -623,6 +638,7 @@ class EmulatedEngine:
         in_flight = bisect.bisect_right(run.wakes, self.clock.now(), 0, run.steps)
         if in_flight + 1 < run.steps:
             run.steps = in_flight + 1
+            run.tail = 0
             self.clock.rearm(run.alarm, run.wakes[in_flight])  # type: ignore[attr-defined]
 
     def _accepted(self, proposed: int) -> int:
