@@ -52,6 +52,7 @@ class ReplicaActuator:
         return [a for a in results if isinstance(a, AppliedKnobs)]
 
     async def apply(self, knobs: Knobs) -> list[AppliedKnobs]:
+        """Apply the knobs on every live replica (waiting out engine restarts) and set the router's packing."""
         applied = await self._each("apply", knobs, timeout_s=self.restart_timeout_s)
         route(self.router, knobs)
         for a in applied:
@@ -60,10 +61,12 @@ class ReplicaActuator:
         return applied
 
     async def restore_defaults(self) -> None:
+        """Put every live replica back on its default knobs and turn router packing off."""
         self.router.pack_per_replica = 0
         await self._each("restore_defaults", timeout_s=self.restart_timeout_s)
 
     async def heartbeat(self, lease_s: float) -> None:
+        """Renew each replica's lease: a replica restores its default knobs if no heartbeat comes for ``lease_s`` s."""
         await self._each("heartbeat", lease_s)
 
 
@@ -88,6 +91,7 @@ class EngineActuator:
             self.defaults = [a.as_knobs() for a in now]
 
     async def apply(self, knobs: Knobs) -> list[AppliedKnobs]:
+        """Apply the knobs to each engine in turn (defaults captured first) and set the router's packing."""
         await self._capture_defaults()
         applied = [await e.apply(knobs) for e in self.engines]
         self.last_applied.update({e.replica: a for e, a in zip(self.engines, applied, strict=True)})
@@ -95,6 +99,7 @@ class EngineActuator:
         return applied
 
     async def restore_defaults(self) -> None:
+        """Re-apply each engine's knobs as captured before the first change, and turn router packing off."""
         await self._capture_defaults()
         if self.router is not None:
             self.router.pack_per_replica = 0
@@ -122,6 +127,7 @@ class NodeAgentActuator:
 
     @property
     def last_applied(self) -> dict[str, AppliedKnobs]:
+        """What each replica last confirmed, by replica name (the clock comes from the agents)."""
         return self.inner.last_applied
 
     async def discover(self) -> None:
@@ -140,6 +146,7 @@ class NodeAgentActuator:
         self.supported_clocks_mhz = tuple(sorted(set.intersection(*sets))) if sets else ()
 
     async def apply(self, knobs: Knobs) -> list[AppliedKnobs]:
+        """Lock the GPU clock through every available agent, other knobs through ``inner``; report what took effect."""
         notes: list[str] = []
         clock: float | None = None
         if knobs.clock_mhz is not None:
@@ -161,6 +168,7 @@ class NodeAgentActuator:
         return [dataclasses.replace(a, clock_mhz=clock, notes=[*a.notes, *notes]) for a in applied]
 
     async def restore_defaults(self) -> None:
+        """Ask every agent to reset its GPU clocks, then restore the replicas' default knobs."""
         for agent in self.agents:
             try:
                 (await self.http.post(f"{agent}/reset")).raise_for_status()
@@ -170,6 +178,7 @@ class NodeAgentActuator:
         await self.inner.restore_defaults()
 
     async def heartbeat(self, lease_s: float) -> None:
+        """Renew the clock lease on every available agent and the replicas' lease (``lease_s`` seconds)."""
         self.lease_s = lease_s
         for agent in self.agents:
             if agent not in self.unavailable:

@@ -9,6 +9,8 @@ from serving.slo import SLO
 
 
 class ControllerConfig(BaseModel):
+    """The ``controller:`` section of a deployment: policy, its options, control period, rate limit, SLO, API token."""
+
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(default=True, description="Run the control loop and its API with the deployment.")

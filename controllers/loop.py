@@ -19,15 +19,22 @@ log = logging.getLogger(__name__)
 
 
 class Actuator(Protocol):
-    async def apply(self, knobs: Knobs) -> list[AppliedKnobs]: ...
+    """Applies knobs to a deployment and restores its defaults; the control loop's only way to change it."""
 
-    async def restore_defaults(self) -> None: ...
+    async def apply(self, knobs: Knobs) -> list[AppliedKnobs]:
+        """Apply the knobs to every replica and return what each one really runs."""
 
-    async def heartbeat(self, lease_s: float) -> None: ...
+    async def restore_defaults(self) -> None:
+        """Put every replica back on its default knobs (on stop, or after a failed step)."""
+
+    async def heartbeat(self, lease_s: float) -> None:
+        """Keep the knobs: replicas restore their defaults if no heartbeat comes within ``lease_s`` seconds."""
 
 
 @dataclass(frozen=True)
 class DecisionRecord:
+    """One control step's outcome: the policy's reason, knobs asked for, knobs applied, and whether they changed."""
+
     t_s: float
     policy: str
     reason: str
@@ -38,6 +45,8 @@ class DecisionRecord:
 
 @dataclass
 class LoopStats:
+    """Counters of the loop's decisions (by policy and reason) and failed steps, plus the last 1000 decisions."""
+
     decisions: dict[tuple[str, str], int] = field(default_factory=dict)
     history: deque[DecisionRecord] = field(default_factory=lambda: deque(maxlen=1000))
     errors: dict[str, int] = field(default_factory=dict)
@@ -46,14 +55,18 @@ class LoopStats:
     last_error: str | None = None
 
     def count(self, policy: str, reason: str) -> None:
+        """Count one decision of ``policy`` for ``reason`` (exported as a metric)."""
         self.decisions[(policy, reason)] = self.decisions.get((policy, reason), 0) + 1
 
     def error(self, reason: str, exc: BaseException) -> None:
+        """Count a failed step under its stage (``reason``) and keep the exception's message as ``last_error``."""
         self.errors[reason] = self.errors.get(reason, 0) + 1
         self.last_error = f"{reason}: {type(exc).__name__}: {exc}"
 
 
 class ControlLoop:
+    """Every ``period_s``: observe, let the policy decide, apply the knobs (rate-limited), heartbeat the lease."""
+
     def __init__(
         self,
         policy: Policy,
@@ -83,6 +96,7 @@ class ControlLoop:
         """The stage of the step in progress (or of the last one): what a failure is counted under."""
 
     def set_policy(self, policy: Policy) -> None:
+        """Switch to another policy from the next step on (the knobs in effect stay until it decides)."""
         log.info("policy %s -> %s", self.policy.name, policy.name)
         self.policy = policy
 

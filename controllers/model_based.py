@@ -28,6 +28,8 @@ from serving.slo import SLO
 
 @dataclass(frozen=True)
 class OperatingPoint:
+    """One profiled setting at one load: knobs, arrival rate (req/s), energy per token (J), tail TTFT and TPOT (s)."""
+
     knobs: Knobs
     rate_rps: float
     energy_per_token_j: float
@@ -78,6 +80,8 @@ class _Trial:
 @register_policy("model_based")
 @dataclass
 class ModelBasedPolicy:
+    """Picks the cheapest setting that meets the SLO at the current load, from a sweep's profile or profiled online."""
+
     slo: SLO
     profile: str | None = None
     margin: float = 0.85
@@ -111,6 +115,7 @@ class ModelBasedPolicy:
             self._table = load_profile(self.profile)
 
     def decide(self, obs: Observation) -> Decision:
+        """Knobs for this period: looked up in the profile at the current load, or the next step of online profiling."""
         if self._table is not None:
             return self._from_table(obs)
         return self._online(obs)

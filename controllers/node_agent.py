@@ -23,17 +23,23 @@ log = logging.getLogger(__name__)
 
 
 class ClockRequest(BaseModel):
+    """Body of ``POST /clocks``: the GPU clock to lock (MHz) and how long the lock holds without a heartbeat."""
+
     model_config = ConfigDict(extra="forbid")
     clock_mhz: ClockMHz
     lease_s: float = Field(default=10.0, gt=0, le=3600)
 
 
 class Lease(BaseModel):
+    """Body of ``POST /heartbeat``: how many more seconds the controller's clock lock holds."""
+
     model_config = ConfigDict(extra="forbid")
     lease_s: float = Field(default=10.0, gt=0, le=3600)
 
 
 class NodeAgent:
+    """Per-node GPU clock holder: locks clocks for a token-holding controller, restores them when its lease expires."""
+
     def __init__(self, token: str, clocks: NVMLClocks | None = None) -> None:
         if not token:
             raise ValueError("the node agent needs a token (TESTBED_NODE_AGENT_TOKEN): it changes GPU clocks")
@@ -49,6 +55,7 @@ class NodeAgent:
         self.restores = 0
 
     def restore(self, why: str) -> None:
+        """Reset the GPU clocks to their defaults (a no-op without NVML); ``why`` goes to the log."""
         if self.clocks is None:
             return
         try:
@@ -59,6 +66,7 @@ class NodeAgent:
             log.error("node agent: could not restore default clocks (%s): %s", why, e)
 
     async def watch(self) -> None:
+        """Run forever: restore the default clocks as soon as the controller's lease runs out."""
         while True:
             await asyncio.sleep(0.2)
             if self.lease_until is not None and time.monotonic() > self.lease_until:
@@ -66,6 +74,7 @@ class NodeAgent:
                 self.restore("controller lease expired")
 
     def state(self) -> dict[str, Any]:
+        """The clock knob for ``GET /clocks``: availability (or why not), supported and locked MHz, lease left."""
         return {
             "available": self.clocks is not None,
             "reason": self.unavailable,
@@ -76,6 +85,7 @@ class NodeAgent:
 
 
 def create_agent_app(agent: NodeAgent, restore_on_exit: bool = True) -> FastAPI:
+    """The node agent's HTTP API (token-protected clock lock, heartbeat, reset) with its lease watcher running."""
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if restore_on_exit:

@@ -21,6 +21,8 @@ class ClockKnobUnavailableError(TestbedError, RuntimeError):
 
 
 class NVMLClocks:
+    """GPU graphics clock locks through NVML, on the clocks every selected GPU supports at its top memory clock."""
+
     def __init__(self, indices: list[int] | None = None) -> None:
         nv = nvml_source.pynvml
         if nv is None:
@@ -42,6 +44,7 @@ class NVMLClocks:
         self.locked_mhz: float | None = None
 
     def nearest(self, clock_mhz: float) -> int:
+        """The supported clock (MHz) closest to ``clock_mhz``, the lower one on a tie."""
         return min(self.supported_mhz, key=lambda c: (abs(c - clock_mhz), c))
 
     def lock(self, clock_mhz: float) -> int:

@@ -28,6 +28,7 @@ class Observer:
         self._last: tuple[float, float] | None = None  # (device energy J, generated tokens)
 
     async def __call__(self) -> Observation:
+        """Observe now: recent latency percentiles and arrival rate, replica power, knobs, and energy per new token."""
         now = self.now()
         rate, ttfts, tpots = self.recent.view(now)
         telemetry = await self.telemetry()
@@ -62,6 +63,7 @@ class Observer:
 
 
 def front_door_observer(door: FrontDoor, percentile: float = 95.0) -> Observer:
+    """An observer of a front door's recent requests and its replicas' telemetry, on the door's perf-counter clock."""
     async def telemetry() -> list[Telemetry]:
         return [tel for _, tel in await door.router.telemetry()]
 

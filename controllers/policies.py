@@ -41,16 +41,21 @@ class Observation:
 
 @dataclass(frozen=True)
 class Decision:
+    """A policy's choice for one period: the knobs to apply and why."""
+
     knobs: Knobs
     reason: str
     """Short machine-readable cause, exported as the ``reason`` label (few distinct values)."""
 
 
 class Policy(Protocol):
+    """A control policy: turns each period's observation into the knobs to apply, keeping the SLO."""
+
     name: str
     slo: SLO
 
-    def decide(self, obs: Observation) -> Decision: ...
+    def decide(self, obs: Observation) -> Decision:
+        """The knobs for this period, given the observation, with a short reason."""
 
 
 PolicyFactory = Callable[..., Policy]
@@ -58,6 +63,7 @@ _POLICIES: dict[str, PolicyFactory] = {}
 
 
 def register_policy(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
+    """Class decorator registering a policy factory under ``name`` for ``build_policy`` and the control API."""
     def deco(factory: PolicyFactory) -> PolicyFactory:
         _POLICIES[name] = factory
         return factory
@@ -66,6 +72,7 @@ def register_policy(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
 
 
 def build_policy(name: str, slo: SLO, **options: float | str) -> Policy:
+    """Build the registered policy ``name`` for this SLO, options type-checked; ValueError if unknown or unfit."""
     import controllers.model_based  # noqa: F401  (registers itself)
 
     try:
@@ -100,6 +107,7 @@ def _typed_options(name: str, factory: PolicyFactory, options: dict[str, float |
 
 
 def policy_names() -> list[str]:
+    """Names of every registered policy, sorted (what the control API accepts)."""
     import controllers.model_based  # noqa: F401  (registers itself)
 
     return sorted(_POLICIES)
@@ -116,6 +124,7 @@ class StaticPolicy:
         self.knobs = Knobs.model_validate(knobs)  # options arrive as numbers from YAML/JSON
 
     def decide(self, obs: Observation) -> Decision:
+        """The fixed knobs, at the highest supported clock when no clock is given."""
         if self.knobs.clock_mhz is None and obs.supported_clocks_mhz:
             return Decision(self.knobs.model_copy(update={"clock_mhz": max(obs.supported_clocks_mhz)}), "static")
         return Decision(self.knobs, "static")
@@ -135,6 +144,7 @@ class SpeculationByLoad:
     prefix before the first rejection, so it runs well below the per-position acceptance (0.33 at 0.6, k=4)."""
 
     def choose(self, obs: Observation) -> tuple[int | None, str | None]:
+        """Speculation depth for this load (0: off, None: leave as is) and the reason when it is turned off."""
         if self.k <= 0:
             return None, None  # this policy does not touch speculation
         if obs.spec_acceptance is not None and obs.spec_acceptance < self.min_acceptance:
@@ -224,6 +234,7 @@ class SLOFeedbackPolicy:
         self._packing = Consolidation(self.batch_cap, limit=self.setpoint)
 
     def decide(self, obs: Observation) -> Decision:
+        """Clock by PI control of SLO pressure toward the setpoint (max on risk); speculation and packing by load."""
         clocks = sorted(obs.supported_clocks_mhz)
         if not clocks:
             return Decision(Knobs(), "no_clock_knob")
@@ -247,6 +258,7 @@ class SLOFeedbackPolicy:
 
 
 def percentile(values: list[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100) of ``values``, linearly interpolated; None when there are none."""
     if not values:
         return None
     xs = sorted(values)

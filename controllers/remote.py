@@ -80,6 +80,7 @@ class MetricsObserver:
         self._last: dict[str, Any] | None = None
 
     async def scrape(self) -> dict[str, Any]:
+        """One scrape of ``/metrics``: latency histograms, completions, energy (J), tokens, power, load, clocks."""
         snap = await ascrape_counters(self.url, self.http)
         return {"t": time.monotonic(), **snap.latency_buckets, "e2e_count": snap.requests_completed,
                 "energy": sum(c.energy_j for c in snap.energy.values()), "tokens": snap.generated_total,
@@ -87,6 +88,7 @@ class MetricsObserver:
                 "clocks": list(snap.clock_mhz.values())}
 
     async def __call__(self) -> Observation:
+        """Observe from the change since the previous scrape: rate, tail TTFT/TPOT from histograms, energy per token."""
         now = await self.scrape()
         last, self._last = self._last, now
         if last is None:
@@ -131,6 +133,7 @@ class _NoOtherKnobs:
 
 
 def resolve_agents(config: RemoteControllerConfig) -> list[str]:
+    """Node agent base URLs: the configured list, else one per address the agents' service name resolves to."""
     if config.node_agents:
         return config.node_agents
     if not config.node_agent_service:
@@ -145,6 +148,8 @@ def resolve_agents(config: RemoteControllerConfig) -> list[str]:
 
 
 class RemoteController:
+    """The out-of-process controller: observes a deployment's ``/metrics`` and sets GPU clocks through node agents."""
+
     def __init__(self, config: RemoteControllerConfig, agent_token: str, control_token: str) -> None:
         self.config = config
         self.control_token = control_token
@@ -165,6 +170,7 @@ class RemoteController:
         )
 
     def state(self) -> dict[str, Any]:
+        """The controller's state for ``GET /control``: policy, agents, clocks, errors and the last 10 decisions."""
         last = list(self.loop.stats.history)[-10:]
         return {
             "policy": self.loop.policy.name, "policies": policy_names(), "running": self.loop.running,
@@ -177,6 +183,7 @@ class RemoteController:
 
 
 def create_remote_app(controller: RemoteController) -> FastAPI:
+    """The remote controller's HTTP API (state, policy switch, token-protected) running its control loop."""
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(_run_forever(controller))
@@ -226,6 +233,7 @@ async def _run_forever(controller: RemoteController) -> None:
 
 
 def tokens_from_env() -> tuple[str, str]:
+    """The node agents' token and the control API's token from the environment (empty when unset)."""
     agent = os.environ.get("TESTBED_NODE_AGENT_TOKEN", "")
     control = os.environ.get("TESTBED_CONTROL_TOKEN", "")
     return agent, control

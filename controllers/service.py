@@ -25,13 +25,15 @@ from controllers.observe import Observer, front_door_observer
 from controllers.policies import Observation, build_policy, policy_names
 from profilers.clock import RealClock
 from profilers.exporter import NAMESPACE
-from serving.api import FrontDoor, error_response
+from serving.api import ErrorResponse, FrontDoor, error_response
 from serving.knobs import Knobs
 
 log = logging.getLogger(__name__)
 
 
 class PolicyChange(BaseModel):
+    """Body of ``POST /control/policy``: the policy to switch to and its options."""
+
     model_config = ConfigDict(extra="forbid")
     policy: str
     options: dict[str, float | str] = Field(default_factory=dict)
@@ -52,6 +54,8 @@ def _with_agent_clocks(observe: Observer, agents: NodeAgentActuator) -> Callable
 
 
 class Controller:
+    """The in-process controller of a deployment: its control loop, actuators and the ``/control`` API state."""
+
     def __init__(self, config: ControllerConfig, door: FrontDoor) -> None:
         self.config = config
         self.door = door
@@ -79,6 +83,7 @@ class Controller:
         door.registry.register(_ControllerCollector(self))
 
     def start(self) -> None:
+        """Start the control loop as a background task on the running event loop."""
         self._task = asyncio.create_task(self.loop.run(), name="control-loop")
 
     async def stop(self) -> None:
@@ -90,6 +95,7 @@ class Controller:
             self._task = None
 
     def state(self) -> dict[str, Any]:
+        """The state for ``GET /control``: policy, knobs applied per replica, SLO, errors, recent decisions."""
         last = list(self.loop.stats.history)[-10:]
         return {
             "policy": self.loop.policy.name,
@@ -109,6 +115,7 @@ class Controller:
         }
 
     def slo_attainment(self) -> float | None:
+        """Share of recently completed requests whose TTFT and TPOT met the SLO; None when none completed."""
         completions = list(self.door.recent.completions)
         if not completions:
             return None
@@ -151,6 +158,17 @@ class _ControllerCollector(Collector):
         yield from (knob, decisions, errors, slo)
 
 
+_CONTROL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Not a valid change; nothing changed."},
+    401: {"model": ErrorResponse, "description": "No or wrong bearer token."},
+}
+
+
+def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAPI request body for a route that reads its JSON itself (validated with the same model)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def add_control_routes(app: FastAPI, controller: Controller) -> None:
     """``GET /control`` is open; changing anything needs ``Authorization: Bearer <token>``."""
 
@@ -168,7 +186,8 @@ def add_control_routes(app: FastAPI, controller: Controller) -> None:
     async def get_control() -> dict[str, Any]:
         return controller.state()
 
-    @app.post("/control/policy")
+    @app.post("/control/policy", responses=_CONTROL_RESPONSES,
+              openapi_extra=_json_body(PolicyChange.model_json_schema()))
     async def set_policy(request: Request) -> JSONResponse:
         if not authorized(request):
             return unauthorized()
@@ -180,7 +199,9 @@ def add_control_routes(app: FastAPI, controller: Controller) -> None:
         controller.loop.set_policy(policy)
         return JSONResponse(controller.state())
 
-    @app.post("/control/knobs")
+    @app.post("/control/knobs", responses={**_CONTROL_RESPONSES, 504: {
+        "model": ErrorResponse, "description": "The engines did not confirm the knobs in time."}},
+              openapi_extra=_json_body(Knobs.model_json_schema()))
     async def set_knobs(request: Request) -> JSONResponse:
         """Pin knobs: switches to the static policy with these values."""
         if not authorized(request):

@@ -88,10 +88,12 @@ class MeasuredRow:
 
     @property
     def prompt_tokens(self) -> float:
+        """Mean prompt length in tokens: the row's own, else the typical one of its task."""
         return self.avg_input_len or TASK_PROMPT_TOKENS.get(self.task, TASK_PROMPT_TOKENS["lm-arena-chat"])
 
     @property
     def label(self) -> str:
+        """Short row label for tables: model, GPU x count, max_num_seqs."""
         return f"{self.model_id.split('/')[-1]} {self.gpu}x{self.num_gpus} seqs={self.max_num_seqs}"
 
 
@@ -164,6 +166,7 @@ def _row(path: Path, line: int, rec: dict[str, str]) -> MeasuredRow:
 
 
 def measured(row: MeasuredRow) -> Figures:
+    """The row's measured figures (J/token, W, tokens/s, median ITL, batch size) to compare the emulation against."""
     return Figures(row.j_per_token, row.power_w, row.throughput, row.median_itl_s, row.avg_batch_size)
 
 
@@ -183,6 +186,7 @@ def model_for(row: MeasuredRow, config_dir: Path | None = None) -> ModelShape:
 
 
 def preset_for(row: MeasuredRow) -> str:
+    """The emulated device preset of the row's GPU; CalibrationDataError if there is none."""
     try:
         return GPU_PRESETS[row.gpu]
     except KeyError:

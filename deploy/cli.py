@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import secrets
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from deploy.config import CampaignFile, ConfigError, load_serving_config, load_y
 from deploy.opscli import add_ops_commands
 from profilers.errors import TestbedError
 from serving.config import ServingConfig
+from workloads.client import die_with_parent
 
 
 def _print_summary(console: Console, points, out: Path) -> None:  # type: ignore[no-untyped-def]
@@ -87,7 +89,8 @@ def served_tokenizer(config: ServingConfig) -> str | None:
 
 
 def cmd_campaign_run(args: argparse.Namespace) -> int:
-    from deploy.compare import device_floor
+    """``testbed campaign run``: run a campaign (against a URL, or a deployment started for it) and write its report."""
+    from deploy.compare import device_floor, model_reference
     from deploy.local import DeploymentStartError, LocalDeployment
     from workloads.campaign import TargetDownError, prepare_out_dir, run_campaign
     from workloads.http_target import ControlError, HttpTarget
@@ -156,10 +159,13 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
             deployment = d.model_copy(update={"controller": d.controller.model_copy(update={"token": token})})
             with LocalDeployment(deployment, out / "deployment.log") as url:
                 points = run_campaign(spec, HttpTarget(url, args.metrics_url, token, prompts), out, console,
-                                      floor=device_floor(d))
+                                      floor=device_floor(d), reference=model_reference(d))
         write_report(out)
         return points
 
+    # SIGTERM (what `timeout`, schedulers and Kubernetes send) unwinds like Ctrl-C: the load stops, finished points
+    # stay, and the deployment this campaign started is stopped and its files removed.
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_campaign_stopped)
     try:
         if spec.compare:
             from deploy.compare import run_comparison
@@ -173,9 +179,11 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         print(f"finished points are kept in {out}; continue with --resume", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (CampaignStopped): the load and the deployment stopped
         console.print(f"[yellow]interrupted[/]: finished points are kept in {out}; continue with --resume")
-        return 130
+        return 128 + (e.signum if isinstance(e, CampaignStopped) else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     _print_summary(console, points, out)
     report = out / "report.html"
     console.print(f"requests: {out / 'requests.parquet'}\npoints:   {out / 'points.csv'}\nreport:   {report}")
@@ -186,10 +194,27 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
     return 0
 
 
+class CampaignStopped(KeyboardInterrupt):
+    """A signal asked the campaign to stop: it unwinds as Ctrl-C does, and exits with 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+def _raise_campaign_stopped(signum: int, _frame: object) -> None:
+    raise CampaignStopped(signum)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    """``testbed serve``: start a deployment from its YAML (port, host, replicas overridable), serve until stopped."""
     from deploy.serve import serve
 
+    if args.parent_pid:
+        die_with_parent(args.parent_pid)
     config = load_serving_config(Path(args.file))
+    if args.remove_on_exit:  # the control token is in it: on disk no longer than it takes to read
+        Path(args.file).unlink(missing_ok=True)
     given = (("port", args.port), ("host", args.host), ("replicas", args.replicas))
     updates = {k: v for k, v in given if v is not None}
     config = config.model_validate({**config.model_dump(), **updates})
@@ -202,6 +227,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # code 15: the stop was asked for and went cleanly (serve's cleanup ran), so it is a success.
         if e.code != signal.SIGTERM:
             raise
+    finally:
+        if args.remove_on_exit:
+            shutil.rmtree(args.remove_on_exit, ignore_errors=True)
     return 0
 
 
@@ -216,6 +244,7 @@ def _fast_loop():  # type: ignore[no-untyped-def]
 
 
 def cmd_controller_run(args: argparse.Namespace) -> int:
+    """``testbed controller run``: the out-of-process controller of a deployment, setting clocks through node agents."""
     import uvicorn
 
     from controllers.remote import RemoteController, RemoteControllerConfig, create_remote_app, tokens_from_env
@@ -233,6 +262,7 @@ def cmd_controller_run(args: argparse.Namespace) -> int:
 
 
 def cmd_node_agent(args: argparse.Namespace) -> int:
+    """``testbed node-agent``: serve this node's GPU clock agent (needs TESTBED_NODE_AGENT_TOKEN)."""
     import uvicorn
 
     from controllers.node_agent import NodeAgent, create_agent_app
@@ -247,6 +277,7 @@ def cmd_node_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """``testbed report``: (re)write a campaign directory's ``report.html`` and print its path."""
     from workloads.report import write_report
 
     out = Path(args.dir)
@@ -257,6 +288,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_model_build_tiny(args: argparse.Namespace) -> int:
+    """``testbed model build-tiny``: write a tiny random-weight Llama checkpoint with a local tokenizer."""
     from deploy.models import build_tiny
 
     out = build_tiny(Path(args.dir), seed=args.seed)
@@ -265,6 +297,7 @@ def cmd_model_build_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_model_import_smollm2(args: argparse.Namespace) -> int:
+    """``testbed model import-smollm2``: write the SmolLM2-135M-Instruct checkpoint to a directory."""
     from deploy.models import import_smollm2
 
     out = import_smollm2(Path(args.dir))
@@ -273,6 +306,7 @@ def cmd_model_import_smollm2(args: argparse.Namespace) -> int:
 
 
 def cmd_model_check(args: argparse.Namespace) -> int:
+    """``testbed model check``: fail unless the directory holds a servable checkpoint."""
     from deploy.models import check_model_dir
 
     print(f"{check_model_dir(Path(args.dir))}: a model checkpoint")
@@ -280,6 +314,7 @@ def cmd_model_check(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """``testbed compare``: compare two campaigns point by point (B against A), print the table, write the HTML."""
     from workloads.report import write_comparison
 
     dirs = [Path(args.a), Path(args.b)]
@@ -303,6 +338,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``testbed`` argument parser with every subcommand."""
     p = argparse.ArgumentParser(prog="testbed", description="LLM inference-serving energy testbed.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True)
@@ -327,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, help="0 picks a free port")
     srv.add_argument("--replicas", type=int)
     srv.add_argument("--ready-file", help="write the URL here once serving (for scripts)")
+    srv.add_argument("--parent-pid", type=int, help="stop when this process (the one that started serve) dies")
+    srv.add_argument("--remove-on-exit", help="a directory of this deployment's files (its config, with the control "
+                     "token) to delete: the config as soon as it is read, the directory on exit")
     srv.set_defaults(func=cmd_serve)
 
     mod = sub.add_parser("model", help="build or import model checkpoints for the vLLM engine")
@@ -373,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``testbed``: run the subcommand; a TestbedError prints one line and sets the exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

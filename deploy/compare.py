@@ -10,8 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from deploy.config import CampaignFile, ConfigError, EngineVariant
+from profilers.reference import ReferenceEstimate
 from serving.config import ServingConfig
-from workloads.results import FloorFn
+from workloads.results import FloorFn, ReferenceFn
 
 COMPARE_COLUMNS = {
     "device": "device",
@@ -64,6 +65,25 @@ def run_comparison(
     return table
 
 
+def model_reference(config: ServingConfig) -> ReferenceFn | None:
+    """EcoLogits' estimate for the served model's shape (emulated engines: the shape the engine models), to show
+    beside ours; None where the shape is not known here (real engines) or ecologits is not installed."""
+    from profilers.reference import ecologits_estimate, ecologits_version
+    from serving.emulated.physics import load_model_shape
+
+    engine = config.engine
+    if engine.kind != "emulated" or ecologits_version() is None:
+        return None
+    model = load_model_shape(engine.model, engine.dtype)
+    inactive = (model.n_moe_layers * (model.n_experts - model.n_experts_per_token) * model.expert_params
+                if model.is_moe else 0.0)
+
+    def reference(output_tokens: int, e2e_s: float, pue: float) -> ReferenceEstimate | None:
+        return ecologits_estimate(model.n_params - inactive, model.n_params, output_tokens, e2e_s, pue)
+
+    return reference
+
+
 def device_floor(config: ServingConfig) -> FloorFn | None:
     """The emulated device's floor of joules per output token for mean (prompt, output) lengths, over every
     setting of the device (any batch, clock, speculation): no point can beat it. None for real engines."""
@@ -82,6 +102,7 @@ def device_floor(config: ServingConfig) -> FloorFn | None:
 
 
 def print_comparison(console: Console, table: pd.DataFrame) -> None:
+    """Print a hardware comparison table (one row per device or backend) to the console."""
     view = Table(title="Hardware comparison")
     for label in COMPARE_COLUMNS.values():
         view.add_column(label, justify="right")

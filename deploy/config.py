@@ -44,6 +44,7 @@ class EngineVariant(BaseModel):
 
     @property
     def name(self) -> str:
+        """The variant's label in results: its ``label``, else the device preset's name."""
         return self.label or Path(self.device).stem
 
 
@@ -132,6 +133,7 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | N
 
 
 def format_validation_error(path: Path, model: type[BaseModel], err: ValidationError) -> str:
+    """A readable message for a config that failed validation: one line per problem, allowed keys for unknown ones."""
     lines = [f"{path}: invalid {model.__name__} ({err.error_count()} problem(s))"]
     for e in err.errors():
         loc = tuple(e["loc"])
@@ -148,6 +150,7 @@ def format_validation_error(path: Path, model: type[BaseModel], err: ValidationE
 
 
 def load_yaml_model(path: Path, model: type[M]) -> M:
+    """Load a YAML file into ``model``; ConfigError with a readable message when unreadable or invalid."""
     try:
         text = path.read_text()
     except OSError as e:

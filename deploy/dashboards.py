@@ -25,12 +25,16 @@ ENERGY = f"llm_energy_energy_joules_total{{{SEL}}}"
 
 @dataclass(frozen=True)
 class Query:
+    """One PromQL query of a panel and its legend template."""
+
     expr: str
     legend: str = ""
 
 
 @dataclass(frozen=True)
 class Panel:
+    """One Grafana panel: title, queries, unit, kind and grid size."""
+
     title: str
     queries: tuple[Query, ...]
     unit: str = "short"
@@ -42,6 +46,8 @@ class Panel:
 
 @dataclass(frozen=True)
 class Dashboard:
+    """One Grafana dashboard: uid, title, panels, template variables and tags."""
+
     uid: str
     title: str
     description: str
@@ -51,6 +57,7 @@ class Dashboard:
 
 
 def q(expr: str, legend: str = "") -> Query:
+    """Shorthand for a :class:`Query`."""
     return Query(expr, legend)
 
 
@@ -70,6 +77,7 @@ def ratio_of_rates(counter: str, part: str, whole: str) -> str:
 
 
 def ttft_attainment(by: str = "") -> str:
+    """PromQL share of requests whose TTFT met ``$ttft_slo`` (optionally grouped by ``by``)."""
     group = f" by ({by})" if by else ""
     return (
         f'sum{group}(rate(llm_energy_request_ttft_seconds_bucket{{le="$ttft_slo",{SEL}}}[{R}])) '
@@ -78,6 +86,7 @@ def ttft_attainment(by: str = "") -> str:
 
 
 def quantile(metric: str, phi: float, by: str = "") -> str:
+    """PromQL ``phi`` quantile of a request latency histogram (``ttft``, ``tpot``, ``e2e``), optionally grouped."""
     return (
         f"histogram_quantile({phi}, sum by (le{', ' + by if by else ''}) "
         f"(rate(llm_energy_request_{metric}_seconds_bucket{{{SEL}}}[{R}])))"
@@ -85,6 +94,7 @@ def quantile(metric: str, phi: float, by: str = "") -> str:
 
 
 def overview() -> Dashboard:
+    """The overview dashboard: energy, water and carbon per token against throughput, latency and SLO."""
     return Dashboard(
         uid="llm-energy-overview",
         title="LLM energy: overview",
@@ -160,6 +170,7 @@ def overview() -> Dashboard:
 
 
 def per_replica() -> Dashboard:
+    """The per-replica dashboard: the same figures split by serving replica."""
     by = "replica"
     return Dashboard(
         uid="llm-energy-replica",
@@ -225,6 +236,7 @@ def per_replica() -> Dashboard:
 
 
 def controller() -> Dashboard:
+    """The controller dashboard: knobs set, decisions by policy and reason, and their effect."""
     return Dashboard(
         uid="llm-energy-controller",
         title="LLM energy: controller",
@@ -281,6 +293,7 @@ def controller() -> Dashboard:
 
 
 def hardware() -> Dashboard:
+    """The hardware dashboard: backends and devices side by side (J/token, tokens/J, power, latency)."""
     by = "backend"
     return Dashboard(
         uid="llm-energy-hardware",
@@ -346,6 +359,7 @@ DASHBOARDS = (overview, per_replica, controller, hardware)
 
 
 def all_dashboards() -> list[Dashboard]:
+    """Every dashboard the testbed ships, freshly built."""
     return [build() for build in DASHBOARDS]
 
 
@@ -419,6 +433,7 @@ def _panel_json(panel: Panel, pid: int, x: int, y: int) -> dict[str, Any]:
 
 
 def to_json(d: Dashboard) -> dict[str, Any]:
+    """The dashboard as Grafana JSON (panels laid out on the 24-column grid)."""
     panels, x, y = [], 0, 0
     for i, p in enumerate(d.panels, start=1):
         if x + p.width > 24:
@@ -445,6 +460,7 @@ def to_json(d: Dashboard) -> dict[str, Any]:
 
 
 def render(d: Dashboard) -> str:
+    """The dashboard as stable Grafana JSON text (sorted keys), as exported to files."""
     return json.dumps(to_json(d), indent=2, sort_keys=True) + "\n"
 
 
@@ -460,6 +476,7 @@ def export(out_dir: Path) -> list[Path]:
 
 
 def iter_queries() -> Iterator[tuple[Dashboard, Panel, Query]]:
+    """Every (dashboard, panel, query) shipped, e.g. to check each query against Prometheus."""
     for d in all_dashboards():
         for p in d.panels:
             for query in p.queries:

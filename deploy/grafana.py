@@ -26,6 +26,8 @@ class GrafanaPushError(TestbedError, RuntimeError):
 
 @dataclass
 class PushResult:
+    """What a push created or updated: folder and datasource uids, dashboard uids, Grafana URL."""
+
     folder_uid: str
     datasource_uid: str
     dashboards: list[str]

@@ -14,12 +14,12 @@ import httpx
 import yaml
 
 from deploy.config import DeploymentConfig
-from deploy.raycluster import RAY_ENV
+from deploy.raycluster import ray_env
 from profilers.errors import TestbedError
 
 
 class DeploymentStartError(TestbedError, RuntimeError):
-    pass
+    """A deployment started for a campaign did not come up; the message says why."""
 
 
 class LocalDeployment:
@@ -31,16 +31,18 @@ class LocalDeployment:
         self.log_path = log_path
         self.start_timeout_s = start_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
-        self._tmp = tempfile.TemporaryDirectory(prefix="testbed-deploy-")
+        # serve removes the directory itself (it holds the control token), even when this process was killed
+        self._tmp = tempfile.TemporaryDirectory(prefix="testbed-deploy-", ignore_cleanup_errors=True)
 
     def __enter__(self) -> str:
         tmp = Path(self._tmp.name)
         cfg_path, ready = tmp / "serving.yaml", tmp / "ready"
         cfg_path.write_text(yaml.safe_dump(self.config.model_dump(mode="json")))
-        env = {**os.environ, **RAY_ENV, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **ray_env(), "PYTHONUNBUFFERED": "1"}
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", "serve", str(cfg_path), "--ready-file", str(ready)],
+            [sys.executable, "-m", "deploy.cli", "serve", str(cfg_path), "--ready-file", str(ready),
+             "--parent-pid", str(os.getpid()), "--remove-on-exit", str(tmp)],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
         deadline = time.monotonic() + self.start_timeout_s
@@ -64,7 +66,7 @@ class LocalDeployment:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=90)  # a vLLM engine on a busy host takes its time to shut down
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()

@@ -31,6 +31,8 @@ SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant
 
 @dataclass(frozen=True)
 class TinyShape:
+    """Dimensions of the tiny random Llama checkpoint used in CPU tests."""
+
     vocab_size: int = 1024
     hidden_size: int = 128
     intermediate_size: int = 384

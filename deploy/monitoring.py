@@ -39,6 +39,7 @@ class MonitorError(TestbedError, RuntimeError):
 
 
 def find_prometheus(explicit: str | None = None) -> str:
+    """Path of the Prometheus binary (``explicit`` or on PATH); MonitorError with an install hint if none."""
     if explicit:
         if not (Path(explicit).is_file() and os.access(explicit, os.X_OK)):
             raise MonitorError(f"{explicit} is not an executable Prometheus binary; {INSTALL_HINT}")
@@ -90,6 +91,7 @@ def prometheus_config(
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (picked by the OS)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
@@ -97,6 +99,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @dataclass
 class MonitorState:
+    """What ``testbed monitor up`` started, saved in its state dir so ``monitor down`` can stop it."""
+
     pid: int
     url: str
     workdir: str
@@ -104,6 +108,7 @@ class MonitorState:
 
     @property
     def config_path(self) -> Path:
+        """Path of the Prometheus config it runs with."""
         return Path(self.workdir) / "prometheus.yml"
 
 
@@ -123,9 +128,11 @@ class LocalPrometheus:
 
     @property
     def log_path(self) -> Path:
+        """Path of the Prometheus process's log."""
         return self.workdir / "prometheus.log"
 
     def start(self, detach: bool = False, ready_timeout_s: float = 30.0) -> LocalPrometheus:
+        """Write the config (checked by promtool if present), start Prometheus and wait until it is ready."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         config_path = self.workdir / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
@@ -166,6 +173,7 @@ class LocalPrometheus:
         raise MonitorError(f"Prometheus did not become ready within {timeout_s:g} s (log: {self.log_path})")
 
     def stop(self) -> None:
+        """Stop Prometheus (killed after 20 s) and remove its working directory if it was a temporary one."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -195,6 +203,7 @@ class LocalPrometheus:
 
 
 def promtool_for(binary: str) -> str | None:
+    """Path of the ``promtool`` next to the Prometheus binary or on PATH; None if there is none."""
     sibling = Path(binary).with_name("promtool")
     return str(sibling) if sibling.exists() else shutil.which("promtool")
 
@@ -216,6 +225,7 @@ def _is_our_prometheus(state: MonitorState) -> bool:
 
 
 def read_state(state_dir: Path) -> MonitorState | None:
+    """The monitor state saved in ``state_dir``, or None if nothing was started there."""
     path = _state_file(state_dir)
     if not path.exists():
         return None
@@ -230,6 +240,7 @@ def monitor_up(
     binary: str | None = None,
     ray: bool = True,
 ) -> MonitorState:
+    """Start a detached Prometheus scraping ``urls`` (and Ray's targets) and save its state in ``state_dir``."""
     existing = read_state(state_dir)
     if existing is not None and _is_our_prometheus(existing):
         raise MonitorError(
@@ -248,6 +259,7 @@ def monitor_up(
 
 
 def monitor_down(state_dir: Path, timeout_s: float = 20.0) -> MonitorState:
+    """Stop the Prometheus started from ``state_dir``, delete its TSDB and state; returns what was stopped."""
     state = read_state(state_dir)
     if state is None:
         raise MonitorError(

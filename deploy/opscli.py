@@ -13,6 +13,7 @@ DEFAULT_STATE_DIR = Path("runs/monitor")
 
 
 def cmd_dashboards_export(args: argparse.Namespace) -> int:
+    """``testbed dashboards export``: write each dashboard as ``<uid>.json`` into a directory."""
     from deploy.dashboards import export
 
     for path in export(Path(args.dir)):
@@ -21,6 +22,7 @@ def cmd_dashboards_export(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboards_provision(args: argparse.Namespace) -> int:
+    """``testbed dashboards provision``: write Grafana provisioning files (datasource and dashboards)."""
     from deploy.monitoring import grafana_provisioning
 
     out = Path(args.out)
@@ -31,6 +33,7 @@ def cmd_dashboards_provision(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboards_push(args: argparse.Namespace) -> int:
+    """``testbed dashboards push``: push the dashboards to a Grafana through its API and print their URLs."""
     from deploy.grafana import push_dashboards
 
     token = args.token or os.environ.get("GRAFANA_TOKEN")
@@ -41,6 +44,7 @@ def cmd_dashboards_push(args: argparse.Namespace) -> int:
 
 
 def cmd_monitor_up(args: argparse.Namespace) -> int:
+    """``testbed monitor up``: start Prometheus on the given targets, in the foreground or detached."""
     from deploy.monitoring import LocalPrometheus, monitor_up, prometheus_config
 
     if args.foreground:
@@ -63,6 +67,7 @@ def cmd_monitor_up(args: argparse.Namespace) -> int:
 
 
 def cmd_monitor_down(args: argparse.Namespace) -> int:
+    """``testbed monitor down``: stop the Prometheus that ``monitor up`` started."""
     from deploy.monitoring import monitor_down
 
     state = monitor_down(Path(args.state_dir))
@@ -71,6 +76,7 @@ def cmd_monitor_down(args: argparse.Namespace) -> int:
 
 
 def add_ops_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``dashboards`` and ``monitor`` subcommands to the ``testbed`` parser."""
     dash = sub.add_parser("dashboards", help="Grafana dashboards").add_subparsers(
         dest="action", required=True
     )

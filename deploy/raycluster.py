@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 import os
+import secrets
 
 import ray
+from ray._raylet import Config
 
-# Token auth turns on when ~/.ray/auth_token exists; every process must agree, so fix it for ours. Ray starts its
-# workers at niceness 15 (worker_niceness) unless told otherwise: the replicas, and their engines' processes, would
-# lose the CPU to the front door and every other process on a busy host (serving.replica.run_at_normal_priority).
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0"}
+# Ray 2.60's GCS, raylet and workers listen on every interface whatever the node address (no bind setting), so a
+# cluster without authentication runs code for anyone who reaches the host: ours use Ray's token authentication,
+# with a token made for the cluster unless one is given (RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH). Every process of a
+# cluster must agree on the mode, so it is fixed here for ours; RAY_AUTH_MODE=disabled is an explicit opt-out. Ray
+# starts its workers at niceness 15 (worker_niceness) unless told otherwise: the replicas, and their engines'
+# processes, would lose the CPU to the front door and every other process on a busy host
+# (serving.replica.run_at_normal_priority).
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_worker_niceness": "0"}
 
 
-def ray_env() -> None:
+def ray_env() -> dict[str, str]:
+    """Set (where unset) the environment every process of our Ray clusters shares; returns it for child processes."""
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
+    token_given = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if os.environ["RAY_AUTH_MODE"] == "token" and not token_given:
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # inherited by the cluster's processes, never written
+    # Ray reads its settings once, when imported: refresh them as ray.init does when it turns token auth on itself.
+    Config.initialize("")
+    names = [*RAY_ENV, "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"]
+    return {k: os.environ[k] for k in names if k in os.environ}
 
 
 def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:

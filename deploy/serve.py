@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Deployment:
+    """A running deployment: its config, router, front door, replica actors' info and placement group."""
+
     config: ServingConfig
     router: Router
     door: FrontDoor
@@ -42,6 +44,7 @@ class Deployment:
     placement_group: Any = None
 
     async def stop(self) -> None:
+        """Stop the router, then every replica actor (killed), and remove the placement group."""
         await self.router.stop()
         for r in self.router.replicas:
             if r.alive:
@@ -79,6 +82,7 @@ def replica_gpus(config: ServingConfig, cluster_gpus: float) -> float:
 
 
 def unplaceable(config: ServingConfig, gpus: float) -> str:
+    """Message for a placement that did not fit: what was asked against the cluster's CPUs and GPUs, and what to do."""
     total, free = ray.cluster_resources(), ray.available_resources()
 
     def have(name: str) -> str:
@@ -123,7 +127,7 @@ async def start_deployment(config: ServingConfig) -> Deployment:
         actor = ReplicaActor.options(
             num_cpus=config.num_cpus_per_replica, num_gpus=gpus, max_concurrency=4096, max_restarts=0,
             **placement[i],
-        ).remote(name, config.engine.model_dump())
+        ).remote(name, config.engine.model_dump(), channel_host(config))
         handles.append(ReplicaHandle(name, actor, backend=config.engine.kind))
     # Ray waits for room for an actor (and for its placement group's bundles) indefinitely, since an autoscaler may
     # add a node: bound it, or a deployment asking for GPUs the cluster lacks would hang here without a word.
@@ -149,11 +153,13 @@ async def start_deployment(config: ServingConfig) -> Deployment:
             log.warning("replica %s: %s, started in %.1f s; power source: %s", info["replica"],
                         info.get("engine", "?"), info.get("engine_start_s") or 0.0, info["power_source"])
     router = Router(handles, policy=config.router)
+    router.start_watch(config.heartbeat_s, config.replica_deadline_s)
     door = FrontDoor(router, config.model_name, config.engine.max_model_len, site, config.door_limits)
     return Deployment(config, router, door, list(infos), pg)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` with Nagle off, inheritable; OSError naming the address if taken."""
     # proto=IPPROTO_TCP matters: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they are TCP,
     # and with Nagle on, a response written as headers then body waits ~40 ms for the client's delayed ACK.
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -190,6 +196,11 @@ def build_app(config: DeploymentConfig, door: FrontDoor) -> tuple[FastAPI, Contr
         controller = Controller(config.controller, door)
         add_control_routes(app, controller)
     return app, controller
+
+
+def channel_host(config: ServingConfig) -> str | None:
+    """Where the replicas' channels listen: as configured, else loopback for a local Ray (None: the node's address)."""
+    return config.channel_host or (None if config.ray_address else "127.0.0.1")
 
 
 def _url(host: str, port: int) -> str:
@@ -327,6 +338,7 @@ class HostedFrontDoor:
     CARRIED_ENV: ClassVar[tuple[str, ...]] = ("TESTBED_NODE_AGENT_TOKEN",)
 
     async def start(self, replica: Any) -> dict[str, Any]:
+        """Build the router, front door and controller in this replica and serve; returns the URL, token and pid."""
         cfg = self.config
         for name, value in self.env.items():
             os.environ.setdefault(name, value)
@@ -335,6 +347,7 @@ class HostedFrontDoor:
             for name, actor, kind in self.replicas
         ]
         self._router = Router(handles, policy=cfg.router)
+        self._router.start_watch(cfg.heartbeat_s, cfg.replica_deadline_s)
         door = FrontDoor(self._router, cfg.model_name, cfg.engine.max_model_len, load_site_profile(cfg.site),
                          cfg.door_limits)
         app, self._controller = build_app(cfg, door)
@@ -353,10 +366,12 @@ class HostedFrontDoor:
                 "pid": os.getpid()}
 
     async def wait(self) -> None:
+        """Wait until the hosted front door's server exits."""
         if self._task is not None:
             await asyncio.shield(self._task)
 
     async def stop(self) -> None:
+        """Stop the controller, the front door's server and the router."""
         if self._controller is not None:
             await self._controller.stop()
         if self._server is not None and self._task is not None:
@@ -380,6 +395,7 @@ class BackgroundServer:
     _cleanups: list[Callable[[], Awaitable[None]]]
 
     def stop(self) -> None:
+        """Stop the server thread, run the cleanups and stop the deployment."""
         self._server.should_exit = True
         self._thread.join(timeout=10)
         for cleanup in self._cleanups:

@@ -37,7 +37,7 @@ from controllers.config import ControllerConfig
 from controllers.loop import ControlLoop
 from controllers.observe import Observer
 from controllers.policies import Policy, build_policy
-from deploy.compare import device_floor
+from deploy.compare import device_floor, model_reference
 from deploy.config import PathLatency
 from profilers.errors import ConfigError
 from profilers.scrape import CounterSnapshot, counters_from_export
@@ -75,9 +75,11 @@ class VirtualClock:
         calling the run deadlocked."""
 
     def now(self) -> float:
+        """Current virtual time in seconds."""
         return self._now
 
     async def sleep(self, seconds: float) -> None:
+        """Wait until virtual time reaches ``now + seconds`` (the clock jumps there when every task waits)."""
         if seconds <= 0:
             await asyncio.sleep(0)
             return
@@ -86,6 +88,7 @@ class VirtualClock:
         await fut
 
     async def sleep_until(self, t_s: float) -> None:
+        """Wait until virtual time ``t_s``."""
         await self.sleep(t_s - self._now)
 
     def alarm(self, t_s: float) -> asyncio.Future[None]:
@@ -199,11 +202,13 @@ class VirtualTarget:
         return {}
 
     async def stop(self) -> None:
+        """Release the deployment's resources and stop every engine."""
         await self._release()
         for e in self.engines:
             await e.stop()
 
     async def counters(self) -> CounterSnapshot:
+        """The target's counters as a scrape of its ``/metrics`` would give them, built from the engines' telemetry."""
         return counters_from_export(export_snapshot(
             (e.replica, e.backend, t) for e, t in zip(self.engines, await self.telemetry(), strict=True)
         ))
@@ -276,6 +281,7 @@ class VirtualTarget:
             rec.error = f"timed out after {self.request_timeout_s:g} s (virtual)"
 
     async def telemetry(self) -> list[Telemetry]:
+        """Every engine's stats, devices, readings and supported clocks, read now."""
         return [Telemetry(e.stats(), e.devices(), e.read(), tuple(e.supported_clocks_mhz())) for e in self.engines]
 
     def control_loop(self, policy: Policy, period_s: float, max_changes_per_min: int) -> ControlLoop:
@@ -326,7 +332,8 @@ def simulate_point(
     t0 = time.perf_counter()
     target = VirtualTarget(config, latency=latency)
     console = console or Console(file=io.StringIO())
-    result = target.clock.execute(measure_one(spec, target, point, console, floor=device_floor(config)))
+    result = target.clock.execute(measure_one(spec, target, point, console, floor=device_floor(config),
+                                              reference=model_reference(config)))
     wall = time.perf_counter() - t0
     result.row = dataclasses.replace(result.row, sim_speed_x=target.clock.now() / wall if wall > 0 else math.nan)
     return result

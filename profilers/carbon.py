@@ -17,17 +17,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from profilers.errors import ConfigError
-from profilers.footprint import J_PER_KWH, SiteProfile
+from profilers.footprint import J_PER_KWH, SECONDS_PER_YEAR, EmbodiedCarbon, SiteProfile
 
 log = logging.getLogger(__name__)
-SECONDS_PER_YEAR = 365.25 * 86400
+__all__ = ["SECONDS_PER_YEAR", "CarbonAccumulator", "CifSeries", "EmbodiedCarbon", "operational_carbon_g"]
 
 
 class CifSeriesError(ConfigError):
-    pass
+    """A carbon-intensity series file is missing or malformed; the message names the file and line."""
 
 
 def _parse_time(text: str) -> float:
@@ -50,6 +48,7 @@ class CifSeries:
 
     @classmethod
     def load_csv(cls, path: Path | str) -> CifSeries:
+        """Read a ``timestamp,gco2e_per_kwh`` CSV (Unix seconds or ISO 8601; header and ``#`` comments skipped)."""
         path = Path(path)
         if not path.is_file():
             raise CifSeriesError(f"CIF series {path} does not exist")
@@ -99,23 +98,6 @@ def operational_carbon_g(
     return energy_it_j * site.pue / J_PER_KWH * g_per_kwh
 
 
-class EmbodiedCarbon(BaseModel):
-    """Embodied carbon of one device and the life it is spread over."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kg_per_device: float = Field(ge=0.0, le=100_000.0, description="Cradle-to-gate kgCO2e of one device.")
-    service_life_years: float = Field(gt=0.0, le=30.0, description="Years the cost is amortised over.")
-    source: str = Field(default="", description="Where the figure comes from.")
-
-    @property
-    def g_per_second(self) -> float:
-        return self.kg_per_device * 1000.0 / (self.service_life_years * SECONDS_PER_YEAR)
-
-    def grams(self, seconds_in_use: float) -> float:
-        return max(0.0, seconds_in_use) * self.g_per_second
-
-
 class CarbonAccumulator:
     """Operational carbon of cumulative energy counters under a time-varying CIF.
 
@@ -129,6 +111,7 @@ class CarbonAccumulator:
         self._grams: dict[str, float] = {}
 
     def update(self, key: str, energy_j: float, t_s: float) -> float:
+        """Charge the counter ``key``'s energy increase (J) up to ``t_s`` at the CIF then; returns its total gCO2e."""
         last = self._last.get(key)
         grams = self._grams.get(key, 0.0)
         if last is not None and energy_j >= last[1]:

@@ -49,6 +49,7 @@ def descendants(pid: int, proc: Path = Path("/proc")) -> list[int]:
 
 
 def cpu_model_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``"CPU"`` when unreadable)."""
     try:
         for line in cpuinfo.read_text().splitlines():
             if line.startswith("model name"):
@@ -101,6 +102,7 @@ class CpuPowerModel:
         self._ncpu = os.cpu_count() or 1
 
     def describe(self) -> str:
+        """One line saying how power is modeled: idle and per-core watts, and whose utilisation is counted."""
         return (
             f"CPU power model (modeled): {self.idle_w:g} W idle + {self.core_w:g} W per busy core, "
             f"utilisation of pid {self.pid} and its children from {self.proc}"
@@ -128,13 +130,16 @@ class CpuPowerModel:
         self._scanned_at = -1e18
 
     def busy_cores_since_start(self) -> float:
+        """Average busy cores of the process tree since the model started (CPU seconds per second)."""
         dt = self._now() - self._t0
         return (self._cpu_seconds() - self._cpu0) / dt if dt > 0 else 0.0
 
     def devices(self) -> list[DeviceInfo]:
+        """The one modeled CPU device."""
         return [DeviceInfo(device=self.device, name=self._name, backend=self.backend, energy_method="modeled")]
 
     def read(self) -> list[PowerReading]:
+        """Modeled energy (J) since start: idle W times time plus core W times CPU seconds of the process tree."""
         t = self._now()
         cpu = self._cpu_seconds() - self._cpu0
         energy = self.idle_w * (t - self._t0) + self.core_w * cpu

@@ -7,6 +7,7 @@ and idle energy are separate families, so ``sum()`` over any family never double
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -18,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from profilers.carbon import CarbonAccumulator, CifSeries, EmbodiedCarbon, site_cif_series
 from profilers.exposition import ExporterRegistry, Family, FastCollector, HistogramCollector
 from profilers.footprint import SiteProfile, footprint
+from profilers.lifecycle import LifecycleAccumulator
 
 NAMESPACE = "llm_energy"
 DEVICE_LABELS = ["replica", "device", "backend", "provenance"]
@@ -38,6 +40,8 @@ def _gauge(name: str, doc: str, labels: list[str]) -> Family:
 
 @dataclass(frozen=True)
 class DeviceSample:
+    """One device's counters as exported on ``/metrics``: cumulative energy (J), power (W), clock, provenance."""
+
     replica: str
     device: str
     backend: str
@@ -56,6 +60,8 @@ class DeviceSample:
 
 @dataclass(frozen=True)
 class ReplicaSample:
+    """One replica's counters as exported: tokens, energy attributed to prefill/decode/idle (J), load, KV cache."""
+
     replica: str
     backend: str
     prompt_tokens: int
@@ -73,10 +79,14 @@ class ReplicaSample:
     prefix_cache_queried_tokens: int | None = None
     """None: the engine has no prefix cache (no samples are exported)."""
     prefix_cache_hit_tokens: int | None = None
+    up: bool = True
+    """False: the replica is dead or not answering; these are its last counters, frozen."""
 
 
 @dataclass
 class ExportSnapshot:
+    """Everything one scrape exports: every device's and every replica's sample."""
+
     devices: list[DeviceSample] = field(default_factory=list)
     replicas: list[ReplicaSample] = field(default_factory=list)
 
@@ -122,8 +132,10 @@ class EnergyCollector(FastCollector):
         self._carbon = CarbonAccumulator(site, cif) if cif is not None else None
         self._wall_clock = wall_clock
         self._first_seen: dict[str, float] = {}
+        self._lifecycle = LifecycleAccumulator(site)
 
     def families(self) -> list[Family]:
+        """The energy, water and carbon metric families of a fresh snapshot, per device and per replica."""
         snap = self._snapshot_fn()
         return [*self._device_families(snap), *self._replica_families(snap)]
 
@@ -209,6 +221,10 @@ class EnergyCollector(FastCollector):
         running = _gauge(
             f"{NAMESPACE}_requests_running", "Requests in the running batch.", labels=REPLICA_LABELS
         )
+        up = _gauge(
+            f"{NAMESPACE}_replica_up", "1: the replica answers; 0: dead or not answering its heartbeat (its counters "
+            "are its last, frozen).", labels=REPLICA_LABELS,
+        )
         waiting = _gauge(
             f"{NAMESPACE}_requests_waiting", "Requests queued for admission.", labels=REPLICA_LABELS
         )
@@ -236,7 +252,25 @@ class EnergyCollector(FastCollector):
             "is not computed again.",
             labels=[*REPLICA_LABELS, "kind"],
         )
+        boundary = _counter(
+            f"{NAMESPACE}_boundary_energy_joules",
+            "Energy in a boundary: accelerator (the devices' own) or comprehensive (plus the host's CPU and DRAM "
+            "for the replica's share of its node, modeled from a host power preset, times PUE; absent where the "
+            "host is unknown, never 0).",
+            labels=[*REPLICA_LABELS, "boundary", "provenance"],
+        )
+        sci = _gauge(
+            f"{NAMESPACE}_sci_per_token_grams",
+            "GSF SCI per generated token since the replica started: ((E x I) + M) / R, E comprehensive "
+            "(accelerator x PUE where the host is unknown), I location-based, M embodied; status=complete|partial.",
+            labels=[*REPLICA_LABELS, "status"],
+        )
         now = self._clock()
+        presets_by_replica: dict[str, list[str | None]] = {}
+        uptime_by_replica: dict[str, float] = {}
+        for d in snap.devices:
+            presets_by_replica.setdefault(d.replica, []).append(d.preset)
+            uptime_by_replica[d.replica] = max(uptime_by_replica.get(d.replica, 0.0), self._uptime_s(d, now))
         energy_by_replica: dict[str, tuple[float, str]] = {}
         for d in snap.devices:
             total, prov = energy_by_replica.get(d.replica, (0.0, d.provenance))
@@ -250,6 +284,7 @@ class EnergyCollector(FastCollector):
             attributed.add([*labels, "decode", prov], r.attributed_decode_j)
             idle.add([*labels, prov], r.idle_j)
             running.add(labels, r.running)
+            up.add(labels, 1.0 if r.up else 0.0)
             waiting.add(labels, r.waiting)
             if r.kv_capacity_tokens > 0:
                 kv_usage.add(labels, r.kv_used_tokens / r.kv_capacity_tokens)
@@ -269,16 +304,31 @@ class EnergyCollector(FastCollector):
                     value = window.update(now, energy_by_replica[r.replica][0], r.generated_tokens)
                 if value is not None:
                     per_token.add([*labels, prov], value)
-        return [tokens, attributed, idle, per_token, running, waiting, closure, kv_usage, kv_capacity, spec, prefix]
+                with self._lock:
+                    life = self._lifecycle.update(
+                        r.replica, uptime_by_replica.get(r.replica, 0.0), energy_by_replica[r.replica][0],
+                        r.attributed_prefill_j + r.attributed_decode_j, presets_by_replica.get(r.replica, []), prov,
+                    )
+                boundary.add([*labels, "accelerator", prov], life.accelerator_j)
+                if math.isfinite(life.comprehensive_j):
+                    boundary.add([*labels, "comprehensive", "mixed" if prov == "measured" else prov],
+                                 life.comprehensive_j)
+                if r.generated_tokens > 0:
+                    sci.add([*labels, life.sci_status.split(":")[0]], life.sci_per(r.generated_tokens))
+        return [tokens, attributed, idle, per_token, running, waiting, up, closure, kv_usage, kv_capacity, spec,
+                prefix, boundary, sci]
 
 
 @dataclass
 class LatencyHistograms:
+    """The front door's TTFT, TPOT and end-to-end latency histograms (seconds), labelled by replica."""
+
     ttft: HistogramCollector
     tpot: HistogramCollector
     e2e: HistogramCollector
 
     def observe(self, replica: str, ttft_s: float | None, tpot_s: float | None, e2e_s: float) -> None:
+        """Record one finished request's latencies (s) under its replica; TTFT/TPOT only where known."""
         if ttft_s is not None:
             self.ttft.observe(replica, ttft_s)
         if tpot_s is not None:

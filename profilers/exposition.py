@@ -41,9 +41,11 @@ class Family:
         self._order = sorted(range(len(self.labels)), key=self.labels.__getitem__)
 
     def add(self, values: Sequence[str], value: float) -> None:
+        """Append one row: label values in the family's label order, and the value."""
         self.rows.append((tuple(values), value))
 
     def metric(self) -> Metric:
+        """The family as a prometheus_client metric (for ``collect`` and ``generate_latest``)."""
         cls = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
         fam = cls(self.name, self.doc, labels=list(self.labels))
         for values, value in self.rows:
@@ -70,17 +72,21 @@ class FastCollector(Collector):
     """A collector whose families can be written without prometheus_client's per-sample checks."""
 
     def families(self) -> list[Family]:
+        """The families to export at this scrape (subclasses override; none by default)."""
         return []
 
     def collect(self) -> Iterable[Metric]:
+        """The families as prometheus_client metrics, for registries that do not render text directly."""
         return [f.metric() for f in self.families()]
 
     def describe(self) -> Iterable[Metric]:
+        """Nothing: no describe-time metrics, so registering does not collect."""
         return ()
 
     _label_cache: dict[tuple[str, ...], str] | None = None
 
     def render_text(self) -> str:
+        """The families in Prometheus text format, reusing label strings cached across scrapes."""
         # Label strings are kept between scrapes (the same devices come back); bounded against churn.
         if self._label_cache is None or len(self._label_cache) > 200_000:
             self._label_cache = {}
@@ -99,6 +105,7 @@ class ExporterRegistry(CollectorRegistry):
         self._rest = CollectorRegistry()
 
     def register(self, collector: Collector) -> None:
+        """Register the collector; fast collectors are also rendered directly by :meth:`render`."""
         super().register(collector)
         if isinstance(collector, FastCollector):
             self._fast.append(collector)
@@ -106,6 +113,7 @@ class ExporterRegistry(CollectorRegistry):
             self._rest.register(collector)
 
     def unregister(self, collector: Collector) -> None:
+        """Unregister the collector from this registry and from the direct or fallback rendering."""
         super().unregister(collector)
         if isinstance(collector, FastCollector):
             self._fast.remove(collector)
@@ -113,6 +121,7 @@ class ExporterRegistry(CollectorRegistry):
             self._rest.unregister(collector)
 
     def render(self) -> bytes:
+        """Prometheus text of every collector: fast ones written directly, the rest through prometheus_client."""
         fast = "".join(c.render_text() for c in self._fast).encode()
         return fast + generate_latest(self._rest)
 
@@ -134,6 +143,7 @@ class HistogramCollector(FastCollector):
         self._lock = threading.Lock()
 
     def observe(self, label_value: str, value: float) -> None:
+        """Count one observation of ``value`` in the histogram of ``label_value`` (thread-safe)."""
         i = bisect.bisect_left(self.bounds, value)  # le is inclusive: value == bound goes in that bucket
         with self._lock:
             counts = self._counts.setdefault(label_value, [0] * (len(self.bounds) + 1))
@@ -145,12 +155,14 @@ class HistogramCollector(FastCollector):
             return [(k, list(itertools.accumulate(c)), self._sums[k]) for k, c in self._counts.items()]
 
     def collect(self) -> Iterable[Metric]:
+        """The histograms as one prometheus_client metric family."""
         fam = HistogramMetricFamily(self.name, self.doc, labels=[self.label])
         for key, cum, total in self._snapshot():
             fam.add_metric([key], list(zip(self._les, map(float, cum), strict=True)), total)
         return [fam]
 
     def render_text(self) -> str:
+        """The histograms in Prometheus text format (``_bucket``, ``_count``, ``_sum`` per label value)."""
         doc = self.doc.replace("\\", r"\\").replace("\n", r"\n")
         out = [f"# HELP {self.name} {doc}\n# TYPE {self.name} histogram\n"]
         for key, cum, total in self._snapshot():

@@ -31,6 +31,7 @@ class Measurement:
 
     @property
     def total_j(self) -> float:
+        """Energy of every counted device over the window, in joules."""
         return sum(self.energy_j.values())
 
     @property
@@ -71,4 +72,5 @@ def window_energy(
 
 
 def snapshot(readings: Iterable[PowerReading]) -> dict[str, CounterSample]:
+    """Each reading's cumulative energy and provenance by device, a window's start or stop."""
     return {r.device: CounterSample(r.energy_j, r.provenance) for r in readings}

@@ -176,9 +176,11 @@ class NVMLSource:
 
     # --- PowerSource ----------------------------------------------------------------------------
     def devices(self) -> list[DeviceInfo]:
+        """The GPUs read, each with how its energy is obtained (counter or integrated power)."""
         return list(self._infos)
 
     def read(self) -> list[PowerReading]:
+        """One reading per GPU: cumulative energy (J), power, SM clock and utilisation."""
         integrated = {r.device: r.energy_j for r in self._sampler.latest()} if self._sampler else {}
         t = self.clock()
         out = []
@@ -193,6 +195,7 @@ class NVMLSource:
 
     # --- details --------------------------------------------------------------------------------
     def power_w(self, dev: str) -> float:
+        """The GPU's current power draw in watts, as NVML reports it."""
         with _nvml(f"reading the power of {dev}"):
             return pynvml.nvmlDeviceGetPowerUsage(self._handles[dev]) / 1000.0
 
@@ -215,6 +218,7 @@ class NVMLSource:
         return self._sampler.status() if self._sampler else None
 
     def close(self) -> None:
+        """Stop the power-integrating thread and shut NVML down."""
         if self._sampler is not None:
             self._sampler.stop()
         with contextlib.suppress(pynvml.NVMLError):

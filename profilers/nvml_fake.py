@@ -67,6 +67,7 @@ class FakeGPU:
     _counter_zero_mj: float = 0.0
 
     def power_w(self, t: float) -> float:
+        """Power (W) at time ``t``, interpolated in the trace and capped at the power limit."""
         ts = [p[0] for p in self.power_trace]
         i = bisect.bisect_right(ts, t)
         if i == 0:
@@ -116,6 +117,7 @@ def configure(
 
 
 def reset() -> None:
+    """Replace the fake machine with one that has no GPU."""
     configure([])
 
 

@@ -86,9 +86,11 @@ class RaplSource:
         self._last_t = self.clock()
 
     def devices(self) -> list[DeviceInfo]:
+        """One device per RAPL zone read."""
         return [DeviceInfo(z.device, f"RAPL {z.device}", self.backend) for z in self._zones]
 
     def read(self) -> list[PowerReading]:
+        """One reading per zone: cumulative energy (J, counter wraps handled) and power since the last read."""
         t = self.clock()
         dt = t - self._last_t
         out = []

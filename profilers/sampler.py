@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SamplerStatus:
+    """State of a sampling thread: alive or not, samples taken, errors, last error, CPU time used."""
+
     alive: bool
     samples: int
     errors_total: int
@@ -40,6 +42,7 @@ class PowerIntegrator:
         self.energy_j: dict[str, float] = {}
 
     def add(self, device: str, t_s: float, power_w: float) -> float:
+        """Add a power sample (W) at ``t_s``; returns the device's energy so far (J); late samples add nothing."""
         last = self._last.get(device)
         energy = self.energy_j.get(device, 0.0)
         if last is None or t_s > last[0]:  # a sample out of order adds nothing rather than negative energy
@@ -93,11 +96,13 @@ class Sampler:
         self._cpu_s = 0.0
 
     def start(self) -> Sampler:
+        """Take a first reading here (a broken source fails loudly), then start the sampling thread."""
         self.sample_once()  # the first reading is taken in the caller, so a broken source fails loudly here
         self._thread.start()
         return self
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        """Ask the sampling thread to stop and wait up to ``timeout_s`` for it."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
@@ -109,6 +114,7 @@ class Sampler:
         self.stop()
 
     def sample_once(self) -> list[PowerReading]:
+        """Read the source once, integrating power where asked, and keep the readings in the history."""
         readings = self.source.read()
         out = []
         for r in readings:
@@ -122,11 +128,13 @@ class Sampler:
         return out
 
     def status(self) -> SamplerStatus:
+        """The sampling thread's state now."""
         with self._lock:
             alive = not self._dead and (self._thread.is_alive() or not self._stop.is_set())
             return SamplerStatus(alive, self._samples, self._errors, self._last_error, self._cpu_s)
 
     def raise_if_dead(self) -> None:
+        """Raise SamplerDiedError if the thread gave up: energy after that moment is unknown."""
         if self._dead:
             raise SamplerDiedError(
                 f"power sampler of {type(self.source).__name__} stopped after {self._errors} errors "
@@ -140,6 +148,7 @@ class Sampler:
             return [h[-1] for h in self._history.values() if h]
 
     def history(self, device: str) -> list[PowerReading]:
+        """The device's recent readings, oldest first."""
         with self._lock:
             return list(self._history.get(device, ()))
 

@@ -26,7 +26,7 @@ ENGINE_TOKEN_COUNTERS = {
 
 
 class MetricsUnavailableError(TestbedError, RuntimeError):
-    pass
+    """A testbed's ``/metrics`` could not be fetched or parsed."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class CounterSnapshot:
 
     @property
     def generated_total(self) -> float:
+        """Generated tokens summed over every replica."""
         return sum(self.generated_tokens.values())
 
 
@@ -68,6 +69,7 @@ LATENCY_HISTOGRAMS = {
 
 
 def parse_counters(text: str) -> CounterSnapshot:
+    """Parse a testbed's ``/metrics`` text into energy, token, power, clock, load and latency counters."""
     energy: dict[str, CounterSample] = {}
     tokens: dict[str, float] = {}
     backends: set[str] = set()

@@ -24,11 +24,14 @@ DEFAULT_ORDER = ("nvml", "rapl")
 
 
 def known_sources() -> list[str]:
+    """Names of the registered power sources, sorted."""
     return sorted(_FACTORIES)
 
 
 @dataclass(frozen=True)
 class SourceChoice:
+    """The power source picked, its name and provenance, and why the others were skipped."""
+
     source: PowerSource
     name: str
     """The registry name of the source used, e.g. ``nvml``."""
@@ -39,6 +42,7 @@ class SourceChoice:
 
 
 def describe(name: str, source: PowerSource) -> str:
+    """Provenance line of a source: its name and each device's energy method, e.g. ``nvml: gpu0=counter``."""
     return f"{name}: " + ", ".join(f"{d.device}={d.energy_method}" for d in source.devices())
 
 

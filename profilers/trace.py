@@ -23,6 +23,7 @@ _key: tuple[int, str] | None = None
 
 
 def enabled() -> bool:
+    """Whether latency tracing is on (``TESTBED_LATENCY_TRACE`` names a directory to write the trace to)."""
     return bool(os.environ.get(TRACE_ENV))
 
 

@@ -15,6 +15,8 @@ class Provenance(StrEnum):
 
 @dataclass(frozen=True)
 class DeviceInfo:
+    """What a power source reports about one device: id, model name, backend, energy method, limits."""
+
     device: str
     """Stable device id within its source, e.g. ``gpu0`` or ``emulated-h100_sxm-0``."""
     name: str
@@ -33,6 +35,8 @@ class DeviceInfo:
 
 @dataclass(frozen=True)
 class PowerReading:
+    """One device reading: time (s), cumulative energy (J), power (W), clock (MHz), provenance, utilisation."""
+
     t_s: float
     device: str
     energy_j: float

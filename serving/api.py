@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 
 class StreamOptions(BaseModel):
+    """OpenAI ``stream_options``: ``include_usage`` adds a final chunk with token usage."""
+
     include_usage: bool = False
 
 
@@ -110,16 +112,22 @@ def _same(a: Any, b: Any) -> bool:
 
 
 class CompletionRequest(_Common):
+    """Body of ``POST /v1/completions``: a text prompt, or token ids."""
+
     prompt: str | list[int] | list[str]
 
 
 class ChatMessage(BaseModel):
+    """One chat message (OpenAI fields beyond role and content are accepted and ignored)."""
+
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str
 
 
 class ChatRequest(_Common):
+    """Body of ``POST /v1/chat/completions``: at least one message."""
+
     messages: list[ChatMessage] = Field(min_length=1)
 
 
@@ -127,6 +135,7 @@ def error_response(
     status: int, message: str, param: str | None = None, code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
+    """An OpenAI-shaped JSON error (``invalid_request_error`` below 500, ``server_error`` from it)."""
     kind = "invalid_request_error" if status < 500 else "server_error"
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -152,9 +161,11 @@ class Admission:
         return True
 
     def leave(self) -> None:
+        """Give back the place of a request that finished."""
         self.inflight -= 1
 
     def overloaded(self) -> JSONResponse:
+        """The 503 for a request over the in-flight limit, with ``retry-after``."""
         return error_response(
             503, f"the server is at its limit of {self.limit} requests in flight; retry after "
             f"{self.retry_after_s} s", code="overloaded", headers={"retry-after": str(self.retry_after_s)},
@@ -176,10 +187,12 @@ class RecentRequests:
             self.completions.popleft()
 
     def arrive(self, now: float) -> None:
+        """Record a request's arrival at ``now`` (s, the door's perf-counter clock)."""
         self.arrivals.append(now)
         self._trim(now)
 
     def complete(self, now: float, ttft_s: float, tpot_s: float | None) -> None:
+        """Record a finished request's TTFT and TPOT (s; TPOT None for a single token) at ``now``."""
         self.completions.append((now, ttft_s, tpot_s))
         self._trim(now)
 
@@ -195,6 +208,8 @@ class RecentRequests:
 
 
 class FrontDoor:
+    """The OpenAI-compatible front door: admits, routes and streams requests, records latency, serves ``/metrics``."""
+
     def __init__(
         self, router: Router, model_name: str, max_model_len: int, site: SiteProfile, limits: DoorConfig | None = None,
     ) -> None:
@@ -209,10 +224,12 @@ class FrontDoor:
         self.registry, self.latency = build_registry(lambda: self._snapshot, site)
 
     async def metrics_text(self) -> bytes:
+        """The ``/metrics`` exposition, from a fresh snapshot of every replica's telemetry."""
         self._snapshot = await self.router.snapshot()
         return self.registry.render()
 
     def check_model(self, name: str) -> JSONResponse | None:
+        """A 404 when ``name`` is not the served model, else None."""
         if name != self.model_name:
             return error_response(
                 404, f"The model `{name}` does not exist. This server serves `{self.model_name}`.",
@@ -224,6 +241,7 @@ class FrontDoor:
         self, body: _Common, prompt: str | None, prompt_ids: list[int] | None, chat: bool,
         messages: list[dict[str, str]] | None = None,
     ) -> Response:
+        """Serve one generation request: validate, route, then stream (SSE) or answer in one JSON body."""
         if (bad := self.check_model(body.model)) is not None:
             return bad
         if (name := unsupported_field(body)) is not None:
@@ -267,6 +285,7 @@ class FrontDoor:
         return JSONResponse(self._final_body(rid, "".join(text), last, chat), headers={"x-replica": last.replica})
 
     async def completion(self, body: CompletionRequest) -> Response:
+        """Serve ``/v1/completions``: one text prompt or a list of token ids (batched prompts refused)."""
         if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
             if len(body.prompt) != 1:
                 return error_response(400, "batched prompts are not supported: send one prompt per request",
@@ -277,6 +296,7 @@ class FrontDoor:
         return await self.handle(body, body.prompt, None, chat=False)
 
     async def chat_completion(self, body: ChatRequest) -> Response:
+        """Serve ``/v1/chat/completions``: messages rendered through the chat template."""
         messages = [m.model_dump(include={"role", "content"}) for m in body.messages]
         return await self.handle(body, render_chat(messages), None, chat=True, messages=messages)
 
@@ -400,6 +420,7 @@ class SSEResponse:
                             *((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Send the headers and the chunks, cancelling the stream when the client disconnects."""
         stream_task = asyncio.current_task()
         assert stream_task is not None
         state = {"finished": False, "disconnected": False}
@@ -483,6 +504,7 @@ class GenerationFastPath:
         self.admission = door.admission
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Answer the two generation endpoints directly; pass everything else on to the wrapped app."""
         route = self.routes.get(scope["path"]) if scope["type"] == "http" else None
         if route is None:
             await self.app(scope, receive, send)
@@ -515,7 +537,49 @@ async def _read_body(receive: Any) -> bytes | None:
             return b"".join(parts)
 
 
+class _ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, as every error of the door's is answered."""
+
+    error: _ErrorBody
+
+
+_GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "A completion, or with `stream: true` its server-sent events (`text/event-stream`).",
+          "content": {"application/json": {}, "text/event-stream": {}}},
+    **{code: {"model": ErrorResponse, "description": why} for code, why in (
+        (400, "The body does not validate, asks for a field the door does not implement, or exceeds the context."),
+        (404, "Not the served model."), (408, "The body did not arrive in time."), (413, "The body is too large."),
+        (431, "The headers are too large."), (503, "Every in-flight slot is taken (see Retry-After)."),
+        (500, "The door failed (a bug): OpenAI's server_error shape."),
+    )},
+}
+
+
+def _documented(route: Route) -> Callable[..., Awaitable[Response]]:
+    async def documented(body: Any) -> Response:
+        return await answer(route, body.model_dump_json().encode())
+
+    documented.__annotations__["body"] = route[0]  # the model FastAPI documents (annotations are strings here)
+    return documented
+
+
+def _document_generation_endpoints(app: FastAPI, door: FrontDoor) -> None:
+    """Declare the generation endpoints in the OpenAPI document (clients and fuzzers read it); they are answered
+    before these routes by :class:`GenerationFastPath` and the door's own protocol, with the same handlers."""
+    for path, route in generation_routes(door).items():
+        app.add_api_route(path, _documented(route), methods=["POST"], responses=_GENERATION_RESPONSES,
+                          response_class=Response, summary=f"OpenAI {path}")
+
+
 def create_app(door: FrontDoor) -> FastAPI:
+    """The front door's FastAPI app: generation endpoints, ``/v1/models``, ``/health``, ``/metrics``."""
     app = FastAPI(title="llm-energy-testbed front door", docs_url=None, redoc_url=None)
     app.state.door = door  # the server's own protocol answers the generation endpoints from it (front_door_server)
     app.add_middleware(GenerationFastPath, door=door)
@@ -528,6 +592,8 @@ def create_app(door: FrontDoor) -> FastAPI:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), code=None)
 
+    _document_generation_endpoints(app, door)
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{
@@ -537,10 +603,11 @@ def create_app(door: FrontDoor) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        replicas = {r.name: ("up" if r.alive else "dead") for r in door.router.replicas}
-        ok = any(r.alive for r in door.router.replicas)
-        return JSONResponse({"status": "ok" if ok else "unavailable", "replicas": replicas},
-                            status_code=200 if ok else 503)
+        replicas = {r.name: ("dead" if not r.alive else "up" if r.responsive else "not answering")
+                    for r in door.router.replicas}
+        ok = bool(door.router.routable())
+        status = "unavailable" if not ok else "ok" if len(door.router.routable()) == len(replicas) else "degraded"
+        return JSONResponse({"status": status, "replicas": replicas}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -50,6 +50,7 @@ class EmulatedEngineConfig(BaseModel):
 
     @property
     def served_name(self) -> str:
+        """The model name clients request: the emulated model's name."""
         return self.model
 
 
@@ -144,6 +145,7 @@ class VLLMEngineConfig(BaseModel):
 
     @property
     def served_name(self) -> str:
+        """The model name clients request: ``served_model_name``, else the model directory's name."""
         return self.served_model_name or Path(self.model).name
 
     def resolved(self, on_gpu: bool) -> VLLMEngineConfig:
@@ -171,6 +173,7 @@ _ENGINE_ADAPTER: TypeAdapter[EmulatedEngineConfig | VLLMEngineConfig] = TypeAdap
 
 
 def parse_engine_config(data: dict[str, Any]) -> EmulatedEngineConfig | VLLMEngineConfig:
+    """Validate an ``engine:`` mapping into the config class its ``kind`` names."""
     return _ENGINE_ADAPTER.validate_python(data)
 
 
@@ -236,6 +239,17 @@ class ServingConfig(BaseModel):
         "them (without, every replica of a node runs on its first GPU). None: 1 for a vLLM engine when the Ray "
         "cluster has GPUs, else 0.")
     ray_address: str | None = Field(default=None, description="Attach to this Ray cluster instead of a local one.")
+    heartbeat_s: float = Field(default=1.0, gt=0, le=60, description="Period of the router's replica heartbeat.")
+    replica_deadline_s: float = Field(
+        default=10.0, gt=0, le=600, description="A replica silent this long is routed around, reported not answering "
+        "on /health and /metrics, and its in-flight requests end with an error (a request not yet streamed is retried "
+        "on another replica).",
+    )
+    channel_host: str | None = Field(
+        default=None, description="Address the replicas' token channels listen on. None: loopback when the testbed "
+        "starts its own Ray, the replica's node address when it attaches to a cluster (routers on other nodes must "
+        "reach it).",
+    )
     placement: Literal["none", "spread", "strict_spread", "pack"] = Field(
         default="none", description="Place replicas with a Ray placement group: spread over nodes, or pack."
     )
@@ -255,6 +269,7 @@ class ServingConfig(BaseModel):
 
     @property
     def door_limits(self) -> DoorConfig:
+        """The front door's limits: ``door``, else DoorConfig's defaults."""
         return self.door or DoorConfig()
 
     @model_validator(mode="after")
@@ -271,4 +286,5 @@ class ServingConfig(BaseModel):
 
     @property
     def model_name(self) -> str:
+        """The model name the front door serves: ``served_model_name``, else the engine's."""
         return self.served_model_name or self.engine.served_name

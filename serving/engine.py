@@ -11,19 +11,25 @@ from serving.types import AppliedKnobs, EngineStats, GenerationRequest, Knobs, T
 
 @runtime_checkable
 class Engine(Protocol):
+    """An inference engine a replica serves: streams requests, reports stats, applies knobs."""
+
     backend: str
 
-    async def start(self) -> None: ...
+    async def start(self) -> None:
+        """Load the model and start serving (idempotent)."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Stream the request's tokens; raise :class:`RequestRejectedError` before the first event."""
         ...
 
-    def stats(self) -> EngineStats: ...
+    def stats(self) -> EngineStats:
+        """Load, token and attributed energy counters now."""
 
-    async def apply(self, knobs: Knobs) -> AppliedKnobs: ...
+    async def apply(self, knobs: Knobs) -> AppliedKnobs:
+        """Apply the knobs it supports (clamped); report what took effect."""
 
-    async def stop(self) -> None: ...
+    async def stop(self) -> None:
+        """Stop serving and release the model."""
 
 
 class MissingExtraError(TestbedError, ImportError):
@@ -35,6 +41,7 @@ _ENGINES: dict[str, EngineFactory] = {}
 
 
 def register_engine(kind: str) -> Callable[[EngineFactory], EngineFactory]:
+    """Decorator registering an engine factory under the ``engine.kind`` it serves."""
     def deco(factory: EngineFactory) -> EngineFactory:
         _ENGINES[kind] = factory
         return factory

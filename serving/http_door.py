@@ -159,6 +159,7 @@ class DoorProtocol(HttpToolsProtocol):
     # Connections and timeouts
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """Accept a connection; over the connection limit, close the oldest idle one or refuse this one with a 503."""
         super().connection_made(transport)
         shared = self.shared
         if len(self.connections) > shared.max_connections:
@@ -182,6 +183,7 @@ class DoorProtocol(HttpToolsProtocol):
             self._refuse(503, "the server is at its connection limit; retry later", retry=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """Forget the connection; cancel its exchange in flight (the client went away)."""
         self.shared.closable.pop(self, None)
         self._disarm()
         exchange = self.cycle
@@ -233,6 +235,7 @@ class DoorProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        """Feed bytes to the parser; a kept-alive connection's next request arms the header timeout."""
         if self.refused:
             return
         if self.phase == "idle" and self.read_timer is None:  # the first bytes of a request on a kept-alive one
@@ -240,6 +243,7 @@ class DoorProtocol(HttpToolsProtocol):
         super().data_received(data)
 
     def on_response_complete(self) -> None:
+        """After a response: the connection goes idle (the newest to close) unless a pipelined request waits."""
         pipelined = bool(self.pipeline)
         super().on_response_complete()
         if self.phase == "answering" and not pipelined and not self.transport.is_closing():
@@ -250,18 +254,21 @@ class DoorProtocol(HttpToolsProtocol):
     # Parser callbacks
 
     def on_message_begin(self) -> None:
+        """A request begins: count its header bytes from here (a timeout now answers with a 408)."""
         super().on_message_begin()
         self.phase = "headers"
         self.header_bytes = 1  # a request has begun (a timeout answers it with a 408)
         self.body_bytes = 0
 
     def on_url(self, url: bytes) -> None:
+        """Count the URL against the header size limit, then parse it."""
         if self.refused:
             return
         self._count_header(len(url))
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        """Count a header against the header size limit, then parse it."""
         if self.refused:
             return
         self._count_header(len(name) + len(value) + 4)
@@ -273,6 +280,7 @@ class DoorProtocol(HttpToolsProtocol):
             self._refuse(431, f"the request's headers are larger than {self.limits.max_header_bytes} bytes")
 
     def on_headers_complete(self) -> None:
+        """Headers done: arm the body timeout; refuse a declared body over the limit with a 413."""
         if self.refused:
             return
         self.phase = "body"
@@ -297,6 +305,7 @@ class DoorProtocol(HttpToolsProtocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
+        """Count body bytes against the limit (413 over it) and collect them for the request."""
         if self.refused:
             return
         self.body_bytes += len(body)
@@ -309,6 +318,7 @@ class DoorProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        """Request complete: a generation request is admitted (or 503) and answered by a task, others through ASGI."""
         if self.refused:
             return
         self._disarm()

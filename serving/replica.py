@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -11,7 +12,7 @@ import os
 import pickle
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,11 +32,14 @@ log = logging.getLogger(__name__)
 class HostedService(Protocol):
     """Something a caller runs on a replica actor's event loop (see :meth:`Replica.host`); sent pickled."""
 
-    async def start(self, replica: Replica) -> dict[str, Any]: ...
+    async def start(self, replica: Replica) -> dict[str, Any]:
+        """Start on the replica's event loop; returns where it listens (e.g. the URL)."""
 
-    async def wait(self) -> None: ...
+    async def wait(self) -> None:
+        """Return when the service has ended."""
 
-    async def stop(self) -> None: ...
+    async def stop(self) -> None:
+        """Stop the service."""
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,14 @@ class Telemetry:
     supported_clocks_mhz: tuple[float, ...] = ()
 
 
-def export_snapshot(replicas: Iterable[tuple[str, str, Telemetry]]) -> ExportSnapshot:
-    """The exporter's view of replicas given as (name, backend, telemetry): one conversion for every caller."""
+def channel_proof(secret: str, channel: str, nonce: str) -> bytes:
+    """What a replica answers a router's nonce with: an HMAC only a holder of the channel's secret can compute."""
+    return hmac.new(secret.encode(), f"{channel} {nonce}".encode(), "sha256").hexdigest().encode()
+
+
+def export_snapshot(replicas: Iterable[tuple[str, str, Telemetry]], down: Set[str] = frozenset()) -> ExportSnapshot:
+    """The exporter's view of replicas given as (name, backend, telemetry): one conversion for every caller.
+    ``down``: replicas whose telemetry is their last answer (dead or not answering), exported with ``up`` 0."""
     snap = ExportSnapshot()
     for name, backend, tel in replicas:
         infos = {d.device: d for d in tel.devices}
@@ -60,7 +70,8 @@ def export_snapshot(replicas: Iterable[tuple[str, str, Telemetry]]) -> ExportSna
                              rd.energy_j, rd.power_w, rd.clock_mhz,
                              preset=info.preset if info else None, calibration=info.calibration if info else None)
             )
-        snap.replicas.append(tel.stats.export_sample(name))
+        sample = tel.stats.export_sample(name)
+        snap.replicas.append(dataclasses.replace(sample, up=False) if name in down else sample)
     return snap
 
 
@@ -131,8 +142,9 @@ class Replica:
     frame. A Ray message costs ~0.5 ms of CPU in this process (which also runs the engine's output handling) and
     ~0.7 ms in the caller, a Ray call more; a frame on a socket costs tens of microseconds."""
 
-    def __init__(self, replica: str, engine_config: dict[str, Any]) -> None:
+    def __init__(self, replica: str, engine_config: dict[str, Any], channel_host: str | None = None) -> None:
         self.replica = replica
+        self._channel_host = channel_host
         self.niceness = run_at_normal_priority(replica)
         self.engine: Engine = build_engine(parse_engine_config(engine_config), replica)
         self.defaults = Knobs()
@@ -147,6 +159,7 @@ class Replica:
         self._hosted: HostedService | None = None
 
     async def start(self) -> dict[str, Any]:
+        """Start the engine, keep its start-up knobs as defaults; returns pid, node, GPUs and engine description."""
         await self.engine.start()
         current = await self.engine.apply(Knobs())  # a no-op that reports the engine's start-up knobs
         self.defaults = current.as_knobs()
@@ -158,10 +171,12 @@ class Replica:
         return {**info, **describe()} if describe else info
 
     async def describe(self) -> dict[str, Any]:
+        """The replica's name and backend with what its engine says of itself (model, version, KV cache...)."""
         describe = getattr(self.engine, "describe", None)
         return {"replica": self.replica, "backend": self.engine.backend, **(describe() if describe else {})}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Stream a request's token events from the engine (Ray streaming-generator path)."""
         trace.mark(request.request_id, "actor.receive")
         async for event in self.engine.generate(request):
             if event.index == 0:
@@ -198,6 +213,7 @@ class Replica:
             self._pumps.pop(rid, None)
 
     async def cancel(self, request_id: str) -> None:
+        """Cancel a request streamed over the channel (the client went away)."""
         if (pump := self._pumps.get(request_id)) is not None:
             pump[1].cancel()
 
@@ -212,22 +228,25 @@ class Replica:
         """Where a router connects for its channel on a socket, and the secret it must present (handed out
         through Ray only, so only members of the Ray cluster can open a channel). See :meth:`_serve_channel`."""
         if self._server is None:
-            host = ray.util.get_node_ip_address()
+            host = self._channel_host or ray.util.get_node_ip_address()
             self._server = await asyncio.start_server(self._serve_channel, host, 0)
         host, port = self._server.sockets[0].getsockname()[:2]
         return host, port, self._secret
 
     async def _serve_channel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One router's channel on a socket. The router sends ``SECRET CHANNEL\\n``, then JSON frames
-        (4-byte length, ``{"submit": request}`` or ``{"cancel": request_id}``); this side sends frames of pickled
-        batches, as :meth:`events` yields them. Rejected requests come back as :class:`StreamError`."""
+        """One router's channel on a socket. The router sends ``SECRET CHANNEL NONCE\\n`` and this side proves it
+        holds the secret too (:func:`channel_proof`), so the router unpickles frames only from the replica; then the
+        router sends JSON frames (4-byte length, ``{"submit": request}`` or ``{"cancel": request_id}``) and this side
+        frames of pickled batches, as :meth:`events` yields them. Rejected requests come back as
+        :class:`StreamError`."""
         channel = None
         try:
             line = (await asyncio.wait_for(reader.readline(), 30)).decode(errors="replace").split()
-            if len(line) != 2 or not hmac.compare_digest(line[0], self._secret):
+            if len(line) != 3 or not hmac.compare_digest(line[0], self._secret):
                 log.warning("replica %s: refused a channel connection without the secret", self.replica)
                 return
             channel = line[1]
+            writer.write(channel_proof(self._secret, channel, line[2]) + b"\n")
             outbox = self._outbox(channel)
             flush = _ChannelFlush(outbox, writer)
             outbox.on_ready = flush.schedule
@@ -263,6 +282,7 @@ class Replica:
                     await self.cancel(command["cancel"])
 
     async def telemetry(self) -> Telemetry:
+        """The engine's stats, devices, power readings and supported clocks, for the router and controller."""
         source = self.engine
         devices = source.devices() if hasattr(source, "devices") else []
         readings = source.read() if hasattr(source, "read") else []
@@ -270,6 +290,7 @@ class Replica:
         return Telemetry(self.engine.stats(), devices, readings, clocks)
 
     async def apply(self, knobs: Knobs) -> AppliedKnobs:
+        """Apply knobs to the engine (may restart it); the lease watchdog waits while this runs."""
         # A knob can restart the engine (seconds to minutes), and the controller that asked waits for the answer
         # before its next heartbeat: the change's own duration is not the controller's silence.
         self._applying += 1
@@ -281,6 +302,7 @@ class Replica:
                 self._lease_until = max(self._lease_until, time.monotonic() + self._lease_s)
 
     async def restore_defaults(self) -> AppliedKnobs:
+        """Re-apply the knobs the engine started with."""
         return await self.apply(self.defaults)
 
     async def heartbeat(self, lease_s: float) -> None:
@@ -300,6 +322,7 @@ class Replica:
                 await self.restore_defaults()
 
     async def stop(self) -> None:
+        """Stop the hosted service, the stream server and the engine."""
         await self.stop_hosted()
         if self._server is not None:
             self._server.close()
@@ -321,6 +344,7 @@ class Replica:
             await self._hosted.wait()
 
     async def stop_hosted(self) -> None:
+        """Stop the service hosted on this actor, if any."""
         if self._hosted is not None:
             service, self._hosted = self._hosted, None
             await service.stop()

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import itertools
 import json
 import logging
 import pickle
+import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray.exceptions
@@ -18,7 +21,7 @@ import ray.exceptions
 from profilers import trace
 from profilers.errors import TestbedError
 from profilers.exporter import ExportSnapshot
-from serving.replica import StreamError, Telemetry, export_snapshot
+from serving.replica import StreamError, Telemetry, channel_proof, export_snapshot
 from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,11 @@ REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableErr
 
 class NoReplicaError(TestbedError, RuntimeError):
     """No live replica can take the request."""
+
+
+class ReplicaUnresponsiveError(TestbedError, RuntimeError):
+    """The replica answered no heartbeat within the deadline (hung, stopped, or its node partitioned): its requests
+    are ended and it gets none until it answers again."""
 
 
 class ReplicaFailedError(TestbedError, RuntimeError):
@@ -57,6 +65,7 @@ class Channel:
         self._writer: asyncio.Future[asyncio.StreamWriter] | None = None
 
     def open(self, request_id: str) -> asyncio.Queue[TokenEvent | StreamError | _ChannelClosed]:
+        """Register a request's event queue, (re)starting the reader and connection if needed."""
         if self._reader is None or self._reader.done():
             self._writer = asyncio.get_running_loop().create_future()
             self._reader = asyncio.create_task(self._read())
@@ -72,6 +81,7 @@ class Channel:
         self._send(writer, {"submit": request.__dict__})  # a flat dataclass: no deep copy (asdict) needed
 
     def cancel(self, request_id: str) -> None:
+        """Ask the replica to cancel a request (only if the connection is up)."""
         if self._writer is not None and self._writer.done() and not self._writer.exception():
             self._send(self._writer.result(), {"cancel": request_id})
 
@@ -83,7 +93,13 @@ class Channel:
         writer.write(len(data).to_bytes(4, "big") + data)
 
     def close(self, request_id: str) -> None:
+        """Drop a finished request's queue."""
         self.queues.pop(request_id, None)
+
+    def fail(self, error: BaseException) -> None:
+        """End every open request of this channel with ``error`` (the replica stopped answering)."""
+        for queue in self.queues.values():
+            queue.put_nowait(_ChannelClosed(error))
 
     def _dispatch(self, batch: list[TokenEvent | StreamError]) -> None:
         for item in batch:
@@ -110,7 +126,12 @@ class Channel:
         host, port, secret = await self.actor.stream_address.remote()
         reader, writer = await asyncio.open_connection(host, port)
         try:
-            writer.write(f"{secret} {self.id}\n".encode())
+            nonce = secrets.token_hex(16)
+            writer.write(f"{secret} {self.id} {nonce}\n".encode())
+            proof = (await asyncio.wait_for(reader.readline(), 30)).strip()
+            if not hmac.compare_digest(proof, channel_proof(secret, self.id, nonce)):
+                # Whoever answered does not hold the replica's secret: nothing it sends is unpickled.
+                raise ConnectionRefusedError(f"the peer at {host}:{port} did not prove the replica's channel secret")
             assert self._writer is not None
             self._writer.set_result(writer)
             while True:
@@ -137,6 +158,7 @@ class Channel:
         return ConnectionError(f"the replica's event stream closed while the actor is alive: {error!r}")
 
     async def stop(self) -> None:
+        """Stop the reader task (its connection closes with it)."""
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(BaseException):
@@ -145,6 +167,8 @@ class Channel:
 
 @dataclass
 class ReplicaHandle:
+    """The router's view of one replica: its actor, requests outstanding and routed, liveness, stream channel."""
+
     name: str
     actor: Any
     outstanding: int = 0
@@ -156,6 +180,11 @@ class ReplicaHandle:
     local: Any = None
     """The replica itself when this router runs in its actor (a front door hosted by the replica): requests call
     its ``generate`` in process, no crossing; ``actor`` stays its Ray handle for telemetry and knobs."""
+    responsive: bool = True
+    """False while the replica misses its heartbeat deadline: routed around, reported on /health and /metrics."""
+    last_telemetry: Telemetry | None = None
+    """Its last answer: a dead or hung replica's counters stay in the exporter's snapshot (energy is never lost)."""
+    last_answer_s: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         if self.channel is None and self.local is None and _has_channel(self.actor):
@@ -184,16 +213,25 @@ class Router:
         self.retries = retries
         self._rr = itertools.cycle(range(len(replicas)))
         self.pack_per_replica = 0
+        self._watch: asyncio.Task[None] | None = None
         """Set by a controller (knob ``pack_per_replica``): fill replicas in order up to this many requests."""
 
+    def routable(self) -> list[ReplicaHandle]:
+        """Replicas that may take a request: alive and answering their heartbeat."""
+        return [r for r in self.replicas if r.alive and r.responsive]
+
     def live(self) -> list[ReplicaHandle]:
+        """Replicas still alive."""
         return [r for r in self.replicas if r.alive]
 
     def pick(self, exclude: set[str] = frozenset()) -> ReplicaHandle:  # type: ignore[assignment]
-        candidates = [r for r in self.live() if r.name not in exclude]
+        """The replica for the next request: round robin, packing, or least outstanding; NoReplicaError if none."""
+        candidates = [r for r in self.live() if r.name not in exclude and r.responsive]
         if not candidates:
             dead = [r.name for r in self.replicas if not r.alive]
-            raise NoReplicaError(f"no live replica to serve the request (dead: {', '.join(dead) or 'none'})")
+            hung = [r.name for r in self.replicas if r.alive and not r.responsive]
+            raise NoReplicaError(f"no live replica to serve the request (dead: {', '.join(dead) or 'none'}; "
+                                 f"not answering: {', '.join(hung) or 'none'})")
         if self.policy == "round_robin":
             for _ in range(len(self.replicas)):
                 r = self.replicas[next(self._rr)]
@@ -209,11 +247,13 @@ class Router:
         return min(candidates, key=lambda r: (r.outstanding, r.routed))
 
     def mark_dead(self, replica: ReplicaHandle, error: BaseException) -> None:
+        """Stop routing to a replica that died (logged once)."""
         if replica.alive:
             log.error("replica %s is gone (%s); routing around it", replica.name, type(error).__name__)
         replica.alive = False
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Stream a request's events from a replica, retrying on another if one dies before the first event."""
         tried: set[str] = set()
         while True:
             replica = self.pick(tried)
@@ -246,6 +286,13 @@ class Router:
                     ) from e
                 if len(tried) > self.retries:
                     raise NoReplicaError(f"replica {replica.name} died and the retry budget is spent") from e
+            except ReplicaUnresponsiveError as e:
+                if started:
+                    raise ReplicaFailedError(
+                        f"replica {replica.name} stopped answering after streaming part of the response"
+                    ) from e
+                if len(tried) > self.retries:
+                    raise NoReplicaError(f"{e}; the retry budget is spent") from e
             except ray.exceptions.RayTaskError as e:
                 cause = _unwrap(e)
                 if isinstance(cause, RequestRejectedError):
@@ -282,6 +329,11 @@ class Router:
                     channel.cancel(rid)
 
     async def stop(self) -> None:
+        """Stop the heartbeat and every replica's stream channel."""
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         for r in self.replicas:
             if r.channel is not None:
                 await r.channel.stop()
@@ -292,7 +344,9 @@ class Router:
 
         async def fetch(r: ReplicaHandle) -> Telemetry | None:
             try:
-                return await asyncio.wait_for(r.actor.telemetry.remote(), timeout_s)
+                r.last_telemetry = await asyncio.wait_for(r.actor.telemetry.remote(), timeout_s)
+                r.last_answer_s = time.monotonic()
+                return r.last_telemetry
             except REPLICA_GONE as e:
                 self.mark_dead(r, e)
             except TimeoutError:
@@ -303,5 +357,44 @@ class Router:
         return [(r, tel) for r, tel in zip(live, results, strict=True) if tel is not None]
 
     async def snapshot(self, timeout_s: float = 2.0) -> ExportSnapshot:
-        """What the exporter publishes: every live replica's devices and counters."""
-        return export_snapshot((r.name, r.backend, tel) for r, tel in await self.telemetry(timeout_s))
+        """What the exporter publishes: every replica's devices and counters. A replica that is dead or did not
+        answer keeps its last counters (frozen, ``up`` 0): the energy it used up to then stays in every window."""
+        fresh = {r.name for r, _ in await self.telemetry(timeout_s)}
+        seen = [r for r in self.replicas if r.last_telemetry is not None]
+        return export_snapshot(
+            ((r.name, r.backend, r.last_telemetry) for r in seen),  # type: ignore[misc]
+            down={r.name for r in seen if r.name not in fresh or not r.responsive},
+        )
+
+    def start_watch(self, period_s: float, deadline_s: float) -> None:
+        """Run :meth:`watch` in the background until :meth:`stop`."""
+        self._watch = asyncio.ensure_future(self.watch(period_s, deadline_s))
+
+    async def watch(self, period_s: float = 1.0, deadline_s: float = 10.0) -> None:
+        """Heartbeat every live replica each period (a telemetry call): one silent for ``deadline_s`` is marked not
+        answering, its open requests end with :class:`ReplicaUnresponsiveError`, and it is routed around until it
+        answers again. Runs until cancelled."""
+        while True:
+            await asyncio.gather(*(self._beat(r, period_s, deadline_s) for r in self.live() if r.local is None))
+            await asyncio.sleep(period_s)
+
+    async def _beat(self, r: ReplicaHandle, period_s: float, deadline_s: float) -> None:
+        try:
+            r.last_telemetry = await asyncio.wait_for(r.actor.telemetry.remote(), max(period_s, 0.5))
+            r.last_answer_s = time.monotonic()
+        except REPLICA_GONE as e:
+            self.mark_dead(r, e)
+            return
+        except TimeoutError:
+            silent = time.monotonic() - r.last_answer_s
+            if r.responsive and silent > deadline_s:
+                r.responsive = False
+                log.error("replica %s answered no heartbeat for %.1f s: routing around it and ending its requests",
+                          r.name, silent)
+                if r.channel is not None:
+                    r.channel.fail(ReplicaUnresponsiveError(
+                        f"replica {r.name} answered no heartbeat for {deadline_s:g} s: its requests were ended"))
+            return
+        if not r.responsive:
+            log.warning("replica %s answers again: routing to it", r.name)
+            r.responsive = True

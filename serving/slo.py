@@ -10,6 +10,8 @@ SLO_FIELDS_ADDED = {"percentile": 95.0}  # added after campaigns were written: l
 
 
 class SLO(BaseModel):
+    """Latency targets (TTFT and TPOT, s) and the percentile of recent requests compared with them."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     ttft_s: float = Field(default=1.0, gt=0, allow_inf_nan=False, description="Time-to-first-token target.")

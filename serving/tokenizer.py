@@ -17,12 +17,16 @@ VOCAB = (
 
 
 class WordTokenizer:
+    """Toy tokenizer of the emulated engine: one token per whitespace-separated word."""
+
     vocab_size = len(VOCAB)
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of the text's words (a stable hash into the vocabulary)."""
         return [zlib.crc32(w.encode()) % self.vocab_size for w in text.split()]
 
     def decode_one(self, token_id: int) -> str:
+        """The text of one token id: its word and a space."""
         return VOCAB[token_id % self.vocab_size] + " "
 
 

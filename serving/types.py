@@ -11,6 +11,8 @@ from serving.knobs import Knobs as Knobs  # re-exported: the engine protocol's k
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """One generation request as engines see it: prompt (text or ids), token limits, sampling settings."""
+
     request_id: str
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
@@ -27,6 +29,8 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class TokenEvent:
+    """Tokens produced for a request, streamed from engine to client, with timing and attributed energy."""
+
     request_id: str
     replica: str
     text: str
@@ -64,6 +68,8 @@ def merge_events(events: list[TokenEvent]) -> TokenEvent:
 
 @dataclass(frozen=True)
 class EngineStats:
+    """An engine's counters: load, tokens, energy attributed to prefill/decode/idle (J), KV cache, speculation."""
+
     replica: str
     backend: str
     running: int

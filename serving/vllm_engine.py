@@ -49,6 +49,7 @@ INSTALL_HINT = (
 
 
 def vllm_available() -> bool:
+    """Whether vLLM can be imported here (without importing it)."""
     if "vllm" in sys.modules:
         return sys.modules["vllm"] is not None
     return importlib.util.find_spec("vllm") is not None
@@ -184,6 +185,8 @@ class _Ledger:
 
 
 class VLLMEngine:
+    """A real vLLM engine in the replica, its energy metered by a power source and attributed to requests."""
+
     backend = "vllm"
 
     def __init__(self, config: VLLMEngineConfig, replica: str, power: PowerSource | None = None) -> None:
@@ -289,6 +292,7 @@ class VLLMEngine:
         return time.perf_counter() - t0
 
     async def start(self) -> None:
+        """Build the vLLM engine (once) and start metering its energy."""
         if self.engine is None:
             self.start_s = await self._start_engine()
             self._energy_last = self.power.read()[0].energy_j if self.power.devices() else None
@@ -303,12 +307,14 @@ class VLLMEngine:
             )
 
     async def stop(self) -> None:
+        """Stop accepting requests and shut the vLLM engine down."""
         self._open.clear()
         if self.engine is not None:
             engine, self.engine = self.engine, None
             await asyncio.to_thread(engine.shutdown)
 
     def describe(self) -> dict[str, Any]:
+        """What this engine runs: vLLM version, model, start time, KV capacity, power source, knobs."""
         return {
             "engine": f"vllm {self._vllm.__version__}",
             "model": self.config.model,
@@ -364,6 +370,7 @@ class VLLMEngine:
         return ids, max_tokens
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Validate the request (rejecting it before any event) and stream vLLM's outputs as token events."""
         ids, max_tokens = self._validate(request)  # rejects before any event is produced
         return self._stream(request, ids, max_tokens)
 
@@ -484,6 +491,7 @@ class VLLMEngine:
             lg.pending_prefill = lg.pending_decode = 0.0
 
     def stats(self) -> EngineStats:
+        """Load, token, attributed energy and speculation counters from vLLM's live stats."""
         live = self.live
         return EngineStats(
             replica=self.replica,
@@ -507,9 +515,11 @@ class VLLMEngine:
 
     # --- power source (the replica exposes the engine's device) ----------------------------------
     def devices(self) -> list[DeviceInfo]:
+        """The metered devices of the power source."""
         return self.power.devices()
 
     def read(self) -> list[PowerReading]:
+        """The power source's readings (idle energy between requests attributed first)."""
         if not self._inflight:
             self._account()  # idle time between requests is charged when it is read
         return self.power.read()

@@ -12,7 +12,6 @@ if TYPE_CHECKING:
     from deploy.serve import BackgroundServer
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 CONTROL_TOKEN = "test-control-token"
 
 

@@ -11,18 +11,19 @@ import sys
 import time
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 async def scenario(n_inflight: int, n_after: int, model: str | None = None) -> dict[str, object]:
     import ray
     from ray.cluster_utils import Cluster
 
+    from deploy.raycluster import ray_env
     from deploy.serve import start_deployment
     from serving.config import EmulatedEngineConfig, ServingConfig, VLLMEngineConfig
     from serving.router import NoReplicaError, ReplicaFailedError
     from serving.types import GenerationRequest
 
+    ray_env()  # the nodes below share one token: the cluster runs with Ray's token authentication, as ours do
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     workers = [cluster.add_node(num_cpus=1) for _ in range(3)]
     cluster.wait_for_nodes()

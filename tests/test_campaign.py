@@ -106,6 +106,16 @@ def test_too_long_prompts_are_recorded_failed_and_campaign_goes_on(served, tmp_p
         ({"sweep": {"rate_rps": [1]}, "workload": {"duration_s": "long"}}, "workload.duration_s"),
         ({"sweep": {"rate_rps": [1]}, "deployment": {"replicas": 0}}, "deployment.replicas"),
         ({"sweep": {"rate_rps": [1]}, "deployment": {"engine": {"gpu": 1}}}, "allowed keys here: clock_mhz, device"),
+        # Unbounded loads are refused before anything starts (they grew memory without bound, or hung).
+        ({"sweep": {"rate_rps": [float("inf")]}}, "sweep.rate_rps.0: Input should be a finite number"),
+        ({"sweep": {"rate_rps": [1e9]}}, "sweep.rate_rps.0: Input should be less than or equal to 100000"),
+        ({"sweep": {"rate_rps": [50_000]}, "workload": {"duration_s": 3600}}, "requests in one point, more than"),
+        ({"sweep": {"concurrency": [10**9]}, "workload": {"arrival": {"kind": "closed"}}},
+         "sweep.concurrency.0: Input should be less than or equal to 100000"),
+        ({"sweep": {"rate_rps": [1]}, "workload": {"request_timeout_s": float("inf")}},
+         "workload.request_timeout_s: Input should be a finite number"),
+        ({"sweep": {"rate_rps": [1]}, "workload": {"arrival": {"kind": "gamma", "cv": float("nan")}}},
+         "workload.arrival.gamma.cv: Input should be a finite number"),
     ],
 )
 def test_invalid_campaign_exits_2_naming_file_and_field(tmp_path, capsys, override, expected) -> None:

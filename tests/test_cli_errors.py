@@ -36,7 +36,7 @@ def test_a_pue_below_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     site = tmp_path / "site.yaml"
     site.write_text("name: low\npue: 0.9\nwue_site_l_per_kwh: 0.3\nwue_source_l_per_kwh: 3\ncif_kg_per_kwh: 0.3\n")
     code, err = _run(tmp_path, QUICKSTART.replace("site: azure ", f"site: {site} "), capsys)
-    assert code == 2 and f"site profile {site}: pue: Input should be greater than or equal to 1 (got 0.9)" in err
+    assert code == 2 and f"site profile {site}: pue: Input should be greater than or equal to 1 (got 0.9" in err
 
 
 def test_an_unknown_device_preset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -53,7 +53,7 @@ def test_vllm_replicas_ask_for_a_gpu_where_the_cluster_has_them() -> None:
 @pytest.mark.parametrize("placement", ["none", "pack"])
 def test_replicas_of_one_node_are_given_different_gpus(placement: str) -> None:
     config = ServingConfig(replicas=2, num_gpus_per_replica=1, placement=placement)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_worker_niceness": "0"}
     proc = subprocess.run([sys.executable, "-c", f"CONFIG = {config.model_dump_json()!r}\n{SCENARIO}"],
                           capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)

@@ -384,3 +384,22 @@ def test_container_commands_are_real_cli_commands() -> None:
         with pytest.raises(SystemExit):  # when this starts parsing, drop it from PENDING_COMMANDS
             build_parser().parse_args(cmd[1:])
     assert pending_seen == PENDING_COMMANDS
+
+
+@pytest.mark.parametrize("args", VALUES)
+def test_every_ray_process_uses_token_authentication(args: list[str]) -> None:
+    """Ray's ports listen on every interface of their pods: each Ray process of the release presents the token."""
+    docs = render(*args)
+    specs = pod_specs(docs)
+    ray_pods = [n for n in specs if n.startswith("RayCluster/") or n == "Deployment/rel-llm-energy-testbed"]
+    assert len(ray_pods) >= 3, specs.keys()
+    (secret,) = [d for d in by_kind(docs, "Secret") if d["metadata"]["name"].endswith("-ray-auth")]
+    for name in ray_pods:
+        env = {e["name"]: e for e in specs[name]["containers"][0]["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", name
+        ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": secret["metadata"]["name"], "key": "token"}, name
+    mine = render(*args, "--set", "serving.rayAuth.existingSecret=ops-ray-token")
+    assert not [d for d in by_kind(mine, "Secret") if d["metadata"]["name"].endswith("-ray-auth")]
+    env = {e["name"]: e for e in pod_specs(mine)["RayCluster/head"]["containers"][0]["env"]}
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "ops-ray-token"

@@ -43,6 +43,9 @@ class StubRouter:
     async def snapshot(self) -> ExportSnapshot:
         return ExportSnapshot()
 
+    def routable(self) -> list[object]:
+        return self.replicas
+
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         self.started += 1
         if self.fail:

@@ -29,11 +29,15 @@ FROZEN: dict[str, tuple[str, tuple[str, ...]]] = {
     "llm_energy_energy_per_token_joules": ("gauge", ("backend", "provenance", "replica")),
     "llm_energy_requests_running": ("gauge", REP),
     "llm_energy_requests_waiting": ("gauge", REP),
+    "llm_energy_replica_up": ("gauge", REP),
     "llm_energy_attribution_error_ratio": ("gauge", ("backend", "provenance", "replica")),
     "llm_energy_kv_cache_usage_ratio": ("gauge", REP),
     "llm_energy_kv_cache_capacity_tokens": ("gauge", REP),
     "llm_energy_spec_decode_tokens_total": ("counter", ("backend", "kind", "replica")),
     "llm_energy_prefix_cache_tokens_total": ("counter", ("backend", "kind", "replica")),
+    # Issue #20: the two boundaries and the SCI (added on purpose).
+    "llm_energy_boundary_energy_joules_total": ("counter", ("backend", "boundary", "provenance", "replica")),
+    "llm_energy_sci_per_token_grams": ("gauge", ("backend", "replica", "status")),
     "llm_energy_request_ttft_seconds_bucket": ("histogram", ("le", "replica")),
     "llm_energy_request_ttft_seconds_count": ("histogram", ("replica",)),
     "llm_energy_request_ttft_seconds_sum": ("histogram", ("replica",)),
@@ -128,7 +132,8 @@ def test_counters_end_in_total_and_units_are_base_units() -> None:
               "llm_energy_requests_waiting"}  # dimensionless counts
     for family in (f for f in types if f.startswith("llm_energy_") and not f.endswith("_created")):
         base = family.removesuffix("_total")  # newer clients print counters' TYPE with the suffix
-        assert unit.search(base) or base in counts or base.endswith("_info"), family  # _info: labels, value 1
+        # _info: labels, value 1; _up: 1 or 0, as Prometheus's own `up`
+        assert unit.search(base) or base in counts or base.endswith(("_info", "_up")), family
 
 
 def test_scope_values_are_fixed() -> None:

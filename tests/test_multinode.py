@@ -25,7 +25,7 @@ def _tiny_model(tmp_path: Path) -> str:
 @pytest.mark.parametrize("engine", ["emulated", "vllm"])
 def test_node_removal_mid_stream_and_while_idle(engine: str, tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "PYTHONPATH": str(root), "RAY_USAGE_STATS_ENABLED": "0"}
     model = [_tiny_model(tmp_path)] if engine == "vllm" else []
     proc = subprocess.run(
         [sys.executable, str(SCENARIO), "8", "6", *model],

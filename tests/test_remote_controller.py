@@ -113,8 +113,8 @@ llm_energy_requests_running{{replica="r1"}} 2
     transport = httpx.MockTransport(lambda request: httpx.Response(200, text=next(served)))
     observer = MetricsObserver("http://door/metrics", httpx.AsyncClient(transport=transport))
     first = await observer()
-    assert first.completed == 0 and first.ttft_p95_s is None and first.energy_per_token_j is None
+    assert first.completed == 0 and first.ttft_s is None and first.energy_per_token_j is None
     obs = await observer()
     assert obs.completed == 10 and obs.power_w == 500 and obs.clock_mhz == 1980 and obs.running == 5
     assert obs.energy_per_token_j == pytest.approx(2 * 500 / 100)
-    assert obs.ttft_p95_s == pytest.approx(0.1 + 0.9 * (9.5 - 8) / 2)  # rank 9.5 in (0.1, 1.0]
+    assert obs.ttft_s == pytest.approx(0.1 + 0.9 * (9.5 - 8) / 2)  # rank 9.5 in (0.1, 1.0]

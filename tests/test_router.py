@@ -157,9 +157,12 @@ async def test_socket_channel_ships_one_frame_per_loop_turn_and_merges_while_the
 async def _socket_batches(actor, channel: str):  # type: ignore[no-untyped-def]
     import pickle
 
+    from serving.replica import channel_proof
+
     host, port, secret = await actor.stream_address.remote()
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(f"{secret} {channel}\n".encode())
+    writer.write(f"{secret} {channel} n0nce\n".encode())
+    assert (await reader.readline()).strip() == channel_proof(secret, channel, "n0nce")  # the replica proves it too
     try:
         while True:
             size = int.from_bytes(await reader.readexactly(4), "big")
@@ -203,8 +206,9 @@ async def test_channel_ships_an_iteration_of_many_requests_in_one_message(ray_lo
             await actor.submit.remote(GenerationRequest("big", prompt="a", max_tokens=5000), channel)
         # Without the secret (handed out through Ray only) the replica closes the connection, reading nothing.
         host, port, _ = await actor.stream_address.remote()
+        assert host == "127.0.0.1"  # a local cluster's channels listen on loopback only
         reader, writer = await asyncio.open_connection(host, port)
-        writer.write(b"not-the-secret some-channel\n")
+        writer.write(b"not-the-secret some-channel n0nce\n")
         assert await asyncio.wait_for(reader.read(), 30) == b""
         writer.close()
     finally:
@@ -286,5 +290,46 @@ def test_engine_stats_become_the_exporters_replica_sample_field_for_field() -> N
     for f in fields(ReplicaSample):
         if f.name != "replica" and hasattr(stats, f.name):
             assert getattr(sample, f.name) == getattr(stats, f.name), f.name
-    assert all(hasattr(stats, f.name) or f.name in ("prompt_tokens", "generated_tokens", "replica")
-               for f in fields(ReplicaSample))  # a field the exporter adds must be reported by the engines
+    # A field the exporter adds must be reported by the engines (``up`` is the router's: heartbeats).
+    assert all(hasattr(stats, f.name) or f.name in ("prompt_tokens", "generated_tokens", "replica", "up")
+               for f in fields(ReplicaSample))
+
+
+async def test_router_unpickles_nothing_from_a_peer_that_cannot_prove_the_secret() -> None:
+    """A process that took the replica's port (or sits in the path) must prove the channel secret first."""
+    import pickle
+
+    from serving.router import Channel
+
+    sent: list[bytes] = []
+
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        frame = pickle.dumps([("would be unpickled",)])
+        writer.write(b"0" * 64 + b"\n" + len(frame).to_bytes(4, "big") + frame)
+        sent.append(frame)
+        await writer.drain()
+        await asyncio.sleep(1)
+        writer.close()
+
+    server = await asyncio.start_server(impostor, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    class _Address:  # the replica's stream_address, as the channel calls it
+        async def remote(self) -> tuple[str, int, str]:
+            return "127.0.0.1", port, "the-secret"
+
+    class _Actor:
+        stream_address = _Address()
+
+        class describe:
+            @staticmethod
+            async def remote() -> None:
+                return None
+
+    channel = Channel(_Actor())
+    queue = channel.open("r1")
+    item = await asyncio.wait_for(queue.get(), 30)
+    assert sent and "did not prove the replica's channel secret" in str(item.error)
+    await channel.stop()
+    server.close()

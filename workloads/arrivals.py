@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 @dataclass(frozen=True)
 class RequestSpec:
+    """One request to send in a point: when (s from the point's start), prompt length and output cap in tokens."""
+
     t_s: float
     """Intended send time, seconds from the start of the point."""
     prompt_tokens: int
@@ -19,20 +21,27 @@ class RequestSpec:
 
 
 class LengthSampler(Protocol):
-    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray: ...
+    """A token-length distribution: draws ``n`` lengths from the generator."""
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """Draw ``n`` token lengths (int64 array) with ``rng``."""
 
 
 class ArrivalProcess(Protocol):
-    def times(self, rng: np.random.Generator, rate_rps: float, duration_s: float) -> Iterator[float]: ...
+    """An open-loop arrival process: request send times for a rate and a sending window."""
+
+    def times(self, rng: np.random.Generator, rate_rps: float, duration_s: float) -> Iterator[float]:
+        """Send times (s from the point's start, increasing, below ``duration_s``) at a mean of ``rate_rps`` req/s."""
 
 
 class PoissonArrivals(BaseModel):
     """Exponential inter-arrival times (memoryless open-loop traffic)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["poisson"] = "poisson"
 
     def times(self, rng: np.random.Generator, rate_rps: float, duration_s: float) -> Iterator[float]:
+        """Send times with exponential gaps of mean ``1 / rate_rps`` s, until ``duration_s``."""
         t = 0.0
         while True:
             t += rng.exponential(1.0 / rate_rps)
@@ -44,10 +53,11 @@ class PoissonArrivals(BaseModel):
 class ConstantArrivals(BaseModel):
     """Evenly spaced requests (the first at t=0)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["constant"] = "constant"
 
     def times(self, rng: np.random.Generator, rate_rps: float, duration_s: float) -> Iterator[float]:
+        """Send times ``i / rate_rps`` from t=0 while below ``duration_s``."""
         n = int(np.floor(duration_s * rate_rps - 1e-9)) + 1
         for i in range(n):
             yield i / rate_rps
@@ -56,11 +66,12 @@ class ConstantArrivals(BaseModel):
 class GammaArrivals(BaseModel):
     """Gamma inter-arrival times with coefficient of variation ``cv`` (1 = Poisson, > 1 = bursty)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["gamma"] = "gamma"
     cv: float = Field(default=2.0, gt=0, le=20, description="Burstiness: std/mean of inter-arrival gaps.")
 
     def times(self, rng: np.random.Generator, rate_rps: float, duration_s: float) -> Iterator[float]:
+        """Send times with gamma gaps of mean ``1 / rate_rps`` s and coefficient of variation ``cv`` (burstiness)."""
         shape = 1.0 / self.cv**2
         scale = 1.0 / (rate_rps * shape)
         t = 0.0
@@ -77,12 +88,15 @@ class RateProfile(BaseModel):
     candidates at the peak rate, each kept with probability rate(t) / peak."""
 
     def shape(self, t: np.ndarray, duration_s: float) -> np.ndarray:  # relative rate at times t
+        """Relative rate at the times ``t`` (s) of a point lasting ``duration_s``; subclasses define it."""
         raise NotImplementedError
 
     def shape_mean(self, duration_s: float) -> float:  # mean of the shape over [0, duration_s)
+        """Mean of the shape over ``[0, duration_s)``: what the rate is scaled by to average ``rate_rps``."""
         raise NotImplementedError
 
     def shape_max(self, duration_s: float) -> float:
+        """Maximum of the shape over the point: the thinning's candidate rate."""
         raise NotImplementedError
 
     def rate_at(self, t: np.ndarray | float, rate_rps: float, duration_s: float) -> np.ndarray:
@@ -91,6 +105,7 @@ class RateProfile(BaseModel):
         return rate_rps * self.shape(np.asarray(t, dtype=float), duration_s) / mean
 
     def times(self, rng: np.random.Generator, rate_rps: float, duration_s: float) -> Iterator[float]:
+        """Send times by thinning candidates at the peak rate, so the mean rate over the point is ``rate_rps``."""
         scale = rate_rps / self.shape_mean(duration_s)
         peak = scale * self.shape_max(duration_s)
         t = 0.0
@@ -107,7 +122,7 @@ class RampArrivals(RateProfile):
     """Rate changing linearly from ``start`` to ``end`` (relative levels) over the point; the mean is the
     sweep's rate, so ``start: 0, end: 1`` ramps from 0 to twice ``rate_rps``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["ramp"] = "ramp"
     start: float = Field(ge=0, description="Relative rate at t = 0.")
     end: float = Field(ge=0, description="Relative rate at the end of the point.")
@@ -119,12 +134,15 @@ class RampArrivals(RateProfile):
         return self
 
     def shape(self, t: np.ndarray, duration_s: float) -> np.ndarray:
+        """Relative rate moving linearly from ``start`` to ``end`` over the point."""
         return self.start + (self.end - self.start) * np.clip(t / duration_s, 0.0, 1.0)
 
     def shape_mean(self, duration_s: float) -> float:
+        """Mean of a linear ramp: the average of its two ends."""
         return (self.start + self.end) / 2
 
     def shape_max(self, duration_s: float) -> float:
+        """The ramp's higher end."""
         return max(self.start, self.end)
 
 
@@ -132,22 +150,25 @@ class DiurnalArrivals(RateProfile):
     """Sinusoidal rate ``1 + amplitude * sin(2 pi (t / period_s + phase))``, e.g. a day compressed into a
     point; ``phase`` is the fraction of a period at t = 0 (0: mean and rising, 0.25: peak, 0.75: trough)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["diurnal"] = "diurnal"
     period_s: float = Field(gt=0, description="Length of one cycle, seconds.")
     amplitude: float = Field(default=0.5, ge=0, lt=1, description="Swing relative to the mean (0 to < 1).")
     phase: float = Field(default=0.0, ge=0, lt=1, description="Fraction of a period at t = 0.")
 
     def shape(self, t: np.ndarray, duration_s: float) -> np.ndarray:
+        """Relative rate ``1 + amplitude * sin`` of the cycle position (period ``period_s``, ``phase`` in cycles)."""
         return 1.0 + self.amplitude * np.sin(2 * np.pi * (t / self.period_s + self.phase))
 
     def shape_mean(self, duration_s: float) -> float:
+        """Exact mean of the sinusoid over ``[0, duration_s)``, partial cycles included."""
         # Exact integral over [0, duration_s): a point need not hold whole cycles.
         w = 2 * np.pi / self.period_s
         a0 = 2 * np.pi * self.phase
         return 1.0 + self.amplitude * (np.cos(a0) - np.cos(w * duration_s + a0)) / (w * duration_s)
 
     def shape_max(self, duration_s: float) -> float:
+        """The sinusoid's peak, ``1 + amplitude``."""
         return 1.0 + self.amplitude
 
 
@@ -155,7 +176,7 @@ class PiecewiseArrivals(RateProfile):
     """Rate interpolated linearly between ``points`` ``[t_s, level]`` (relative levels; the last level holds
     to the end of the point), e.g. ``[[0, 1], [60, 3], [120, 1]]`` for a burst one minute in."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["piecewise"] = "piecewise"
     points: list[tuple[float, float]] = Field(min_length=1, description="[t_s, relative rate] pairs.")
 
@@ -178,6 +199,7 @@ class PiecewiseArrivals(RateProfile):
         return self
 
     def shape(self, t: np.ndarray, duration_s: float) -> np.ndarray:
+        """Relative rate linearly interpolated between the ``(t_s, level)`` points (held flat past the ends)."""
         ts, levels = zip(*self.points, strict=True)
         return np.interp(t, ts, levels)
 
@@ -186,6 +208,7 @@ class PiecewiseArrivals(RateProfile):
         return ts, self.shape(ts, duration_s)
 
     def shape_mean(self, duration_s: float) -> float:
+        """Mean of the piecewise-linear rate over the point (trapezoids); ValueError if it is 0 throughout."""
         ts, levels = self._knots(duration_s)
         if len(ts) == 1:
             return float(levels[0])
@@ -195,6 +218,7 @@ class PiecewiseArrivals(RateProfile):
         return mean
 
     def shape_max(self, duration_s: float) -> float:
+        """The highest level the piecewise rate reaches within the point."""
         return float(self._knots(duration_s)[1].max())
 
 
@@ -212,7 +236,7 @@ class TraceArrivals(BaseModel):
     thins the trace further (a seeded fraction of requests) before the rate is matched.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["trace"] = "trace"
     path: str = Field(
         description="Trace path (Azure or BurstGPT CSV, Mooncake JSONL) or a shipped trace, e.g. azure_conv_2023."
@@ -232,7 +256,7 @@ class ClosedLoopArrivals(BaseModel):
     The sweep's ``concurrency`` values are the numbers of users; the request rate is whatever the server sustains.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["closed"] = "closed"
     think_time_s: float = Field(default=0.0, ge=0, le=3600, description="Pause between a response and the next.")
 
@@ -245,16 +269,21 @@ Arrival = Annotated[
 
 
 class FixedLength(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Every request has the same token length, ``value``."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["fixed"] = "fixed"
     value: int = Field(gt=0)
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """``n`` copies of ``value``."""
         return np.full(n, self.value, dtype=np.int64)
 
 
 class UniformLength(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Token lengths uniform over the integers ``[low, high]``."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["uniform"] = "uniform"
     low: int = Field(gt=0)
     high: int = Field(gt=0)
@@ -266,13 +295,14 @@ class UniformLength(BaseModel):
         return self
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """``n`` integers drawn uniformly from ``[low, high]`` (both included)."""
         return rng.integers(self.low, self.high + 1, size=n)
 
 
 class LogNormalLength(BaseModel):
     """Log-normal with the given median and log-space sigma, clipped to [min, max]."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["lognormal"] = "lognormal"
     median: float = Field(gt=0)
     sigma: float = Field(ge=0, le=4)
@@ -286,6 +316,7 @@ class LogNormalLength(BaseModel):
         return self
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """``n`` log-normal lengths, rounded to integers and clipped to ``[min, max]``."""
         x = rng.lognormal(np.log(self.median), self.sigma, size=n)
         return np.clip(np.rint(x), self.min, self.max).astype(np.int64)
 
@@ -294,7 +325,7 @@ class TraceLength(BaseModel):
     """Token counts drawn (seeded, with replacement) from a column of a request trace (Azure or BurstGPT
     CSV, Mooncake JSONL): the trace's empirical distribution, clipped to [min, max]."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["trace"] = "trace"
     path: str = Field(
         description="Trace path (Azure or BurstGPT CSV, Mooncake JSONL) or a shipped trace, e.g. azure_conv_2023."
@@ -313,6 +344,7 @@ class TraceLength(BaseModel):
         return self
 
     def values(self) -> np.ndarray:
+        """The trace's token counts of the chosen column (prompt or output), loaded once and cached."""
         from workloads.traces import load_trace_cached
 
         if self.column is None:
@@ -321,6 +353,7 @@ class TraceLength(BaseModel):
         return trace.prompt_tokens if self.column == "prompt" else trace.output_tokens
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """``n`` token counts resampled with replacement from the trace, clipped to ``[min, max]``."""
         x = rng.choice(self.values(), size=n, replace=True)
         return np.clip(x, self.min, self.max if self.max is not None else None).astype(np.int64)
 
@@ -341,6 +374,7 @@ class LengthStream:
         self._queue: list[tuple[int, int]] = []
 
     def next(self) -> tuple[int, int]:
+        """The next request's (prompt tokens, output tokens), drawn in blocks from the two seeded streams."""
         if not self._queue:
             p = self._dists[0].sample(self._rngs[0], self._block).tolist()
             o = self._dists[1].sample(self._rngs[1], self._block).tolist()

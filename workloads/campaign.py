@@ -43,6 +43,7 @@ from workloads.inputs import trace_inputs
 from workloads.results import (
     FloorFn,
     PointRow,
+    ReferenceFn,
     ResultStore,
     engine_token_shares,
     records_frame,
@@ -189,6 +190,7 @@ def _hardware() -> dict[str, object]:
 def write_manifest(
     out: Path, spec: CampaignSpec, target: Target, status: str, extra: dict[str, object] | None = None
 ) -> None:
+    """Write or update the campaign's ``manifest.json`` atomically: status, config hash, versions, machine, site."""
     path = out / MANIFEST
     manifest = json.loads(path.read_text()) if path.exists() else {"created": datetime.now(UTC).isoformat()}
     manifest.update({
@@ -279,6 +281,7 @@ def _window_tokens(begin: CounterSnapshot, end: CounterSnapshot) -> int | None:
 async def run_points(
     spec: CampaignSpec, target: Target, store: ResultStore, console: Console,
     manifest_extra: dict[str, object] | None = None, floor: FloorFn | None = None,
+    reference: ReferenceFn | None = None,
 ) -> None:
     """Measure every point of the sweep not yet in ``store``, one after the other, on ``target``'s clock."""
     extra = manifest_extra if manifest_extra is not None else {}
@@ -295,7 +298,7 @@ async def run_points(
                 continue
             await target.apply(setting)
             row, records, series = await _measure_point(spec, target, (point, len(points)), setting, load, console,
-                                                        site, store.out, extra, floor)
+                                                        site, store.out, extra, floor, reference)
             store.add_point(row, records, series)
             check_target_up(row, records, setting, target.label)
     finally:
@@ -324,6 +327,7 @@ class PointResult:
 
 async def measure_one(
     spec: CampaignSpec, target: Target, point: int, console: Console, floor: FloorFn | None = None,
+    reference: ReferenceFn | None = None,
 ) -> PointResult:
     """Point ``point`` of the sweep on a target of its own, started and stopped for it, with no store: what a
     point run apart from the others returns to the one writer (a virtual-time point as a Ray task)."""
@@ -333,7 +337,7 @@ async def measure_one(
     try:
         await target.apply(setting)
         row, records, series = await _measure_point(spec, target, (point, len(points)), setting, load, console,
-                                                    load_site_profile(spec.site), None, extra, floor)
+                                                    load_site_profile(spec.site), None, extra, floor, reference)
     finally:
         await target.stop()
     return PointResult(row, records, series, extra)
@@ -342,6 +346,7 @@ async def measure_one(
 async def _measure_point(
     spec: CampaignSpec, target: Target, point_of: tuple[int, int], setting: Setting, load: float, console: Console,
     site: SiteProfile, out: Path | None, manifest_extra: dict[str, object], floor: FloorFn | None,
+    reference: ReferenceFn | None = None,
 ) -> tuple[PointRow, list[RequestRecord], list[dict[str, object]]]:
     """Send one point's work and meter it: warm-up and cool-down are left out of the energy window."""
     w = spec.workload
@@ -381,6 +386,7 @@ async def _measure_point(
         "concurrency": int(load) if spec.closed_loop else math.nan,
         "clock_mhz_mean": sum(clocks) / len(clocks) if clocks else math.nan,
         "floor": floor,
+        "reference": reference,
     }
     if first is None or last is None:
         row = summarize_point(point, setting_label(setting), offered_rate(spec, load, records), records,
@@ -456,21 +462,22 @@ async def _drive(
 def run_campaign(
     spec: CampaignSpec, target: Target, out: Path, console: Console | None = None,
     run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run, floor: FloorFn | None = None,
-    manifest_extra: dict[str, object] | None = None,
+    manifest_extra: dict[str, object] | None = None, reference: ReferenceFn | None = None,
 ) -> pd.DataFrame:
     """Run every point not yet in ``out`` on ``target`` and return ``points.csv`` as a frame.
 
     ``out`` must have been checked with :func:`prepare_out_dir`. Each point is written as soon as it is
     measured, so an interrupted campaign keeps every finished point and ``--resume`` continues it. ``run``
     runs the campaign's coroutine (a virtual target's clock drives its own loop); ``floor``: the device's
-    energy floor per token, for emulated devices.
+    energy floor per token, for emulated devices; ``reference``: a third party's estimate for the same model
+    and tokens (EcoLogits), shown beside ours.
     """
     console = console or Console()
     store = ResultStore(out)
     store.repair()
     extra = dict(manifest_extra or {})
     write_manifest(out, spec, target, "running", extra)
-    run(run_points(spec, target, store, console, extra, floor))
+    run(run_points(spec, target, store, console, extra, floor, reference))
     points = store.points()
     failed = sorted(int(p) for p in points[points["status"] == "failed"]["point"])
     write_manifest(out, spec, target, "failed" if failed else "finished", {**extra, "failed_points": failed})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import gc
 import itertools
 import json
@@ -18,6 +19,7 @@ import math
 import multiprocessing.connection
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +41,8 @@ from workloads.prompts import PromptFn, synth_prompt
 
 @dataclass
 class RequestRecord:
+    """One request's outcome as stored in ``requests.parquet``: timing (s), tokens, replica, energy (J), status."""
+
     point: int
     request_index: int
     intended_send_s: float
@@ -61,6 +65,7 @@ class RequestRecord:
 
     @property
     def ok(self) -> bool:
+        """Whether the request succeeded (status ``ok``)."""
         return self.status == "ok"
 
     @property
@@ -71,6 +76,8 @@ class RequestRecord:
 
 @dataclass(frozen=True)
 class ClientSettings:
+    """How the load client reaches the target: base URL, model, concurrency cap, timeout, API key, prompt maker."""
+
     base_url: str
     model: str
     max_concurrency: int | None = None
@@ -105,6 +112,7 @@ class RawResponse:
 
     @classmethod
     def of(cls, ex: Exchange) -> RawResponse:
+        """The wire-format copy of an exchange to send back from a generator process."""
         return cls(ex.sent_at, ex.status, ex.headers.get("x-replica", ""), ex.error, ex.pieces,
                    ex.headers.get("x-request-id", ""), ex.headers_at)
 
@@ -373,6 +381,19 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel for SIGTERM when the process that started this one dies (kill -9 included), so a load
+    generator or a deployment never outlives its campaign; exits at once if that parent is already gone. Called
+    by the child itself (not a preexec_fn, unsafe in a threaded parent). Linux only: elsewhere a no-op."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def worker_main(conn: multiprocessing.connection.Connection) -> None:
     """A generator process (``python -m workloads.loadworker FD``): runs the points it is sent, streaming finished
     records back in batches."""
@@ -511,7 +532,7 @@ class LoadClient:
         while len(self._workers) < n:
             ours, theirs = socket.socketpair()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "workloads.loadworker", str(theirs.fileno())],
+                [sys.executable, "-m", "workloads.loadworker", str(theirs.fileno()), str(os.getpid())],
                 pass_fds=(theirs.fileno(),), cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": _import_root()},
             )
             theirs.close()
@@ -588,6 +609,7 @@ class LoadClient:
         return out
 
     def close(self) -> None:
+        """Stop the generator processes (killed if they do not exit within 2 s) and close their pipes."""
         for proc, conn in self._workers:
             with contextlib.suppress(OSError, BrokenPipeError):
                 conn.send(("stop",))

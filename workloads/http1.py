@@ -20,6 +20,8 @@ import httptools
 
 @dataclass(frozen=True)
 class Endpoint:
+    """Where requests go: host, port, path prefix and whether TLS is used, parsed from a base URL."""
+
     host: str
     port: int
     path_prefix: str
@@ -27,6 +29,7 @@ class Endpoint:
 
     @classmethod
     def parse(cls, base_url: str) -> Endpoint:
+        """Parse ``http(s)://HOST[:PORT][/PREFIX]``; ValueError for anything else."""
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"target URL {base_url!r} must be http://HOST[:PORT][/PREFIX] or https://...")
@@ -35,6 +38,7 @@ class Endpoint:
 
     @property
     def host_header(self) -> str:
+        """The ``Host`` header value: the host, bracketed if IPv6, with the port unless it is the default."""
         default = 443 if self.tls else 80
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port == default else f"{host}:{self.port}"
@@ -72,6 +76,7 @@ class Exchange:
     retried: bool = False
 
     def end(self, error: str = "") -> None:
+        """Finish the exchange once (``error`` empty on success) and hand it to ``on_end``."""
         if self.ended:
             return
         self.ended = True
@@ -206,6 +211,7 @@ class ConnectionPool:
         conn.send(ex)
 
     def retry_stale(self, ex: Exchange) -> bool:
+        """Resend an exchange that met a stale keep-alive connection, once; False if it was already retried."""
         if ex.retried:
             return False
         ex.retried = True
@@ -213,10 +219,12 @@ class ConnectionPool:
         return True
 
     def release(self, conn: _Connection) -> None:
+        """Return a connection whose exchange finished to the idle pool for reuse."""
         self.busy.discard(conn)
         self.idle.append(conn)
 
     def forget(self, conn: _Connection) -> None:
+        """Drop a closed connection from the pool."""
         self.busy.discard(conn)
         if conn in self.idle:
             self.idle.remove(conn)
@@ -231,6 +239,7 @@ class ConnectionPool:
                 ex.end("ReadTimeout: no complete response before the request timeout")
 
     async def aclose(self) -> None:
+        """Cancel pending connects and close every connection of the pool."""
         for task in list(self._tasks):
             task.cancel()
         for conn in [*self.idle, *self.busy]:

@@ -70,6 +70,7 @@ class HttpTarget:
                 await self._http.aclose()
 
     async def counters(self) -> CounterSnapshot | None:
+        """The target's ``/metrics`` counters now, or None (logged) when they cannot be scraped."""
         assert self._http is not None
         try:
             return await ascrape_counters(self.metrics_url, self._http)
@@ -102,6 +103,7 @@ class HttpTarget:
         self, point: int, work: Work, seed: int, on_done: Callable[[RequestRecord], None],
         on_start: Callable[[float], None],
     ) -> list[RequestRecord]:
+        """Send a point (open-loop schedule or closed-loop users) through the load client; returns the records."""
         assert self._client is not None
 
         def started(t0_perf: float) -> None:  # the load client's clock is perf_counter: convert to ours

@@ -148,6 +148,7 @@ class TokenizerPrompts:
         return first, nxt
 
     def __call__(self, n_tokens: int, seed: int) -> str:
+        """A prompt the tokenizer encodes to exactly ``n_tokens`` tokens, reproducible from ``seed``."""
         if n_tokens < self.special_tokens + 1:
             raise TokenizerError(
                 f"a prompt of {n_tokens} token(s) is impossible with {self.description}: it adds "
@@ -204,10 +205,12 @@ class SharedPrefixPrompts:
         self.description = f"{getattr(prompts, 'description', 'word tokenizer')}, {prefix_tokens}-token shared prefix"
 
     def count(self, text: str) -> int:
+        """Tokens in ``text`` as the wrapped prompt maker counts them (words when it has no tokenizer)."""
         counter = getattr(self.prompts, "count", None)
         return counter(text) if counter is not None else count_words(text)
 
     def __call__(self, n_tokens: int, seed: int) -> str:
+        """A prompt of exactly ``n_tokens`` tokens that starts with the shared prefix, the rest drawn from ``seed``."""
         shared = min(self.prefix_tokens, n_tokens - 1) - self.special_tokens  # words of the prefix, >= 1 own token
         if shared < 1:
             return self.prompts(n_tokens, seed)

@@ -19,9 +19,10 @@ from workloads.results import ResultStore
 SUMMARY_COLUMNS = {
     "point": "point", "setting": "setting", "backend": "power source", "offered_rps": "offered req/s",
     "completed": "done", "failed": "failed", "output_tokens": "out tokens", "energy_j": "energy J",
-    "energy_per_token_j": "J/token",
+    "energy_per_token_j": "J/token accel.", "comprehensive_per_token_j": "J/token compr.",
     "floor_j_per_token": "floor J/token", "x_floor": "x floor",
-    "water_per_token_ml": "mL water/token", "carbon_per_token_g": "gCO2e/token", "ttft_p99_s": "TTFT p99 s",
+    "water_per_token_ml": "mL water/token", "carbon_per_token_g": "gCO2e/token",
+    "sci_per_token_g": "SCI gCO2e/token", "sci_status": "SCI", "ttft_p99_s": "TTFT p99 s",
     "tpot_p99_s": "TPOT p99 s", "slo_attainment": "SLO", "provenance": "provenance", "calibration": "calibration",
     "status": "status",
 }
@@ -36,7 +37,59 @@ def figure_sources(points: pd.DataFrame) -> list[str]:
 
 
 def summary_frame(points: pd.DataFrame) -> pd.DataFrame:
-    return points[[c for c in SUMMARY_COLUMNS if c in points.columns]].rename(columns=SUMMARY_COLUMNS)
+    """The points' summary columns that exist, renamed to their report headings."""
+    frame = points[[c for c in SUMMARY_COLUMNS if c in points.columns]]
+    if "sci_status" in frame.columns:  # the parts an SCI lacks are in points.csv and the report; here its word
+        frame = frame.assign(sci_status=frame["sci_status"].fillna("").astype(str).str.split(":").str[0])
+    return frame.rename(columns=SUMMARY_COLUMNS)
+
+
+FOOTPRINT_COLUMNS = {
+    "point": "point", "offered_rps": "offered req/s", "concurrency": "users",
+    "energy_per_token_j": "accelerator J/token", "comprehensive_per_token_j": "comprehensive J/token",
+    "reference_j_per_token": "EcoLogits J/token (their estimate)", "reference_ratio": "ours / EcoLogits",
+    "embodied_per_token_g": "embodied gCO2e/token", "sci_per_token_g": "SCI gCO2e/token",
+    "sci_per_request_g": "SCI gCO2e/request", "embodied_share": "embodied share of SCI",
+    "carbon_location_g": "operational gCO2e, location-based", "carbon_market_g": "operational gCO2e, market-based",
+    "sci_status": "SCI",
+}
+
+
+def footprint_frame(points: pd.DataFrame) -> pd.DataFrame:
+    """Both boundaries, embodied carbon, both carbon methods, the SCI and the reference estimate, per point."""
+    p = points.copy()
+    if {"embodied_per_token_g", "sci_per_token_g"} <= set(p.columns):
+        p["embodied_share"] = p["embodied_per_token_g"] / p["sci_per_token_g"]
+    return p[[c for c in FOOTPRINT_COLUMNS if c in p.columns]].rename(columns=FOOTPRINT_COLUMNS)
+
+
+def _footprint_section(points: pd.DataFrame) -> list[str]:
+    if "comprehensive_per_token_j" not in points.columns:
+        return []
+    out = [
+        "<h2>Footprint: two boundaries, embodied carbon, SCI</h2>",
+        "<p><b>accelerator</b>: the accelerators' energy only (what ML.ENERGY and most papers report); "
+        "<b>comprehensive</b>: plus the host's CPU and DRAM for the replicas' share of their nodes (idle the whole "
+        "window, dynamic at the accelerators' busy share), times PUE. <b>SCI</b> = ((E x I) + M) per R (Green "
+        "Software Foundation, ISO/IEC 21031:2024): E comprehensive kWh, I location-based gCO2e/kWh, M embodied "
+        "grams; a <i>partial</i> SCI lacks the parts named below and is a lower bound. Market-based carbon uses "
+        "the site's contractual factor; – where the site declares none.</p>",
+        footprint_frame(points).to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="–"),
+    ]
+    refs = [str(v) for v in points.get("reference", pd.Series(dtype=str)).dropna().unique() if str(v)]
+    if refs:
+        out.append("<p>Reference: " + "; ".join(html.escape(r) for r in refs) + ": per request energy from the "
+                   "model's parameter count and output tokens at the point's mean output tokens and mean E2E "
+                   "latency, with their own GPU and server figures and the site's PUE (their estimate, not a "
+                   "measurement of this deployment).</p>")
+    for col, title, sep in (("footprint_parts", "Where each part comes from", " | "),
+                            ("sci_status", "SCI coverage", "; ")):
+        values = [str(v) for v in points.get(col, pd.Series(dtype=str)).dropna().unique() if str(v)]
+        if values:
+            out.append(f"<h3>{title}</h3><ul>" + "".join(
+                "<li>" + "</li><li>".join(html.escape(x.strip()) for x in v.split(sep)) + "</li>" for v in values
+            ) + "</ul>")
+    return out
 
 
 def _png(fig: plt.Figure) -> str:
@@ -142,6 +195,7 @@ def _plot_power(ts: pd.DataFrame) -> str:
 
 
 def replica_breakdown(requests: pd.DataFrame) -> pd.DataFrame:
+    """Per point and replica: successful requests, output tokens, attributed energy (J) and J per token."""
     ok = requests[requests["status"] == "ok"]
     if ok.empty:
         return pd.DataFrame()
@@ -157,6 +211,7 @@ def replica_breakdown(requests: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_report(out: Path) -> Path:
+    """Write ``report.html`` (summary, figures, per-replica breakdown) for the campaign in ``out``; returns its path."""
     store = ResultStore(out)
     store.repair()
     points = store.points()
@@ -180,6 +235,7 @@ def write_report(out: Path) -> Path:
             parts.append("<p>Figures: " + "; ".join(f"<b>{html.escape(s)}</b>" for s in sources) + ".</p>")
         parts.append("<h2>Summary</h2>")
         parts.append(summary_frame(points).to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="–"))
+        parts.extend(_footprint_section(points))
         parts.append("<h2>Energy per token</h2>")
         parts.append(f"<img alt='energy per token against offered load' src='{_plot_energy(points)}'>")
         parts.append("<h2>Latency</h2>")
@@ -218,6 +274,7 @@ def compare_frame(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_comparison(dir_a: Path, dir_b: Path, out: Path) -> tuple[Path, pd.DataFrame]:
+    """Write an HTML comparison of two campaigns (J/token against load) to ``out``; returns it and the joined points."""
     a, b = ResultStore(dir_a).points(), ResultStore(dir_b).points()
     merged = compare_frame(a, b)
     fig, ax = plt.subplots(figsize=(6, 3.6))

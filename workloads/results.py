@@ -13,7 +13,9 @@ import numpy as np
 import pandas as pd
 
 from profilers.footprint import SiteProfile, footprint
+from profilers.lifecycle import window_lifecycle
 from profilers.meter import Measurement
+from profilers.reference import ReferenceEstimate
 from serving.slo import SLO
 from workloads.client import RequestRecord
 
@@ -48,13 +50,16 @@ class PointRow:
     achieved_rps: float
     output_tokens_per_s: float
     energy_j: float
+    """Accelerator-boundary energy: the metered devices' own (GPU/accelerator only, as ML.ENERGY reports it)."""
     energy_per_token_j: float
+    """The accelerator-boundary figure, as it always was; the comprehensive one is ``comprehensive_per_token_j``."""
     attributed_energy_j: float
     """The engines' per-request energy summed over the completed measured requests."""
     mean_power_w: float
     water_l: float
     water_per_token_ml: float
     carbon_g: float
+    """Operational gCO2e of the accelerator energy x PUE at the site's CIF (location-based)."""
     carbon_per_token_g: float
     ttft_p50_s: float
     ttft_p99_s: float
@@ -86,6 +91,39 @@ class PointRow:
     """The emulated device's physical floor of energy per output token at the point's mean lengths (NaN: real)."""
     x_floor: float = math.nan
     """``energy_per_token_j`` over the floor: never below 1."""
+    # The footprint as the standards count it (profilers/lifecycle.py). Boundaries: accelerator (above) and
+    # comprehensive; a part that cannot be measured is modeled or missing, and a missing part gives NaN, never 0.
+    host_energy_j: float = math.nan
+    """Host CPU + DRAM energy of the replicas' share of their nodes (idle for the whole window plus dynamic at the
+    accelerators' busy share); modeled from a host power preset, NaN where the host is unknown."""
+    comprehensive_energy_j: float = math.nan
+    """Comprehensive boundary: (accelerator + host CPU + DRAM) x PUE; NaN where a host part is missing."""
+    comprehensive_per_token_j: float = math.nan
+    """``comprehensive_energy_j`` per output token."""
+    carbon_location_g: float = math.nan
+    """Operational gCO2e of the SCI's energy (comprehensive where known) at the grid's intensity (location-based)."""
+    carbon_market_g: float = math.nan
+    """The same energy at the site's contractual factor (market-based); NaN: the site declares none."""
+    embodied_g: float = math.nan
+    """Embodied gCO2e charged to the window: devices and host share, amortised over their service lives."""
+    embodied_per_token_g: float = math.nan
+    sci_per_token_g: float = math.nan
+    """GSF SCI per output token: ((E x I) + M) / R, E the comprehensive kWh (accelerator x PUE where the host is
+    missing), I location-based, M embodied."""
+    sci_per_request_g: float = math.nan
+    """The same SCI per completed request."""
+    sci_status: str = ""
+    """``complete``, or ``partial: <parts with no figure>`` (the SCI lacks them: it is a lower bound)."""
+    footprint_parts: str = ""
+    """Each part of the footprint and where it comes from (measured, modeled, site, the embodied figures' sources),
+    separated by `` | ``."""
+    reference_j_per_token: float = math.nan
+    """A third party's estimate for the same model and tokens, PUE included (EcoLogits: their GPUs plus their
+    server share): J per output token at the point's mean output tokens and mean E2E latency. NaN: none."""
+    reference_ratio: float = math.nan
+    """``comprehensive_per_token_j`` over ``reference_j_per_token`` (ours / theirs)."""
+    reference: str = ""
+    """Whose estimate ``reference_j_per_token`` is (``EcoLogits 0.11.3 estimate ...``), or why there is none."""
     sim_speed_x: float = math.nan
     """Virtual time only: the point's simulated seconds per wall-clock second of simulating it (its target built,
     run and stopped; NaN in real time). The one column that differs between two runs of the same campaign."""
@@ -141,6 +179,9 @@ def meets_slo(df: pd.DataFrame, slo: SLO) -> pd.Series:
 
 FloorFn = Callable[[int, int], float]
 """A device's floor of joules per output token for mean (prompt, output) lengths (``deploy`` supplies it)."""
+ReferenceFn = Callable[[int, float, float], "ReferenceEstimate | None"]
+"""A third party's energy of a request of (output tokens, E2E seconds) at a PUE, for the served model (``deploy``
+supplies it, from the model's shape)."""
 
 
 def summarize_point(
@@ -160,6 +201,7 @@ def summarize_point(
     token_shares: Mapping[str, float] | None = None,
     notes: Sequence[str] = (),
     floor: FloorFn | None = None,
+    reference: ReferenceFn | None = None,
 ) -> PointRow:
     """The :class:`PointRow` of a measured point.
 
@@ -183,6 +225,13 @@ def summarize_point(
     shares = token_shares or {}
     floor_j = (floor(max(1, round(ok_all["prompt_tokens"].mean())), max(1, round(ok_all["output_tokens"].mean())))
                if floor is not None and len(ok_all) else math.nan)
+    life = window_lifecycle(
+        energy, duration, [p for p, _, _ in devices], site,
+        busy_share=_busy_share(ok, energy), accelerator_provenance=measurement.provenance_label,
+    )
+    ref = (reference(max(1, round(ok["output_tokens"].mean())), float(ok["e2e_s"].mean()), site.pue)
+           if reference is not None and len(ok) else None)
+    comprehensive_per_tok = per_tok(life.comprehensive_j)
     return PointRow(
         point=point,
         setting=setting,
@@ -225,7 +274,30 @@ def summarize_point(
         notes="; ".join(reasons),
         floor_j_per_token=floor_j,
         x_floor=per_tok(energy) / floor_j if floor_j > 0 else math.nan,
+        host_energy_j=life.host_cpu_j + life.host_dram_j,
+        comprehensive_energy_j=life.comprehensive_j,
+        comprehensive_per_token_j=comprehensive_per_tok,
+        carbon_location_g=life.carbon_location_g,
+        carbon_market_g=life.carbon_market_g,
+        embodied_g=life.embodied_g,
+        embodied_per_token_g=per_tok(life.embodied_g),
+        sci_per_token_g=life.sci_per(out_tokens) if math.isfinite(energy) else math.nan,
+        sci_per_request_g=life.sci_per(len(ok)) if math.isfinite(energy) else math.nan,
+        sci_status=life.sci_status if math.isfinite(energy) else "missing: no energy",
+        footprint_parts=" | ".join(life.parts),
+        reference_j_per_token=ref.j_per_token if ref else math.nan,
+        reference_ratio=comprehensive_per_tok / ref.j_per_token if ref and ref.j_per_token > 0 else math.nan,
+        reference=ref.label if ref else ("" if reference is None else "none: ecologits not installed"),
     )
+
+
+def _busy_share(ok: pd.DataFrame, energy_j: float) -> float:
+    """The accelerators' busy share, for the host's dynamic power: the measured requests' attributed energy over
+    the window's (1 where the engines attribute none, the conservative side)."""
+    attributed = float(ok["energy_j"].sum(min_count=1)) if len(ok) else math.nan
+    if not (math.isfinite(attributed) and energy_j > 0):
+        return 1.0
+    return min(1.0, max(0.0, attributed / energy_j))
 
 
 def server_side_failures(records: pd.DataFrame) -> pd.DataFrame:
@@ -248,6 +320,7 @@ def _degradation(df: pd.DataFrame, measurement: Measurement) -> list[str]:
 
 
 def records_frame(records: list[RequestRecord]) -> pd.DataFrame:
+    """Request records as a DataFrame with one column per RequestRecord field."""
     # Column by column with getattr: dataclasses.asdict deep-copies every ITL list and took ~30% of a
     # virtual-time run's CPU.
     cols = [f.name for f in dataclasses.fields(RequestRecord)]
@@ -270,13 +343,16 @@ class ResultStore:
 
     @property
     def points_path(self) -> Path:
+        """Path of the per-point summary table, ``points.csv``."""
         return self.out / "points.csv"
 
     @property
     def requests_path(self) -> Path:
+        """Path of the per-request table, ``requests.parquet``."""
         return self.out / "requests.parquet"
 
     def points(self) -> pd.DataFrame:
+        """The per-point summary table (empty with the expected columns if there is none yet)."""
         if not self.points_path.exists():
             return pd.DataFrame(columns=POINT_COLUMNS)
         return pd.read_csv(self.points_path)
@@ -322,12 +398,15 @@ class ResultStore:
 
     @property
     def timeseries_path(self) -> Path:
+        """Path of the power and clock time series, ``timeseries.parquet``."""
         return self.out / "timeseries.parquet"
 
     def timeseries(self) -> pd.DataFrame:
+        """The power and clock time series (empty with the expected columns if there is none yet)."""
         if not self.timeseries_path.exists():
             return pd.DataFrame(columns=TIMESERIES_COLUMNS)
         return pd.read_parquet(self.timeseries_path)
 
     def requests(self) -> pd.DataFrame:
+        """Every request record so far (an empty frame with the record columns if there is none)."""
         return pd.read_parquet(self.requests_path) if self.requests_path.exists() else records_frame([])

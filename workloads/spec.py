@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serving.knobs import Knobs
 from serving.slo import SLO, SLO_FIELDS_ADDED
@@ -24,13 +25,24 @@ from workloads.arrivals import (
 # means "as before": left out of the config hash at that value, so a run directory started before them resumes.
 ADDED_FIELDS = {"shared_prefix_tokens": 0}
 ADDED_KNOB_FIELDS = {"prefix_caching": None}
-ADDED_DEPLOYMENT_FIELDS = {"front_door": "separate", "door": None}
+ADDED_DEPLOYMENT_FIELDS = {
+    "front_door": "separate", "door": None, "channel_host": None, "heartbeat_s": 1.0, "replica_deadline_s": 10.0,
+}
 ADDED_ENGINE_FIELDS = {"tensor_parallel": 1}
 """Engine fields added after campaigns were written, with the value they had implicitly (see config_hash)."""
+# Bounds on the load a point may ask for: beyond them a typo (1e9 req/s, .inf) would grow the schedule's memory
+# without bound before the first request is sent. A point's requests are built up front, ~1 KB each.
+MAX_RATE_RPS = 100_000.0
+MAX_USERS = 100_000
+MAX_REQUESTS_PER_POINT = 10_000_000
+RateRps = Annotated[float, Field(gt=0, le=MAX_RATE_RPS, allow_inf_nan=False)]
+Users = Annotated[int, Field(ge=1, le=MAX_USERS)]
 
 
 class WorkloadSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """How requests are generated: arrivals, prompt and output lengths, sending window, warm-up, cool-down, prompts."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     arrival: Arrival = Field(default_factory=PoissonArrivals)
     prompt_tokens: LengthDistribution = Field(
@@ -50,7 +62,7 @@ class WorkloadSpec(BaseModel):
         default=1, ge=0, le=64,
         description="Load-generator processes fed one schedule (0: in the campaign process; more for > 1,000 req/s).",
     )
-    request_timeout_s: float = Field(default=300.0, gt=0)
+    request_timeout_s: float = Field(default=300.0, gt=0, le=86_400)
     shared_prefix_tokens: int = Field(
         default=0, ge=0, le=1_048_576,
         description="The first this-many tokens of every prompt are the same text (a system prompt, a few-shot "
@@ -79,7 +91,9 @@ class WorkloadSpec(BaseModel):
 
 
 class PolicySetting(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A controller policy to compare in a sweep, with its options."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     policy: str = Field(min_length=1, description="A policy the target's controller knows, e.g. slo_feedback.")
     options: dict[str, float | str] = Field(default_factory=dict)
@@ -89,10 +103,12 @@ class Sweep(BaseModel):
     """Points are every setting (knobs, then policies; none: the deployment as it is) at every load: the offered
     request rates of an open-loop workload, or the numbers of users of a closed-loop one."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    rate_rps: list[PositiveFloat] = Field(default_factory=list, description="Offered request rates, one point each.")
-    concurrency: list[PositiveInt] = Field(
+    rate_rps: list[RateRps] = Field(
+        default_factory=list, description=f"Offered request rates, one point each (at most {MAX_RATE_RPS:g} req/s)."
+    )
+    concurrency: list[Users] = Field(
         default_factory=list, description="Closed-loop users (arrival kind: closed), one point each."
     )
     knobs: list[Knobs] = Field(
@@ -102,6 +118,7 @@ class Sweep(BaseModel):
     policies: list[PolicySetting] = Field(default_factory=list, description="Controller policies to compare.")
 
     def settings(self) -> list[Knobs | PolicySetting | None]:
+        """The settings compared: pinned knobs, then policies; ``[None]`` (as deployed) when there are neither."""
         return [*self.knobs, *self.policies] or [None]
 
     @property
@@ -110,10 +127,12 @@ class Sweep(BaseModel):
         return [float(c) for c in self.concurrency] if self.concurrency else list(self.rate_rps)
 
     def points(self) -> list[tuple[Knobs | PolicySetting | None, float]]:
+        """Every (setting, load) point of the sweep, settings outermost."""
         return [(s, r) for s in self.settings() for r in self.loads]
 
 
 def setting_label(setting: Knobs | PolicySetting | None) -> str:
+    """A short human-readable label of a sweep setting (``as deployed``, ``policy=...`` or the knobs)."""
     if setting is None:
         return "as deployed"
     if isinstance(setting, PolicySetting):
@@ -124,7 +143,9 @@ def setting_label(setting: Knobs | PolicySetting | None) -> str:
 
 
 class CampaignSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A campaign file: name, seed, site, model, workload, SLO and the sweep of settings and loads."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(default="campaign", min_length=1)
     seed: int = Field(default=0, ge=0)
@@ -147,13 +168,20 @@ class CampaignSpec(BaseModel):
                 "sweep.rate_rps (offered request rates) is required for open-loop arrivals; sweep.concurrency "
                 "needs workload.arrival.kind: closed"
             )
+        if self.sweep.rate_rps and (n := max(self.sweep.rate_rps) * self.workload.duration_s) > MAX_REQUESTS_PER_POINT:
+            raise ValueError(
+                f"sweep.rate_rps x workload.duration_s asks for {n:.3g} requests in one point, more than "
+                f"{MAX_REQUESTS_PER_POINT:.0e}: shorten duration_s or split the rate over replicas' campaigns"
+            )
         return self
 
     @property
     def closed_loop(self) -> bool:
+        """Whether the workload is closed-loop (a fixed number of users, swept by ``sweep.concurrency``)."""
         return isinstance(self.workload.arrival, ClosedLoopArrivals)
 
     def config_hash(self) -> str:
+        """Short hash of the settings, checked by ``--resume`` (fields added later left out while at their default)."""
         data = self.model_dump(mode="json")
         for where in ("workers", "ray_address"):  # where virtual points run does not change what they give
             data.pop(where, None)

@@ -39,6 +39,7 @@ class Trace:
 
     @property
     def mean_rate_rps(self) -> float:
+        """Mean arrival rate of the trace in req/s (NaN with fewer than two requests)."""
         span = float(self.t_s[-1] - self.t_s[0]) if len(self) > 1 else 0.0
         return (len(self) - 1) / span if span > 0 else float("nan")
 
@@ -65,6 +66,7 @@ JSONL_FORMATS = (
 
 
 def resolve_trace_path(name_or_path: str) -> Path:
+    """The file of a shipped trace name or an existing path; TraceError otherwise."""
     if name_or_path in BUILTIN_TRACES:
         res = resources.files("workloads") / "data" / BUILTIN_TRACES[name_or_path]
         return Path(str(res))

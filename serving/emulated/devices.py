@@ -207,6 +207,7 @@ class DeviceSpec(BaseModel):
     # --- DVFS ------------------------------------------------------------------------------------
     @cached_property
     def f_max_mhz(self) -> float:
+        """The highest supported clock in MHz (where voltage is v_max)."""
         return max(self.clocks_mhz)
 
     def voltage(self, clock_mhz: float) -> float:
@@ -218,6 +219,7 @@ class DeviceSpec(BaseModel):
         return self.v_min + (self.v_max - self.v_min) * min(1.0, frac)
 
     def nearest_clock(self, clock_mhz: float) -> float:
+        """The supported clock (MHz) closest to ``clock_mhz``, the lower one on a tie."""
         return min(self.clocks_mhz, key=lambda c: (abs(c - clock_mhz), c))
 
     def static_power_w(self, clock_mhz: float) -> float:
@@ -240,13 +242,16 @@ class DeviceSpec(BaseModel):
     # --- memory ----------------------------------------------------------------------------------
     @property
     def memory_bytes(self) -> float:
+        """Off-chip memory capacity in bytes."""
         return self.memory.capacity_bytes
 
     @property
     def memory_bandwidth_bps(self) -> float:
+        """Off-chip memory bandwidth in bytes per second."""
         return self.memory.bandwidth_bps
 
     def onchip_byte_j(self, clock_mhz: float) -> float:
+        """Energy (J) to move one byte through on-chip SRAM at this clock's voltage and the device's node."""
         scale = node_scale(self.technology_nm, self.voltage(clock_mhz))
         return SRAM_PJ_PER_BYTE_45NM * self.onchip.energy_scale * scale * 1e-12
 
@@ -294,6 +299,7 @@ class DeviceSpec(BaseModel):
             )
 
     def check_dtype(self, dtype: str, supported: dict[str, Any]) -> None:
+        """ValueError unless the device has a datapath for ``dtype`` (a key of ``supported``)."""
         if dtype not in supported:
             raise ValueError(
                 f"device {self.name} has no {dtype} datapath (supports {sorted(supported)}): "
@@ -382,6 +388,7 @@ _KINDS: dict[str, type[DeviceSpec]] = {}
 
 
 def register_kind(kind: str) -> Callable[[type[DeviceSpec]], type[DeviceSpec]]:
+    """Class decorator registering a DeviceSpec subclass under the preset ``kind`` it models."""
     def deco(cls: type[DeviceSpec]) -> type[DeviceSpec]:
         _KINDS[kind] = cls
         return cls
@@ -390,12 +397,14 @@ def register_kind(kind: str) -> Callable[[type[DeviceSpec]], type[DeviceSpec]]:
 
 
 def device_kinds() -> list[str]:
+    """The registered device kinds, sorted (what a preset's ``kind`` may be)."""
     import serving.emulated.kinds  # noqa: F401  (registers the kinds)
 
     return sorted(_KINDS)
 
 
 def device_class(kind: str) -> type[DeviceSpec]:
+    """The DeviceSpec subclass of ``kind``; ValueError if it is unknown."""
     import serving.emulated.kinds  # noqa: F401
 
     try:
@@ -405,6 +414,7 @@ def device_class(kind: str) -> type[DeviceSpec]:
 
 
 def device_from_dict(data: dict[str, Any]) -> DeviceSpec:
+    """A device spec from a preset mapping, validated by the class of its ``kind``."""
     if not isinstance(data, dict) or "kind" not in data:
         raise ValueError(f"a device preset needs a 'kind' field (one of {device_kinds()})")
     return device_class(str(data["kind"])).model_validate(data)

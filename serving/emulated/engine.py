@@ -187,11 +187,13 @@ class EmulatedEngine:
 
     # --- Engine protocol -------------------------------------------------------------------------
     async def start(self) -> None:
+        """Start the engine's iteration loop (once), idle energy counted from now."""
         if self._task is None:
             self._accounted_until = self.clock.now()
             self._task = asyncio.create_task(self._run(), name=f"emulated-engine-{self.replica}")
 
     async def stop(self) -> None:
+        """Cancel the iteration loop and wait for it to end."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -199,10 +201,12 @@ class EmulatedEngine:
             self._task = None
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Admit the request (rejecting it before any event), then stream its tokens as modeled iterations make them."""
         seq = self._admit(request)  # rejects before any event is produced
         return self._stream(seq)
 
     def stats(self) -> EngineStats:
+        """Load, token and attributed energy counters now (idle energy up to the current time included)."""
         self._sync()
         return EngineStats(
             replica=self.replica,
@@ -223,6 +227,7 @@ class EmulatedEngine:
         )
 
     async def apply(self, knobs: Knobs) -> AppliedKnobs:
+        """Set the clock (nearest supported), max_num_seqs and speculation depth; report what took effect."""
         self._cut()
         t0 = self.clock.now()
         notes: list[str] = []
@@ -250,10 +255,12 @@ class EmulatedEngine:
         return self._preemptions
 
     def supported_clocks_mhz(self) -> list[float]:
+        """The emulated device's supported clocks in MHz, ascending."""
         return sorted(self.device.clocks_mhz)
 
     # --- Power source ----------------------------------------------------------------------------
     def devices(self) -> list[DeviceInfo]:
+        """One modeled device per tensor-parallel rank, with its preset and calibration."""
         return [
             DeviceInfo(device=f"emu{i}", name=self.device.name, backend=self.backend, energy_method="modeled",
                        preset=self.preset, calibration=self.calibration)

@@ -45,10 +45,12 @@ class ProcessorSpec(DeviceSpec):
         return self
 
     def mac_energy_j(self, dtype: str, clock_mhz: float) -> float:
+        """Energy (J) of one MAC in ``dtype`` at this clock, operand staging through on-chip buffers included."""
         e_mac = mac_energy_pj(dtype, self.technology_nm, self.voltage(clock_mhz)) * self.compute_energy_scale
         return e_mac * 1e-12 + self.onchip_bytes_per_mac * self.onchip_byte_j(clock_mhz)
 
     def operating_point(self, model: ModelShape, clock_mhz: float) -> OperatingPoint:
+        """The processor's rates and per-operation energies at this clock for this model."""
         e_mac_total = self.mac_energy_j(model.dtype, clock_mhz)
         e_on = self.onchip_byte_j(clock_mhz)
         e_off = self.memory.energy_pj_per_byte * 1e-12
@@ -82,6 +84,7 @@ class GpuSpec(ProcessorSpec):
         return self
 
     def peak_macs_per_s(self, dtype: str, clock_mhz: float) -> float:
+        """Peak MACs per second in ``dtype``: half the datasheet ops, scaled by the clock."""
         self.check_dtype(dtype, self.peak_ops)
         return self.peak_ops[dtype] / 2 * clock_mhz / self.f_max_mhz
 
@@ -101,6 +104,7 @@ class CpuSpec(ProcessorSpec):
     ops_per_cycle: dict[str, float] = Field(description="Ops (2 per MAC) per cycle per core, by dtype.")
 
     def peak_macs_per_s(self, dtype: str, clock_mhz: float) -> float:
+        """Peak MACs per second in ``dtype``: cores x ops per cycle / 2 x clock."""
         self.check_dtype(dtype, self.ops_per_cycle)
         return self.cores * self.ops_per_cycle[dtype] / 2 * clock_mhz * 1e6
 
@@ -120,6 +124,7 @@ class FpgaSpec(ProcessorSpec):
         return self
 
     def peak_macs_per_s(self, dtype: str, clock_mhz: float) -> float:
+        """Peak MACs per second in ``dtype``: DSPs used / DSPs per MAC x clock."""
         self.check_dtype(dtype, self.dsps_per_mac)
         return self.dsps_used / self.dsps_per_mac[dtype] * clock_mhz * 1e6
 
@@ -211,9 +216,11 @@ class SramCimSpec(_ArrayCimSpec):
     cell_energy_fj: float = Field(gt=0, description="Bit-cell activation energy (bitline swing) at v_max.")
 
     def conversions_per_mac(self) -> float:
+        """ADC conversions per MAC: input bit-serial steps x columns per weight, shared over the rows read at once."""
         return self.input_bits * self.cols_per_weight / self.rows_active
 
     def mac_pj(self, clock_mhz: float) -> float:
+        """Energy (pJ) of one in-array MAC at this clock: ADC conversions, shift-and-add and bit-cell swings."""
         v = self.voltage(clock_mhz)
         conv = self.conversions_per_mac()
         adc = conv * self.adc_fom_fj_per_step * 2**self.adc_bits * 1e-3
@@ -231,6 +238,7 @@ class DigitalCimSpec(_ArrayCimSpec):
     )
 
     def mac_pj(self, clock_mhz: float) -> float:
+        """Energy (pJ) of one digital in-memory INT8 MAC at this clock's voltage."""
         return mac_energy_pj("int8", self.technology_nm, self.voltage(clock_mhz)) * self.mac_energy_scale
 
 
@@ -251,15 +259,18 @@ class DramPimSpec(DeviceSpec):
     )
 
     def peak_macs_per_s(self, dtype: str, clock_mhz: float) -> float:
+        """Peak MACs per second in ``dtype`` across every bank's MAC units."""
         self.check_dtype(dtype, self.macs_per_bank_per_cycle)
         return self.banks * self.macs_per_bank_per_cycle[dtype] * clock_mhz * 1e6
 
     def mac_energy_j(self, dtype: str, clock_mhz: float) -> float:
+        """Energy (J) of one MAC in ``dtype`` at this clock, in the DRAM process."""
         self.check_dtype(dtype, self.macs_per_bank_per_cycle)
         v = self.voltage(clock_mhz)
         return mac_energy_pj(dtype, self.technology_nm, v) * self.compute_energy_scale * 1e-12
 
     def operating_point(self, model: ModelShape, clock_mhz: float) -> OperatingPoint:
+        """The PIM device's rates and energies: weights streamed at the banks' internal bandwidth."""
         e_mac = self.mac_energy_j(model.dtype, clock_mhz)
         e_bank = self.bank_energy_pj_per_byte * 1e-12
         return OperatingPoint(

@@ -59,6 +59,8 @@ class PresetError(ConfigError):
 
 @dataclass(slots=True)  # not frozen: building a frozen one costs 2 us more, per iteration in virtual time
 class IterationCost:
+    """Time (s) and energy (J) of one engine iteration, static and per-item shares, and what bounded it."""
+
     time_s: float
     energy_j: float
     static_j: float
@@ -74,6 +76,7 @@ class IterationCost:
 
     @property
     def power_w(self) -> float:
+        """Mean power of the iteration in watts."""
         return self.energy_j / self.time_s if self.time_s > 0 else 0.0
 
     @property
@@ -349,16 +352,19 @@ class RunMetrics:
 
     @property
     def tops(self) -> float:
+        """Effective throughput in tera-operations per second (2 ops per MAC)."""
         return self.ops_per_s / 1e12
 
     @property
     def tops_per_w(self) -> float:
+        """Energy efficiency in tera-operations per second per watt."""
         return self.ops_per_s / self.power_w / 1e12 if self.power_w > 0 else 0.0
 
 
 def run_metrics(
     device: DeviceSpec, model: ModelShape, work: list[SequenceWork], clock_mhz: float | None = None
 ) -> RunMetrics:
+    """Throughput and efficiency of one iteration of ``work`` on the device (default: its top clock)."""
     cost = iteration_cost(device, model, work, clock_mhz or device.f_max_mhz)
     return RunMetrics(
         time_s=cost.time_s,

@@ -63,6 +63,7 @@ class ModelShape(BaseModel):
 
     @property
     def head_bytes(self) -> float:
+        """Bytes per embedding or LM-head weight (``head_dtype_bytes``, else ``dtype_bytes``)."""
         return self.head_dtype_bytes or self.dtype_bytes
 
     @property
@@ -72,15 +73,18 @@ class ModelShape(BaseModel):
 
     @property
     def weight_bytes(self) -> float:
+        """Bytes of all the weights: the body at ``dtype_bytes``, embeddings and LM head at ``head_bytes``."""
         body = max(0.0, self.n_params - self.embedding_params)
         return body * self.dtype_bytes + min(self.n_params, self.embedding_params) * self.head_bytes
 
     @property
     def kv_bytes_per_token(self) -> float:
+        """KV cache bytes one token adds (keys and values of every layer)."""
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * (self.kv_dtype_bytes or self.dtype_bytes)
 
     @property
     def is_moe(self) -> bool:
+        """Whether the model has mixture-of-experts layers."""
         return self.n_experts > 0 and self.n_moe_layers > 0
 
     @property
@@ -90,11 +94,13 @@ class ModelShape(BaseModel):
 
     @property
     def attention_params_per_layer(self) -> float:
+        """Attention projection weights of one layer (Q and O, K and V)."""
         h, q, kv = self.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         return 2 * h * q + 2 * h * kv
 
     @property
     def dense_mlp_params(self) -> float:
+        """Weights of one dense MLP (three matrices if gated, else two)."""
         inter = self.intermediate_size or 4 * self.hidden_size
         return (3 if self.gated_mlp else 2) * self.hidden_size * inter
 
@@ -125,6 +131,7 @@ class ModelShape(BaseModel):
 
     @property
     def lm_head_params(self) -> float:
+        """Weights of the LM head (decoders only)."""
         return self.vocab_size * self.hidden_size if self.architecture == "decoder" else 0.0
 
     @property
@@ -324,6 +331,8 @@ def _weight_quantization(cfg: dict) -> str | None:
 
 
 class WorkConstants(NamedTuple):
+    """A model's per-token coefficients, precomputed once for :func:`count_rows` on the hot path."""
+
     matmul_params: float
     lm_head_params: float
     kv_bytes_per_token: float
@@ -360,6 +369,7 @@ class WorkCounts:
 
     @property
     def macs(self) -> float:
+        """All MACs of the share: weight and attention MACs."""
         return self.weight_macs + self.attn_macs
 
     def __add__(self, other: WorkCounts) -> WorkCounts:
@@ -390,4 +400,5 @@ def count_rows(c: WorkConstants, items: list[tuple[int, int]]) -> list[Counts]:
 
 
 def count_work(model: ModelShape, w: SequenceWork) -> WorkCounts:
+    """Operations and bytes of one request's share of an iteration."""
     return WorkCounts(w.new_tokens, *count_rows(model.work_constants, [(w.new_tokens, w.context_tokens)])[0])

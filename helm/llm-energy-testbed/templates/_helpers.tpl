@@ -74,3 +74,17 @@ true
 - name: tmp
   emptyDir: {}
 {{- end }}
+
+{{/* The Secret holding the Ray cluster's authentication token (RAY_AUTH_MODE=token): every Ray process of the
+     release (head, workers, the front door's Ray client) reads it. */}}
+{{- define "testbed.raySecret" -}}
+{{- default (printf "%s-ray-auth" (include "testbed.fullname" .)) .Values.serving.rayAuth.existingSecret }}
+{{- end }}
+
+{{/* Env of every Ray process: Ray's token authentication with the token from the Secret. */}}
+{{- define "testbed.rayAuthEnv" -}}
+- {name: RAY_AUTH_MODE, value: token}
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef: {name: {{ include "testbed.raySecret" . }}, key: token}
+{{- end }}
