@@ -393,25 +393,29 @@ def _run_on_ray(
     queue = list(pending)
     attempts = dict.fromkeys(pending, 0)
     inflight: dict[Any, int] = {}
-    while queue or inflight:
-        while queue and len(inflight) < workers:
-            p = queue.pop(0)
-            attempts[p] += 1
-            die = marker if marker and kill_point == str(p) else None
-            inflight[task.remote(spec, config, latency, p, die)] = p
-        (ref,), _ = ray.wait(list(inflight), num_returns=1)
-        p = inflight.pop(ref)
-        try:
-            result = ray.get(ref)
-        except ray.exceptions.RayTaskError:
-            raise  # the simulation itself failed: the same on a rerun
-        except ray.exceptions.RayError as e:  # the worker or its node died: run the point again
-            if attempts[p] >= MAX_ATTEMPTS:
-                raise RuntimeError(f"point {p}: its Ray worker died {attempts[p]} times ({e})") from e
-            console.print(f"point {p}: its Ray worker died ({type(e).__name__}); running it again")
-            queue.insert(0, p)
-            continue
-        record(result)
+    try:
+        while queue or inflight:
+            while queue and len(inflight) < workers:
+                p = queue.pop(0)
+                attempts[p] += 1
+                die = marker if marker and kill_point == str(p) else None
+                inflight[task.remote(spec, config, latency, p, die)] = p
+            (ref,), _ = ray.wait(list(inflight), num_returns=1)
+            p = inflight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayTaskError:
+                raise  # the simulation itself failed: the same on a rerun
+            except ray.exceptions.RayError as e:  # the worker or its node died: run the point again
+                if attempts[p] >= MAX_ATTEMPTS:
+                    raise RuntimeError(f"point {p}: its Ray worker died {attempts[p]} times ({e})") from e
+                console.print(f"point {p}: its Ray worker died ({type(e).__name__}); running it again")
+                queue.insert(0, p)
+                continue
+            record(result)
+    finally:  # stopped (an error, Ctrl-C): points still running are abandoned, finished ones are written
+        for ref in inflight:
+            ray.cancel(ref)
 
 
 def run_virtual_campaign(
