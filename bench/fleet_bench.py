@@ -76,16 +76,16 @@ def run_once(replicas: int, rate: float, duration_s: float, profile: bool, sort:
 
 
 def sweep(workers: int) -> None:
-    """8 points (8 replicas, the trace at 10 and 20 req/s, 4 clocks, 120 s each) serial in this process, then as
+    """8 points (16 replicas, the trace at 20 and 40 req/s, 4 clocks, 240 s each) serial in this process, then as
     Ray tasks on ``workers`` local workers: wall times, and whether points.csv agrees (sim_speed_x aside)."""
     import ray
 
     from deploy.raycluster import init_ray
     from deploy.virtual import run_virtual_campaign
 
-    base = fleet_campaign(8, 10.0, 120.0)
+    base = fleet_campaign(16, 20.0, 240.0)
     data = base.model_dump()
-    data["sweep"] = {"rate_rps": [10.0, 20.0], "knobs": [{"clock_mhz": c} for c in (1980, 1560, 1260, 960)]}
+    data["sweep"] = {"rate_rps": [20.0, 40.0], "knobs": [{"clock_mhz": c} for c in (1980, 1560, 1260, 960)]}
     spec = type(base).model_validate(data)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
