@@ -182,7 +182,7 @@ class EmulatedEngine:
         self.stream_every_token = True
         self.fast_forward = True
         """In virtual time, run stretches of identical decode steps without an event loop pass per step (exactly
-        the same results: see :meth:`_fast_forward`); False steps one by one."""
+        the same results: see :meth:`_start_run`); False steps one by one."""
         self._trace = trace.enabled()  # read once: the token loop is hot in virtual time
 
     # --- Engine protocol -------------------------------------------------------------------------
