@@ -168,7 +168,7 @@ class EmulatedEngine:
         self._accounted_until = self.clock.now()
         self._inflight: tuple[float, IterationCost] | None = None
         self._run_state: _Run | None = None
-        self._run_hint = 32
+        self._run_hint = 64
         self.fast_forwarded_steps = 0
         """Iterations committed by fast-forwarded runs rather than one by one (a diagnostic)."""
         self._prompt_tokens = 0
@@ -573,7 +573,7 @@ class EmulatedEngine:
             if run.steps == len(run.wakes):  # not cut: price longer runs ahead next time
                 self._run_hint = min(MAX_RUN_STEPS, 2 * self._run_hint)
             else:
-                self._run_hint = max(8, 2 * run.steps)
+                self._run_hint = max(64, 2 * run.steps)
         except asyncio.CancelledError:  # the engine stops: keep what has happened by now
             self._sync()
             self._run_state = self._inflight = None
