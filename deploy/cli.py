@@ -129,6 +129,9 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
         raise ConfigError("--resume and --overwrite exclude each other")
     if spec.clock == "virtual" and args.url:
         raise ConfigError("clock: virtual simulates the emulated deployment in-process; drop --url")
+    if spec.clock == "real" and (spec.workers != 1 or spec.ray_address):
+        raise ConfigError("workers and ray_address spread virtual-time points over Ray: set clock: virtual, or drop "
+                          "them")
     _check_site_and_devices(spec, args.url)
     out = Path(args.out)
     if args.skip_bad_rows:
@@ -157,6 +160,10 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
             _preflight(d)
         if spec.clock == "real":
             prompts = prompts_for(spec, None if args.url else served_tokenizer(d))
+        if spec.clock == "virtual" and (spec.workers != 1 or spec.ray_address):
+            from deploy.virtual import connect_ray
+
+            connect_ray(spec.ray_address)  # unreachable: say so before anything is written
         prepare_out_dir(out, spec, resume=args.resume, overwrite=args.overwrite)
         (out / "campaign.yaml").write_text(Path(args.file).read_text())
         if spec.clock == "virtual":

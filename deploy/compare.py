@@ -31,11 +31,13 @@ COMPARE_COLUMNS = {
 
 
 def variant_spec(spec: CampaignFile, variant: EngineVariant) -> CampaignFile:
-    """The campaign with the deployment's engine changed as ``variant`` says (validated)."""
-    updates = variant.model_dump(exclude={"label"}, exclude_none=True)
+    """The campaign with the deployment's engine (and replica count) changed as ``variant`` says (validated)."""
+    updates = variant.model_dump(exclude={"label", "replicas"}, exclude_none=True)
     engine = {**spec.deployment.engine.model_dump(), **updates}
     data = spec.model_dump()
     data["deployment"]["engine"] = engine
+    if variant.replicas is not None:
+        data["deployment"]["replicas"] = variant.replicas
     data["compare"] = None
     try:
         return CampaignFile.model_validate(data)

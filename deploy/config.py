@@ -40,6 +40,7 @@ class EngineVariant(BaseModel):
     model: str | None = None
     clock_mhz: ClockMHz | None = None
     max_num_seqs: NumSeqs | None = None
+    replicas: int | None = Field(default=None, ge=1, description="Replicas of this entry (default: the deployment's).")
 
     @property
     def name(self) -> str:
@@ -91,6 +92,16 @@ class CampaignFile(CampaignSpec):
     virtual: PathLatency = Field(
         default_factory=PathLatency,
         description="clock: virtual only: the latency of the real serving path, added to each request.",
+    )
+    workers: int = Field(
+        default=1, ge=0,
+        description="clock: virtual only: points simulated at once, each a Ray task building its own replicas "
+        "(1: one after the other in this process; 0: one per CPU of the Ray cluster). Same rows either way.",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="clock: virtual only: the Ray cluster (host:port) whose workers simulate the points (default: "
+        "a local Ray when workers is not 1). Checked before anything runs.",
     )
     compare: list[EngineVariant] | None = Field(
         default=None, min_length=1,

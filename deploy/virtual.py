@@ -14,14 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import heapq
+import io
 import itertools
 import math
+import os
 import selectors
+import socket
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
+import numpy as np
 import pandas as pd
 from rich.console import Console
 
@@ -32,6 +39,7 @@ from controllers.observe import Observer
 from controllers.policies import Policy, build_policy
 from deploy.compare import device_floor, model_reference
 from deploy.config import PathLatency
+from profilers.errors import ConfigError
 from profilers.scrape import CounterSnapshot, counters_from_export
 from serving.api import RecentRequests
 from serving.config import ServingConfig
@@ -41,9 +49,10 @@ from serving.replica import Telemetry, export_snapshot
 from serving.router import ReplicaHandle, Router
 from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
 from workloads.arrivals import LengthStream, RequestSpec
-from workloads.campaign import run_campaign
+from workloads.campaign import PointResult, check_target_up, measure_one, write_manifest
 from workloads.client import ClosedLoop, RequestRecord
-from workloads.spec import CampaignSpec, PolicySetting
+from workloads.results import ResultStore
+from workloads.spec import CampaignSpec, PolicySetting, setting_label
 
 T = TypeVar("T")
 
@@ -81,6 +90,18 @@ class VirtualClock:
     async def sleep_until(self, t_s: float) -> None:
         """Wait until virtual time ``t_s``."""
         await self.sleep(t_s - self._now)
+
+    def alarm(self, t_s: float) -> asyncio.Future[None]:
+        """A future that resolves when the clock reaches exactly ``t_s`` (no float round trip through a duration,
+        as :meth:`sleep` makes): an engine's fast-forwarded run ends there. :meth:`rearm` moves it earlier."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._timers, (t_s, next(self._seq), fut))
+        return fut
+
+    def rearm(self, fut: asyncio.Future[None], t_s: float) -> None:
+        """Resolve ``fut`` (from :meth:`alarm`) at ``t_s`` instead, which must not be later than its time: the
+        old entry stays in the heap and is skipped once ``fut`` is done."""
+        heapq.heappush(self._timers, (t_s, next(self._seq), fut))
 
     def execute(self, main: Coroutine[Any, Any, T]) -> T:
         """Run ``main`` to completion on a new event loop driven by this clock; return its result."""
@@ -144,11 +165,13 @@ class VirtualTarget:
         self.latency = latency or PathLatency()
         self.controller: ControllerConfig = getattr(config, "controller", None) or ControllerConfig(enabled=False)
         self.seed = config.engine.seed
-        self.engines = [EmulatedEngine(config.engine, f"replica-{i}", clock=self.clock)
-                        for i in range(config.replicas)]
+        first = EmulatedEngine(config.engine, "replica-0", clock=self.clock)  # the preset and shape, read once
+        self.engines = [first, *(EmulatedEngine(config.engine, f"replica-{i}", clock=self.clock, device=first.device,
+                                                model=first.model) for i in range(1, config.replicas))]
         self._token_times: dict[str, list[float]] = {}
         for e in self.engines:
             e.on_token = self._on_token
+            e.on_tokens = self._on_tokens
             e.stream_every_token = False  # token times come from the hook; events only open and close
         self.router = Router([ReplicaHandle(e.replica, None, backend=e.backend, local=e) for e in self.engines],
                              policy=config.router)
@@ -162,6 +185,13 @@ class VirtualTarget:
             self._token_times[request_id] = [t_s]
         else:
             times.append(t_s)
+
+    def _on_tokens(self, request_id: str, times: list[float]) -> None:
+        own = self._token_times.get(request_id)
+        if own is None:
+            self._token_times[request_id] = list(times)
+        else:
+            own.extend(times)
 
     async def start(self, spec: CampaignSpec | None = None) -> dict[str, object]:
         """Start the engines; requests slower than the campaign's ``request_timeout_s`` count as failed."""
@@ -237,12 +267,13 @@ class VirtualTarget:
             rec.status, rec.http_status, rec.error = "failed", 400, str(e)
             return
         assert last is not None
-        times = [t + back for t in self._token_times.pop(req.request_id)]  # when the client reads them
+        read = np.asarray(self._token_times.pop(req.request_id)) + back  # when the client reads them
+        times = read.tolist()
         rec.replica, rec.output_tokens = last.replica, last.output_tokens
         rec.energy_j, rec.energy_provenance = last.energy_j, last.provenance
         rec.ttft_s = times[0] - t_send
         rec.e2e_s = times[-1] - t_send
-        rec.itl_s = [b - a for a, b in itertools.pairwise(times)]
+        rec.itl_s = np.diff(read).tolist()
         rec.tpot_s = (rec.e2e_s - rec.ttft_s) / (rec.output_tokens - 1) if rec.output_tokens > 1 else math.nan
         self.recent.complete(times[-1], rec.ttft_s, None if math.isnan(rec.tpot_s) else rec.tpot_s)
         rec.http_status, rec.status = 200, "ok" if rec.e2e_s <= self.request_timeout_s else "failed"
@@ -292,18 +323,153 @@ def _policy_for(setting: Knobs | PolicySetting | None, ctl: ControllerConfig) ->
     return build_policy(ctl.policy, ctl.slo, **ctl.options) if ctl.enabled else None
 
 
+def simulate_point(
+    spec: CampaignSpec, config: ServingConfig, latency: PathLatency | None, point: int, console: Console | None = None,
+) -> PointResult:
+    """Point ``point`` of the sweep on replicas and a clock of its own: what it gives does not depend on which
+    points ran before it, where, or in which order (a serial run, ``--resume`` and Ray tasks agree row for row).
+    Its row carries the simulation speed (simulated over wall seconds)."""
+    t0 = time.perf_counter()
+    target = VirtualTarget(config, latency=latency)
+    console = console or Console(file=io.StringIO())
+    result = target.clock.execute(measure_one(spec, target, point, console, floor=device_floor(config),
+                                              reference=model_reference(config)))
+    wall = time.perf_counter() - t0
+    result.row = dataclasses.replace(result.row, sim_speed_x=target.clock.now() / wall if wall > 0 else math.nan)
+    return result
+
+
+def _point_task(spec: CampaignSpec, config: ServingConfig, latency: PathLatency | None, point: int,
+                die_once: str | None) -> PointResult:
+    """A Ray task: one point. ``die_once`` (fault injection for tests): a marker file; the worker process exits
+    hard the first time, when the file does not exist yet."""
+    if die_once is not None and not os.path.exists(die_once):
+        Path(die_once).write_text(str(os.getpid()))
+        os._exit(1)
+    return simulate_point(spec, config, latency, point)
+
+
+FAULT_ENV = "TESTBED_FAULT_KILL_POINT"
+"""Fault injection for tests: ``POINT:MARKER`` kills the Ray worker running that point once (MARKER is created)."""
+MAX_ATTEMPTS = 4
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the Ray cluster at ``address`` (None: a local Ray); a clear :class:`ConfigError` if it cannot be
+    reached, before anything runs or is written."""
+    import ray
+
+    from deploy.raycluster import init_ray
+
+    if address:
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+                pass
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"ray_address {address!r}: cannot reach a Ray cluster there ({e}); start one "
+                              "(ray start --head) or fix the address") from None
+    if ray.is_initialized():
+        return
+    try:
+        init_ray(address)
+    except Exception as e:  # Ray's own: the port answered but no cluster joined
+        raise ConfigError(f"ray_address {address!r}: cannot join the Ray cluster: {e}") from None
+
+
+def _run_on_ray(
+    spec: CampaignSpec, config: ServingConfig, latency: PathLatency | None, pending: list[int], workers: int,
+    record: Callable[[PointResult], None], console: Console,
+) -> None:
+    """Simulate ``pending`` points as Ray tasks, ``workers`` at a time, handing each result to ``record`` (the
+    driver's one writer) as it comes; a point whose worker dies is run again (at most MAX_ATTEMPTS times)."""
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=0)(_point_task)
+    if workers == 0:
+        workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    fault = os.environ.get(FAULT_ENV, "")
+    kill_point, _, marker = fault.partition(":")
+    queue = list(pending)
+    attempts = dict.fromkeys(pending, 0)
+    inflight: dict[Any, int] = {}
+    try:
+        while queue or inflight:
+            while queue and len(inflight) < workers:
+                p = queue.pop(0)
+                attempts[p] += 1
+                die = marker if marker and kill_point == str(p) else None
+                inflight[task.remote(spec, config, latency, p, die)] = p
+            (ref,), _ = ray.wait(list(inflight), num_returns=1)
+            p = inflight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayTaskError:
+                raise  # the simulation itself failed: the same on a rerun
+            except ray.exceptions.RayError as e:  # the worker or its node died: run the point again
+                if attempts[p] >= MAX_ATTEMPTS:
+                    raise RuntimeError(f"point {p}: its Ray worker died {attempts[p]} times ({e})") from e
+                console.print(f"point {p}: its Ray worker died ({type(e).__name__}); running it again")
+                queue.insert(0, p)
+                continue
+            record(result)
+    finally:  # stopped (an error, Ctrl-C): points still running are abandoned, finished ones are written
+        for ref in inflight:
+            ray.cancel(ref)
+
+
 def run_virtual_campaign(
     spec: CampaignSpec, config: ServingConfig, out: Path, console: Console | None = None,
     latency: PathLatency | None = None,
 ) -> pd.DataFrame:
     """Run every point not yet in ``out`` in virtual time; return ``points.csv`` as a frame. ``latency``: what
-    the real serving path adds to each request (default: the testbed's own path as measured)."""
+    the real serving path adds to each request (default: the testbed's own path as measured).
+
+    Each point runs on replicas of its own (:func:`simulate_point`): one after the other here, or as Ray tasks
+    (``workers``, ``ray_address`` in the campaign file), the results written by this process alone, in point
+    order in ``points.csv`` whatever order they finish in.
+    """
     console = console or Console()
+    workers = int(getattr(spec, "workers", 1))
+    address = getattr(spec, "ray_address", None)
+    on_ray = workers != 1 or address is not None
+    if on_ray:
+        connect_ray(address)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    target = VirtualTarget(config, latency=latency)
+    store = ResultStore(out)
+    store.repair()
+    points = spec.sweep.points()
+    label = SimpleNamespace(label=f"virtual://{config.engine.device}/{config.engine.model}")
+    where = f", {workers or 'all'} at a time on Ray{f' at {address}' if address else ''}" if on_ray else ""
     console.print(
         f"virtual time: {config.replicas} x {config.engine.device} replicas of {config.engine.model}, "
-        f"{len(spec.sweep.points())} point(s)"
+        f"{len(points)} point(s){where}"
     )
-    return run_campaign(spec, target, out, console, run=target.clock.execute, floor=device_floor(config),
-                        reference=model_reference(config))
+    extra: dict[str, object] = {}
+    write_manifest(out, spec, label, "running", extra)  # type: ignore[arg-type]
+    done = store.finished_points()
+    pending = []
+    for p, (setting, load) in enumerate(points):
+        if p in done:
+            unit = "users" if spec.closed_loop else "req/s"
+            console.print(f"point {p} ({setting_label(setting)}, {load:g} {unit}) already measured: skipped")
+        else:
+            pending.append(p)
+
+    def record(result: PointResult) -> None:
+        store.add_point(result.row, result.records, result.series)
+        if "target_devices" not in extra and "target_devices" in result.manifest:
+            extra.update(result.manifest)
+            write_manifest(out, spec, label, "running", extra)  # type: ignore[arg-type]
+        check_target_up(result.row, result.records, points[result.row.point][0], label.label)
+
+    if on_ray:
+        _run_on_ray(spec, config, latency, pending, workers, record, console)
+    else:
+        for p in pending:
+            record(simulate_point(spec, config, latency, p, console))
+    frame = store.points()
+    failed = sorted(int(p) for p in frame[frame["status"] == "failed"]["point"])
+    write_manifest(out, spec, label, "failed" if failed else "finished",  # type: ignore[arg-type]
+                   {**extra, "failed_points": failed})
+    return frame

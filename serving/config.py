@@ -225,7 +225,9 @@ class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     served_model_name: str | None = Field(default=None, description="Name clients use; default: the model's.")
-    replicas: int = Field(default=2, ge=1, le=64)
+    replicas: int = Field(default=2, ge=1, le=4096,
+                          description="Engine replicas (a real deployment needs the resources for each; in virtual "
+                          "time they are objects in one process: fleets of hundreds are fine).")
     engine: EngineConfig = Field(default_factory=EmulatedEngineConfig)
     router: str = Field(default="least_outstanding", pattern="^(round_robin|least_outstanding)$")
     host: str = "127.0.0.1"

@@ -356,19 +356,52 @@ async def run_points(
             row, records, series = await _measure_point(spec, target, (point, len(points)), setting, load, console,
                                                         site, store.out, extra, floor, reference)
             store.add_point(row, records, series)
-            if row.status == "failed" and 0 < len(server_side_failures(records_frame(records))) == row.requests:
-                errors = sorted({r.error for r in records if r.error})
-                raise TargetDownError(
-                    f"point {point} ({setting_label(setting)}): every request failed on the target's side "
-                    f"({'; '.join(errors[:3])}): is {target.label} still serving?"
-                )
+            check_target_up(row, records, setting, target.label)
     finally:
         await target.stop()
 
 
+def check_target_up(row: PointRow, records: list[RequestRecord], setting: Setting, label: str) -> None:
+    """Raise :class:`TargetDownError` when every request of the point failed on the target's side."""
+    if row.status == "failed" and 0 < len(server_side_failures(records_frame(records))) == row.requests:
+        errors = sorted({r.error for r in records if r.error})
+        raise TargetDownError(
+            f"point {row.point} ({setting_label(setting)}): every request failed on the target's side "
+            f"({'; '.join(errors[:3])}): is {label} still serving?"
+        )
+
+
+@dataclass
+class PointResult:
+    """One measured point, as :meth:`ResultStore.add_point` takes it, and what it adds to the manifest."""
+
+    row: PointRow
+    records: list[RequestRecord]
+    series: list[dict[str, object]]
+    manifest: dict[str, object]
+
+
+async def measure_one(
+    spec: CampaignSpec, target: Target, point: int, console: Console, floor: FloorFn | None = None,
+    reference: ReferenceFn | None = None,
+) -> PointResult:
+    """Point ``point`` of the sweep on a target of its own, started and stopped for it, with no store: what a
+    point run apart from the others returns to the one writer (a virtual-time point as a Ray task)."""
+    points = spec.sweep.points()
+    setting, load = points[point]
+    extra: dict[str, object] = dict(await target.start(spec))
+    try:
+        await target.apply(setting)
+        row, records, series = await _measure_point(spec, target, (point, len(points)), setting, load, console,
+                                                    load_site_profile(spec.site), None, extra, floor, reference)
+    finally:
+        await target.stop()
+    return PointResult(row, records, series, extra)
+
+
 async def _measure_point(
     spec: CampaignSpec, target: Target, point_of: tuple[int, int], setting: Setting, load: float, console: Console,
-    site: SiteProfile, out: Path, manifest_extra: dict[str, object], floor: FloorFn | None,
+    site: SiteProfile, out: Path | None, manifest_extra: dict[str, object], floor: FloorFn | None,
     reference: ReferenceFn | None = None,
 ) -> tuple[PointRow, list[RequestRecord], list[dict[str, object]]]:
     """Send one point's work and meter it: warm-up and cool-down are left out of the energy window."""
@@ -396,7 +429,8 @@ async def _measure_point(
             # From the point's own readings: an extra scrape would sit inside others' metering windows.
             manifest_extra["target_devices"] = sorted(last.energy)  # replica/device
             manifest_extra["target_backends"] = sorted(last.backends)
-            write_manifest(out, spec, target, "running", manifest_extra)
+            if out is not None:
+                write_manifest(out, spec, target, "running", manifest_extra)
     finally:
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):

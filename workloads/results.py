@@ -133,6 +133,9 @@ class PointRow:
     token_source: str = ""
     """Where ``output_tokens`` came from: ``family: endpoint(s)`` of a server token counter (``ours``, ``vllm``,
     ``sglang``, ``tgi``), or ``client usage`` (the responses' ``usage``, no server counter)."""
+    sim_speed_x: float = math.nan
+    """Virtual time only: the point's simulated seconds per wall-clock second of simulating it (its target built,
+    run and stopped; NaN in real time). The one column that differs between two runs of the same campaign."""
 
 
 POINT_COLUMNS = [f.name for f in dataclasses.fields(PointRow)]

@@ -275,6 +275,8 @@ class CampaignSpec(BaseModel):
     def config_hash(self) -> str:
         """Short hash of the settings, checked by ``--resume`` (fields added later left out while at their default)."""
         data = self.model_dump(mode="json")
+        for where in ("workers", "ray_address"):  # where virtual points run does not change what they give
+            data.pop(where, None)
         sections = [(data, ADDED_CAMPAIGN_FIELDS), (data["workload"], ADDED_FIELDS), (data["slo"], SLO_FIELDS_ADDED)]
         sections += [(k, ADDED_KNOB_FIELDS) for k in data["sweep"]["knobs"]]
         if isinstance(data.get("deployment"), dict):  # campaign files (deploy/config.py) carry one

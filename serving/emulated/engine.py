@@ -7,6 +7,7 @@ interpolated inside an iteration and charged at idle power between iterations.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import random
@@ -15,15 +16,19 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from profilers import trace
 from profilers.clock import Clock, RealClock
 from profilers.types import DeviceInfo, PowerReading, Provenance
 from serving.config import EmulatedEngineConfig
 from serving.emulated.calibration import device_calibration, modeled_label, preset_name
 from serving.emulated.physics import (
+    DecodeSteps,
     DeviceSpec,
     IterationCost,
     ModelShape,
+    decode_steps,
     load_device,
     load_model_shape,
     step_cost,
@@ -68,6 +73,37 @@ class _Sequence:
     @property
     def energy_j(self) -> float:
         return self.prefill_j + self.decode_j
+
+
+MAX_RUN_STEPS = 512
+"""Most decode steps priced at once for a fast-forwarded run (the rest of a cut run is priced in vain)."""
+
+
+@dataclass
+class _Run:
+    """A fast-forwarded run of decode steps (see ``EmulatedEngine._start_run``)."""
+
+    seqs: list[_Sequence]
+    starts: list[float]
+    ends: list[float]
+    """Each step's modeled end (the next step's start)."""
+    wakes: list[float]
+    """The clock's time at each step's end, when its tokens are emitted."""
+    cost_of: DecodeSteps
+    steps: int
+    """Steps in the run (fewer once cut)."""
+    committed: int = 0
+    allocated: int = 1
+    """Steps whose KV slots are allocated (the first by the schedule)."""
+    alarm: asyncio.Future[None] | None = None
+    tail: int = 0
+    """1 when the run's last step ends a request: that step is committed by the engine when it wakes, with the
+    ordinary emission (the request finished, its slots freed), never by a look from outside."""
+
+    def cost(self, i: int) -> IterationCost:
+        """Step ``i`` as the power reading interpolates it (time and energy)."""
+        return IterationCost(float(self.cost_of.time_s[i]), float(self.cost_of.energy_j[i]), 0.0, [], 0.0, 0.0,
+                             False)
 
 
 class EmulatedEngine:
@@ -131,13 +167,22 @@ class EmulatedEngine:
         self._decode_j = 0.0
         self._accounted_until = self.clock.now()
         self._inflight: tuple[float, IterationCost] | None = None
+        self._run_state: _Run | None = None
+        self._run_hint = 64
+        self.fast_forwarded_steps = 0
+        """Iterations committed by fast-forwarded runs rather than one by one (a diagnostic)."""
         self._prompt_tokens = 0
         self._generated_tokens = 0
         self._iterations = 0
         # Virtual-time runs observe token times through this hook and stream only the first and last
         # token of each request, which saves the per-token event plumbing (the model is unchanged).
         self.on_token: Callable[[str, float], None] | None = None
+        self.on_tokens: Callable[[str, list[float]], None] | None = None
+        """Bulk form of ``on_token`` for a fast-forwarded run: one call per request with its tokens' times."""
         self.stream_every_token = True
+        self.fast_forward = True
+        """In virtual time, run stretches of identical decode steps without an event loop pass per step (exactly
+        the same results: see :meth:`_start_run`); False steps one by one."""
         self._trace = trace.enabled()  # read once: the token loop is hot in virtual time
 
     # --- Engine protocol -------------------------------------------------------------------------
@@ -162,6 +207,7 @@ class EmulatedEngine:
 
     def stats(self) -> EngineStats:
         """Load, token and attributed energy counters now (idle energy up to the current time included)."""
+        self._sync()
         return EngineStats(
             replica=self.replica,
             backend=self.backend,
@@ -182,6 +228,7 @@ class EmulatedEngine:
 
     async def apply(self, knobs: Knobs) -> AppliedKnobs:
         """Set the clock (nearest supported), max_num_seqs and speculation depth; report what took effect."""
+        self._cut()
         t0 = self.clock.now()
         notes: list[str] = []
         if knobs.clock_mhz is not None:
@@ -204,6 +251,7 @@ class EmulatedEngine:
     @property
     def preemptions(self) -> int:
         """Sequences preempted (KV cache freed, recomputed later) since the engine started."""
+        self._sync()
         return self._preemptions
 
     def supported_clocks_mhz(self) -> list[float]:
@@ -232,6 +280,7 @@ class EmulatedEngine:
         ]
 
     def _read_total(self) -> PowerReading:
+        self._sync()
         now = self.clock.now()
         energy = self._energy_j
         if self._inflight is not None:
@@ -277,6 +326,7 @@ class EmulatedEngine:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        self._cut()
         seq = _Sequence(request, prompt_len, max_tokens, asyncio.Queue(), admitted_s=self.clock.now())
         if self._trace:
             trace.mark(request.request_id, "engine.admit", seq.admitted_s)
@@ -314,6 +364,7 @@ class EmulatedEngine:
                 w.cancel()
 
     def _release(self, seq: _Sequence) -> None:
+        self._cut()
         seq.done = True
         if seq in self._running:
             self._running.remove(seq)
@@ -405,6 +456,11 @@ class EmulatedEngine:
                 continue
             self._idle_j += self._pending_idle_j(t0)
             self._energy_j = self._idle_j + self._prefill_j + self._decode_j
+            if self._can_fast_forward:
+                run = self._start_run(plan, t0)
+                if run is not None:
+                    busy_until = await self._finish_run(run)
+                    continue
             cost = step_cost(
                 self.device, self.model, [(n, ctx) for _, n, ctx, _ in plan], self.clock_mhz, self.tensor_parallel
             )
@@ -446,6 +502,151 @@ class EmulatedEngine:
                             if not seq.done:
                                 self._emit_token(seq, now)
             self._energy_j = self._idle_j + self._prefill_j + self._decode_j
+
+    @property
+    def _can_fast_forward(self) -> bool:
+        return (self.fast_forward and not self.stream_every_token and not self._trace
+                and hasattr(self.clock, "alarm"))
+
+    def _start_run(self, plan: list[tuple[_Sequence, int, int, bool]], t0: float) -> _Run | None:
+        """Start a fast-forwarded run of decode steps with ``plan`` (already scheduled at ``t0``) as its first step,
+        or None where the next steps could differ from this one with every context a token longer (prefill,
+        speculation with its random acceptance, a request that may be admitted, one finishing, a full cache, TDP
+        throttling): those are stepped one by one.
+
+        The run's steps are priced at once (:func:`decode_steps`, bit for bit :func:`step_cost`) and the engine
+        sleeps once, to the end of the last. Its state is brought up to the clock (:meth:`_sync`) whenever anything
+        looks at the engine (stats, power reading), and the run is cut after the step in flight (:meth:`_cut`)
+        when something changes what the next step would be (an arrival, a knob, a client leaving): what anyone
+        sees, and every figure, is what stepping one by one gives, float for float.
+        """
+        if self.speculative_tokens or len(plan) != len(self._running):
+            return None
+        for _, n, _, is_prefill in plan:
+            if is_prefill or n != 1:
+                return None
+        if self._waiting and len(self._running) < self.max_num_seqs:
+            return None  # a waiting request could be admitted as soon as the cache or budget allows
+        seqs = [item[0] for item in plan]
+        batch = len(seqs)
+        # Up to the step that gives the first request its last token (emitted as the ordinary path does).
+        last = min(s.max_tokens - s.generated for s in seqs)
+        limit = last
+        # Steps 1.. allocate one KV slot per sequence; the ordinary path preempts once the cache is full.
+        # Priced ahead: as many steps as recent runs lasted before something cut them, doubling while none is.
+        limit = min(limit, 1 + (self.kv_capacity_tokens - self._kv_used) // batch, self._run_hint)
+        if limit < 2:
+            return None
+        steps = decode_steps(self.device, self.model, [item[2] for item in plan], limit, self.clock_mhz,
+                             self.tensor_parallel)
+        k = limit if not steps.throttled.any() else int(steps.throttled.argmax())  # throttled: step_cost's business
+        if k < 2:
+            return None
+        # Each step ends where the last ended plus its time (the ordinary loop's busy_until) ...
+        ends_a = np.add.accumulate(np.concatenate(([t0], steps.time_s[:k])))[1:]
+        # ... and the clock lands on now + (end - now), VirtualClock.sleep's arithmetic. Where that is the end
+        # itself (always, unless a step is longer than the time since the clock's zero), the next step starts at
+        # the clock and both series are one; the run stops before the first step where they part.
+        now = self.clock.now()
+        seconds = float(ends_a[0]) - now
+        if not seconds > 0 or now + seconds != ends_a[0]:
+            return None
+        if k > 1:
+            landed = ends_a[:-1] + (ends_a[1:] - ends_a[:-1]) == ends_a[1:]
+            if not landed.all():
+                k = 1 + int(landed.argmin())
+                if k < 2:
+                    return None
+        ends = ends_a[:k].tolist()
+        starts = [t0, *ends[:-1]]
+        run = _Run(seqs, starts, ends, ends, steps, k, tail=int(k == last))
+        run.alarm = self.clock.alarm(ends[-1])  # type: ignore[attr-defined]
+        self._run_state = run
+        self._inflight = (starts[0], run.cost(0))
+        return run
+
+    async def _finish_run(self, run: _Run) -> float:
+        """Sleep to the run's end (moved earlier if the run is cut), commit it; the busy-until of its last step."""
+        assert run.alarm is not None
+        try:
+            await run.alarm
+            if run.steps == len(run.wakes):  # not cut: price longer runs ahead next time
+                self._run_hint = min(MAX_RUN_STEPS, 2 * self._run_hint)
+            else:
+                self._run_hint = max(64, 2 * run.steps)
+        except asyncio.CancelledError:  # the engine stops: keep what has happened by now
+            self._sync()
+            self._run_state = self._inflight = None
+            raise
+        last = run.steps - 1
+        self._sync(run.wakes[last])
+        self._run_state = None
+        self._inflight = None
+        self._accounted_until = run.ends[last]
+        if run.tail:  # the step that finishes a request: as the ordinary loop ends an iteration
+            now = run.wakes[last]
+            self._iterations += 1
+            self.fast_forwarded_steps += 1
+            for seq, share in zip(run.seqs, run.cost_of.shares_j[last].tolist(), strict=True):
+                seq.decode_j += share
+                self._decode_j += share
+                if not seq.done:
+                    self._emit_token(seq, now)
+            self._energy_j = self._idle_j + self._prefill_j + self._decode_j
+        return run.ends[last]
+
+    def _sync(self, now: float | None = None) -> None:
+        """Bring a fast-forwarded run's state up to ``now``: the steps that have ended by then are committed
+        (energy shares, tokens and their times, KV slots of the step that started), the next one is in flight."""
+        run = self._run_state
+        if run is None:
+            return
+        now = self.clock.now() if now is None else now
+        done = bisect.bisect_right(run.wakes, now, 0, run.steps - run.tail)
+        if done <= run.committed:
+            return
+        lo, seqs, batch = run.committed, run.seqs, len(run.seqs)
+        shares = run.cost_of.shares_j[lo:done]
+        per_seq = np.array([s.decode_j for s in seqs])
+        for row in shares:  # each sequence's shares in step order, as its decode_j grows step by step
+            per_seq += row
+        for s, j in zip(seqs, per_seq.tolist(), strict=True):
+            s.decode_j = j
+        # the engine's total, item after item, step after step
+        self._decode_j = float(np.add.accumulate(np.concatenate(([self._decode_j], shares.ravel())))[-1])
+        k = done - lo
+        started = min(done + 1, run.steps) - run.allocated  # steps begun since: their KV slots
+        run.allocated += started
+        self._kv_used += batch * started
+        self._iterations += k
+        self.fast_forwarded_steps += k
+        self._generated_tokens += batch * k
+        times = run.wakes[lo:done]
+        bulk, single = self.on_tokens, self.on_token
+        for s in seqs:
+            s.kv_tokens += started
+            s.generated += k
+            if bulk is not None:
+                bulk(s.request.request_id, times)
+            elif single is not None:
+                for t in times:
+                    single(s.request.request_id, t)
+        run.committed = done
+        self._energy_j = self._idle_j + self._prefill_j + self._decode_j
+        self._accounted_until = run.ends[done - 1]
+        self._inflight = (run.starts[done], run.cost(done)) if done < run.steps else None
+
+    def _cut(self) -> None:
+        """Something changes what the next step would be: end the run after the step now in flight."""
+        run = self._run_state
+        if run is None:
+            return
+        self._sync()
+        in_flight = bisect.bisect_right(run.wakes, self.clock.now(), 0, run.steps)
+        if in_flight + 1 < run.steps:
+            run.steps = in_flight + 1
+            run.tail = 0
+            self.clock.rearm(run.alarm, run.wakes[in_flight])  # type: ignore[attr-defined]
 
     def _accepted(self, proposed: int) -> int:
         """Tokens a verification step yields: the accepted prefix of the proposals plus the model's own token."""

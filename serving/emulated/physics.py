@@ -20,6 +20,7 @@ from importlib import resources
 from operator import itemgetter
 from pathlib import Path
 
+import numpy as np
 import yaml
 from pydantic import ValidationError
 
@@ -30,6 +31,7 @@ from serving.emulated.shapes import ModelShape, SequenceWork, WorkCounts, count_
 from serving.knobs import MAX_SPECULATIVE_TOKENS
 
 __all__ = [
+    "DecodeSteps",
     "DeviceFitError",
     "DeviceSpec",
     "EnergyFloor",
@@ -38,6 +40,7 @@ __all__ = [
     "PresetError",
     "RunMetrics",
     "SequenceWork",
+    "decode_steps",
     "encoder_batch",
     "energy_floor_per_token",
     "iteration_cost",
@@ -211,6 +214,102 @@ def step_cost(
     """:func:`iteration_cost` of ``(new tokens, context tokens)`` items, shares in item order (the engine's
     hot path: no per-request objects)."""
     return _price(device, model, items, clock_mhz, tensor_parallel=tensor_parallel)[0]
+
+
+@dataclass(slots=True)
+class DecodeSteps:
+    """:func:`step_cost` of consecutive decode steps of one batch, as arrays over the steps (rows) and the batch's
+    sequences (columns, in item order)."""
+
+    time_s: np.ndarray
+    energy_j: np.ndarray
+    shares_j: np.ndarray
+    """(steps, sequences): each sequence's share of each step's energy."""
+    throttled: np.ndarray
+
+
+def _seq_sum(m: np.ndarray) -> np.ndarray:
+    """Row sums of ``m`` added left to right, as Python's ``sum`` of each row does (numpy's own reduction sums
+    pairwise: a different float result)."""
+    return np.add.accumulate(m, axis=1)[:, -1]  # accumulate runs left to right: no pairwise reordering
+
+
+def decode_steps(
+    device: DeviceSpec,
+    model: ModelShape,
+    contexts: list[int],
+    steps: int,
+    clock_mhz: float,
+    tensor_parallel: int = 1,
+) -> DecodeSteps:
+    """Step ``i`` (of ``steps``) of a decode batch whose sequences hold ``contexts`` tokens at step 0, each one
+    more per step: what :func:`step_cost` gives for items ``[(1, c + i) for c in contexts]``, bit for bit (the
+    same float operations in the same order, elementwise over the steps), without the TDP governor: a step
+    flagged ``throttled`` is priced wrong here and must be priced by :func:`step_cost` (the caller stops there).
+    """
+    c = model.work_constants
+    if c.encoder or not contexts:
+        raise ValueError("decode steps need a decoder and at least one sequence")
+    n = tensor_parallel
+    batch = len(contexts)
+    ctx = np.asarray(contexts, dtype=np.int64)[None, :] + np.arange(steps, dtype=np.int64)[:, None]
+    # count_rows for (1, ctx): (mp * 1 + lm, ac * 1 * (ctx + 1.0), kvt * (ctx + 1), acc * 1)
+    wm_item, act_item = c.matmul_params * 1 + c.lm_head_params, c.act_coef * 1
+    am = (c.attn_coef * 1) * (ctx + 1.0)
+    kv = c.kv_bytes_per_token * (ctx + 1)
+    weight_macs, act_bytes = sum([wm_item] * batch), sum([act_item] * batch)
+    attn_macs, kv_bytes = _seq_sum(am), _seq_sum(kv)
+    # DeviceSpec.execute, for tokens = sequences = batch
+    key = (c, model.dtype, model.dtype_bytes, clock_mhz)
+    op = device.cache.get(key)
+    if op is None:
+        op = device.cache[key] = device.operating_point(model, clock_mhz)
+    stream = max(0.0, model.weight_bytes_read(batch) - op.resident_bytes)
+    kv_share = 1.0 / n if model.n_kv_heads >= n else 1.0 / model.n_kv_heads
+    gemm_c = weight_macs / n / op.peak_macs_per_s
+    attn_c = attn_macs / n / op.peak_macs_per_s
+    weight_m = stream / n / op.bandwidth_bps
+    kv_m = kv_bytes * kv_share / op.bandwidth_bps
+    ce, me = op.compute_efficiency, op.memory_efficiency
+    knee = device.memory.full_bandwidth_clock_mhz
+    if knee is not None and clock_mhz < knee:
+        me *= clock_mhz / knee
+    if device.attention_efficiency is None:
+        busy = np.maximum((gemm_c + attn_c) / ce, (weight_m + kv_m) / me)
+    else:
+        ae = device.attention_efficiency
+        busy = max(gemm_c / ce, weight_m / me) + np.maximum(attn_c / (ce * ae), kv_m / (me * ae))
+    moe_layers = model.n_moe_layers if model.is_moe else 0
+    layer_s = device.layer_overhead_s * model.n_layers + device.moe_layer_overhead_s * moe_layers
+    time_s = busy + device.overhead_s + layer_s + device.sequence_overhead_s * batch
+    kernel_s = busy + device.overhead_s
+    comm_j = 0.0
+    if n > 1:
+        assert device.interconnect is not None
+        link = device.interconnect
+        message = batch * model.hidden_size * model.head_bytes
+        sent = 2 * (n - 1) / n * message
+        reduces = 2 * model.n_layers
+        transfer_s = reduces * sent / link.bandwidth_bps
+        time_s += reduces * link.allreduce_latency_s * (n - 1) + transfer_s
+        kernel_s += transfer_s
+        comm_j = reduces * sent * n * link.energy_pj_per_byte * 1e-12
+    e_w, e_a, e_kv, e_act, e_tok = op.weight_mac_j, op.attn_mac_j, op.kv_byte_j, op.act_byte_j, op.token_j
+    # _at_clock
+    own_j = weight_macs * e_w + attn_macs * e_a + kv_bytes * e_kv + act_bytes * e_act + batch * e_tok
+    shared_j = stream * op.stream_byte_j + comm_j
+    dynamic_j = own_j + shared_j
+    static_w = device.static_power_w(clock_mhz) * n
+    idle_w = device.idle_power_w * n
+    kernel_s = np.minimum(time_s, kernel_s)
+    static_j = idle_w * time_s + (static_w - idle_w) * kernel_s
+    throttled = (dynamic_j + static_j) / time_s > device.tdp_w * n * (1 + 1e-12)
+    # _price
+    own = wm_item * e_w + am * e_a + kv * e_kv + act_item * e_act + 1 * e_tok
+    per_unit = (shared_j + static_j) / batch
+    shares = own + per_unit[:, None]
+    energy_j = _seq_sum(own) + shared_j + static_j
+    return DecodeSteps(time_s, energy_j, shares, throttled)
 
 
 def iteration_cost(

@@ -1,0 +1,129 @@
+"""Fleet-scale virtual time: fast-forwarded decode runs equal stepping one by one; sweeps as Ray tasks equal a
+serial run, survive a killed worker, and refuse an unreachable cluster before writing anything."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from deploy.cli import main
+from deploy.config import CampaignFile, PathLatency
+from deploy.virtual import FAULT_ENV, VirtualTarget, run_virtual_campaign
+from serving.config import EmulatedEngineConfig, ServingConfig
+from serving.knobs import Knobs
+from workloads.arrivals import RequestSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _simulate(seed: int, fast_forward: bool) -> tuple[list[tuple], list[tuple]]:
+    """Random requests on 3 replicas, with knob changes (clock, speculation, batch cap) at random instants."""
+    rng = random.Random(seed)
+    engine = EmulatedEngineConfig(max_model_len=4096, max_num_seqs=rng.choice([4, 16, 64]))
+    config = ServingConfig(replicas=3, engine=engine)
+    target = VirtualTarget(config, latency=PathLatency())
+    for e in target.engines:
+        e.fast_forward = fast_forward
+    work = sorted((RequestSpec(rng.uniform(0, 20), rng.randint(1, 1500), rng.randint(1, 400)) for _ in range(120)),
+                  key=lambda s: s.t_s)
+    knobs = [(rng.uniform(0, 25), Knobs(clock_mhz=rng.choice([1980, 1410, 900]))) for _ in range(4)]
+    spec_on = rng.uniform(0, 15)  # speculation (random acceptance: stepped one by one) for 3 s
+    knobs += [(spec_on, Knobs(speculative_tokens=3)), (spec_on + 3, Knobs(speculative_tokens=0))]
+    knobs.sort(key=lambda k: k[0])
+    reads: list[tuple] = []
+    ff: list[float] = []
+
+    async def meddle() -> None:
+        for t, k in knobs:
+            await target.clock.sleep_until(t)
+            for e in target.engines:
+                await e.apply(k)
+            for e in target.engines:  # what a controller or a sampler sees, mid-run
+                st, rd = e.stats(), e.read()[0]
+                reads.append((st.generated_tokens_total, st.kv_used_tokens, st.iterations, st.attributed_decode_j,
+                              rd.energy_j, rd.power_w))
+
+    async def go() -> list:
+        await target.start()
+        m = asyncio.ensure_future(meddle())
+        records = await target.send(0, work, 0, lambda r: None, lambda t: None)
+        await m
+        for e in target.engines:
+            st = e.stats()
+            reads.append((st.generated_tokens_total, st.iterations, st.attributed_decode_j, e.read()[0].energy_j))
+        steps = sum(e.stats().iterations for e in target.engines)
+        ff.append(sum(e.fast_forwarded_steps for e in target.engines) / steps)
+        await target.stop()
+        return records
+
+    records = target.clock.execute(go())
+    assert (ff[0] > 0.5) if fast_forward else ff[0] == 0  # many steps fast-forwarded, or none
+    return [(r.replica, r.output_tokens, r.energy_j, r.ttft_s, r.e2e_s, tuple(r.itl_s)) for r in records], reads
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fast_forward_equals_stepping_one_by_one(seed: int) -> None:
+    """Token times, per-request energy and every counter read mid-run: equal as floats (tolerance 0; the issue
+    allows 1e-9 relative for energy, the fast path needs none)."""
+    fast, fast_reads = _simulate(seed, True)
+    slow, slow_reads = _simulate(seed, False)
+    assert fast == slow
+    assert fast_reads == slow_reads
+    assert sum(n for _, n, *_ in fast) > 10_000
+
+
+def _campaign(tmp_path: Path, **changes: object) -> CampaignFile:
+    data = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    data["workload"]["duration_s"] = 4
+    data["sweep"] = {"rate_rps": [2, 6], "knobs": [{"clock_mhz": 1980}, {"clock_mhz": 1200}]}
+    data.update(clock="virtual", **changes)
+    return CampaignFile.model_validate(data)
+
+
+def _same(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    pd.testing.assert_frame_equal(a.drop(columns="sim_speed_x"), b.drop(columns="sim_speed_x"))
+
+
+def test_ray_sweep_equals_serial_and_reruns_a_killed_worker(ray_local: None, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    serial = run_virtual_campaign(_campaign(tmp_path), _campaign(tmp_path).deployment, tmp_path / "serial")
+    marker = tmp_path / "killed-once"
+    monkeypatch.setenv(FAULT_ENV, f"2:{marker}")
+    spec = _campaign(tmp_path, workers=2)
+    on_ray = run_virtual_campaign(spec, spec.deployment, tmp_path / "ray")
+    assert marker.exists()  # point 2's first worker died
+    assert on_ray["point"].tolist() == [0, 1, 2, 3]  # every point once, in order
+    _same(serial, on_ray)
+    req = [pd.read_parquet(tmp_path / d / "requests.parquet") for d in ("serial", "ray")]
+    pd.testing.assert_frame_equal(*req)
+    # Resume: finished points are never run again (a fresh marker would kill the worker of a rerun point 2).
+    marker.unlink()
+    again = run_virtual_campaign(spec, spec.deployment, tmp_path / "ray")
+    assert not marker.exists()
+    _same(on_ray, again)
+
+
+def test_unreachable_ray_address_fails_before_writing(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    data = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    data.update(clock="virtual", ray_address="127.0.0.1:9")  # discard port: nothing listens
+    campaign = tmp_path / "c.yaml"
+    campaign.write_text(yaml.safe_dump(data))
+    assert main(["campaign", "run", str(campaign), "--out", str(tmp_path / "out")]) == 2
+    assert "cannot reach a Ray cluster" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_where_points_run_is_not_part_of_the_configuration(tmp_path: Path) -> None:
+    """A campaign resumes with other workers or on another cluster; a compare entry may size the fleet."""
+    from deploy.compare import variant_spec
+    from deploy.config import EngineVariant
+
+    serial = _campaign(tmp_path)
+    assert serial.config_hash() == _campaign(tmp_path, workers=0, ray_address="10.0.0.1:6379").config_hash()
+    big = variant_spec(serial, EngineVariant(device="h100_sxm", replicas=256))
+    assert big.deployment.replicas == 256 and serial.deployment.replicas == 2
+    assert big.config_hash() != serial.config_hash()
