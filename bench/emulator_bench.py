@@ -109,20 +109,18 @@ def evaluation_speed(seconds: float = 2.0) -> pd.DataFrame:
 
 
 def _virtual_run(specs: list, replicas: int = 2) -> tuple[float, float, int, float]:  # type: ignore[type-arg]
-    from deploy.virtual import VirtualClock, VirtualDeployment
+    from deploy.virtual import VirtualClock, VirtualTarget
     from serving.config import EmulatedEngineConfig, ServingConfig
-    from workloads.spec import WorkloadSpec
 
     config = ServingConfig(replicas=replicas, engine=EmulatedEngineConfig(max_model_len=32768))
     clock = VirtualClock()
 
     async def go() -> int:
-        dep = VirtualDeployment(config, clock)
-        await dep.start()
-        span = max(s.t_s for s in specs) + 1.0
-        workload = WorkloadSpec(duration_s=span, request_timeout_s=1e6, sample_interval_s=60)
-        records, *_ = await dep.run_point(0, specs, workload)
-        await dep.stop()
+        target = VirtualTarget(config, clock)
+        await target.start()
+        target.request_timeout_s = 1e6
+        records = await target.send(0, specs, 0, lambda _: None, lambda _: None)
+        await target.stop()
         return sum(r.status == "ok" for r in records)
 
     t0, c0 = time.perf_counter(), time.process_time()

@@ -1,7 +1,7 @@
 """Fleet-scale virtual time: how fast a campaign of many emulated replicas runs on this machine.
 
 The shipped Azure conversation trace, time-scaled to the rate, served by N emulated H100 replicas (Llama-3.1-8B
-shape) for a 600 s point, through the whole campaign path (VirtualTarget, run_points, ResultStore):
+shape) for a 600 s point, through the whole campaign path (VirtualTarget, campaign_loop, ResultStore):
 
     python bench/fleet_bench.py                       # 32 replicas @ 80 req/s and 256 @ 640 req/s, 600 s
     python bench/fleet_bench.py --only 32 --profile   # + cProfile of the run, top functions by own time

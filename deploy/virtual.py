@@ -25,7 +25,6 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -49,10 +48,9 @@ from serving.replica import Telemetry, export_snapshot
 from serving.router import ReplicaHandle, Router
 from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
 from workloads.arrivals import LengthStream, RequestSpec
-from workloads.campaign import PointResult, check_target_up, measure_one, write_manifest
+from workloads.campaign import PointResult, campaign_loop, measure_one
 from workloads.client import ClosedLoop, RequestRecord
-from workloads.results import ResultStore
-from workloads.spec import CampaignSpec, PolicySetting, setting_label
+from workloads.spec import CampaignSpec, PolicySetting
 
 T = TypeVar("T")
 
@@ -436,40 +434,17 @@ def run_virtual_campaign(
     if on_ray:
         connect_ray(address)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    store = ResultStore(out)
-    store.repair()
-    points = spec.sweep.points()
-    label = SimpleNamespace(label=f"virtual://{config.engine.device}/{config.engine.model}")
     where = f", {workers or 'all'} at a time on Ray{f' at {address}' if address else ''}" if on_ray else ""
     console.print(
         f"virtual time: {config.replicas} x {config.engine.device} replicas of {config.engine.model}, "
-        f"{len(points)} point(s){where}"
+        f"{len(spec.sweep.points())} point(s){where}"
     )
-    extra: dict[str, object] = {}
-    write_manifest(out, spec, label, "running", extra)  # type: ignore[arg-type]
-    done = store.finished_points()
-    pending = []
-    for p, (setting, load) in enumerate(points):
-        if p in done:
-            unit = "users" if spec.closed_loop else "req/s"
-            console.print(f"point {p} ({setting_label(setting)}, {load:g} {unit}) already measured: skipped")
+
+    def measure(pending: list[int], record: Callable[[PointResult], None]) -> None:
+        if on_ray:
+            _run_on_ray(spec, config, latency, pending, workers, record, console)
         else:
-            pending.append(p)
+            for p in pending:
+                record(simulate_point(spec, config, latency, p, console))
 
-    def record(result: PointResult) -> None:
-        store.add_point(result.row, result.records, result.series)
-        if "target_devices" not in extra and "target_devices" in result.manifest:
-            extra.update(result.manifest)
-            write_manifest(out, spec, label, "running", extra)  # type: ignore[arg-type]
-        check_target_up(result.row, result.records, points[result.row.point][0], label.label)
-
-    if on_ray:
-        _run_on_ray(spec, config, latency, pending, workers, record, console)
-    else:
-        for p in pending:
-            record(simulate_point(spec, config, latency, p, console))
-    frame = store.points()
-    failed = sorted(int(p) for p in frame[frame["status"] == "failed"]["point"])
-    write_manifest(out, spec, label, "failed" if failed else "finished",  # type: ignore[arg-type]
-                   {**extra, "failed_points": failed})
-    return frame
+    return campaign_loop(spec, f"virtual://{config.engine.device}/{config.engine.model}", out, measure, console)

@@ -140,12 +140,11 @@ def test_not_yaml_and_missing_file(tmp_path, capsys) -> None:
 def test_finished_campaign_is_not_overwritten(tmp_path, capsys) -> None:
     from deploy.config import CampaignFile, load_yaml_model
     from workloads.campaign import write_manifest
-    from workloads.http_target import HttpTarget
 
     path = write_campaign(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
-    write_manifest(out, load_yaml_model(path, CampaignFile), HttpTarget("http://127.0.0.1:9"), "finished")
+    write_manifest(out, load_yaml_model(path, CampaignFile), "http://127.0.0.1:9", "finished")
     (out / "points.csv").write_text("point\n0\n")
     assert main(["campaign", "run", str(path), "--out", str(out), "--url", "http://127.0.0.1:9"]) == 2
     assert "already holds a finished campaign; pass --resume" in capsys.readouterr().err

@@ -33,7 +33,7 @@ from rich.text import Text
 
 from profilers.clock import Clock
 from profilers.errors import ConfigError, TestbedError
-from profilers.footprint import SiteProfile, load_site_profile
+from profilers.footprint import load_site_profile
 from profilers.meter import Measurement, window_energy
 from profilers.scrape import CounterSnapshot
 from serving.knobs import Knobs
@@ -87,8 +87,8 @@ class WindowReading:
 
 
 class Target(Protocol):
-    """What a campaign drives, in real or virtual time: everything :func:`run_points` reads, sleeps or sends goes
-    through it (``workloads.http_target.HttpTarget``: a URL; ``deploy.virtual.VirtualTarget``: in-process
+    """What a campaign drives, in real or virtual time: everything a point's measurement reads, sleeps or sends
+    goes through it (``workloads.http_target.HttpTarget``: a URL; ``deploy.virtual.VirtualTarget``: in-process
     emulated replicas on a virtual clock)."""
 
     clock: Clock
@@ -202,14 +202,14 @@ def _hardware() -> dict[str, object]:
 
 
 def write_manifest(
-    out: Path, spec: CampaignSpec, target: Target, status: str, extra: dict[str, object] | None = None
+    out: Path, spec: CampaignSpec, label: str, status: str, extra: dict[str, object] | None = None
 ) -> None:
     """Write or update the campaign's ``manifest.json`` atomically: status, config hash, versions, machine, site."""
     path = out / MANIFEST
     manifest = json.loads(path.read_text()) if path.exists() else {"created": datetime.now(UTC).isoformat()}
     manifest.update({
         "name": spec.name, "status": status, "config_hash": spec.config_hash(), "seed": spec.seed,
-        "site": spec.site, "target": target.label, "versions": _versions(),
+        "site": spec.site, "target": label, "versions": _versions(),
         "machine": _hardware(), "site_profile": load_site_profile(spec.site).model_dump(mode="json"),
         "traces": trace_inputs(spec),
         # Where energy and tokens are read (the file's metering: with the command line's flags applied).
@@ -334,29 +334,35 @@ def window_tokens(begin: CounterSnapshot, end: CounterSnapshot) -> tuple[int | N
     return int(sum(n - begin.generated_tokens.get(r, 0.0) for r, n in end.generated_tokens.items())), []
 
 
-async def run_points(
-    spec: CampaignSpec, target: Target, store: ResultStore, console: Console,
-    manifest_extra: dict[str, object] | None = None, floor: FloorFn | None = None,
-    reference: ReferenceFn | None = None,
+MeasurePoints = Callable[[list[int], Callable[["PointResult"], None]], None]
+"""How a campaign's pending points are measured: each one's result handed to ``record`` (the one writer) as it
+comes. :func:`on_target`: one after the other on one target; ``deploy.virtual``: virtual points on targets of their
+own, here or as Ray tasks."""
+
+
+def on_target(
+    spec: CampaignSpec, target: Target, console: Console, floor: FloorFn | None = None,
+    reference: ReferenceFn | None = None, run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run,
+) -> MeasurePoints:
+    """Measure points one after the other on ``target``, which keeps its state between them (a deployment). ``run``
+    runs the coroutine (a virtual target's clock drives its own loop)."""
+
+    def measure(pending: list[int], record: Callable[[PointResult], None]) -> None:
+        run(_measure_on(spec, target, pending, record, console, floor, reference))
+
+    return measure
+
+
+async def _measure_on(
+    spec: CampaignSpec, target: Target, pending: list[int], record: Callable[[PointResult], None], console: Console,
+    floor: FloorFn | None, reference: ReferenceFn | None,
 ) -> None:
-    """Measure every point of the sweep not yet in ``store``, one after the other, on ``target``'s clock."""
-    extra = manifest_extra if manifest_extra is not None else {}
-    site = load_site_profile(spec.site)
-    done = store.finished_points()
-    points = spec.sweep.points()
-    extra.update(await target.start(spec))
-    write_manifest(store.out, spec, target, "running", extra)
+    facts = await target.start(spec)
     try:
-        for point, (setting, load) in enumerate(points):
-            if point in done:
-                unit = "users" if spec.closed_loop else "req/s"
-                console.print(f"point {point} ({setting_label(setting)}, {load:g} {unit}) already measured: skipped")
-                continue
-            await target.apply(setting)
-            row, records, series = await _measure_point(spec, target, (point, len(points)), setting, load, console,
-                                                        site, store.out, extra, floor, reference)
-            store.add_point(row, records, series)
-            check_target_up(row, records, setting, target.label)
+        for point in pending:
+            result = await _measure_point(spec, target, point, console, floor, reference)
+            result.manifest.update(facts)
+            record(result)
     finally:
         await target.stop()
 
@@ -385,28 +391,30 @@ async def measure_one(
     spec: CampaignSpec, target: Target, point: int, console: Console, floor: FloorFn | None = None,
     reference: ReferenceFn | None = None,
 ) -> PointResult:
-    """Point ``point`` of the sweep on a target of its own, started and stopped for it, with no store: what a
-    point run apart from the others returns to the one writer (a virtual-time point as a Ray task)."""
-    points = spec.sweep.points()
-    setting, load = points[point]
-    extra: dict[str, object] = dict(await target.start(spec))
+    """Point ``point`` of the sweep on a target of its own, started and stopped for it (a virtual-time point run
+    apart from the others, as a Ray task)."""
+    facts = await target.start(spec)
     try:
-        await target.apply(setting)
-        row, records, series = await _measure_point(spec, target, (point, len(points)), setting, load, console,
-                                                    load_site_profile(spec.site), None, extra, floor, reference)
+        result = await _measure_point(spec, target, point, console, floor, reference)
     finally:
         await target.stop()
-    return PointResult(row, records, series, extra)
+    result.manifest.update(facts)
+    return result
 
 
 async def _measure_point(
-    spec: CampaignSpec, target: Target, point_of: tuple[int, int], setting: Setting, load: float, console: Console,
-    site: SiteProfile, out: Path | None, manifest_extra: dict[str, object], floor: FloorFn | None,
+    spec: CampaignSpec, target: Target, point: int, console: Console, floor: FloorFn | None,
     reference: ReferenceFn | None = None,
-) -> tuple[PointRow, list[RequestRecord], list[dict[str, object]]]:
-    """Send one point's work and meter it: warm-up and cool-down are left out of the energy window."""
+) -> PointResult:
+    """Put the target under the point's setting, send its work and meter it (warm-up and cool-down are left out
+    of the energy window)."""
     w = spec.workload
-    point = point_of[0]
+    points = spec.sweep.points()
+    setting, load = points[point]
+    point_of = (point, len(points))
+    site = load_site_profile(spec.site)
+    manifest: dict[str, object] = {}
+    await target.apply(setting)
     live = _Live(math.nan)
     started: asyncio.Future[float] = asyncio.get_running_loop().create_future()
 
@@ -425,12 +433,10 @@ async def _measure_point(
     try:
         records = await drive
         first, last = await begin, (await end if end is not None else await target.counters())
-        if last is not None and "target_devices" not in manifest_extra:
+        if last is not None:
             # From the point's own readings: an extra scrape would sit inside others' metering windows.
-            manifest_extra["target_devices"] = sorted(last.energy)  # replica/device
-            manifest_extra["target_backends"] = sorted(last.backends)
-            if out is not None:
-                write_manifest(out, spec, target, "running", manifest_extra)
+            manifest["target_devices"] = sorted(last.energy)  # replica/device
+            manifest["target_backends"] = sorted(last.backends)
     finally:
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -449,7 +455,7 @@ async def _measure_point(
                               Measurement(duration_s=window_s), "unknown", site, spec.slo, **common,
                               notes=[f"no counters at the window's {'start' if first is None else 'end'}: "
                                      "the target's metrics could not be scraped"])
-        return row, records, live.rows
+        return PointResult(row, records, live.rows, manifest)
     reader = getattr(target, "read_window", None)  # optional: a target that reads windows through Prometheus
     reading: WindowReading | None = await reader(first, last, window_s) if callable(reader) else None
     if reading is not None:
@@ -459,7 +465,7 @@ async def _measure_point(
             energy_source=reading.energy_source, token_source=reading.token_source,
             energy_uncertainty_j=reading.uncertainty_j, **common,
         )
-        return row, records, live.rows
+        return PointResult(row, records, live.rows, manifest)
     tokens, token_notes = window_tokens(first, last)
     row = summarize_point(
         point, setting_label(setting), offered_rate(spec, load, records), records,
@@ -473,7 +479,7 @@ async def _measure_point(
         token_source=last.token_source or f"ours: {target.label}",
         **common,
     )
-    return row, records, live.rows
+    return PointResult(row, records, live.rows, manifest)
 
 
 def offered_rate(spec: CampaignSpec, load: float, records: list[RequestRecord]) -> float:
@@ -531,26 +537,51 @@ async def _drive(
         return await target.send(point[0], work, seed, on_done, on_start)
 
 
+def campaign_loop(
+    spec: CampaignSpec, label: str, out: Path, measure: MeasurePoints, console: Console | None = None,
+    manifest_extra: dict[str, object] | None = None,
+) -> pd.DataFrame:
+    """The campaign: every point not yet in ``out`` measured by ``measure`` and written as soon as it comes (by
+    this process alone, atomically), so an interrupted campaign keeps every finished point and ``--resume``
+    continues it; returns ``points.csv`` as a frame. ``out`` must have been checked with :func:`prepare_out_dir`;
+    ``label`` is what the manifest records as the target."""
+    console = console or Console()
+    store = ResultStore(out)
+    store.repair()
+    extra = dict(manifest_extra or {})
+    write_manifest(out, spec, label, "running", extra)
+    points = spec.sweep.points()
+    done = store.finished_points()
+    pending = []
+    for point, (setting, load) in enumerate(points):
+        if point in done:
+            unit = "users" if spec.closed_loop else "req/s"
+            console.print(f"point {point} ({setting_label(setting)}, {load:g} {unit}) already measured: skipped")
+        else:
+            pending.append(point)
+
+    def record(result: PointResult) -> None:
+        store.add_point(result.row, result.records, result.series)
+        if new := {k: v for k, v in result.manifest.items() if k not in extra}:
+            extra.update(new)  # the target's devices and facts, from the first point that has them
+            write_manifest(out, spec, label, "running", extra)
+        check_target_up(result.row, result.records, points[result.row.point][0], label)
+
+    measure(pending, record)
+    frame = store.points()
+    failed = sorted(int(p) for p in frame[frame["status"] == "failed"]["point"])
+    write_manifest(out, spec, label, "failed" if failed else "finished", {**extra, "failed_points": failed})
+    return frame
+
+
 def run_campaign(
     spec: CampaignSpec, target: Target, out: Path, console: Console | None = None,
     run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run, floor: FloorFn | None = None,
     manifest_extra: dict[str, object] | None = None, reference: ReferenceFn | None = None,
 ) -> pd.DataFrame:
-    """Run every point not yet in ``out`` on ``target`` and return ``points.csv`` as a frame.
-
-    ``out`` must have been checked with :func:`prepare_out_dir`. Each point is written as soon as it is
-    measured, so an interrupted campaign keeps every finished point and ``--resume`` continues it. ``run``
-    runs the campaign's coroutine (a virtual target's clock drives its own loop); ``floor``: the device's
-    energy floor per token, for emulated devices; ``reference``: a third party's estimate for the same model
-    and tokens (EcoLogits), shown beside ours.
-    """
+    """:func:`campaign_loop` with every point measured on ``target`` in turn (:func:`on_target`). ``floor``: the
+    device's energy floor per token, for emulated devices; ``reference``: a third party's estimate for the same
+    model and tokens (EcoLogits), shown beside ours."""
     console = console or Console()
-    store = ResultStore(out)
-    store.repair()
-    extra = dict(manifest_extra or {})
-    write_manifest(out, spec, target, "running", extra)
-    run(run_points(spec, target, store, console, extra, floor, reference))
-    points = store.points()
-    failed = sorted(int(p) for p in points[points["status"] == "failed"]["point"])
-    write_manifest(out, spec, target, "failed" if failed else "finished", {**extra, "failed_points": failed})
-    return points
+    measure = on_target(spec, target, console, floor, reference, run)
+    return campaign_loop(spec, target.label, out, measure, console, manifest_extra)
