@@ -28,6 +28,7 @@ def _print_summary(console: Console, points, out: Path) -> None:  # type: ignore
     figure (a column per point) instead, so energy, water and carbon per token stay readable. A modeled point's
     calibration label (``modeled: <preset>, ...``) is always printed, in the caption when all points share it."""
     import pandas as pd
+    from rich.measure import Measurement
 
     from workloads.report import summary_frame
 
@@ -43,12 +44,15 @@ def _print_summary(console: Console, points, out: Path) -> None:  # type: ignore
         return max([*map(len, cells[col]), *map(len, col.split())])
 
     table = Table(title=f"Campaign results ({out})", caption=caption)
-    if sum(width(col) + 3 for col in columns) + 1 <= console.width or len(frame) * 12 + 20 > console.width:
-        for col in columns:
-            table.add_column(col, justify="right", min_width=width(col), overflow="fold")
-        for i in range(len(frame)):
-            table.add_row(*(cells[col][i] for col in columns))
-    else:
+    for col in columns:
+        table.add_column(col, justify="right", min_width=width(col), overflow="fold")
+    for i in range(len(frame)):
+        table.add_row(*(cells[col][i] for col in columns))
+    # Rich crops rather than wraps a table this wide (its headers do not fold enough): a table that does not fit
+    # unwrapped gets a row per figure instead.
+    too_wide = Measurement.get(console, console.options.update_width(10_000), table).maximum > console.width
+    if too_wide and len(frame) * 12 + 20 <= console.width:
+        table = Table(title=f"Campaign results ({out})", caption=caption)
         table.add_column("")
         for value in cells.get("point", [str(i) for i in range(len(frame))]):
             table.add_column(f"point {value}", justify="right", overflow="fold")

@@ -41,3 +41,16 @@ def test_a_text_shared_by_every_point_goes_to_the_caption_and_a_differing_one_st
     text = _printed(_points(["ok", "slo_missed"]), 200)
     assert "power source: emulated" in text and "provenance: modeled" in text
     assert "status:" not in text and "slo_missed" in text
+
+
+@pytest.mark.parametrize("width", [120, 170, 250])
+def test_the_full_footprint_table_is_never_cropped(width: int) -> None:
+    """With both boundaries and the SCI the table is wider than a log's 170 columns: rich would crop its last
+    columns, so it turns to a row per figure instead."""
+    points = _points(["ok", "ok"]).assign(
+        comprehensive_per_token_j=[6.116, 2.443], sci_per_token_g=[0.0007893, 0.0002848], sci_status="complete",
+    )
+    text = _printed(points, width)
+    for figure in ("6.116", "0.0007893", "0.006863", "SLO"):
+        assert figure in text, text
+    assert max(map(len, text.splitlines())) <= width
