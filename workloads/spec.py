@@ -33,6 +33,8 @@ ADDED_DEPLOYMENT_FIELDS = {
 ADDED_ENGINE_FIELDS = {"tensor_parallel": 1}
 """Engine fields added after campaigns were written, with the value they had implicitly (see config_hash)."""
 ADDED_CAMPAIGN_FIELDS = {"metering": None}
+ADDED_COMPARE_FIELDS = {"replicas": None}
+"""Fields of a ``compare:`` entry (``deploy.config.EngineVariant``) added later, at their "as before" value."""
 """Top-level campaign fields added later, with the value that means "as before" (see config_hash)."""
 
 
@@ -279,6 +281,7 @@ class CampaignSpec(BaseModel):
             data.pop(where, None)
         sections = [(data, ADDED_CAMPAIGN_FIELDS), (data["workload"], ADDED_FIELDS), (data["slo"], SLO_FIELDS_ADDED)]
         sections += [(k, ADDED_KNOB_FIELDS) for k in data["sweep"]["knobs"]]
+        sections += [(v, ADDED_COMPARE_FIELDS) for v in data.get("compare") or [] if isinstance(v, dict)]
         if isinstance(data.get("deployment"), dict):  # campaign files (deploy/config.py) carry one
             sections.append((data["deployment"], ADDED_DEPLOYMENT_FIELDS))
             if isinstance(slo := data["deployment"].get("controller", {}).get("slo"), dict):
