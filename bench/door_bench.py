@@ -220,7 +220,7 @@ def main() -> None:
     p.add_argument("--streams", type=int, nargs="+", default=[500, 3000], help="concurrent streams, one run each")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-connections", type=int, help="the door's max_connections (default: DoorConfig's)")
-    p.add_argument("--max-inflight", type=int, help="the door's max_inflight_requests (default: DoorConfig's)")
+    p.add_argument("--max-inflight", type=int, help="the door's max_inflight_requests (default: twice the batch cap)")
     p.add_argument("--flood-factor", type=float, default=2.0, help="idle connections, as a multiple of the cap")
     p.add_argument("--poll-ms", type=float, default=10.0, help="pause between /health polls during the flood")
     p.add_argument("--attack-rounds", type=int, default=10, help="rounds of 4 oversized bodies")
@@ -231,7 +231,7 @@ def main() -> None:
     from deploy.serve import bind_socket
 
     overrides = {"max_connections": args.max_connections, "max_inflight_requests": args.max_inflight}
-    limits = DoorConfig(**{k: v for k, v in overrides.items() if v is not None})
+    limits = DoorConfig(**{k: v for k, v in overrides.items() if v is not None}).resolved(256)  # one engine's batch
     n_flood = int(args.flood_factor * limits.max_connections)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = max([*args.streams, n_flood]) + 256

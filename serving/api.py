@@ -141,6 +141,10 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+UNSIZED_INFLIGHT_CAP = 2048
+"""The in-flight cap of a door whose limits were not sized from a deployment's batch capacity."""
+
+
 class Admission:
     """Generation requests in flight at one door, against ``DoorConfig.max_inflight_requests``."""
 
@@ -215,7 +219,9 @@ class FrontDoor:
     ) -> None:
         self.router = router
         self.limits = limits or DoorConfig()
-        self.admission = Admission(self.limits.max_inflight_requests, self.limits.retry_after_s)
+        # Not sized from a deployment (DoorConfig.resolved): the cap the door had before it was sized.
+        cap = self.limits.max_inflight_requests or UNSIZED_INFLIGHT_CAP
+        self.admission = Admission(cap, self.limits.retry_after_s)
         self.recent = RecentRequests()
         self.model_name = model_name
         self.max_model_len = max_model_len

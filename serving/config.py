@@ -190,11 +190,13 @@ class DoorConfig(BaseModel):
         "request) for the longest, so /health and /metrics still answer under a flood of idle or slow "
         "connections; if every connection is being answered, the new one gets a 503. At most three quarters of "
         "the process's open-file limit (RLIMIT_NOFILE).")
-    max_inflight_requests: int = Field(
-        default=2048, ge=1, le=1_000_000,
+    max_inflight_requests: int | None = Field(
+        default=None, ge=1, le=1_000_000,
         description="Generation requests (completions, chat completions) being answered at once; one more gets "
-        "an immediate 503 with Retry-After. /health, /metrics, /v1/models and /control are not counted. The "
-        "engines queue what their batch cannot hold, so this bounds the queue, not the batch.")
+        "an immediate 503 with Retry-After. /health, /metrics, /v1/models and /control are not counted. None: "
+        "twice the deployment's batch capacity (replicas x max_num_seqs, at least 64 in all, at most half of "
+        "max_connections), so an admitted request waits behind at most about one batch per replica: beyond that "
+        "a queue only adds latency, and the client is better told to retry.")
     retry_after_s: int = Field(default=1, ge=0, le=3600, description="Retry-After of a 503 at the in-flight cap.")
     header_timeout_s: float = Field(
         default=10.0, gt=0, le=600,
@@ -217,6 +219,13 @@ class DoorConfig(BaseModel):
         default=1024, ge=1, le=1_048_576,
         description="Tokens generated for a request that sets neither max_tokens nor max_completion_tokens (at "
         "most the context length minus the prompt, as vLLM); None: up to the context length, as vLLM.")
+
+    def resolved(self, batch_capacity: int) -> DoorConfig:
+        """These limits with the in-flight cap set: as given, else twice ``batch_capacity`` (see the field)."""
+        if self.max_inflight_requests is not None:
+            return self
+        cap = min(max(64, 2 * batch_capacity), max(1, self.max_connections // 2))
+        return self.model_copy(update={"max_inflight_requests": cap})
 
 
 class ServingConfig(BaseModel):
@@ -269,8 +278,8 @@ class ServingConfig(BaseModel):
 
     @property
     def door_limits(self) -> DoorConfig:
-        """The front door's limits: ``door``, else DoorConfig's defaults."""
-        return self.door or DoorConfig()
+        """The front door's limits: ``door``, else DoorConfig's defaults, the in-flight cap from the batch capacity."""
+        return (self.door or DoorConfig()).resolved(self.replicas * self.engine.max_num_seqs)
 
     @model_validator(mode="after")
     def _door_on_a_ray_node(self) -> ServingConfig:
