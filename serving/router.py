@@ -278,21 +278,18 @@ class Router:
                         started = True
                         yield event
                 return
-            except REPLICA_GONE as e:
-                self.mark_dead(replica, e)
+            except (*REPLICA_GONE, ReplicaUnresponsiveError) as e:
+                # Dead for good, or silent past its deadline (routed to again once it answers): either way nothing
+                # more comes from it, so a request not yet streamed is retried elsewhere.
+                what = "stopped answering" if isinstance(e, ReplicaUnresponsiveError) else "died"
+                if what == "died":
+                    self.mark_dead(replica, e)
                 if started:
                     raise ReplicaFailedError(
-                        f"replica {replica.name} died after streaming part of the response"
+                        f"replica {replica.name} {what} after streaming part of the response"
                     ) from e
                 if len(tried) > self.retries:
-                    raise NoReplicaError(f"replica {replica.name} died and the retry budget is spent") from e
-            except ReplicaUnresponsiveError as e:
-                if started:
-                    raise ReplicaFailedError(
-                        f"replica {replica.name} stopped answering after streaming part of the response"
-                    ) from e
-                if len(tried) > self.retries:
-                    raise NoReplicaError(f"{e}; the retry budget is spent") from e
+                    raise NoReplicaError(f"replica {replica.name} {what} and the retry budget is spent") from e
             except ray.exceptions.RayTaskError as e:
                 cause = _unwrap(e)
                 if isinstance(cause, RequestRejectedError):

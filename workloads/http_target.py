@@ -65,6 +65,13 @@ class MeteringError(ConfigError):
     """An energy or token endpoint that cannot be used as given: refused before any load is sent."""
 
 
+def _families_found(text: str) -> str:
+    """The metric families an exposition holds, for a refusal that says what was there (the first 25)."""
+    names = metric_names(text)
+    listed = f"{', '.join(names[:25]) or '(none)'}{' ...' if len(names) > 25 else ''}"
+    return f"{len(names)} metric famil{'y' if len(names) == 1 else 'ies'}: {listed}"
+
+
 def _accepted(families: dict[str, str]) -> str:
     return "; ".join(f"{k}: {v}" for k, v in families.items())
 
@@ -244,12 +251,9 @@ class HttpTarget:
             energy_snaps.append(parse_counters(text, origin=urlsplit(url).netloc))
             families = found_energy_families(energy_snaps[-1])
             if not families:
-                names = metric_names(text)
                 raise MeteringError(
                     f"--energy-metrics {url} exposes none of the energy families a campaign reads; it has "
-                    f"{len(names)} metric famil{'y' if len(names) == 1 else 'ies'}: "
-                    f"{', '.join(names[:25]) or '(none)'}{' ...' if len(names) > 25 else ''}. "
-                    f"Accepted: {_accepted(ENERGY_FAMILIES)}"
+                    f"{_families_found(text)}. Accepted: {_accepted(ENERGY_FAMILIES)}"
                 )
             for f in families:
                 found.setdefault(f, []).append(url)
@@ -273,11 +277,9 @@ class HttpTarget:
             snap = parse_counters(text, origin=urlsplit(url).netloc)
             families = [f for f in TOKEN_FAMILIES if snap.token_families.get(f)]
             if not families:
-                names = metric_names(text)
                 raise MeteringError(
-                    f"--token-metrics {url} exposes no generated-token counter we read; it has: "
-                    f"{', '.join(names[:25]) or '(none)'}{' ...' if len(names) > 25 else ''}. "
-                    f"Accepted: {_accepted(TOKEN_FAMILIES)}"
+                    f"--token-metrics {url} exposes no generated-token counter we read; it has "
+                    f"{_families_found(text)}. Accepted: {_accepted(TOKEN_FAMILIES)}"
                 )
             for f in families:
                 found.setdefault(f, []).append(url)
