@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from controllers import NODE_AGENT_PORT
 from controllers.actuators import NodeAgentActuator
 from controllers.loop import ControlLoop
 from controllers.policies import Observation, build_policy, policy_names
@@ -48,7 +49,7 @@ class RemoteControllerConfig(BaseModel):
     metrics_url: str = Field(description="The front door's /metrics.")
     node_agents: list[str] = Field(default_factory=list, description="Agent URLs, when not found by service.")
     node_agent_service: str | None = Field(default=None, description="DNS name resolving to every agent pod.")
-    node_agent_port: int = Field(default=9400, ge=1, le=65535)
+    node_agent_port: int = Field(default=NODE_AGENT_PORT, ge=1, le=65535)
     max_changes_per_min: int = Field(default=6, ge=1, le=600)
     lease_s: float = Field(default=60.0, gt=0, description="Agents restore default clocks if not renewed.")
 

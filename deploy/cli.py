@@ -15,9 +15,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from controllers import NODE_AGENT_PORT
 from deploy.config import CampaignFile, ConfigError, load_serving_config, load_yaml_model
 from deploy.opscli import add_ops_commands
 from profilers.errors import TestbedError
+from profilers.node_meter import DEFAULT_PORT as METER_PORT
 from serving.config import ServingConfig
 from workloads.client import die_with_parent
 
@@ -484,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent = sub.add_parser("node-agent", help="DVFS node agent: lock this node's GPU clocks for a controller "
                            "(needs root on the GPU and TESTBED_NODE_AGENT_TOKEN)")
     agent.add_argument("--host", default="127.0.0.1")
-    agent.add_argument("--port", type=int, default=9400)
+    agent.add_argument("--port", type=int, default=NODE_AGENT_PORT)
     agent.add_argument("--restore-on-exit", action=argparse.BooleanOptionalAction, default=True,
                        help="reset the clocks to the driver's defaults at start-up and on exit (default: on)")
     agent.set_defaults(func=cmd_node_agent)
@@ -492,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     met = sub.add_parser("meter", help="node energy exporter beside any server: /metrics with llm_energy_* device "
                          "counters (NVML, else RAPL, else the CPU power model of --pid's process trees)")
     met.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for a pod)")
-    met.add_argument("--port", type=int, default=9400, help="default 9400; 0 picks a free port")
+    met.add_argument("--port", type=int, default=METER_PORT, help=f"default {METER_PORT}; 0 picks a free port")
     met.add_argument("--pid", type=int, action="append", help="process tree the CPU power model meters "
                      "(repeatable; default: pid 1, the whole node); NVML and RAPL meter devices, not processes")
     met.add_argument("--gpus", help="GPUs to read, as CUDA_VISIBLE_DEVICES (default: $CUDA_VISIBLE_DEVICES, else all)")

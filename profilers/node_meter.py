@@ -29,7 +29,8 @@ from profilers.sources import METER_ORDER, probe_sources
 from profilers.types import PowerReading
 
 log = logging.getLogger(__name__)
-DEFAULT_PORT = 9400
+# Beside dcgm-exporter (9400) and the node agent (9401) on the same node.
+DEFAULT_PORT = 9402
 ERROR_TEXT_MAX = 200
 
 

@@ -95,6 +95,17 @@ def test_chart_ray_version_is_the_images() -> None:
     assert '"ray[client]==${RAY_VERSION}"' in (ROOT / "deploy" / "Dockerfile").read_text()
 
 
+def test_node_ports_are_the_cli_defaults_and_clear_of_dcgm_exporter() -> None:
+    """The meter, the node agent and dcgm-exporter (9400) share GPU nodes: each default port is its own, the chart's
+    the CLI's, so a DaemonSet on hostNetwork or a bare-metal node does not fail to bind."""
+    from controllers import NODE_AGENT_PORT
+    from profilers.node_meter import DEFAULT_PORT as METER_PORT
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["meter"]["port"] == METER_PORT and values["nodeAgent"]["port"] == NODE_AGENT_PORT
+    assert len({METER_PORT, NODE_AGENT_PORT, 9400}) == 3
+
+
 @pytest.mark.parametrize("args", VALUES)
 def test_lint_strict(args: list[str]) -> None:
     helm("lint", "--strict", "--kube-version", K8S_VERSION, str(CHART), *args)
@@ -415,7 +426,7 @@ def test_meter_daemonset_runs_testbed_meter_unprivileged_and_is_scraped() -> Non
     assert "--host" in c["command"] and "$(NODE_NAME)" in c["command"] and spec["hostPID"] is True
     assert c["securityContext"].get("privileged") is not True and spec["securityContext"]["runAsNonRoot"] is True
     service = next(d for d in by_kind(docs, "Service") if d["metadata"]["name"] == "rel-llm-energy-testbed-meter")
-    assert service["metadata"]["annotations"]["prometheus.io/port"] == "9400"
+    assert service["metadata"]["annotations"]["prometheus.io/port"] == "9402"
     operator = render(*PROM_OPERATOR, "--set", "meter.enabled=true")
     assert sorted(m["metadata"]["name"] for m in by_kind(operator, "ServiceMonitor")) == [
         "rel-llm-energy-testbed", "rel-llm-energy-testbed-meter"]
