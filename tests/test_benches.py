@@ -119,3 +119,29 @@ def test_door_bench_prints_admitted_and_rejected_streams_and_health_under_a_floo
     answers = eval(attack.split("answers ")[1].split("; door RSS")[0])  # the bench's dict of status lines
     assert set(answers) <= {"HTTP/1.1 413 Request Entity Too Large", "(closed)"}, attack
     assert answers.get("HTTP/1.1 413 Request Entity Too Large", 0) >= 4, attack
+
+
+def test_every_bench_imports_and_parses_its_arguments() -> None:
+    """Each script under bench/ the notes quote still imports and answers --help: one process runs them all as
+    __main__, so a renamed import or a deleted helper fails here, not in the next session's measurement."""
+    script = (
+        "import runpy, sys\n"
+        "failed = []\n"
+        "for path in sys.argv[1:]:\n"
+        "    sys.argv = [path, '--help']\n"
+        "    try:\n"
+        "        runpy.run_path(path, run_name='__main__')\n"
+        "        failed.append(f'{path}: no usage (ran without exiting)')\n"
+        "    except SystemExit as done:\n"
+        "        if done.code not in (0, None):\n"
+        "            failed.append(f'{path}: exit {done.code}')\n"
+        "    except Exception as exc:\n"
+        "        failed.append(f'{path}: {type(exc).__name__}: {exc}')\n"
+        "print('FAILED', failed)\n"
+        "sys.exit(1 if failed else 0)\n"
+    )
+    benches = sorted(str(p) for p in BENCH.glob("*.py"))
+    done = subprocess.run([sys.executable, "-c", script, *benches], capture_output=True, text=True, timeout=300,
+                          cwd=BENCH.parent)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("usage:") == len(benches)
