@@ -36,6 +36,12 @@ from serving.config import DoorConfig
 
 log = logging.getLogger(__name__)
 
+LINGER_S = 2.0
+"""After a refusal, how long the door keeps reading (and dropping) what the client still sends before it closes, so
+that the client reads the answer instead of a reset (a lingering close, as Apache's and nginx's)."""
+MAX_LINGERING = 256
+"""Connections lingering at once; beyond it a refused connection is closed at once (they hold file descriptors)."""
+
 
 class _Exchange:
     """One generation request answered on the connection. It stands where uvicorn keeps its request cycle
@@ -136,6 +142,7 @@ class _Connections:
         self.closable: dict[DoorProtocol, None] = {}  # insertion-ordered: the oldest first
         self.evicted = 0
         self.refused = 0
+        self.lingering = 0  # connections refused and draining (see DoorProtocol._linger)
 
 
 class DoorProtocol(HttpToolsProtocol):
@@ -155,6 +162,8 @@ class DoorProtocol(HttpToolsProtocol):
         self.header_bytes = 0
         self.body_bytes = 0
         self.refused = False  # a limit answered this connection: it is closing, the rest of its input is dropped
+        self.lingering = False  # refused, answered, and waiting for the client to close (see _linger)
+        self.linger_bytes = 0  # while lingering: bytes still read and dropped before reading stops
 
     # Connections and timeouts
 
@@ -186,12 +195,23 @@ class DoorProtocol(HttpToolsProtocol):
         """Forget the connection; cancel its exchange in flight (the client went away)."""
         self.shared.closable.pop(self, None)
         self._disarm()
+        if self.lingering:
+            self.lingering = False
+            self.shared.lingering -= 1
         exchange = self.cycle
         if isinstance(exchange, _Exchange) and not exchange.response_complete:
             exchange.disconnected = True
+            exchange.body = bytearray()
             if exchange.task is not None:
                 exchange.task.cancel()  # the client went away: the stream's close cancels it in the engine
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """The server is stopping: a refused connection closes now (it has its answer), the rest as uvicorn's."""
+        if self.refused:
+            self.transport.close()
+        else:
+            super().shutdown()
 
     def _arm(self, delay_s: float) -> None:
         self._disarm()
@@ -221,6 +241,9 @@ class DoorProtocol(HttpToolsProtocol):
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True  # an ASGI app reading the body sees a disconnect; its answer goes nowhere
             cycle.message_event.set()
+            # What was read of the body goes now, not when the cycle collector finds the exchange (it and the
+            # protocol refer to each other): four refused chunked bodies held 4 MiB each for minutes.
+            cycle.body = bytearray() if isinstance(cycle, _Exchange) else b""
         if cycle is not None and (cycle.response_complete or getattr(cycle, "response_started", False)):
             self.transport.close()  # answered already (without reading the body): nothing more to say
             return
@@ -232,11 +255,35 @@ class DoorProtocol(HttpToolsProtocol):
         head.append(b"connection: close\r\n\r\n")
         if not self.transport.is_closing():
             self.transport.write(b"".join([*head, response.body]))
-            self.transport.close()
+            self._linger()
+
+    def _linger(self) -> None:
+        """Close after a refusal so that the client reads the answer. Closing a socket with unread input sends a
+        reset, and a client still sending its body (the one refused with a 413) then fails its write and often
+        never reads the answer waiting in its buffer. So the door ends its side (FIN after the answer), reads
+        and drops up to ``max_body_bytes`` more, then stops reading, and closes when the client does or after
+        ``LINGER_S``, whichever is first."""
+        transport, shared = self.transport, self.shared
+        if shared.lingering >= MAX_LINGERING or not transport.can_write_eof():
+            transport.close()
+            return
+        shared.lingering += 1
+        self.lingering = True
+        self.linger_bytes = self.limits.max_body_bytes
+        transport.write_eof()  # the client's next read after the answer is its end
+        self.read_timer = self.loop.call_later(LINGER_S, transport.close)
+
+    def _drop(self, n: int) -> None:
+        """Input of a refused connection: dropped; once ``linger_bytes`` are, reading stops (see :meth:`_linger`)."""
+        if self.linger_bytes:
+            self.linger_bytes = max(0, self.linger_bytes - n)
+            if not self.linger_bytes:
+                self.transport.pause_reading()  # the rest waits in the socket until the timer closes it
 
     def data_received(self, data: bytes) -> None:
         """Feed bytes to the parser; a kept-alive connection's next request arms the header timeout."""
         if self.refused:
+            self._drop(len(data))
             return
         if self.phase == "idle" and self.read_timer is None:  # the first bytes of a request on a kept-alive one
             self._arm(self.limits.header_timeout_s)

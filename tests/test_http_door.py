@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import select
 import socket
 import threading
 import time
@@ -22,7 +23,7 @@ from profilers.exporter import ExportSnapshot
 from profilers.footprint import load_site_profile
 from serving.api import FrontDoor, create_app
 from serving.config import DoorConfig
-from serving.http_door import DoorProtocol
+from serving.http_door import LINGER_S, DoorProtocol
 from serving.types import GenerationRequest, TokenEvent
 
 MODEL = "stub"
@@ -373,6 +374,54 @@ def test_oversized_bodies_and_headers_are_refused() -> None:
         assert read_all(conn).startswith(b"HTTP/1.1 431 ")
         body = {"model": MODEL, "prompt": "a " * 1000, "max_tokens": 2}  # under the limit
         assert httpx.post(door.url + "/v1/completions", json=body).status_code == 200
+
+
+def send_until_answered(conn: socket.socket, block: bytes, timeout_s: float = 5.0) -> bytes:
+    """A client that keeps sending its body until the server answers (as most do): the answer, to the server's
+    close; a reset raises."""
+    conn.setblocking(False)
+    answer, deadline = b"", time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        readable, writable, _ = select.select([conn], [] if answer else [conn], [], 0.5)
+        if readable:
+            part = conn.recv(65536)
+            if not part:
+                return answer
+            answer += part
+        elif writable:
+            with contextlib.suppress(BlockingIOError):
+                conn.send(block)
+    raise AssertionError(f"no close within {timeout_s} s: {answer[:80]!r}")
+
+
+def test_a_refused_client_still_sending_its_body_reads_the_answer_not_a_reset(monkeypatch) -> None:
+    """A lingering close: the door ends its side after the 413, drops what still comes, and closes when the client
+    does (or after LINGER_S); the body read so far is let go at once."""
+    refused: list[DoorProtocol] = []
+    refuse = DoorProtocol._refuse
+
+    def spy(self: DoorProtocol, *args: object, **kwargs: object) -> None:
+        refused.append(self)
+        refuse(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DoorProtocol, "_refuse", spy)
+    with serve_door(StubRouter(), DoorConfig(max_body_bytes=64 << 10)) as door:
+        for head, block in ((b"content-length: 100000000", b"x" * 65536),
+                            (b"transfer-encoding: chunked", b"10000\r\n" + b"x" * 65536 + b"\r\n")):
+            conn = connect(door)
+            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: t\r\n" + head + b"\r\n\r\n")
+            t0 = time.perf_counter()
+            answer = send_until_answered(conn, block)
+            assert answer.startswith(b"HTTP/1.1 413 ") and b"connection: close" in answer, answer[:80]
+            assert time.perf_counter() - t0 < LINGER_S + 1.0
+            conn.close()
+        deadline = time.monotonic() + LINGER_S + 1.0
+        while any(not p.transport.is_closing() for p in refused) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(refused) == 2 and all(p.transport.is_closing() for p in refused)
+        assert refused[0].cycle is None  # refused from Content-Length: nothing was read
+        assert len(refused[1].cycle.body) == 0  # the chunked one's 64 KiB: not kept until the cycle collector runs
+        assert httpx.post(door.url + "/v1/completions", json={"model": MODEL, "prompt": "a"}).status_code == 200
 
 
 @pytest.mark.parametrize(("field", "value"), [
