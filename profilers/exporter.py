@@ -351,16 +351,46 @@ def latency_histograms(registry: CollectorRegistry) -> LatencyHistograms:
     )
 
 
+DOOR_REFUSAL_REASONS = ("in_flight", "connections", "body_too_large", "headers_too_large", "timeout")
+"""Why the front door refused a request (``serving.config.DoorConfig``): 503 at the in-flight cap, 503 at the
+connection cap, 413, 431, 408."""
+
+
+class DoorRefusals(FastCollector):
+    """Requests the front door refused at one of its limits, by reason (``llm_energy_door_refused_total``). Every
+    reason is exported from the start, at 0 until it happens, so a rate over it has a series from the first scrape.
+    Counted on the door's event loop (plain ints, no lock)."""
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(DOOR_REFUSAL_REASONS, 0)
+
+    def count(self, reason: str) -> None:
+        """One more refusal for ``reason`` (one of ``DOOR_REFUSAL_REASONS``)."""
+        self.counts[reason] += 1
+
+    def families(self) -> list[Family]:
+        """The counter family, one row per reason."""
+        family = _counter(
+            f"{NAMESPACE}_door_refused",
+            "Requests the front door refused at a limit: in_flight (503, in-flight cap), connections (503, "
+            "connection cap), body_too_large (413), headers_too_large (431), timeout (408).", ["reason"])
+        for reason, n in self.counts.items():
+            family.add([reason], n)
+        return [family]
+
+
 def build_registry(
     snapshot_fn: Callable[[], ExportSnapshot],
     site: SiteProfile,
     *,
     embodied: EmbodiedCarbon | None = None,
     cif: CifSeries | None = None,
+    refusals: DoorRefusals | None = None,
 ) -> tuple[ExporterRegistry, LatencyHistograms]:
-    """The deployment's registry: energy families (fast path, see :meth:`ExporterRegistry.render`) and
-    latency histograms."""
+    """The deployment's registry: energy families (fast path, see :meth:`ExporterRegistry.render`), latency
+    histograms and the front door's refusals (``refusals``, the door's counter; else one that stays at 0)."""
     registry = ExporterRegistry()
     cif = cif if cif is not None else site_cif_series(site)
     registry.register(EnergyCollector(snapshot_fn, site, embodied=embodied, cif=cif))
+    registry.register(refusals if refusals is not None else DoorRefusals())
     return registry, latency_histograms(registry)

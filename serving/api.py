@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from profilers import trace
-from profilers.exporter import ExportSnapshot, build_registry
+from profilers.exporter import DoorRefusals, ExportSnapshot, build_registry
 from profilers.footprint import SiteProfile
 from serving.config import DoorConfig
 from serving.router import NoReplicaError, ReplicaFailedError, Router
@@ -146,20 +146,31 @@ UNSIZED_INFLIGHT_CAP = 2048
 
 
 class Admission:
-    """Generation requests in flight at one door, against ``DoorConfig.max_inflight_requests``."""
+    """Generation requests in flight at one door, against ``DoorConfig.max_inflight_requests``; a request refused
+    at the cap is counted in ``refusals`` (``llm_energy_door_refused_total{reason="in_flight"}``)."""
 
-    __slots__ = ("inflight", "limit", "rejected", "retry_after_s")
+    __slots__ = ("_overloaded", "inflight", "limit", "refusals", "rejected", "retry_after_s")
 
-    def __init__(self, limit: int, retry_after_s: int) -> None:
+    def __init__(self, limit: int, retry_after_s: int, refusals: DoorRefusals | None = None) -> None:
         self.limit = limit
         self.retry_after_s = retry_after_s
+        self.refusals = refusals if refusals is not None else DoorRefusals()
         self.inflight = 0
         self.rejected = 0
+        self._overloaded: tuple[int, JSONResponse] | None = None
+
+    def full(self) -> bool:
+        """At the cap: count the request as rejected (True; it gets :meth:`overloaded`), else False. Takes no
+        place: the door asks when a request's headers arrive, to answer before its body."""
+        if self.inflight < self.limit:
+            return False
+        self.rejected += 1
+        self.refusals.count("in_flight")
+        return True
 
     def enter(self) -> bool:
         """Take a place, or count a rejection (False) when there is none."""
-        if self.inflight >= self.limit:
-            self.rejected += 1
+        if self.full():
             return False
         self.inflight += 1
         return True
@@ -169,11 +180,14 @@ class Admission:
         self.inflight -= 1
 
     def overloaded(self) -> JSONResponse:
-        """The 503 for a request over the in-flight limit, with ``retry-after``."""
-        return error_response(
-            503, f"the server is at its limit of {self.limit} requests in flight; retry after "
-            f"{self.retry_after_s} s", code="overloaded", headers={"retry-after": str(self.retry_after_s)},
-        )
+        """The 503 for a request over the in-flight limit, with ``retry-after`` (built once: under overload it is
+        the door's most frequent answer)."""
+        if self._overloaded is None or self._overloaded[0] != self.limit:
+            self._overloaded = (self.limit, error_response(
+                503, f"the server is at its limit of {self.limit} requests in flight; retry after "
+                f"{self.retry_after_s} s", code="overloaded", headers={"retry-after": str(self.retry_after_s)},
+            ))
+        return self._overloaded[1]
 
 
 class RecentRequests:
@@ -221,13 +235,14 @@ class FrontDoor:
         self.limits = limits or DoorConfig()
         # Not sized from a deployment (DoorConfig.resolved): the cap the door had before it was sized.
         cap = self.limits.max_inflight_requests or UNSIZED_INFLIGHT_CAP
-        self.admission = Admission(cap, self.limits.retry_after_s)
+        self.refusals = DoorRefusals()  # what the door refused at its limits, exported on /metrics
+        self.admission = Admission(cap, self.limits.retry_after_s, self.refusals)
         self.recent = RecentRequests()
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.created = int(time.time())
         self._snapshot = ExportSnapshot()
-        self.registry, self.latency = build_registry(lambda: self._snapshot, site)
+        self.registry, self.latency = build_registry(lambda: self._snapshot, site, refusals=self.refusals)
 
     async def metrics_text(self) -> bytes:
         """The ``/metrics`` exposition, from a fresh snapshot of every replica's telemetry."""

@@ -31,6 +31,7 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from profilers.exporter import DoorRefusals
 from serving.api import SSE_DONE, Admission, FrontDoor, Route, SSEResponse, answer, error_response, generation_routes
 from serving.config import DoorConfig
 
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 LINGER_S = 2.0
 """After a refusal, how long the door keeps reading (and dropping) what the client still sends before it closes, so
 that the client reads the answer instead of a reset (a lingering close, as Apache's and nginx's)."""
+REFUSAL_REASONS = {503: "connections", 413: "body_too_large", 431: "headers_too_large", 408: "timeout"}
+"""What each of the protocol's own refusals is counted as (``DoorRefusals``; the in-flight 503 is Admission's)."""
 MAX_LINGERING = 256
 """Connections lingering at once; beyond it a refused connection is closed at once (they hold file descriptors)."""
 
@@ -47,14 +50,16 @@ class _Exchange:
     """One generation request answered on the connection. It stands where uvicorn keeps its request cycle
     (``protocol.cycle``), with the attributes uvicorn reads there (connection loss, shutdown, pipelining)."""
 
-    __slots__ = ("body", "disconnected", "keep_alive", "message_event", "protocol", "response_complete", "route",
-                 "task")
+    __slots__ = ("body", "disconnected", "keep_alive", "message_event", "protocol", "rejected", "response_complete",
+                 "response_started", "route", "task")
 
     def __init__(self, protocol: DoorProtocol, route: Route, keep_alive: bool) -> None:
         self.protocol = protocol
         self.route = route
         self.keep_alive = keep_alive
         self.body = bytearray()
+        self.rejected = False  # answered 503 (in-flight cap) when its headers came: its body is read and dropped
+        self.response_started = False
         self.response_complete = False
         self.disconnected = False
         self.message_event = asyncio.Event()  # set by uvicorn when the connection goes; nothing waits on it here
@@ -90,7 +95,15 @@ class _Exchange:
         return lines
 
     def _write_whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.response_started = True
         self.protocol.transport.write(b"".join([*self._head(status, headers, chunked=False), body]))
+
+    def reject(self) -> None:
+        """The door is at its in-flight cap as the headers arrive: the 503 now, before the body (which is then
+        read and dropped, so the connection stays usable); the exchange completes with the request."""
+        self.rejected = True
+        overloaded = self.protocol.admission.overloaded()
+        self._write_whole(overloaded.status_code, overloaded.raw_headers, overloaded.body)
 
     async def _stream(self, response: SSEResponse) -> None:
         transport, flow = self.protocol.transport, self.protocol.flow
@@ -99,6 +112,7 @@ class _Exchange:
             # The first chunk is formatted from an event the door already holds: no wait between it and the headers.
             first = await anext(chunks, None)
             parts = self._head(200, response.raw_headers, chunked=True)
+            self.response_started = True
             if first is not None:
                 parts.append(_chunk(first.encode()))
             transport.write(b"".join(parts))
@@ -131,8 +145,9 @@ class _Connections:
     """What the connections of one server share: the limits, and the connections that may be closed to make room
     for a new one (idle, or still sending a request), the longest in that state first."""
 
-    def __init__(self, limits: DoorConfig) -> None:
+    def __init__(self, limits: DoorConfig, refusals: DoorRefusals) -> None:
         self.limits = limits
+        self.refusals = refusals  # the door's counter, by reason (llm_energy_door_refused_total)
         self.max_connections = limits.max_connections
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != resource.RLIM_INFINITY and limits.max_connections > soft * 3 // 4:
@@ -235,6 +250,7 @@ class DoorProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, message: str, retry: bool = False) -> None:
         """Answer ``status`` and close: the request (if any) is not served and nothing more is read."""
         self.refused = True
+        self.shared.refusals.count(REFUSAL_REASONS[status])
         self.shared.closable.pop(self, None)
         self._disarm()
         cycle = self.cycle
@@ -347,9 +363,11 @@ class DoorProtocol(HttpToolsProtocol):
         self.scope["method"] = "POST"
         self.scope["path"] = self.url.decode("latin-1")  # for log messages
         keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
-        self.cycle = _Exchange(self, route, keep_alive)  # type: ignore[assignment]
-        if self.expect_100_continue:
+        exchange = self.cycle = _Exchange(self, route, keep_alive)  # type: ignore[assignment]
+        if self.expect_100_continue:  # the client waits for this before its body: the cap is checked after it
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        elif self.admission.full():  # the 503 before the body, with nothing allocated for the request
+            exchange.reject()
 
     def on_body(self, body: bytes) -> None:
         """Count body bytes against the limit (413 over it) and collect them for the request."""
@@ -360,7 +378,8 @@ class DoorProtocol(HttpToolsProtocol):
             self._refuse(413, f"the request's body is larger than the limit of {self.limits.max_body_bytes} bytes")
             return
         if isinstance(self.cycle, _Exchange):
-            self.cycle.body += body
+            if not self.cycle.rejected:
+                self.cycle.body += body
         else:
             super().on_body(body)
 
@@ -376,9 +395,11 @@ class DoorProtocol(HttpToolsProtocol):
             super().on_message_complete()
             return
         admission = self.admission
+        if exchange.rejected:  # answered 503 when its headers came
+            exchange._complete()
+            return
         if not admission.enter():  # at the in-flight cap: answered now, without a task; the connection is kept
-            overloaded = admission.overloaded()
-            exchange._write_whole(overloaded.status_code, overloaded.raw_headers, overloaded.body)
+            exchange.reject()
             exchange._complete()
             return
         task = exchange.task = self.loop.create_task(exchange.run())
@@ -392,4 +413,5 @@ def door_protocol(door: FrontDoor) -> Callable[..., asyncio.Protocol]:
     """The protocol factory uvicorn takes as ``Config(http=...)`` for a front door (one per server: the
     connection limit is the server's)."""
     routes = {path.encode(): route for path, route in generation_routes(door).items()}
-    return functools.partial(DoorProtocol, routes=routes, admission=door.admission, shared=_Connections(door.limits))
+    return functools.partial(DoorProtocol, routes=routes, admission=door.admission,
+                             shared=_Connections(door.limits, door.refusals))

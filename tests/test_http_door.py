@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from deploy.serve import bind_socket, front_door_server
-from profilers.exporter import ExportSnapshot
+from profilers.exporter import DOOR_REFUSAL_REASONS, ExportSnapshot
 from profilers.footprint import load_site_profile
 from serving.api import FrontDoor, create_app
 from serving.config import DoorConfig
@@ -291,6 +291,8 @@ def test_idle_slow_and_incomplete_requests_are_timed_out() -> None:
         answer = read_all(control)  # answered without its body (no such route here), then closed
         assert answer.startswith(b"HTTP/1.1 404 ") and answer.count(b"HTTP/1.1") == 1
         assert time.perf_counter() - t0 < 2.0
+        # slow, short, chunked, and control's body (its 404 went before): the idle one got nothing, no refusal
+        assert door.front.refusals.counts["timeout"] == 4
         # The door still serves.
         assert httpx.post(door.url + "/v1/completions", json={"model": MODEL, "prompt": "a"}).status_code == 200
 
@@ -326,6 +328,7 @@ def test_when_every_connection_is_answered_a_new_one_gets_a_503() -> None:
         extra = connect(door)
         answer = read_all(extra)
         assert answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in answer
+        assert door.front.refusals.counts["connections"] == 1
         for conn in streams:  # the streams go on
             assert read_until(conn, END).endswith(END)
 
@@ -343,10 +346,20 @@ def test_beyond_the_in_flight_cap_a_generation_request_gets_a_503_at_once() -> N
         answer = read_until(extra, b'"code":"overloaded"}}')
         assert time.perf_counter() - t0 < 0.1
         assert answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1\r\n" in answer
+        # Answered when the headers came, before the body: the body is then read and dropped, the connection kept.
+        data = json.dumps({**STREAM, "prompt": "a " * 5000}).encode()
+        early = connect(door)
+        early.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n" % len(data))
+        assert read_until(early, b'"code":"overloaded"}}').startswith(b"HTTP/1.1 503 ")
+        early.sendall(data + b"GET /v1/models HTTP/1.1\r\nhost: t\r\n\r\n")
+        assert b"HTTP/1.1 200 " in read_until(early, b'"max_model_len"')
         r = httpx.post(door.url + "/v1/completions", json=STREAM)
         assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
         assert httpx.get(door.url + "/health").status_code in (200, 503)  # not counted
-        assert httpx.get(door.url + "/metrics").status_code == 200
+        metrics = httpx.get(door.url + "/metrics")
+        assert metrics.status_code == 200
+        assert 'llm_energy_door_refused_total{reason="in_flight"} 3.0' in metrics.text
+        assert door.front.refusals.counts == {**dict.fromkeys(DOOR_REFUSAL_REASONS, 0), "in_flight": 3}
         streams[0].close()  # a client that goes away frees its place
         assert read_until(streams[1], END).endswith(END)
         deadline = time.monotonic() + 2
@@ -374,6 +387,8 @@ def test_oversized_bodies_and_headers_are_refused() -> None:
         assert read_all(conn).startswith(b"HTTP/1.1 431 ")
         body = {"model": MODEL, "prompt": "a " * 1000, "max_tokens": 2}  # under the limit
         assert httpx.post(door.url + "/v1/completions", json=body).status_code == 200
+        counts = door.front.refusals.counts
+        assert (counts["body_too_large"], counts["headers_too_large"], counts["in_flight"]) == (3, 1, 0)
 
 
 def send_until_answered(conn: socket.socket, block: bytes, timeout_s: float = 5.0) -> bytes:
@@ -475,5 +490,6 @@ async def test_the_asgi_path_counts_requests_in_flight_too() -> None:
             await asyncio.sleep(0.001)
         r = await client.post("/v1/completions", json=body)
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert front.refusals.counts["in_flight"] == 1
         assert (await first).status_code == 200 and front.admission.inflight == 0
         assert (await client.post("/v1/completions", json=body)).status_code == 200

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from profilers.carbon import EmbodiedCarbon
-from profilers.exporter import DeviceSample, ExportSnapshot, ReplicaSample, build_registry
+from profilers.exporter import DOOR_REFUSAL_REASONS, DeviceSample, ExportSnapshot, ReplicaSample, build_registry
 from profilers.footprint import load_site_profile
 
 DEV = ("backend", "device", "provenance", "replica")
@@ -47,6 +47,8 @@ FROZEN: dict[str, tuple[str, tuple[str, ...]]] = {
     "llm_energy_request_e2e_seconds_bucket": ("histogram", ("le", "replica")),
     "llm_energy_request_e2e_seconds_count": ("histogram", ("replica",)),
     "llm_energy_request_e2e_seconds_sum": ("histogram", ("replica",)),
+    # Issue #18: what the front door refused at its limits (added on purpose).
+    "llm_energy_door_refused_total": ("counter", ("reason",)),
 }
 # KV cache, speculation and a prefix cache (a vLLM engine has all three).
 ENGINE_STATE = {"kv_used_tokens": 64, "kv_capacity_tokens": 4096, "spec_proposed_tokens": 30,
@@ -129,7 +131,7 @@ def test_counters_end_in_total_and_units_are_base_units() -> None:
         assert name.endswith("_total")
     unit = re.compile(r"_(joules|watts|mhz|liters|grams|seconds|ratio|tokens)$")
     counts = {"llm_energy_tokens", "llm_energy_sampler_errors", "llm_energy_requests_running",
-              "llm_energy_requests_waiting"}  # dimensionless counts
+              "llm_energy_requests_waiting", "llm_energy_door_refused"}  # dimensionless counts
     for family in (f for f in types if f.startswith("llm_energy_") and not f.endswith("_created")):
         base = family.removesuffix("_total")  # newer clients print counters' TYPE with the suffix
         # _info: labels, value 1; _up: 1 or 0, as Prometheus's own `up`
@@ -141,6 +143,12 @@ def test_scope_values_are_fixed() -> None:
     for name, scopes in SCOPES.items():
         seen = {dict(v)["scope"] for v in values[name]}
         assert seen == scopes, name
+
+
+def test_door_refusal_reasons_are_fixed_and_exported_from_zero() -> None:
+    _, _, values = parse(exposition())
+    assert {dict(v)["reason"] for v in values["llm_energy_door_refused_total"]} == set(DOOR_REFUSAL_REASONS)
+    assert set(DOOR_REFUSAL_REASONS) == {"in_flight", "connections", "body_too_large", "headers_too_large", "timeout"}
 
 
 def test_kind_values_are_fixed() -> None:
