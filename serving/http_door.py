@@ -29,7 +29,10 @@ from collections.abc import Callable
 from typing import Any
 
 import httptools
+from uvicorn.logging import TRACE_LOG_LEVEL
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
 from profilers.exporter import DoorRefusals
 from serving.api import SSE_DONE, Admission, FrontDoor, Route, SSEResponse, answer, error_response, generation_routes
@@ -155,9 +158,23 @@ class _Connections:
             log.warning("front door: max_connections %d is more than the open-file limit (%d) allows; using %d",
                         limits.max_connections, soft, self.max_connections)
         self.closable: dict[DoorProtocol, None] = {}  # insertion-ordered: the oldest first
+        self.shed_lines: tuple[bytes, ...] = ()  # request lines a new connection's 503 is decided from (shed)
+        self._shed: tuple[object, bytes] | None = None  # (uvicorn's default headers, the 503 built with them)
         self.evicted = 0
         self.refused = 0
         self.lingering = 0  # connections refused and draining (see DoorProtocol._linger)
+
+    def shed_answer(self, default_headers: list[tuple[bytes, bytes]], admission: Admission) -> bytes:
+        """The 503 (in-flight cap, ``Connection: close``) a shed connection gets, rebuilt when uvicorn's default
+        headers change (their date, every second)."""
+        if self._shed is None or self._shed[0] is not default_headers:
+            response = admission.overloaded()
+            head = [STATUS_LINE[503]]
+            for name, value in (*default_headers, *response.raw_headers):
+                head += [name, b": ", value, b"\r\n"]
+            head.append(b"connection: close\r\n\r\n")
+            self._shed = (default_headers, b"".join([*head, response.body]))
+        return self._shed[1]
 
 
 class DoorProtocol(HttpToolsProtocol):
@@ -184,7 +201,13 @@ class DoorProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Accept a connection; over the connection limit, close the oldest idle one or refuse this one with a 503."""
-        super().connection_made(transport)
+        if self.logger.level <= TRACE_LOG_LEVEL:
+            super().connection_made(transport)
+        else:  # uvicorn's, less the two addresses (a socket object and a system call each): see on_message_begin
+            self.connections.add(self)
+            self.transport = transport
+            self.flow = FlowControl(transport)
+            self.scheme = "https" if is_ssl(transport) else "http"
         shared = self.shared
         if len(self.connections) > shared.max_connections:
             victim = next(iter(shared.closable), None)
@@ -273,6 +296,18 @@ class DoorProtocol(HttpToolsProtocol):
             self.transport.write(b"".join([*head, response.body]))
             self._linger()
 
+    def _shed(self) -> None:
+        """The door is at its in-flight cap and a new connection's first bytes are a generation request's line:
+        its 503 from that line, before any parsing, and the connection closes (lingering). Overload comes as a
+        flood of such requests, and each one the door parses delays the 503s of all behind it (3,000 streams at
+        once: the last 503 waited for the parsing of every request before it). A kept-alive connection's request
+        is parsed, refused when its headers are in, and the connection kept (:meth:`_Exchange.reject`)."""
+        self.refused = True
+        self.shared.closable.pop(self, None)
+        self._disarm()
+        self.transport.write(self.shared.shed_answer(self.server_state.default_headers, self.admission))
+        self._linger()
+
     def _linger(self) -> None:
         """Close after a refusal so that the client reads the answer. Closing a socket with unread input sends a
         reset, and a client still sending its body (the one refused with a 413) then fails its write and often
@@ -301,6 +336,11 @@ class DoorProtocol(HttpToolsProtocol):
         if self.refused:
             self._drop(len(data))
             return
+        admission = self.admission
+        if (self.cycle is None and admission.inflight >= admission.limit and data.startswith(self.shared.shed_lines)
+                and admission.full()):
+            self._shed()
+            return
         if self.phase == "idle" and self.read_timer is None:  # the first bytes of a request on a kept-alive one
             self._arm(self.limits.header_timeout_s)
         super().data_received(data)
@@ -318,6 +358,8 @@ class DoorProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         """A request begins: count its header bytes from here (a timeout now answers with a 408)."""
+        if self.server is None:  # looked up for the first request's ASGI scope, not for every connection (shed)
+            self.server, self.client = get_local_addr(self.transport), get_remote_addr(self.transport)
         super().on_message_begin()
         self.phase = "headers"
         self.header_bytes = 1  # a request has begun (a timeout answers it with a 408)
@@ -413,5 +455,6 @@ def door_protocol(door: FrontDoor) -> Callable[..., asyncio.Protocol]:
     """The protocol factory uvicorn takes as ``Config(http=...)`` for a front door (one per server: the
     connection limit is the server's)."""
     routes = {path.encode(): route for path, route in generation_routes(door).items()}
-    return functools.partial(DoorProtocol, routes=routes, admission=door.admission,
-                             shared=_Connections(door.limits, door.refusals))
+    shared = _Connections(door.limits, door.refusals)
+    shared.shed_lines = tuple(b"POST %s HTTP/1." % path for path in routes)
+    return functools.partial(DoorProtocol, routes=routes, admission=door.admission, shared=shared)

@@ -346,9 +346,13 @@ def test_beyond_the_in_flight_cap_a_generation_request_gets_a_503_at_once() -> N
         answer = read_until(extra, b'"code":"overloaded"}}')
         assert time.perf_counter() - t0 < 0.1
         assert answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1\r\n" in answer
-        # Answered when the headers came, before the body: the body is then read and dropped, the connection kept.
+        assert b"connection: close\r\n" in answer and read_all(extra) == b""  # a new connection's: shed, closed
+        # On a kept-alive connection: answered when the headers came, before the body, which is then read and
+        # dropped; the connection is kept.
         data = json.dumps({**STREAM, "prompt": "a " * 5000}).encode()
         early = connect(door)
+        early.sendall(b"GET /v1/models HTTP/1.1\r\nhost: t\r\n\r\n")
+        assert b"HTTP/1.1 200 " in read_until(early, b'"max_model_len"')
         early.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n" % len(data))
         assert read_until(early, b'"code":"overloaded"}}').startswith(b"HTTP/1.1 503 ")
         early.sendall(data + b"GET /v1/models HTTP/1.1\r\nhost: t\r\n\r\n")
