@@ -16,7 +16,9 @@ included. Here a request's headers must arrive within ``header_timeout_s`` and i
 (408 and close); headers beyond ``max_header_bytes`` get a 431 and bodies beyond ``max_body_bytes`` a 413, from
 Content-Length before reading or as a chunked body passes it; a connection beyond ``max_connections`` closes the
 one idle (or still sending its request) for the longest, so health checks get through a flood of idle
-connections; generation requests beyond ``max_inflight_requests`` get a 503 with Retry-After at once.
+connections; generation requests beyond ``max_inflight_requests`` get a 503 with Retry-After at once (a new
+connection's from its request line, before parsing, then closed; a kept-alive one's when its headers are in). Every
+refusal closes lingering (the client reads its answer, not a reset) and is counted by reason (``DoorRefusals``).
 """
 
 from __future__ import annotations
