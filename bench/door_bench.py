@@ -13,6 +13,10 @@ This process then
 3. sends oversized bodies (``--attack-rounds`` rounds of 4 at once, half declaring ``--attack-mb`` MB in
    Content-Length, half chunked without end): the door's resident memory before and after.
 
+Each stream run also reports the door process's CPU time per request (user + system, from /proc): on a host where
+the client and the door share cores, the time to a 503 measured by the client includes waiting for a core (the
+client's and the door's), which this figure does not. At the end, the door's refusals by reason, from /metrics.
+
     python bench/door_bench.py [--streams 500 3000] [--max-tokens 16] [--max-connections N] [--max-inflight N]
 """
 
@@ -173,6 +177,23 @@ async def flood(port: int, n: int, poll_s: float) -> dict[str, float]:
             "p99_ms": (p99(latencies) or 0.0) * 1e3}
 
 
+def cpu_s(pid: int) -> float:
+    """CPU time (user + system) of a process so far, seconds (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def refusals(port: int) -> dict[str, float]:
+    """The door's ``llm_energy_door_refused_total`` by reason, from /metrics."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n")
+    text = (await reader.read()).decode(errors="replace")
+    writer.close()
+    prefix = 'llm_energy_door_refused_total{reason="'
+    return {line[len(prefix):].split('"')[0]: float(line.split()[-1])
+            for line in text.splitlines() if line.startswith(prefix)}
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of a process, MB (from /proc)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -243,13 +264,19 @@ def main() -> None:
     server.start()
     time.sleep(1.5)
     try:
-        rows = [(n, uvloop.run(streams(port, n, args.max_tokens))) for n in args.streams]
+        rows = []
+        for n in args.streams:
+            cpu0 = cpu_s(server.pid)  # type: ignore[arg-type]
+            out = uvloop.run(streams(port, n, args.max_tokens))
+            time.sleep(0.2)  # the door closes what the client closed
+            rows.append((n, out, (cpu_s(server.pid) - cpu0) / n))  # type: ignore[arg-type]
         flooded = uvloop.run(flood(port, n_flood, args.poll_ms / 1e3))
         time.sleep(1.0)
         rss_before = rss_mb(server.pid)  # type: ignore[arg-type]
         statuses = uvloop.run(attack(port, args.attack_rounds, args.attack_mb))
         time.sleep(1.0)
         rss_after = rss_mb(server.pid)  # type: ignore[arg-type]
+        refused = uvloop.run(refusals(port))
     finally:
         server.terminate()
         server.join(10)
@@ -257,10 +284,10 @@ def main() -> None:
           f"{limits.max_inflight_requests}; one emulated engine ({MODEL} on h100_sxm, batch cap 256), "
           f"{args.max_tokens} tokens a request")
     print(f"{'streams':>8} {'admitted':>9} {'503':>6} {'failed':>7} {'time to 503 p99 ms':>19} "
-          f"{'TTFT p99 (admitted) ms':>23}")
-    for n, out in rows:
+          f"{'TTFT p99 (admitted) ms':>23} {'door CPU us/request':>20}")
+    for n, out, cpu in rows:
         print(f"{n:>8} {len(out['admitted']):>9} {len(out['rejected']):>6} {len(out['failed']):>7} "
-              f"{ms(p99(out['rejected'])):>19} {ms(p99(out['admitted'])):>23}")
+              f"{ms(p99(out['rejected'])):>19} {ms(p99(out['admitted'])):>23} {cpu * 1e6:>20.0f}")
     f = flooded
     print(f"\nidle flood: {f['opened']:.0f} idle connections opened ({f['refused']:.0f} refused), "
           f"{args.flood_factor:g}x the cap; {f['closed']:.0f} closed by the door to make room")
@@ -270,6 +297,8 @@ def main() -> None:
     print(f"\noversized bodies: {len(statuses)} x {args.attack_mb} MB ({args.attack_rounds} rounds of 4, half "
           f"chunked); answers {answers}; door RSS {rss_before:.0f} MB before, {rss_after:.0f} MB after "
           f"({rss_after - rss_before:+.0f} MB)")
+    print("door refusals (llm_energy_door_refused_total): "
+          + (", ".join(f"{k} {v:.0f}" for k, v in refused.items()) or "none exported"))
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 
