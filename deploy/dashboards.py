@@ -154,6 +154,13 @@ def overview() -> Dashboard:
             ),
             Panel("Latency p99", (q(quantile("ttft", 0.99), "TTFT"), q(quantile("tpot", 0.99), "TPOT")), "s"),
             Panel(
+                "Front door refusals",
+                (q(f"sum by (reason) (rate(llm_energy_door_refused_total[{R}]))", "{{reason}}"),),
+                "reqps",
+                description="Requests the front door refused at a limit: in_flight and connections are 503s with "
+                "Retry-After (overload shed), body_too_large 413, headers_too_large 431, timeout 408.",
+            ),
+            Panel(
                 "Energy split",
                 (
                     q(
