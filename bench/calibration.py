@@ -116,7 +116,7 @@ def fit(gpu: str, rows: list[MeasuredRow], config_dir: Path | None, iterations: 
     best, score = fit_preset(preset_data(preset), pairs, iterations=iterations)
     device = device_from_dict(best)
     print(f"# {preset}: fitted to {len(pairs)} {gpu} rows (lines {', '.join(str(r.line) for r, _ in pairs)}), "
-          f"mean squared log error {score:.4f}")
+          f"loss (mean Huber of the log errors) {score:.4f}")
     for p in FIT_PARAMETERS:
         head, _, leaf = p.path.rpartition(".")
         print(f"{p.path}: {(best[head] if head else best)[leaf]:.6g}")
