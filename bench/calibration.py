@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deploy.calibration import (
     DATASET_NAME,
-    FIT_PARAMETERS,
     GPU_PRESETS,
     METRICS,
     Figures,
     MeasuredRow,
     dataset_path,
+    fit_parameters,
     fit_preset,
     load_measurements,
     mean_field,
@@ -117,7 +117,7 @@ def fit(gpu: str, rows: list[MeasuredRow], config_dir: Path | None, iterations: 
     device = device_from_dict(best)
     print(f"# {preset}: fitted to {len(pairs)} {gpu} rows (lines {', '.join(str(r.line) for r, _ in pairs)}), "
           f"loss (mean Huber of the log errors) {score:.4f}")
-    for p in FIT_PARAMETERS:
+    for p in fit_parameters(best):
         head, _, leaf = p.path.rpartition(".")
         print(f"{p.path}: {(best[head] if head else best)[leaf]:.6g}")
     errs = [relative_errors(mean_field(r, device, m), measured(r)) for r, m in pairs]

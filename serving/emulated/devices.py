@@ -179,6 +179,11 @@ class DeviceSpec(BaseModel):
         "the roofline (time = max of the two), 0 runs them one after the other (sum), as skinny decode GEMMs "
         "(a few tokens against a whole weight matrix) do when tiles wait for their weights.",
     )
+    overlapped_overhead_s: float = Field(
+        default=0.0, ge=0,
+        description="Per iteration: the serving engine's fixed host time overlapped with the device's work (see "
+        "overlapped_sequence_s); an iteration lasts at least this plus overlapped_sequence_s x sequences.",
+    )
     overlapped_sequence_s: float = Field(
         default=0.0, ge=0,
         description="Per sequence and iteration: host time the serving engine overlaps with the device's work "
@@ -382,7 +387,8 @@ class DeviceSpec(BaseModel):
             comm_j = reduces * sent * n * link.energy_pj_per_byte * 1e-12
         # Host work overlapped with the device's (asynchronous scheduling): the slower of the two sets the
         # pace; then the host time that cannot overlap (sampling, output processing), device waiting.
-        time_s = max(device_s, self.overlapped_sequence_s * sequences) + self.sequence_overhead_s * sequences
+        host_s = self.overlapped_overhead_s + self.overlapped_sequence_s * sequences
+        time_s = max(device_s, host_s) + self.sequence_overhead_s * sequences
         return Execution(
             time_s=time_s,
             kernel_s=kernel_s,

@@ -297,7 +297,8 @@ def decode_steps(
         device_s += reduces * link.allreduce_latency_s * (n - 1) + transfer_s
         kernel_s += transfer_s
         comm_j = reduces * sent * n * link.energy_pj_per_byte * 1e-12
-    time_s = np.maximum(device_s, device.overlapped_sequence_s * batch) + device.sequence_overhead_s * batch
+    host_s = device.overlapped_overhead_s + device.overlapped_sequence_s * batch
+    time_s = np.maximum(device_s, host_s) + device.sequence_overhead_s * batch
     e_w, e_a, e_kv, e_act, e_tok = op.weight_mac_j, op.attn_mac_j, op.kv_byte_j, op.act_byte_j, op.token_j
     # _at_clock
     own_j = weight_macs * e_w + attn_macs * e_a + kv_bytes * e_kv + act_bytes * e_act + batch * e_tok
