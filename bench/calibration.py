@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deploy.calibration import (
     DATASET_NAME,
-    FIT_PARAMETERS,
     GPU_PRESETS,
     METRICS,
     Figures,
     MeasuredRow,
     dataset_path,
+    fit_parameters,
     fit_preset,
     load_measurements,
     mean_field,
@@ -116,8 +116,8 @@ def fit(gpu: str, rows: list[MeasuredRow], config_dir: Path | None, iterations: 
     best, score = fit_preset(preset_data(preset), pairs, iterations=iterations)
     device = device_from_dict(best)
     print(f"# {preset}: fitted to {len(pairs)} {gpu} rows (lines {', '.join(str(r.line) for r, _ in pairs)}), "
-          f"mean squared log error {score:.4f}")
-    for p in FIT_PARAMETERS:
+          f"loss (mean Huber of the log errors) {score:.4f}")
+    for p in fit_parameters(best):
         head, _, leaf = p.path.rpartition(".")
         print(f"{p.path}: {(best[head] if head else best)[leaf]:.6g}")
     errs = [relative_errors(mean_field(r, device, m), measured(r)) for r, m in pairs]

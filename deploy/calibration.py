@@ -198,11 +198,14 @@ def preset_for(row: MeasuredRow) -> str:
 # --- the fast aggregate ---------------------------------------------------------------------------
 def mean_field(row: MeasuredRow, device: DeviceSpec, model: ModelShape, clock_mhz: float | None = None) -> Figures:
     """Steady state priced directly: the measured average batch decoding at the mean running context, with
-    Poisson-many new prompts prefilled per step (one request finishes, and one starts, every O/B steps)."""
+    Poisson-many new prompts prefilled per step (one request finishes, and one starts, every O/B steps). The
+    batch is capped by the sequences of that context the device's KV cache holds, as on the engine (which
+    preempts beyond it), so the fit sees the batch the replay runs."""
     tp = row.devices_per_replica
     clock = clock_mhz or device.f_max_mhz
-    batch, prompt, out = row.avg_batch_size, row.prompt_tokens, row.avg_output_len
+    prompt, out = row.prompt_tokens, row.avg_output_len
     ctx = prompt + out * math.exp(OUTPUT_SIGMA**2) / 2
+    batch = min(row.avg_batch_size, device.kv_capacity_tokens(model, tp) / ctx)
     # One decode at the mean running context and one whole prompt, counted by the engine's own formula.
     decode, prefill = count_rows(model.work_constants, [(1, ctx), (prompt, 0)])
     arrivals = batch / out
@@ -332,6 +335,9 @@ class FitParameter:
     high: float
     unset: float | None = None
     """The value a preset without the field has (None: ``low``)."""
+    optional: bool = False
+    """A term a preset may leave out (its default turns it off): fitted only for presets that set it, so a preset
+    without it is fitted, and cross-validated, on the terms it uses."""
 
 
 FIT_PARAMETERS = (
@@ -343,6 +349,9 @@ FIT_PARAMETERS = (
     FitParameter("moe_layer_overhead_s", 1e-8, 2e-4),
     FitParameter("dtype_compute_efficiency.fp8", 0.3, 1.0, unset=1.0),
     FitParameter("sequence_overhead_s", 1e-8, 1e-4),
+    FitParameter("overlapped_overhead_s", 1e-7, 2e-2, optional=True),
+    FitParameter("overlapped_sequence_s", 1e-8, 2e-4, optional=True),
+    FitParameter("gemm_overlap", 0.0, 1.0, unset=1.0, optional=True),
     FitParameter("interconnect.allreduce_latency_s", 1e-7, 5e-5),
     FitParameter("memory.energy_pj_per_byte", 31.0, 400.0),  # HBM alone is ~3.9 pJ/bit (O'Connor 2017)
     FitParameter("compute_energy_scale", 1.0, 40.0),
@@ -350,9 +359,19 @@ FIT_PARAMETERS = (
 )
 
 
+def _value(data: dict[str, Any], path: str) -> Any:
+    head, _, leaf = path.rpartition(".")
+    return (data.get(head) or {} if head else data).get(leaf)
+
+
+def fit_parameters(data: dict[str, Any]) -> tuple[FitParameter, ...]:
+    """The FIT_PARAMETERS a preset's fit moves: all but the optional terms the preset does not set."""
+    return tuple(p for p in FIT_PARAMETERS if not p.optional or _value(data, p.path) is not None)
+
+
 def _with(data: dict[str, Any], values: Sequence[float]) -> dict[str, Any]:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    for p, v in zip(FIT_PARAMETERS, values, strict=True):
+    for p, v in zip(fit_parameters(data), values, strict=True):
         if p.path == "busy_power_w":
             v = data["idle_power_w"] + v * (data["tdp_w"] - data["idle_power_w"]) * 0.999
         head, _, leaf = p.path.rpartition(".")
@@ -366,22 +385,34 @@ def preset_data(name: str) -> dict[str, Any]:
     return yaml.safe_load((resources.files("serving.emulated") / "presets" / f"{name}.yaml").read_text())
 
 
+HUBER_LOG_ERROR = 0.1
+"""Log errors up to this count squared in the fit's loss, larger ones linearly (Huber): a row no smooth physics
+can follow (Llama-3.1-8B on B200 at 128 sequences steps 3x slower than at 64, and draws less power) is not let
+pull every constant towards it."""
+
+
 def score(device: DeviceSpec, rows: Iterable[tuple[MeasuredRow, ModelShape]]) -> float:
-    """Mean squared log error over J/token, power, throughput and median ITL."""
+    """Mean Huber loss of the log errors of J/token, power, throughput and median ITL (squared below
+    ``HUBER_LOG_ERROR``, linear above)."""
+    d = HUBER_LOG_ERROR
     errs = []
     for row, model in rows:
         em, tr = mean_field(row, device, model), measured(row)
-        errs += [math.log(getattr(em, m) / getattr(tr, m)) ** 2 for m in METRICS]
+        for m in METRICS:
+            x = abs(math.log(getattr(em, m) / getattr(tr, m)))
+            errs.append(x * x if x <= d else d * (2 * x - d))
     return float(np.mean(errs))
 
 
 def fit_preset(
     data: dict[str, Any], rows: list[tuple[MeasuredRow, ModelShape]], iterations: int = 3000, seed: int = 0
 ) -> tuple[dict[str, Any], float]:
-    """Least-squares fit (Nelder-Mead over bounded parameters, log errors) of the FIT_PARAMETERS of a preset
-    to measured rows through :func:`mean_field`; returns the fitted preset data and its score."""
-    lows = np.array([p.low for p in FIT_PARAMETERS])
-    highs = np.array([p.high for p in FIT_PARAMETERS])
+    """Fit (Nelder-Mead over bounded parameters, :func:`score` of the log errors) of a preset's
+    :func:`fit_parameters` to measured rows through :func:`mean_field`; returns the fitted preset data and its
+    score."""
+    params = fit_parameters(data)
+    lows = np.array([p.low for p in params])
+    highs = np.array([p.high for p in params])
 
     def unpack(z: np.ndarray) -> np.ndarray:
         return lows + (highs - lows) / (1 + np.exp(-z))
@@ -393,9 +424,8 @@ def fit_preset(
             return 1e9
 
     start = []
-    for p in FIT_PARAMETERS:
-        head, _, leaf = p.path.rpartition(".")
-        v = (data.get(head) or {} if head else data).get(leaf)
+    for p in params:
+        v = _value(data, p.path)
         if v is None:
             v = p.low if p.unset is None else p.unset
         if p.path == "busy_power_w":

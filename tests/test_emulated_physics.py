@@ -203,3 +203,31 @@ def test_shape_round_trip_keeps_defaults_for_old_fields() -> None:
         max_position_embeddings=128,
     )
     assert s.architecture == "decoder" and s.matmul_params > 0
+
+
+def test_overlapped_host_time_bounds_the_step_and_the_device_waits_at_idle_power() -> None:
+    """Async scheduling: host work of the next step runs while the device computes this one, so it sets a floor
+    under the step rather than adding to it; a device done sooner waits at idle power."""
+    base, model = load_device("h100_sxm"), load_model_shape("llama-3.1-8b")
+    device_bound = iteration_cost(base, model, _decode(64), base.f_max_mhz)
+    hidden = base.model_copy(update={"overlapped_overhead_s": 1e-4})
+    assert iteration_cost(hidden, model, _decode(64), base.f_max_mhz).time_s == pytest.approx(device_bound.time_s)
+    host = 2 * device_bound.time_s
+    bound = base.model_copy(update={"overlapped_overhead_s": host / 2, "overlapped_sequence_s": host / 2 / 64})
+    host_bound = iteration_cost(bound, model, _decode(64), base.f_max_mhz)
+    assert host_bound.time_s == pytest.approx(host + base.sequence_overhead_s * 64)
+    # the same work and kernels, plus idle power while the device waits
+    waited = host_bound.time_s - device_bound.time_s
+    assert host_bound.energy_j == pytest.approx(device_bound.energy_j + base.idle_power_w * waited)
+
+
+def test_gemm_overlap_runs_a_skinny_gemm_s_arithmetic_after_its_weights() -> None:
+    base, model = load_device("h100_sxm"), load_model_shape("llama-3.1-8b")
+    roofline = iteration_cost(base, model, _decode(32, ctx=1), base.f_max_mhz)
+    serial = base.model_copy(update={"gemm_overlap": 0.0})
+    summed = iteration_cost(serial, model, _decode(32, ctx=1), base.f_max_mhz)
+    c = model.work_constants
+    gemm_compute_s = 32 * (c.matmul_params + c.lm_head_params) / (
+        base.peak_macs_per_s(model.dtype, base.f_max_mhz) * base.compute_efficiency
+    )
+    assert summed.time_s - roofline.time_s == pytest.approx(gemm_compute_s, rel=1e-6)

@@ -173,6 +173,23 @@ class DeviceSpec(BaseModel):
         description="Per sequence and iteration: the serving engine's host time (scheduling, input preparation, "
         "detokenisation, sampling bookkeeping), during which the device waits.",
     )
+    gemm_overlap: float = Field(
+        default=1.0, ge=0, le=1,
+        description="Share of the shorter of a GEMM's compute and weight streaming hidden behind the longer: 1 is "
+        "the roofline (time = max of the two), 0 runs them one after the other (sum), as skinny decode GEMMs "
+        "(a few tokens against a whole weight matrix) do when tiles wait for their weights.",
+    )
+    overlapped_overhead_s: float = Field(
+        default=0.0, ge=0,
+        description="Per iteration: the serving engine's fixed host time overlapped with the device's work (see "
+        "overlapped_sequence_s); an iteration lasts at least this plus overlapped_sequence_s x sequences.",
+    )
+    overlapped_sequence_s: float = Field(
+        default=0.0, ge=0,
+        description="Per sequence and iteration: host time the serving engine overlaps with the device's work "
+        "(with asynchronous scheduling the host prepares the next step while the device runs this one). An "
+        "iteration lasts at least this x sequences; a device done sooner waits for the host at idle power.",
+    )
     attention_efficiency: float | None = Field(
         default=None, gt=0, le=1,
         description="Share of peak bandwidth (and of compute efficiency) attention kernels reach. Set: GEMMs and "
@@ -344,14 +361,16 @@ class DeviceSpec(BaseModel):
             me *= clock_mhz / knee
         compute_s, memory_s = (gemm_c + attn_c) / ce, (weight_m + kv_m) / me
         if self.attention_efficiency is None:
-            busy = max(compute_s, memory_s)
+            busy = _overlapped(compute_s, memory_s, self.gemm_overlap)
         else:  # GEMMs, then attention: separate kernels, each on its own roofline
             ae = self.attention_efficiency
-            busy = max(gemm_c / ce, weight_m / me) + max(attn_c / (ce * ae), kv_m / (me * ae))
+            busy = _overlapped(gemm_c / ce, weight_m / me, self.gemm_overlap) + max(
+                attn_c / (ce * ae), kv_m / (me * ae)
+            )
         # Launch gaps and small per-layer kernels: bound by launch latency and the host, not the SM clock.
         moe_layers = model.n_moe_layers if model.is_moe else 0
         layer_s = self.layer_overhead_s * model.n_layers + self.moe_layer_overhead_s * moe_layers
-        time_s = busy + self.overhead_s + layer_s + self.sequence_overhead_s * sequences
+        device_s = busy + self.overhead_s + layer_s
         kernel_s = busy + self.overhead_s
         comm_j = 0.0
         if n > 1:
@@ -363,9 +382,13 @@ class DeviceSpec(BaseModel):
             reduces = 2 * model.n_layers
             # The fixed cost grows with the devices that must synchronise (ring steps, the slowest one's skew).
             transfer_s = reduces * sent / link.bandwidth_bps
-            time_s += reduces * link.allreduce_latency_s * (n - 1) + transfer_s
+            device_s += reduces * link.allreduce_latency_s * (n - 1) + transfer_s
             kernel_s += transfer_s
             comm_j = reduces * sent * n * link.energy_pj_per_byte * 1e-12
+        # Host work overlapped with the device's (asynchronous scheduling): the slower of the two sets the
+        # pace; then the host time that cannot overlap (sampling, output processing), device waiting.
+        host_s = self.overlapped_overhead_s + self.overlapped_sequence_s * sequences
+        time_s = max(device_s, host_s) + self.sequence_overhead_s * sequences
         return Execution(
             time_s=time_s,
             kernel_s=kernel_s,
@@ -382,6 +405,12 @@ class DeviceSpec(BaseModel):
             weight_stream_bytes=stream,
             comm_j=comm_j,
         )
+
+
+def _overlapped(compute_s: float, memory_s: float, overlap: float) -> float:
+    """Time of a kernel that computes ``compute_s`` and streams ``memory_s``, ``overlap`` of the shorter one
+    hidden behind the longer (1: the roofline's max)."""
+    return max(compute_s, memory_s) + (1.0 - overlap) * min(compute_s, memory_s)
 
 
 _KINDS: dict[str, type[DeviceSpec]] = {}

@@ -274,14 +274,17 @@ def decode_steps(
     knee = device.memory.full_bandwidth_clock_mhz
     if knee is not None and clock_mhz < knee:
         me *= clock_mhz / knee
+    o = device.gemm_overlap
     if device.attention_efficiency is None:
-        busy = np.maximum((gemm_c + attn_c) / ce, (weight_m + kv_m) / me)
+        compute_s, memory_s = (gemm_c + attn_c) / ce, (weight_m + kv_m) / me
+        busy = np.maximum(compute_s, memory_s) + (1.0 - o) * np.minimum(compute_s, memory_s)
     else:
         ae = device.attention_efficiency
-        busy = max(gemm_c / ce, weight_m / me) + np.maximum(attn_c / (ce * ae), kv_m / (me * ae))
+        gemm_s = max(gemm_c / ce, weight_m / me) + (1.0 - o) * min(gemm_c / ce, weight_m / me)
+        busy = gemm_s + np.maximum(attn_c / (ce * ae), kv_m / (me * ae))
     moe_layers = model.n_moe_layers if model.is_moe else 0
     layer_s = device.layer_overhead_s * model.n_layers + device.moe_layer_overhead_s * moe_layers
-    time_s = busy + device.overhead_s + layer_s + device.sequence_overhead_s * batch
+    device_s = busy + device.overhead_s + layer_s
     kernel_s = busy + device.overhead_s
     comm_j = 0.0
     if n > 1:
@@ -291,9 +294,11 @@ def decode_steps(
         sent = 2 * (n - 1) / n * message
         reduces = 2 * model.n_layers
         transfer_s = reduces * sent / link.bandwidth_bps
-        time_s += reduces * link.allreduce_latency_s * (n - 1) + transfer_s
+        device_s += reduces * link.allreduce_latency_s * (n - 1) + transfer_s
         kernel_s += transfer_s
         comm_j = reduces * sent * n * link.energy_pj_per_byte * 1e-12
+    host_s = device.overlapped_overhead_s + device.overlapped_sequence_s * batch
+    time_s = np.maximum(device_s, host_s) + device.sequence_overhead_s * batch
     e_w, e_a, e_kv, e_act, e_tok = op.weight_mac_j, op.attn_mac_j, op.kv_byte_j, op.act_byte_j, op.token_j
     # _at_clock
     own_j = weight_macs * e_w + attn_macs * e_a + kv_bytes * e_kv + act_bytes * e_act + batch * e_tok
