@@ -353,7 +353,7 @@ SUMMARY_COLUMNS = ["request_index", "intended_send_s", "prompt_tokens", "output_
                    "energy_j", "phase", "status", "http_status", "error"]
 """The per-request scalars a point's summary reads (:func:`summarize_point`, the offered rate, whether the target
 is down): what a point keeps of its requests once they are written."""
-CHUNK_ROWS = 8192
+CHUNK_ROWS = 1024
 """Requests per row group of a point's part: what a point holds of its requests' token timelines at most (plus
 those that finished ahead of an earlier request still running)."""
 
@@ -523,8 +523,13 @@ class ResultStore:
             self._rebuild()
 
     def repair(self) -> None:
-        """Rebuild the derived files from the per-point parts (after a kill between writes)."""
-        self.finish()
+        """Rebuild the derived files from the per-point parts where a point was written after them (a campaign
+        killed before :meth:`finish`); up-to-date ones are left as they are (a long campaign's are gigabytes)."""
+        if not self.points_path.exists():
+            return
+        written = self.points_path.stat().st_mtime_ns
+        if any(not p.exists() or p.stat().st_mtime_ns < written for p in (self.requests_path, self.timeseries_path)):
+            self._rebuild()
 
     def _committed(self, pattern: str) -> list[Path]:
         done = set(int(p) for p in self.points()["point"])  # failed points too: their requests are on the books
@@ -561,6 +566,9 @@ class ResultStore:
             return pd.DataFrame(columns=TIMESERIES_COLUMNS)
         return pd.read_parquet(self.timeseries_path)
 
-    def requests(self) -> pd.DataFrame:
-        """Every request record so far (an empty frame with the record columns if there is none)."""
-        return pd.read_parquet(self.requests_path) if self.requests_path.exists() else records_frame([])
+    def requests(self, columns: list[str] | None = None) -> pd.DataFrame:
+        """Every request record so far (an empty frame with the record columns if there is none); ``columns``: only
+        those (leaving out ``itl_s``, the bulk of a long campaign's requests, when it is not needed)."""
+        if not self.requests_path.exists():
+            return records_frame([])[columns or slice(None)]
+        return pd.read_parquet(self.requests_path, columns=columns)
