@@ -465,7 +465,9 @@ def _run_on_ray(
                 part.write(item)
     finally:  # stopped (an error, Ctrl-C): points still running are abandoned, finished ones are written
         for gen in inflight:
-            ray.cancel(gen)
+            # force: the simulation runs in a thread of the task, which a KeyboardInterrupt in its main thread
+            # would leave running (blocked on the full queue) in a worker Ray reuses.
+            ray.cancel(gen, force=True)
     if nodes:
         where = sorted(set(nodes.values()))
         console.print(f"points simulated on {len(where)} Ray node(s): " + "; ".join(
