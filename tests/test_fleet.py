@@ -212,3 +212,25 @@ def test_a_long_point_never_holds_all_its_records(tmp_path: Path, monkeypatch) -
     assert pq.ParquetFile(tmp_path / "chunked" / "parts" / "point-0000.parquet").num_row_groups > 10
     _same(whole, chunked)
     pd.testing.assert_frame_equal(*(pd.read_parquet(tmp_path / d / "requests.parquet") for d in ("whole", "chunked")))
+
+
+def test_derived_tables_are_rebuilt_once_and_only_when_stale(tmp_path: Path) -> None:
+    """requests.parquet is written when the campaign ends; `testbed report`/--resume leave it alone while it is
+    newer than points.csv (a long campaign's is gigabytes) and rebuild it, the same, when a point came after it."""
+    import os
+
+    from workloads.results import ResultStore
+
+    spec = _campaign(tmp_path)
+    run_virtual_campaign(spec, spec.deployment, tmp_path / "out")
+    store = ResultStore(tmp_path / "out")
+    built = store.requests_path.stat().st_mtime_ns
+    before = store.requests()
+    store.repair()
+    assert store.requests_path.stat().st_mtime_ns == built
+    later = built + 10**9
+    os.utime(store.points_path, ns=(later, later))  # as if a point were written after the rebuild
+    store.repair()
+    assert store.requests_path.stat().st_mtime_ns > built
+    pd.testing.assert_frame_equal(store.requests(), before)
+    assert store.requests(["point", "status"]).columns.tolist() == ["point", "status"]
