@@ -6,6 +6,7 @@ shape) for a 600 s point, through the whole campaign path (VirtualTarget, campai
     python bench/fleet_bench.py                       # 32 replicas @ 80 req/s and 256 @ 640 req/s, 600 s
     python bench/fleet_bench.py --only 32 --profile   # + cProfile of the run, top functions by own time
     python bench/fleet_bench.py --sweep 2             # 8 virtual points: serial, then as Ray tasks on 2 workers
+    python bench/fleet_bench.py --memory 600 1200 2400   # peak RSS of one point against its window (seconds)
 
 The shipped trace holds 19,366 requests over about an hour (5.53 req/s): time-scaled to 80 req/s it spans ~242 s
 of the 600 s point, to 640 req/s ~30 s; the simulated span is the whole point (the engines idle after the burst).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import tempfile
 import time
@@ -75,9 +77,27 @@ def run_once(replicas: int, rate: float, duration_s: float, profile: bool, sort:
             "J/token": float(row["energy_per_token_j"])}
 
 
+def _ray_workers() -> dict[int, float]:
+    """CPU seconds so far of every Ray worker process on this machine, by pid."""
+    import psutil
+
+    cpu = {}
+    for proc in psutil.process_iter(["cmdline", "cpu_times"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "default_worker.py" in cmd or cmd.startswith("ray::"):
+            t = proc.info["cpu_times"]
+            cpu[proc.pid] = t.user + t.system
+    return cpu
+
+
 def sweep(workers: int) -> None:
     """8 points (16 replicas, the trace at 20 and 40 req/s, 4 clocks, 240 s each) serial in this process, then as
-    Ray tasks on ``workers`` local workers: wall times, and whether points.csv agrees (sim_speed_x aside)."""
+    Ray tasks on ``workers`` local workers: wall times, and whether points.csv agrees (sim_speed_x aside).
+
+    Wall time on a shared machine says how busy it was as much as how fast the sweep is, so the CPU seconds are
+    printed too: the serial run's (this process), and the Ray run's by process, of which the busiest worker's
+    (started, imported, simulated its points, streamed their rows) is what the wall time tends to on a machine with
+    a core per worker and the writer's share to spare."""
     import ray
 
     from deploy.raycluster import init_ray
@@ -90,20 +110,80 @@ def sweep(workers: int) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         quiet = Console(file=io.StringIO())
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         serial = run_virtual_campaign(spec, spec.deployment, Path(tmp) / "serial", quiet)
-        rows.append({"run": "serial, in process", "points": len(serial), "wall s": time.perf_counter() - t0})
+        cpu = time.process_time() - c0
+        rows.append({"run": "serial, in process", "points": len(serial), "wall s": time.perf_counter() - t0,
+                     "CPU s": cpu, "busiest process CPU s": cpu, "driver CPU s": cpu})
         init_ray(num_cpus=workers)
         on_ray = spec.model_copy(update={"workers": workers})
-        t0 = time.perf_counter()
+        before = _ray_workers()
+        t0, c0 = time.perf_counter(), time.process_time()
         parallel = run_virtual_campaign(on_ray, on_ray.deployment, Path(tmp) / "ray", quiet)
-        rows.append({"run": f"Ray tasks, {workers} local workers", "points": len(parallel),
-                     "wall s": time.perf_counter() - t0})
+        wall, driver = time.perf_counter() - t0, time.process_time() - c0
+        used = {pid: c - before.get(pid, 0.0) for pid, c in _ray_workers().items()}
+        rows.append({"run": f"Ray tasks, {workers} local workers", "points": len(parallel), "wall s": wall,
+                     "CPU s": driver + sum(used.values()), "busiest process CPU s": max(used.values()),
+                     "driver CPU s": driver})
         ray.shutdown()
         same = serial.drop(columns="sim_speed_x").equals(parallel.drop(columns="sim_speed_x"))
     frame = pd.DataFrame(rows)
     frame["x serial"] = frame["wall s"] / frame["wall s"].iloc[0]
+    frame["x serial, busiest CPU"] = frame["busiest process CPU s"] / frame["CPU s"].iloc[0]
     t = Table(title=f"8 virtual points, serial vs Ray ({workers} workers); points.csv identical: {same}")
+    for c in frame.columns:
+        t.add_column(str(c), justify="right")
+    for _, r in frame.iterrows():
+        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r])
+    Console(width=200).print(t)
+    print(f"load average (1, 5, 15 min) at the end: {os.getloadavg()}")
+
+
+MEMORY_RUN = """
+import resource, sys, time
+from deploy.cli import main
+t0 = time.perf_counter()
+rc = main(["campaign", "run", sys.argv[1], "--out", sys.argv[2], "--overwrite"])
+print("RESULT", rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - t0)
+"""
+
+
+def memory(windows: list[float], rate: float, code_root: Path) -> None:
+    """Peak RSS of a virtual campaign of one point against the point's window: Poisson arrivals at ``rate`` on 8
+    emulated H100 replicas (below saturation, so the requests in flight do not pile up), 128 prompt and 512 output
+    tokens (511 inter-token latencies per request), each window in a fresh process running ``testbed campaign run``
+    from ``code_root`` (another checkout: the figures before a change)."""
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+    import yaml
+
+    rows = []
+    for window in windows:
+        with tempfile.TemporaryDirectory() as tmp:
+            campaign = Path(tmp) / "c.yaml"
+            campaign.write_text(yaml.safe_dump({
+                "name": "memory", "seed": 0, "site": "azure", "clock": "virtual",
+                "deployment": {"replicas": 8, "engine": {"kind": "emulated", "device": "h100_sxm",
+                                                          "model": "llama-3.1-8b", "max_model_len": 4096}},
+                "workload": {"arrival": {"kind": "poisson"}, "duration_s": window, "sample_interval_s": 10,
+                             "prompt_tokens": {"kind": "fixed", "value": 128},
+                             "output_tokens": {"kind": "fixed", "value": 512}},
+                "sweep": {"rate_rps": [rate]},
+            }))
+            proc = subprocess.run([sys.executable, "-c", MEMORY_RUN, str(campaign), str(Path(tmp) / "out")],
+                                  capture_output=True, text=True, cwd=code_root,
+                                  env={**os.environ, "PYTHONPATH": str(code_root)})
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")), None)
+            if proc.returncode or line is None:
+                raise SystemExit(f"window {window:g} s failed:\n{proc.stderr[-3000:]}")
+            _, _, rss_kib, wall = line.split()
+            meta = pq.ParquetFile(Path(tmp) / "out" / "requests.parquet").metadata
+            rows.append({"window s": window, "requests": meta.num_rows, "inter-token latencies": meta.num_rows * 511,
+                         "peak RSS MiB": int(rss_kib) / 1024, "wall s": float(wall)})
+    frame = pd.DataFrame(rows)
+    t = Table(title=f"Peak RSS of one virtual point at {rate:g} req/s against its window ({code_root})")
     for c in frame.columns:
         t.add_column(str(c), justify="right")
     for _, r in frame.iterrows():
@@ -117,7 +197,15 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=600.0, help="simulated seconds per point")
     p.add_argument("--profile", action="store_true", help="cProfile the run(s) (slower) and print the top")
     p.add_argument("--sweep", type=int, metavar="WORKERS", help="serial vs Ray sweep of 8 points instead")
+    p.add_argument("--memory", type=float, nargs="+", metavar="WINDOW_S",
+                   help="peak RSS of one point per window length (seconds) instead")
+    p.add_argument("--rate", type=float, default=20.0, help="--memory: the point's rate (req/s)")
+    p.add_argument("--code-root", type=Path, default=Path(__file__).resolve().parents[1],
+                   help="--memory: the checkout whose testbed runs the points (default: this one)")
     args = p.parse_args()
+    if args.memory:
+        memory(args.memory, args.rate, args.code_root)
+        return
     if args.sweep:
         sweep(args.sweep)
         return

@@ -20,15 +20,18 @@ import io
 import itertools
 import math
 import os
+import queue
 import selectors
 import socket
+import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from rich.console import Console
 
 from controllers.actuators import EngineActuator
@@ -48,8 +51,9 @@ from serving.replica import Telemetry, export_snapshot
 from serving.router import ReplicaHandle, Router
 from serving.types import GenerationRequest, RequestRejectedError, TokenEvent
 from workloads.arrivals import LengthStream, RequestSpec
-from workloads.campaign import PointResult, campaign_loop, measure_one
+from workloads.campaign import OpenPart, PointResult, campaign_loop, measure_one
 from workloads.client import ClosedLoop, RequestRecord
+from workloads.results import RecordWriter, RequestPart
 from workloads.spec import CampaignSpec, PolicySetting
 
 T = TypeVar("T")
@@ -154,6 +158,9 @@ class _ClockSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type
 class VirtualTarget:
     """Replicas of an emulated engine behind the real router, all on one virtual clock: a campaign's target in
     virtual time (:class:`workloads.campaign.Target`). Replicas run in-process (``ReplicaHandle.local``)."""
+
+    streams_records = True
+    """Records reach ``on_done`` numbered in the order ``send`` returns them: a point writes them as they finish."""
 
     def __init__(
         self, config: ServingConfig, clock: VirtualClock | None = None, latency: PathLatency | None = None
@@ -322,29 +329,63 @@ def _policy_for(setting: Knobs | PolicySetting | None, ctl: ControllerConfig) ->
 
 
 def simulate_point(
-    spec: CampaignSpec, config: ServingConfig, latency: PathLatency | None, point: int, console: Console | None = None,
+    spec: CampaignSpec, config: ServingConfig, latency: PathLatency | None, point: int,
+    write: Callable[[pa.Table], None], console: Console | None = None,
 ) -> PointResult:
     """Point ``point`` of the sweep on replicas and a clock of its own: what it gives does not depend on which
     points ran before it, where, or in which order (a serial run, ``--resume`` and Ray tasks agree row for row).
-    Its row carries the simulation speed (simulated over wall seconds)."""
+    Its requests go to ``write`` in row groups as they finish; its row carries the simulation speed (simulated
+    over wall seconds)."""
     t0 = time.perf_counter()
     target = VirtualTarget(config, latency=latency)
     console = console or Console(file=io.StringIO())
-    result = target.clock.execute(measure_one(spec, target, point, console, floor=device_floor(config),
-                                              reference=model_reference(config)))
+    result = target.clock.execute(measure_one(spec, target, point, console, RecordWriter(write),
+                                              floor=device_floor(config), reference=model_reference(config)))
     wall = time.perf_counter() - t0
     result.row = dataclasses.replace(result.row, sim_speed_x=target.clock.now() / wall if wall > 0 else math.nan)
     return result
 
 
+@dataclasses.dataclass
+class _Ran:
+    """A point task's last item: the point's result and the Ray node that simulated it."""
+
+    result: PointResult
+    node_id: str
+
+
 def _point_task(spec: CampaignSpec, config: ServingConfig, latency: PathLatency | None, point: int,
-                die_once: str | None) -> PointResult:
-    """A Ray task: one point. ``die_once`` (fault injection for tests): a marker file; the worker process exits
-    hard the first time, when the file does not exist yet."""
+                die_once: str | None) -> Iterator[pa.Table | _Ran]:
+    """A Ray streaming-generator task: one point. Yields its requests a row group at a time as the simulation
+    writes them (the driver writes them to the point's part, so neither process holds a long window's requests),
+    then a :class:`_Ran`. ``die_once`` (fault injection for tests): a marker file; the worker process exits hard
+    the first time, when the file does not exist yet."""
+    import ray
+
     if die_once is not None and not os.path.exists(die_once):
         Path(die_once).write_text(str(os.getpid()))
         os._exit(1)
-    return simulate_point(spec, config, latency, point)
+    # The simulation runs in a thread of its own, as a generator cannot yield from inside its callback; the bounded
+    # queue holds it back when the driver falls behind.
+    chunks: queue.Queue[pa.Table | None] = queue.Queue(maxsize=4)
+    outcome: list[PointResult | BaseException] = []
+
+    def simulate() -> None:
+        try:
+            outcome.append(simulate_point(spec, config, latency, point, chunks.put))
+        except BaseException as e:  # re-raised in the task, where Ray reports it
+            outcome.append(e)
+        finally:
+            chunks.put(None)
+
+    thread = threading.Thread(target=simulate, name=f"point-{point}", daemon=True)
+    thread.start()
+    while (chunk := chunks.get()) is not None:
+        yield chunk
+    thread.join()
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    yield _Ran(outcome[0], ray.get_runtime_context().get_node_id())
 
 
 FAULT_ENV = "TESTBED_FAULT_KILL_POINT"
@@ -377,43 +418,60 @@ def connect_ray(address: str | None) -> None:
 
 def _run_on_ray(
     spec: CampaignSpec, config: ServingConfig, latency: PathLatency | None, pending: list[int], workers: int,
-    record: Callable[[PointResult], None], console: Console,
+    open_part: OpenPart, record: Callable[[PointResult], None], console: Console,
 ) -> None:
-    """Simulate ``pending`` points as Ray tasks, ``workers`` at a time, handing each result to ``record`` (the
-    driver's one writer) as it comes; a point whose worker dies is run again (at most MAX_ATTEMPTS times)."""
+    """Simulate ``pending`` points as Ray tasks, ``workers`` at a time: each task's requests are written to its
+    point's part as they stream in, and its result handed to ``record`` (the driver's one writer) when it ends; a
+    point whose worker dies is run again from the start (at most MAX_ATTEMPTS times)."""
     import ray
 
-    task = ray.remote(num_cpus=1, max_retries=0)(_point_task)
+    task = ray.remote(num_cpus=1, max_retries=0, num_returns="streaming")(_point_task)
     if workers == 0:
         workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
     fault = os.environ.get(FAULT_ENV, "")
     kill_point, _, marker = fault.partition(":")
-    queue = list(pending)
+    loads = spec.sweep.points()
+    # Heaviest loads first (longest processing time first): a heavy point started last would leave the other
+    # workers idle while it runs. Points at one load cost about the same; their order is kept.
+    queue_ = sorted(pending, key=lambda p: -loads[p][1])
     attempts = dict.fromkeys(pending, 0)
-    inflight: dict[Any, int] = {}
+    inflight: dict[Any, tuple[int, RequestPart]] = {}
+    nodes: dict[int, str] = {}
     try:
-        while queue or inflight:
-            while queue and len(inflight) < workers:
-                p = queue.pop(0)
+        while queue_ or inflight:
+            while queue_ and len(inflight) < workers:
+                p = queue_.pop(0)
                 attempts[p] += 1
                 die = marker if marker and kill_point == str(p) else None
-                inflight[task.remote(spec, config, latency, p, die)] = p
-            (ref,), _ = ray.wait(list(inflight), num_returns=1)
-            p = inflight.pop(ref)
+                inflight[task.remote(spec, config, latency, p, die)] = (p, open_part(p))
+            (gen,), _ = ray.wait(list(inflight), num_returns=1)
+            p, part = inflight[gen]
             try:
-                result = ray.get(ref)
+                item = ray.get(next(gen))
             except ray.exceptions.RayTaskError:
                 raise  # the simulation itself failed: the same on a rerun
-            except ray.exceptions.RayError as e:  # the worker or its node died: run the point again
+            except (ray.exceptions.RayError, StopIteration) as e:  # the worker or its node died: run it again
+                del inflight[gen]
                 if attempts[p] >= MAX_ATTEMPTS:
-                    raise RuntimeError(f"point {p}: its Ray worker died {attempts[p]} times ({e})") from e
+                    raise RuntimeError(f"point {p}: its Ray worker died {attempts[p]} times ({e!r})") from e
                 console.print(f"point {p}: its Ray worker died ({type(e).__name__}); running it again")
-                queue.insert(0, p)
+                queue_.insert(0, p)
                 continue
-            record(result)
+            if isinstance(item, _Ran):
+                del inflight[gen]
+                nodes[p] = item.node_id
+                record(item.result)
+            else:
+                part.write(item)
     finally:  # stopped (an error, Ctrl-C): points still running are abandoned, finished ones are written
-        for ref in inflight:
-            ray.cancel(ref)
+        for gen in inflight:
+            # force: the simulation runs in a thread of the task, which a KeyboardInterrupt in its main thread
+            # would leave running (blocked on the full queue) in a worker Ray reuses.
+            ray.cancel(gen, force=True)
+    if nodes:
+        where = sorted(set(nodes.values()))
+        console.print(f"points simulated on {len(where)} Ray node(s): " + "; ".join(
+            f"{n[:12]}: {', '.join(str(p) for p in sorted(nodes) if nodes[p] == n)}" for n in where))
 
 
 def run_virtual_campaign(
@@ -440,11 +498,11 @@ def run_virtual_campaign(
         f"{len(spec.sweep.points())} point(s){where}"
     )
 
-    def measure(pending: list[int], record: Callable[[PointResult], None]) -> None:
+    def measure(pending: list[int], open_part: OpenPart, record: Callable[[PointResult], None]) -> None:
         if on_ray:
-            _run_on_ray(spec, config, latency, pending, workers, record, console)
+            _run_on_ray(spec, config, latency, pending, workers, open_part, record, console)
         else:
             for p in pending:
-                record(simulate_point(spec, config, latency, p, console))
+                record(simulate_point(spec, config, latency, p, open_part(p).write, console))
 
     return campaign_loop(spec, f"virtual://{config.engine.device}/{config.engine.model}", out, measure, console)

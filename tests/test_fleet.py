@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 import yaml
 
@@ -77,12 +78,17 @@ def test_fast_forward_equals_stepping_one_by_one(seed: int) -> None:
     assert sum(n for _, n, *_ in fast) > 10_000
 
 
-def _campaign(tmp_path: Path, **changes: object) -> CampaignFile:
+def _campaign_data(**changes: object) -> dict:
+    """The quickstart, 4 s points, 2 rates x 2 clocks, in virtual time."""
     data = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
     data["workload"]["duration_s"] = 4
     data["sweep"] = {"rate_rps": [2, 6], "knobs": [{"clock_mhz": 1980}, {"clock_mhz": 1200}]}
     data.update(clock="virtual", **changes)
-    return CampaignFile.model_validate(data)
+    return data
+
+
+def _campaign(tmp_path: Path, **changes: object) -> CampaignFile:
+    return CampaignFile.model_validate(_campaign_data(**changes))
 
 
 def _same(a: pd.DataFrame, b: pd.DataFrame) -> None:
@@ -127,3 +133,104 @@ def test_where_points_run_is_not_part_of_the_configuration(tmp_path: Path) -> No
     big = variant_spec(serial, EngineVariant(device="h100_sxm", replicas=256))
     assert big.deployment.replicas == 256 and serial.deployment.replicas == 2
     assert big.config_hash() != serial.config_hash()
+
+
+@pytest.mark.slow
+def test_sweep_on_two_ray_nodes_equals_serial(tmp_path: Path) -> None:
+    """Points run on both nodes of a two-node cluster (one CPU each), a killed worker's point runs again, and
+    points.csv and requests.parquet equal a serial run's. In a process of its own: the session's Ray is local."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    campaign = tmp_path / "c.yaml"
+    campaign.write_text(yaml.safe_dump(_campaign_data()))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "fleet_twonode_scenario.py"), str(campaign)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"},
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"scenario failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert len(out["nodes"]) == 2 and sorted(out["used"]) == sorted(out["nodes"]), out["ran_on"]
+    assert out["killed"] and out["rerun_noted"]
+    assert out["points"] == [0, 1, 2, 3]  # every point once
+    assert out["same_points"] and out["same_requests"] and out["requests"] > 0
+
+
+def test_record_writer_streams_in_request_order_and_holds_little() -> None:
+    """Records finishing out of order are written in request order, a chunk at a time; what is held at once is the
+    chunk and the requests finished ahead of a slower one, not the point; written records lose their ITL lists."""
+    from workloads.client import RequestRecord
+    from workloads.results import SUMMARY_COLUMNS, RecordWriter
+
+    chunks: list = []
+    writer = RecordWriter(chunks.append, chunk_rows=10)
+    records = [RequestRecord(0, i, i * 0.1, 8, 4, output_tokens=4, itl_s=[0.01, 0.02, 0.03], status="ok")
+               for i in range(1000)]
+    order = [i + 1 if i % 4 == 0 else i - 1 if i % 4 == 1 else i for i in range(1000)]  # pairs swapped
+    for i in order:
+        writer.add(records[i])
+    scalars = writer.close()
+    table = pa.concat_tables(chunks)
+    assert table.column("request_index").to_pylist() == list(range(1000))
+    assert table.column("itl_s").to_pylist() == [[0.01, 0.02, 0.03]] * 1000
+    assert len(chunks) == 100 and writer.peak_held <= 11
+    assert all(r.itl_s == [] for r in records)
+    assert list(scalars.columns) == SUMMARY_COLUMNS and scalars["request_index"].tolist() == list(range(1000))
+
+
+def test_a_long_point_never_holds_all_its_records(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A virtual point of ~1,200 requests in 64-row chunks: the point's writer never held more than a few chunks'
+    worth (it would hold every record if they were written at the end), and the results equal a run written in
+    one chunk."""
+    import pyarrow.parquet as pq
+
+    import deploy.virtual
+    from workloads import results
+
+    writers: list[results.RecordWriter] = []
+
+    class Tracked(results.RecordWriter):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            writers.append(self)
+
+    data = _campaign_data()
+    data["workload"]["duration_s"] = 120
+    data["sweep"] = {"rate_rps": [10]}
+    spec = CampaignFile.model_validate(data)
+    whole = run_virtual_campaign(spec, spec.deployment, tmp_path / "whole")
+    monkeypatch.setattr(results, "CHUNK_ROWS", 64)
+    monkeypatch.setattr(deploy.virtual, "RecordWriter", Tracked)
+    chunked = run_virtual_campaign(spec, spec.deployment, tmp_path / "chunked")
+    (writer,) = writers
+    assert writer.rows == whole["requests"].iloc[0] > 1000
+    assert writer.peak_held < 4 * 64  # the chunk plus those that finished ahead of a slower request
+    assert pq.ParquetFile(tmp_path / "chunked" / "parts" / "point-0000.parquet").num_row_groups > 10
+    _same(whole, chunked)
+    pd.testing.assert_frame_equal(*(pd.read_parquet(tmp_path / d / "requests.parquet") for d in ("whole", "chunked")))
+
+
+def test_derived_tables_are_rebuilt_once_and_only_when_stale(tmp_path: Path) -> None:
+    """requests.parquet is written when the campaign ends; `testbed report`/--resume leave it alone while it is
+    newer than points.csv (a long campaign's is gigabytes) and rebuild it, the same, when a point came after it."""
+    import os
+
+    from workloads.results import ResultStore
+
+    spec = _campaign(tmp_path)
+    run_virtual_campaign(spec, spec.deployment, tmp_path / "out")
+    store = ResultStore(tmp_path / "out")
+    built = store.requests_path.stat().st_mtime_ns
+    before = store.requests()
+    store.repair()
+    assert store.requests_path.stat().st_mtime_ns == built
+    later = built + 10**9
+    os.utime(store.points_path, ns=(later, later))  # as if a point were written after the rebuild
+    store.repair()
+    assert store.requests_path.stat().st_mtime_ns > built
+    pd.testing.assert_frame_equal(store.requests(), before)
+    assert store.requests(["point", "status"]).columns.tolist() == ["point", "status"]

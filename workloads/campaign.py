@@ -43,10 +43,11 @@ from workloads.inputs import trace_inputs
 from workloads.results import (
     FloorFn,
     PointRow,
+    RecordWriter,
     ReferenceFn,
+    RequestPart,
     ResultStore,
     engine_token_shares,
-    records_frame,
     server_side_failures,
     summarize_point,
 )
@@ -89,7 +90,12 @@ class WindowReading:
 class Target(Protocol):
     """What a campaign drives, in real or virtual time: everything a point's measurement reads, sleeps or sends
     goes through it (``workloads.http_target.HttpTarget``: a URL; ``deploy.virtual.VirtualTarget``: in-process
-    emulated replicas on a virtual clock)."""
+    emulated replicas on a virtual clock).
+
+    Optional: ``streams_records = True`` says that the records ``send`` hands to ``on_done`` are numbered 0, 1, ...
+    in the order ``send`` returns them, so the point writes them as they finish (:class:`RecordWriter`) instead
+    of holding every one until the point ends (an HTTP closed loop returns its records by send time instead).
+    """
 
     clock: Clock
     label: str
@@ -334,10 +340,13 @@ def window_tokens(begin: CounterSnapshot, end: CounterSnapshot) -> tuple[int | N
     return int(sum(n - begin.generated_tokens.get(r, 0.0) for r, n in end.generated_tokens.items())), []
 
 
-MeasurePoints = Callable[[list[int], Callable[["PointResult"], None]], None]
-"""How a campaign's pending points are measured: each one's result handed to ``record`` (the one writer) as it
-comes. :func:`on_target`: one after the other on one target; ``deploy.virtual``: virtual points on targets of their
-own, here or as Ray tasks."""
+OpenPart = Callable[[int], RequestPart]
+"""A fresh part file for a point's requests (``ResultStore.open_part``, through the campaign's bookkeeping)."""
+MeasurePoints = Callable[[list[int], OpenPart, Callable[["PointResult"], None]], None]
+"""How a campaign's pending points are measured: each point's requests written to the part ``open_part(point)``
+gives as they come, and its result handed to ``record`` (which commits that part; the one writer) when it ends.
+:func:`on_target`: one after the other on one target; ``deploy.virtual``: virtual points on targets of their own,
+here or as Ray tasks (whose requests stream to this process, which writes them)."""
 
 
 def on_target(
@@ -347,55 +356,57 @@ def on_target(
     """Measure points one after the other on ``target``, which keeps its state between them (a deployment). ``run``
     runs the coroutine (a virtual target's clock drives its own loop)."""
 
-    def measure(pending: list[int], record: Callable[[PointResult], None]) -> None:
-        run(_measure_on(spec, target, pending, record, console, floor, reference))
+    def measure(pending: list[int], open_part: OpenPart, record: Callable[[PointResult], None]) -> None:
+        run(_measure_on(spec, target, pending, open_part, record, console, floor, reference))
 
     return measure
 
 
 async def _measure_on(
-    spec: CampaignSpec, target: Target, pending: list[int], record: Callable[[PointResult], None], console: Console,
-    floor: FloorFn | None, reference: ReferenceFn | None,
+    spec: CampaignSpec, target: Target, pending: list[int], open_part: OpenPart, record: Callable[[PointResult], None],
+    console: Console, floor: FloorFn | None, reference: ReferenceFn | None,
 ) -> None:
     facts = await target.start(spec)
     try:
         for point in pending:
-            result = await _measure_point(spec, target, point, console, floor, reference)
+            requests = RecordWriter(open_part(point).write)
+            result = await _measure_point(spec, target, point, console, requests, floor, reference)
             result.manifest.update(facts)
             record(result)
     finally:
         await target.stop()
 
 
-def check_target_up(row: PointRow, records: list[RequestRecord], setting: Setting, label: str) -> None:
-    """Raise :class:`TargetDownError` when every request of the point failed on the target's side."""
-    if row.status == "failed" and 0 < len(server_side_failures(records_frame(records))) == row.requests:
-        errors = sorted({r.error for r in records if r.error})
-        raise TargetDownError(
-            f"point {row.point} ({setting_label(setting)}): every request failed on the target's side "
-            f"({'; '.join(errors[:3])}): is {label} still serving?"
-        )
+def target_down(row: PointRow, requests: pd.DataFrame, setting: Setting, label: str) -> str:
+    """Why the target looks down (every request of the point failed on its side), or "" when it does not."""
+    if row.status == "failed" and 0 < len(server_side_failures(requests)) == row.requests:
+        errors = sorted(e for e in requests["error"].unique() if e)
+        return (f"point {row.point} ({setting_label(setting)}): every request failed on the target's side "
+                f"({'; '.join(errors[:3])}): is {label} still serving?")
+    return ""
 
 
 @dataclass
 class PointResult:
-    """One measured point, as :meth:`ResultStore.add_point` takes it, and what it adds to the manifest."""
+    """One measured point as the campaign's writer takes it (its requests are already in its part): its row, time
+    series, what it adds to the manifest, and why the target looks down ("" when it does not: the campaign stops
+    with :class:`TargetDownError` when it does)."""
 
     row: PointRow
-    records: list[RequestRecord]
     series: list[dict[str, object]]
     manifest: dict[str, object]
+    down: str = ""
 
 
 async def measure_one(
-    spec: CampaignSpec, target: Target, point: int, console: Console, floor: FloorFn | None = None,
-    reference: ReferenceFn | None = None,
+    spec: CampaignSpec, target: Target, point: int, console: Console, requests: RecordWriter,
+    floor: FloorFn | None = None, reference: ReferenceFn | None = None,
 ) -> PointResult:
     """Point ``point`` of the sweep on a target of its own, started and stopped for it (a virtual-time point run
-    apart from the others, as a Ray task)."""
+    apart from the others, as a Ray task); its requests go to ``requests``."""
     facts = await target.start(spec)
     try:
-        result = await _measure_point(spec, target, point, console, floor, reference)
+        result = await _measure_point(spec, target, point, console, requests, floor, reference)
     finally:
         await target.stop()
     result.manifest.update(facts)
@@ -403,11 +414,11 @@ async def measure_one(
 
 
 async def _measure_point(
-    spec: CampaignSpec, target: Target, point: int, console: Console, floor: FloorFn | None,
-    reference: ReferenceFn | None = None,
+    spec: CampaignSpec, target: Target, point: int, console: Console, requests: RecordWriter,
+    floor: FloorFn | None, reference: ReferenceFn | None = None,
 ) -> PointResult:
     """Put the target under the point's setting, send its work and meter it (warm-up and cool-down are left out
-    of the energy window)."""
+    of the energy window); its request records go to ``requests`` (as they finish, where the target streams them)."""
     w = spec.workload
     points = spec.sweep.points()
     setting, load = points[point]
@@ -422,7 +433,15 @@ async def _measure_point(
         live.t0 = t0
         started.set_result(t0)
 
-    drive = asyncio.create_task(_drive(target, spec, point_of, load, console, live, on_start))
+    measure_until = w.duration_s - w.cooldown_s if w.cooldown_s > 0 else math.inf
+    streams = getattr(target, "streams_records", False)
+
+    def on_record(rec: RequestRecord) -> None:
+        rec.phase = phase_of(rec.intended_send_s, w.warmup_s, measure_until)
+        requests.add(rec)
+
+    drive = asyncio.create_task(_drive(target, spec, point_of, load, console, live, on_start,
+                                       on_record if streams else None))
     await asyncio.wait([drive, started], return_when=asyncio.FIRST_COMPLETED)
     if not started.done():
         await drive  # failed before its first send: raises why
@@ -432,6 +451,9 @@ async def _measure_point(
     sampler = asyncio.create_task(_sample(target, point, live, w.sample_interval_s))
     try:
         records = await drive
+        if not streams:
+            mark_phases(records, w.warmup_s, measure_until)
+            requests.extend(records)
         first, last = await begin, (await end if end is not None else await target.counters())
         if last is not None:
             # From the point's own readings: an extra scrape would sit inside others' metering windows.
@@ -442,7 +464,7 @@ async def _measure_point(
         with contextlib.suppress(asyncio.CancelledError):
             await sampler
     window_s = w.duration_s - w.cooldown_s - w.warmup_s if end is not None else target.clock.now() - t0 - w.warmup_s
-    mark_phases(records, w.warmup_s, w.duration_s - w.cooldown_s if w.cooldown_s > 0 else math.inf)
+    df = requests.close()
     clocks = [float(r["clock_mhz"]) for r in live.rows if not math.isnan(float(r["clock_mhz"]))]  # type: ignore[arg-type]
     common = {
         "concurrency": int(load) if spec.closed_loop else math.nan,
@@ -451,24 +473,24 @@ async def _measure_point(
         "reference": reference,
     }
     if first is None or last is None:
-        row = summarize_point(point, setting_label(setting), offered_rate(spec, load, records), records,
+        row = summarize_point(point, setting_label(setting), offered_rate(spec, load, df), df,
                               Measurement(duration_s=window_s), "unknown", site, spec.slo, **common,
                               notes=[f"no counters at the window's {'start' if first is None else 'end'}: "
                                      "the target's metrics could not be scraped"])
-        return PointResult(row, records, live.rows, manifest)
+        return PointResult(row, live.rows, manifest, target_down(row, df, setting, target.label))
     reader = getattr(target, "read_window", None)  # optional: a target that reads windows through Prometheus
     reading: WindowReading | None = await reader(first, last, window_s) if callable(reader) else None
     if reading is not None:
         row = summarize_point(
-            point, setting_label(setting), offered_rate(spec, load, records), records, reading.measurement,
+            point, setting_label(setting), offered_rate(spec, load, df), df, reading.measurement,
             reading.backend, site, spec.slo, window_tokens=reading.tokens, notes=reading.notes,
             energy_source=reading.energy_source, token_source=reading.token_source,
             energy_uncertainty_j=reading.uncertainty_j, **common,
         )
-        return PointResult(row, records, live.rows, manifest)
+        return PointResult(row, live.rows, manifest, target_down(row, df, setting, target.label))
     tokens, token_notes = window_tokens(first, last)
     row = summarize_point(
-        point, setting_label(setting), offered_rate(spec, load, records), records,
+        point, setting_label(setting), offered_rate(spec, load, df), df,
         window_energy(first.energy, last.energy, window_s), ",".join(sorted(last.backends)) or "unknown", site,
         spec.slo, window_tokens=tokens, devices=last.device_labels(),
         token_shares=engine_token_shares(first.engine_tokens, last.engine_tokens),
@@ -479,23 +501,29 @@ async def _measure_point(
         token_source=last.token_source or f"ours: {target.label}",
         **common,
     )
-    return PointResult(row, records, live.rows, manifest)
+    return PointResult(row, live.rows, manifest, target_down(row, df, setting, target.label))
 
 
-def offered_rate(spec: CampaignSpec, load: float, records: list[RequestRecord]) -> float:
+def offered_rate(spec: CampaignSpec, load: float, requests: pd.DataFrame) -> float:
     """The sweep's rate, or for closed-loop users the rate they sent at within the measured window."""
     if not spec.closed_loop:
         return load
     w = spec.workload
     until = w.duration_s - w.cooldown_s
-    return sum(w.warmup_s <= r.intended_send_s < until for r in records) / (until - w.warmup_s)
+    sent = requests["intended_send_s"]
+    return int(((w.warmup_s <= sent) & (sent < until)).sum()) / (until - w.warmup_s)
+
+
+def phase_of(intended_send_s: float, measure_from: float, measure_until: float) -> str:
+    """A request's phase, ``warmup``, ``measure`` or ``cooldown``, by its intended send time."""
+    return ("warmup" if intended_send_s < measure_from
+            else "cooldown" if intended_send_s >= measure_until else "measure")
 
 
 def mark_phases(records: list[RequestRecord], measure_from: float, measure_until: float) -> None:
-    """Label each request ``warmup``, ``measure`` or ``cooldown`` by its intended send time."""
+    """Label each request with its :func:`phase_of`."""
     for r in records:
-        r.phase = ("warmup" if r.intended_send_s < measure_from
-                   else "cooldown" if r.intended_send_s >= measure_until else "measure")
+        r.phase = phase_of(r.intended_send_s, measure_from, measure_until)
 
 
 class _DueColumn(ProgressColumn):
@@ -512,9 +540,10 @@ class _DueColumn(ProgressColumn):
 
 async def _drive(
     target: Target, spec: CampaignSpec, point: tuple[int, int], load: float, console: Console, live: _Live,
-    on_start: Callable[[float], None],
+    on_start: Callable[[float], None], on_record: Callable[[RequestRecord], None] | None = None,
 ) -> list[RequestRecord]:
-    """Run a point's requests with a progress line: point k/n, requests due and done, failures, live J/token."""
+    """Run a point's requests with a progress line: point k/n, requests due and done, failures, live J/token;
+    each finished record also goes to ``on_record``."""
     seed, work = point_work(spec, load)
     what = f"{work.concurrency:>4} users" if isinstance(work, ClosedLoop) else f"{load:>7g} req/s"
     columns = (
@@ -533,6 +562,8 @@ async def _drive(
             failed += rec.status != "ok"
             jpt = f"{live.joules_per_token:.3g} J/token" if not math.isnan(live.joules_per_token) else ""
             progress.update(task, advance=1, failed=failed, jpt=jpt)
+            if on_record is not None:
+                on_record(rec)
 
         return await target.send(point[0], work, seed, on_done, on_start)
 
@@ -560,14 +591,28 @@ def campaign_loop(
         else:
             pending.append(point)
 
+    parts: dict[int, RequestPart] = {}
+
+    def open_part(point: int) -> RequestPart:
+        if (old := parts.pop(point, None)) is not None:
+            old.discard()  # its point runs again (a Ray worker died under it)
+        parts[point] = store.open_part(point)
+        return parts[point]
+
     def record(result: PointResult) -> None:
-        store.add_point(result.row, result.records, result.series)
+        store.add_point(result.row, parts.pop(result.row.point), result.series)
         if new := {k: v for k, v in result.manifest.items() if k not in extra}:
             extra.update(new)  # the target's devices and facts, from the first point that has them
             write_manifest(out, spec, label, "running", extra)
-        check_target_up(result.row, result.records, points[result.row.point][0], label)
+        if result.down:
+            raise TargetDownError(result.down)
 
-    measure(pending, record)
+    try:
+        measure(pending, open_part, record)
+    finally:  # however the campaign ends, the derived tables hold every point written
+        for part in parts.values():
+            part.discard()
+        store.finish()
     frame = store.points()
     failed = sorted(int(p) for p in frame[frame["status"] == "failed"]["point"])
     write_manifest(out, spec, label, "failed" if failed else "finished", {**extra, "failed_points": failed})

@@ -194,6 +194,10 @@ def _plot_power(ts: pd.DataFrame) -> str:
     return _png(fig)
 
 
+REPLICA_COLUMNS = ["point", "replica", "status", "output_tokens", "energy_j", "ttft_s", "tpot_s"]
+"""What :func:`replica_breakdown` reads of ``requests.parquet``."""
+
+
 def replica_breakdown(requests: pd.DataFrame) -> pd.DataFrame:
     """Per point and replica: successful requests, output tokens, attributed energy (J) and J per token."""
     ok = requests[requests["status"] == "ok"]
@@ -248,7 +252,7 @@ def write_report(out: Path) -> Path:
         if not ts.empty:
             parts.append("<h2>Power and clock over time</h2>")
             parts.append(f"<img alt='power and clock over time' src='{_plot_power(ts)}'>")
-        per_replica = replica_breakdown(store.requests())
+        per_replica = replica_breakdown(store.requests(REPLICA_COLUMNS))
         if not per_replica.empty:
             parts.append("<h2>Per replica</h2>")
             parts.append(per_replica.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="–"))

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from profilers.footprint import SiteProfile, footprint
 from profilers.lifecycle import window_lifecycle
@@ -197,7 +199,7 @@ def summarize_point(
     point: int,
     setting: str,
     offered_rps: float,
-    records: list[RequestRecord],
+    requests: pd.DataFrame,
     measurement: Measurement,
     backend: str,
     site: SiteProfile,
@@ -217,12 +219,13 @@ def summarize_point(
 ) -> PointRow:
     """The :class:`PointRow` of a measured point.
 
+    ``requests``: its requests' scalars in request order (:meth:`RecordWriter.scalars`, :data:`SUMMARY_COLUMNS`).
     ``window_tokens``: tokens the server counted inside the energy window (None: the client's count).
     ``devices``: what models or measures each metered device, so a modeled figure always says which preset made it.
     ``token_shares``: :func:`engine_token_shares` of the window; ``notes``: why the point is degraded, found by
     the caller; ``floor``: the device's energy floor, for emulated devices.
     """
-    df = records_frame(records)
+    df = requests
     ok_all = df[df["status"] == "ok"]
     measured = df[df["phase"] == "measure"]
     ok = measured[measured["status"] == "ok"]
@@ -342,6 +345,121 @@ def records_frame(records: list[RequestRecord]) -> pd.DataFrame:
     return pd.DataFrame({c: [getattr(r, c) for r in records] for c in cols}, columns=cols)
 
 
+REQUEST_SCHEMA = pa.Schema.from_pandas(records_frame([RequestRecord(0, 0, 0.0, 1, 1, itl_s=[0.0])]),
+                                       preserve_index=False)
+"""``requests.parquet``'s schema, as pandas writes a frame of records. Fixed, because a chunk whose requests have no
+inter-token latency (all failed, or one token each) would otherwise be typed ``list<null>``."""
+SUMMARY_COLUMNS = ["request_index", "intended_send_s", "prompt_tokens", "output_tokens", "ttft_s", "tpot_s", "e2e_s",
+                   "energy_j", "phase", "status", "http_status", "error"]
+"""The per-request scalars a point's summary reads (:func:`summarize_point`, the offered rate, whether the target
+is down): what a point keeps of its requests once they are written."""
+CHUNK_ROWS = 1024
+"""Requests per row group of a point's part: what a point holds of its requests' token timelines at most (plus
+those that finished ahead of an earlier request still running)."""
+
+
+def records_table(records: list[RequestRecord]) -> pa.Table:
+    """Request records as an Arrow table of :data:`REQUEST_SCHEMA` (a row group of ``requests.parquet``)."""
+    return pa.Table.from_pandas(records_frame(records), schema=REQUEST_SCHEMA, preserve_index=False)
+
+
+class RecordWriter:
+    """A point's request records on their way to disk, in chunks of ``chunk_rows``, so a long window never holds
+    every request's token timeline: each chunk goes to ``write`` (a part file, or a Ray task's stream to the
+    driver that writes it) and the point keeps only the :data:`SUMMARY_COLUMNS` of its requests.
+
+    Rows are written in request order, as the target numbers them (0, 1, ...), whatever order requests finish
+    in: :meth:`add` holds a finished request until every earlier one has finished (so ``requests.parquet`` is
+    the same as when a point's records were written at once). A record written has its ITL list emptied (the
+    target may still hold the record object; the list is the bulk of it).
+    """
+
+    def __init__(self, write: Callable[[pa.Table], None], chunk_rows: int | None = None) -> None:
+        self._write = write
+        self.chunk_rows = chunk_rows or CHUNK_ROWS
+        self._early: dict[int, RequestRecord] = {}  # finished ahead of an earlier request
+        self._next = 0
+        self._ready: list[RequestRecord] = []
+        self._scalars: list[pd.DataFrame] = []
+        self.rows = 0
+        self.peak_held = 0
+        """The most records held at once, written or not (for the tests: bounded by the chunk and the requests
+        in flight, not the window)."""
+
+    def add(self, rec: RequestRecord) -> None:
+        """A finished request (streamed: numbered by the target in the order it sends)."""
+        self._early[rec.request_index] = rec
+        while (nxt := self._early.pop(self._next, None)) is not None:
+            self._ready.append(nxt)
+            self._next += 1
+        self.peak_held = max(self.peak_held, len(self._early) + len(self._ready))
+        if len(self._ready) >= self.chunk_rows:
+            self._flush()
+
+    def extend(self, records: list[RequestRecord]) -> None:
+        """Every record of a point at once, in the order given (a target that returns them only at the end)."""
+        for i in range(0, len(records), self.chunk_rows):
+            self._ready = list(records[i:i + self.chunk_rows])
+            self.peak_held = max(self.peak_held, len(self._ready))
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._ready:
+            return
+        frame = records_frame(self._ready)
+        self._write(pa.Table.from_pandas(frame, schema=REQUEST_SCHEMA, preserve_index=False))
+        self._scalars.append(frame[SUMMARY_COLUMNS])
+        self.rows += len(self._ready)
+        for r in self._ready:
+            r.itl_s = []  # on disk now; the target's list of records may outlive the chunk
+        self._ready = []
+
+    def close(self) -> pd.DataFrame:
+        """Write what is left (requests that never finished in order are written in request order) and return
+        the point's scalars (:data:`SUMMARY_COLUMNS`, index 0..n-1, one row per request, as written)."""
+        self._ready.extend(self._early[i] for i in sorted(self._early))
+        self._early.clear()
+        self._flush()
+        if not self._scalars:
+            return records_frame([])[SUMMARY_COLUMNS]
+        frame = pd.concat(self._scalars, ignore_index=True) if len(self._scalars) > 1 else self._scalars[0]
+        self._scalars = [frame]
+        return frame
+
+
+class RequestPart:
+    """One point's ``parts/point-NNNN.parquet``, written a row group at a time under a hidden temporary name and
+    renamed by :meth:`commit` (a killed run leaves no half part a rebuild would read)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._tmp = path.with_name(f".{path.name}.tmp")
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, table: pa.Table) -> None:
+        """Append ``table`` (:data:`REQUEST_SCHEMA`) as a row group."""
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self._tmp, REQUEST_SCHEMA)
+        self._writer.write_table(table)
+
+    def commit(self) -> None:
+        """Close the part under its final name (a point with no requests gets an empty part)."""
+        if self._writer is None:
+            self.write(records_table([]))
+        assert self._writer is not None
+        self._writer.close()
+        self._writer = None
+        os.replace(self._tmp, self.path)
+
+    def discard(self) -> None:
+        """Drop what was written (the point runs again: a Ray worker died under it)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._tmp.unlink(missing_ok=True)
+
+
 def _atomic_write(path: Path, write) -> None:  # type: ignore[no-untyped-def]
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
@@ -349,8 +467,10 @@ def _atomic_write(path: Path, write) -> None:  # type: ignore[no-untyped-def]
 
 
 class ResultStore:
-    """``points.csv`` and ``requests.parquet`` under one directory, rewritten atomically after each point,
-    with one parquet part per point so a crash loses at most the point in flight."""
+    """``points.csv``, ``requests.parquet`` and ``timeseries.parquet`` under one directory. Each point's requests
+    and time series are parts of their own (``parts/``), written before ``points.csv`` names the point, which is
+    rewritten atomically after each point; the derived tables are rebuilt from the parts by :meth:`finish` (at
+    the end of a campaign, however it ends) and :meth:`repair`, so a crash loses at most the point in flight."""
 
     def __init__(self, out_dir: Path) -> None:
         self.out = out_dir
@@ -377,39 +497,63 @@ class ResultStore:
         points = self.points()
         return set(int(p) for p in points[points["status"] != "failed"]["point"])
 
-    def add_point(
-        self, row: PointRow, records: list[RequestRecord], timeseries: list[dict[str, object]]
-    ) -> None:
-        """Write one measured point; the per-point files land before ``points.csv`` names the point done."""
+    def open_part(self, point: int) -> RequestPart:
+        """A new part for ``point``'s requests (what an earlier, uncommitted one wrote is replaced on commit)."""
+        return RequestPart(self.parts / f"point-{point:04d}.parquet")
+
+    def add_point(self, row: PointRow, requests: RequestPart, timeseries: list[dict[str, object]]) -> None:
+        """Write one measured point: its requests' part is committed and its time series written before
+        ``points.csv`` names the point done."""
         self.parts.mkdir(parents=True, exist_ok=True)
-        frame = records_frame(records)
+        requests.commit()
         ts = pd.DataFrame(timeseries, columns=TIMESERIES_COLUMNS)
         _atomic_write(self.parts / f"timeseries-{row.point:04d}.parquet", lambda p: ts.to_parquet(p, index=False))
-        _atomic_write(self.parts / f"point-{row.point:04d}.parquet", lambda p: frame.to_parquet(p, index=False))
         points = self.points()
         points = points[points["point"] != row.point]
         new = pd.DataFrame([dataclasses.asdict(row)], columns=POINT_COLUMNS)
         points = new if points.empty else pd.concat([points, new], ignore_index=True)
         points = points.sort_values("point")
         _atomic_write(self.points_path, lambda p: points.to_csv(p, index=False))
-        self._rebuild_requests()
+
+    def finish(self) -> None:
+        """Rebuild ``requests.parquet`` and ``timeseries.parquet`` from the parts of the points in ``points.csv``.
+        Once per campaign, not per point: rebuilding after every point read every earlier point's requests again
+        (quadratic in the points, and on the writer's core while Ray tasks simulate)."""
+        if self.points_path.exists():
+            self._rebuild()
 
     def repair(self) -> None:
-        """Rebuild the derived files from the per-point parts (after a kill between writes)."""
-        if self.points_path.exists():
-            self._rebuild_requests()
+        """Rebuild the derived files from the per-point parts where a point was written after them (a campaign
+        killed before :meth:`finish`); up-to-date ones are left as they are (a long campaign's are gigabytes)."""
+        if not self.points_path.exists():
+            return
+        written = self.points_path.stat().st_mtime_ns
+        if any(not p.exists() or p.stat().st_mtime_ns < written for p in (self.requests_path, self.timeseries_path)):
+            self._rebuild()
 
-    def _rebuild_requests(self) -> None:
+    def _committed(self, pattern: str) -> list[Path]:
         done = set(int(p) for p in self.points()["point"])  # failed points too: their requests are on the books
-        for pattern, target, empty in (
-            ("point-*.parquet", self.requests_path, records_frame([])),
-            ("timeseries-*.parquet", self.timeseries_path, pd.DataFrame(columns=TIMESERIES_COLUMNS)),
-        ):
-            # Parts of a point that never made it into points.csv (killed mid-write) are left out.
-            parts = [p for p in sorted(self.parts.glob(pattern)) if int(p.stem.split("-")[1]) in done]
-            frames = [pd.read_parquet(p) for p in parts]
-            frame = pd.concat(frames, ignore_index=True) if frames else empty
-            _atomic_write(target, lambda p, f=frame: f.to_parquet(p, index=False))
+        # Parts of a point that never made it into points.csv (killed mid-write) are left out.
+        return [p for p in sorted(self.parts.glob(pattern)) if int(p.stem.split("-")[1]) in done]
+
+    def _rebuild(self) -> None:
+        parts = self._committed("point-*.parquet")
+        if parts:
+            # A row group at a time: a campaign's requests need not fit in memory. Cast: parts written before the
+            # schema was fixed may type an all-empty ITL column as list<null>.
+            def write(path: Path) -> None:
+                with pq.ParquetWriter(path, REQUEST_SCHEMA) as out:
+                    for part in parts:
+                        f = pq.ParquetFile(part)
+                        for i in range(f.num_row_groups):
+                            if len(group := f.read_row_group(i)):  # an old empty part is typed double throughout
+                                out.write_table(group.cast(REQUEST_SCHEMA))
+            _atomic_write(self.requests_path, write)
+        else:
+            _atomic_write(self.requests_path, lambda p: records_frame([]).to_parquet(p, index=False))
+        frames = [pd.read_parquet(p) for p in self._committed("timeseries-*.parquet")]
+        ts = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TIMESERIES_COLUMNS)
+        _atomic_write(self.timeseries_path, lambda p: ts.to_parquet(p, index=False))
 
     @property
     def timeseries_path(self) -> Path:
@@ -422,6 +566,9 @@ class ResultStore:
             return pd.DataFrame(columns=TIMESERIES_COLUMNS)
         return pd.read_parquet(self.timeseries_path)
 
-    def requests(self) -> pd.DataFrame:
-        """Every request record so far (an empty frame with the record columns if there is none)."""
-        return pd.read_parquet(self.requests_path) if self.requests_path.exists() else records_frame([])
+    def requests(self, columns: list[str] | None = None) -> pd.DataFrame:
+        """Every request record so far (an empty frame with the record columns if there is none); ``columns``: only
+        those (leaving out ``itl_s``, the bulk of a long campaign's requests, when it is not needed)."""
+        if not self.requests_path.exists():
+            return records_frame([])[columns or slice(None)]
+        return pd.read_parquet(self.requests_path, columns=columns)
