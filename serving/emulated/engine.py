@@ -607,9 +607,8 @@ class EmulatedEngine:
             return
         lo, seqs, batch = run.committed, run.seqs, len(run.seqs)
         shares = run.cost_of.shares_j[lo:done]
-        per_seq = np.array([s.decode_j for s in seqs])
-        for row in shares:  # each sequence's shares in step order, as its decode_j grows step by step
-            per_seq += row
+        # each sequence's shares in step order, as its decode_j grows step by step (accumulate adds row after row)
+        per_seq = np.add.accumulate(np.concatenate(([[s.decode_j for s in seqs]], shares)), axis=0)[-1]
         for s, j in zip(seqs, per_seq.tolist(), strict=True):
             s.decode_j = j
         # the engine's total, item after item, step after step
