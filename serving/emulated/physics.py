@@ -120,7 +120,11 @@ def _totals(
         return t
     # Over the TDP the governor lowers the clock: the fastest supported clock that stays under it, else the
     # lowest clock stretched to the TDP. The request's clock stays a cap, never a floor.
-    for lower in sorted((c for c in device.clocks_mhz if c < clock_mhz), reverse=True):
+    lower_clocks = device.cache.get(("lower_clocks", clock_mhz))
+    if lower_clocks is None:  # every throttled iteration searches the same table: sorted once per clock
+        lower_clocks = device.cache[("lower_clocks", clock_mhz)] = sorted(
+            (c for c in device.clocks_mhz if c < clock_mhz), reverse=True)
+    for lower in lower_clocks:
         t = _at_clock(device, model, work, sequences, lower, ideal, n)
         if not t.throttled:
             break
