@@ -78,9 +78,9 @@ def test_fast_forward_equals_stepping_one_by_one(seed: int) -> None:
 
 
 def _through_finishing(fast_forward: bool, seed: int) -> tuple[list[tuple], list[tuple], int]:
-    """One replica, a batch that finishes one request after another with no arrival in between (a run goes on
-    through each finishing step), looked at (stats and power, which cut nothing) at random instants and at the
-    steps' ends."""
+    """One replica, a batch that finishes one request after another with no arrival in between (runs that end
+    with a finishing step and start again without it), looked at (stats and power, which cut nothing) at random
+    instants."""
     rng = random.Random(seed)
     target = VirtualTarget(ServingConfig(replicas=1, engine=EmulatedEngineConfig(max_model_len=4096)),
                            latency=PathLatency())
@@ -111,14 +111,14 @@ def _through_finishing(fast_forward: bool, seed: int) -> tuple[list[tuple], list
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fast_forward_runs_through_finishing_requests(seed: int) -> None:
-    """A run that finishes requests on the way (each leaves the batch with its last token) equals stepping one by
-    one, read mid-run at random instants: token times, energies, KV use and counters, tolerance 0."""
+    """Requests finishing one after another (each leaves the batch with its last token) fast-forwarded equal
+    stepping one by one, read mid-run at random instants: token times, energies, KV use and counters, tolerance 0."""
     fast, fast_reads, skipped = _through_finishing(True, seed)
     slow, slow_reads, none = _through_finishing(False, seed)
     assert fast == slow
     assert fast_reads == slow_reads
     iterations = fast_reads[-1][3]  # the last look comes after the last request finished
-    assert none == 0 and skipped > 0.8 * iterations  # most steps fast-forwarded, through requests finishing
+    assert none == 0 and skipped > 0.8 * iterations  # most steps fast-forwarded
 
 
 def _campaign(tmp_path: Path, **changes: object) -> CampaignFile:
