@@ -56,7 +56,7 @@ class Observer:
             waiting=sum(tel.stats.waiting for tel in telemetry),
             clock_mhz=max(clocks) if clocks else None,
             max_num_seqs=max(seqs) if seqs else None,
-            supported_clocks_mhz=tuple(sorted({c for tel in telemetry for c in tel.supported_clocks_mhz})),
+            supported_clocks_mhz=tuple(sorted(set().union(*(tel.supported_clocks_mhz for tel in telemetry)))),
             spec_acceptance=accepted / proposed if proposed else None,
             tokens=new_tokens,
         )

@@ -36,7 +36,9 @@ def scenario(campaign: Path) -> dict[str, object]:
             out = Path(tmp)
             serial = run_virtual_campaign(serial_spec, serial_spec.deployment, out / "serial",
                                           Console(file=io.StringIO()))
-            spec = CampaignFile.model_validate({**data, "workers": 0, "ray_address": cluster.address})
+            # Two at a time, not 0 (= the CPUs the cluster reports): a driver that has just connected may not see the
+            # second node yet, and would then run every point on one.
+            spec = CampaignFile.model_validate({**data, "workers": 2, "ray_address": cluster.address})
             os.environ[FAULT_ENV] = f"1:{out / 'killed-once'}"
             log = io.StringIO()
             on_ray = run_virtual_campaign(spec, spec.deployment, out / "ray", Console(file=log, width=400))

@@ -67,7 +67,7 @@ def _simulate(seed: int, fast_forward: bool) -> tuple[list[tuple], list[tuple]]:
     return [(r.replica, r.output_tokens, r.energy_j, r.ttft_s, r.e2e_s, tuple(r.itl_s)) for r in records], reads
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
 def test_fast_forward_equals_stepping_one_by_one(seed: int) -> None:
     """Token times, per-request energy and every counter read mid-run: equal as floats (tolerance 0; the issue
     allows 1e-9 relative for energy, the fast path needs none)."""
@@ -76,6 +76,50 @@ def test_fast_forward_equals_stepping_one_by_one(seed: int) -> None:
     assert fast == slow
     assert fast_reads == slow_reads
     assert sum(n for _, n, *_ in fast) > 10_000
+
+
+def _through_finishing(fast_forward: bool, seed: int) -> tuple[list[tuple], list[tuple], int]:
+    """One replica, a batch that finishes one request after another with no arrival in between (runs that end
+    with a finishing step and start again without it), looked at (stats and power, which cut nothing) at random
+    instants."""
+    rng = random.Random(seed)
+    target = VirtualTarget(ServingConfig(replicas=1, engine=EmulatedEngineConfig(max_model_len=4096)),
+                           latency=PathLatency())
+    engine = target.engines[0]
+    engine.fast_forward = fast_forward
+    work = [RequestSpec(0.001 * i, rng.randint(1, 1200), rng.randint(1, 300)) for i in range(12)]
+    reads: list[tuple] = []
+
+    async def look() -> None:
+        for t in sorted(rng.uniform(0, 12) for _ in range(300)):
+            await target.clock.sleep_until(t)
+            st, rd = engine.stats(), engine.read()[0]
+            reads.append((st.running, st.generated_tokens_total, st.kv_used_tokens, st.iterations,
+                          st.attributed_decode_j, rd.energy_j, rd.power_w))
+
+    async def go() -> list:
+        await target.start()
+        looking = asyncio.ensure_future(look())
+        records = await target.send(0, work, 0, lambda r: None, lambda t: None)
+        await looking
+        await target.stop()
+        return records
+
+    records = target.clock.execute(go())
+    return ([(r.output_tokens, r.energy_j, r.ttft_s, r.e2e_s, tuple(r.itl_s)) for r in records], reads,
+            engine.fast_forwarded_steps)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fast_forward_runs_through_finishing_requests(seed: int) -> None:
+    """Requests finishing one after another (each leaves the batch with its last token) fast-forwarded equal
+    stepping one by one, read mid-run at random instants: token times, energies, KV use and counters, tolerance 0."""
+    fast, fast_reads, skipped = _through_finishing(True, seed)
+    slow, slow_reads, none = _through_finishing(False, seed)
+    assert fast == slow
+    assert fast_reads == slow_reads
+    iterations = fast_reads[-1][3]  # the last look comes after the last request finished
+    assert none == 0 and skipped > 0.8 * iterations  # most steps fast-forwarded
 
 
 def _campaign_data(**changes: object) -> dict:

@@ -207,17 +207,27 @@ def _hardware() -> dict[str, object]:
     return info
 
 
+def manifest_facts(spec: CampaignSpec) -> dict[str, object]:
+    """What the manifest records that does not change while a campaign runs: versions, machine, site profile and
+    the traces read (each loaded and every rate's window checked, which costs a pass over each trace)."""
+    return {
+        "versions": _versions(), "machine": _hardware(),
+        "site_profile": load_site_profile(spec.site).model_dump(mode="json"), "traces": trace_inputs(spec),
+    }
+
+
 def write_manifest(
-    out: Path, spec: CampaignSpec, label: str, status: str, extra: dict[str, object] | None = None
+    out: Path, spec: CampaignSpec, label: str, status: str, extra: dict[str, object] | None = None,
+    facts: dict[str, object] | None = None,
 ) -> None:
-    """Write or update the campaign's ``manifest.json`` atomically: status, config hash, versions, machine, site."""
+    """Write or update the campaign's ``manifest.json`` atomically: status, config hash, versions, machine, site.
+    ``facts``: :func:`manifest_facts` of ``spec`` when the caller has them (a campaign writes its manifest at
+    start, as points add facts and at the end)."""
     path = out / MANIFEST
     manifest = json.loads(path.read_text()) if path.exists() else {"created": datetime.now(UTC).isoformat()}
     manifest.update({
         "name": spec.name, "status": status, "config_hash": spec.config_hash(), "seed": spec.seed,
-        "site": spec.site, "target": label, "versions": _versions(),
-        "machine": _hardware(), "site_profile": load_site_profile(spec.site).model_dump(mode="json"),
-        "traces": trace_inputs(spec),
+        "site": spec.site, "target": label, **(facts if facts is not None else manifest_facts(spec)),
         # Where energy and tokens are read (the file's metering: with the command line's flags applied).
         "metering": spec.metering.model_dump(mode="json", exclude_none=True) if spec.metering else None,
         "updated": datetime.now(UTC).isoformat(),
@@ -580,7 +590,8 @@ def campaign_loop(
     store = ResultStore(out)
     store.repair()
     extra = dict(manifest_extra or {})
-    write_manifest(out, spec, label, "running", extra)
+    facts = manifest_facts(spec)
+    write_manifest(out, spec, label, "running", extra, facts)
     points = spec.sweep.points()
     done = store.finished_points()
     pending = []
@@ -603,7 +614,7 @@ def campaign_loop(
         store.add_point(result.row, parts.pop(result.row.point), result.series)
         if new := {k: v for k, v in result.manifest.items() if k not in extra}:
             extra.update(new)  # the target's devices and facts, from the first point that has them
-            write_manifest(out, spec, label, "running", extra)
+            write_manifest(out, spec, label, "running", extra, facts)
         if result.down:
             raise TargetDownError(result.down)
 
@@ -615,7 +626,7 @@ def campaign_loop(
         store.finish()
     frame = store.points()
     failed = sorted(int(p) for p in frame[frame["status"] == "failed"]["point"])
-    write_manifest(out, spec, label, "failed" if failed else "finished", {**extra, "failed_points": failed})
+    write_manifest(out, spec, label, "failed" if failed else "finished", {**extra, "failed_points": failed}, facts)
     return frame
 
 

@@ -92,6 +92,12 @@ class _Run:
     cost_of: DecodeSteps
     steps: int
     """Steps in the run (fewer once cut)."""
+    seq_j: np.ndarray
+    """(sequences, steps + 1): each sequence's decode energy after each step, its shares added in step order."""
+    total_j: np.ndarray
+    """The engine's attributed decode energy after each share, step after step, in batch order: after step ``i``
+    it is ``total_j[(i + 1) * batch]``. Both sums are taken once, when the run is priced, so that committing
+    steps is indexing."""
     committed: int = 0
     allocated: int = 1
     """Steps whose KV slots are allocated (the first by the schedule)."""
@@ -559,7 +565,10 @@ class EmulatedEngine:
                     return None
         ends = ends_a[:k].tolist()
         starts = [t0, *ends[:-1]]
-        run = _Run(seqs, starts, ends, ends, steps, k, tail=int(k == last))
+        shares = steps.shares_j[:, :k]
+        seq_j = np.add.accumulate(np.concatenate(([[s.decode_j] for s in seqs], shares), axis=1), axis=1)
+        total_j = np.add.accumulate(np.concatenate(([self._decode_j], shares.T.ravel())))
+        run = _Run(seqs, starts, ends, ends, steps, k, seq_j, total_j, tail=int(k == last))
         run.alarm = self.clock.alarm(ends[-1])  # type: ignore[attr-defined]
         self._run_state = run
         self._inflight = (starts[0], run.cost(0))
@@ -587,9 +596,8 @@ class EmulatedEngine:
             now = run.wakes[last]
             self._iterations += 1
             self.fast_forwarded_steps += 1
-            for seq, share in zip(run.seqs, run.cost_of.shares_j[last].tolist(), strict=True):
-                seq.decode_j += share
-                self._decode_j += share
+            self._commit_energy(run, run.steps)
+            for seq in run.seqs:
                 if not seq.done:
                     self._emit_token(seq, now)
             self._energy_j = self._idle_j + self._prefill_j + self._decode_j
@@ -606,14 +614,7 @@ class EmulatedEngine:
         if done <= run.committed:
             return
         lo, seqs, batch = run.committed, run.seqs, len(run.seqs)
-        shares = run.cost_of.shares_j[lo:done]
-        per_seq = np.array([s.decode_j for s in seqs])
-        for row in shares:  # each sequence's shares in step order, as its decode_j grows step by step
-            per_seq += row
-        for s, j in zip(seqs, per_seq.tolist(), strict=True):
-            s.decode_j = j
-        # the engine's total, item after item, step after step
-        self._decode_j = float(np.add.accumulate(np.concatenate(([self._decode_j], shares.ravel())))[-1])
+        self._commit_energy(run, done)
         k = done - lo
         started = min(done + 1, run.steps) - run.allocated  # steps begun since: their KV slots
         run.allocated += started
@@ -635,6 +636,12 @@ class EmulatedEngine:
         self._energy_j = self._idle_j + self._prefill_j + self._decode_j
         self._accounted_until = run.ends[done - 1]
         self._inflight = (run.starts[done], run.cost(done)) if done < run.steps else None
+
+    def _commit_energy(self, run: _Run, steps: int) -> None:
+        """Each sequence's and the engine's decode energy once the run's first ``steps`` steps are done."""
+        for s, j in zip(run.seqs, run.seq_j[:, steps].tolist(), strict=True):
+            s.decode_j = j
+        self._decode_j = float(run.total_j[steps * len(run.seqs)])
 
     def _cut(self) -> None:
         """Something changes what the next step would be: end the run after the step now in flight."""

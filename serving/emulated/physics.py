@@ -120,7 +120,11 @@ def _totals(
         return t
     # Over the TDP the governor lowers the clock: the fastest supported clock that stays under it, else the
     # lowest clock stretched to the TDP. The request's clock stays a cap, never a floor.
-    for lower in sorted((c for c in device.clocks_mhz if c < clock_mhz), reverse=True):
+    lower_clocks = device.cache.get(("lower_clocks", clock_mhz))
+    if lower_clocks is None:  # every throttled iteration searches the same table: sorted once per clock
+        lower_clocks = device.cache[("lower_clocks", clock_mhz)] = sorted(
+            (c for c in device.clocks_mhz if c < clock_mhz), reverse=True)
+    for lower in lower_clocks:
         t = _at_clock(device, model, work, sequences, lower, ideal, n)
         if not t.throttled:
             break
@@ -218,20 +222,24 @@ def step_cost(
 
 @dataclass(slots=True)
 class DecodeSteps:
-    """:func:`step_cost` of consecutive decode steps of one batch, as arrays over the steps (rows) and the batch's
-    sequences (columns, in item order)."""
+    """:func:`step_cost` of consecutive decode steps of one batch, as arrays over the steps and the batch's
+    sequences (in item order)."""
 
     time_s: np.ndarray
     energy_j: np.ndarray
     shares_j: np.ndarray
-    """(steps, sequences): each sequence's share of each step's energy."""
+    """(sequences, steps): each sequence's share of each step's energy (a row per sequence)."""
     throttled: np.ndarray
 
 
 def _seq_sum(m: np.ndarray) -> np.ndarray:
-    """Row sums of ``m`` added left to right, as Python's ``sum`` of each row does (numpy's own reduction sums
-    pairwise: a different float result)."""
-    return np.add.accumulate(m, axis=1)[:, -1]  # accumulate runs left to right: no pairwise reordering
+    """Column sums of ``m`` (terms, columns) added row after row, as Python's ``sum`` of each column's terms does
+    (numpy's own reduction may sum pairwise: a different float result). One in-place add per term: the batches of a
+    fleet are a few sequences, where this beats ``np.add.accumulate`` (its cost grows per element)."""
+    total = m[0].copy()
+    for row in m[1:]:
+        total += row
+    return total
 
 
 def decode_steps(
@@ -246,13 +254,14 @@ def decode_steps(
     more per step: what :func:`step_cost` gives for items ``[(1, c + i) for c in contexts]``, bit for bit (the
     same float operations in the same order, elementwise over the steps), without the TDP governor: a step
     flagged ``throttled`` is priced wrong here and must be priced by :func:`step_cost` (the caller stops there).
+    Per-sequence arrays are (sequences, steps), so that every sum over the batch adds whole rows.
     """
     c = model.work_constants
     if c.encoder or not contexts:
         raise ValueError("decode steps need a decoder and at least one sequence")
     n = tensor_parallel
     batch = len(contexts)
-    ctx = np.asarray(contexts, dtype=np.int64)[None, :] + np.arange(steps, dtype=np.int64)[:, None]
+    ctx = np.add.outer(np.asarray(contexts, dtype=np.int64), np.arange(steps, dtype=np.int64))
     # count_rows for (1, ctx): (mp * 1 + lm, ac * 1 * (ctx + 1.0), kvt * (ctx + 1), acc * 1)
     wm_item, act_item = c.matmul_params * 1 + c.lm_head_params, c.act_coef * 1
     am = (c.attn_coef * 1) * (ctx + 1.0)
@@ -303,16 +312,15 @@ def decode_steps(
     # _at_clock
     own_j = weight_macs * e_w + attn_macs * e_a + kv_bytes * e_kv + act_bytes * e_act + batch * e_tok
     shared_j = stream * op.stream_byte_j + comm_j
-    dynamic_j = own_j + shared_j
     static_w = device.static_power_w(clock_mhz) * n
     idle_w = device.idle_power_w * n
-    kernel_s = np.minimum(time_s, kernel_s)
+    np.minimum(time_s, kernel_s, out=kernel_s)
     static_j = idle_w * time_s + (static_w - idle_w) * kernel_s
-    throttled = (dynamic_j + static_j) / time_s > device.tdp_w * n * (1 + 1e-12)
+    throttled = (own_j + shared_j + static_j) / time_s > device.tdp_w * n * (1 + 1e-12)  # (dynamic + static) / t
     # _price
     own = wm_item * e_w + am * e_a + kv * e_kv + act_item * e_act + 1 * e_tok
-    per_unit = (shared_j + static_j) / batch
-    shares = own + per_unit[:, None]
+    pooled = shared_j + static_j
+    shares = own + pooled / batch  # a row per sequence: its own energy plus its even part of the pooled
     energy_j = _seq_sum(own) + shared_j + static_j
     return DecodeSteps(time_s, energy_j, shares, throttled)
 
