@@ -93,12 +93,21 @@ class VirtualClock:
         """Wait until virtual time ``t_s``."""
         await self.sleep(t_s - self._now)
 
-    def alarm(self, t_s: float) -> asyncio.Future[None]:
+    def alarm(self, t_s: float, seq: int | None = None) -> asyncio.Future[None]:
         """A future that resolves when the clock reaches exactly ``t_s`` (no float round trip through a duration,
-        as :meth:`sleep` makes): an engine's fast-forwarded run ends there. :meth:`rearm` moves it earlier."""
+        as :meth:`sleep` makes): an engine's fast-forwarded run ends there. :meth:`rearm` moves it earlier.
+        ``seq``: its place among timers due at the same instant, one that :meth:`reserve` gave (default: after
+        every timer set so far)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._timers, (t_s, next(self._seq), fut))
+        heapq.heappush(self._timers, (t_s, next(self._seq) if seq is None else seq, fut))
         return fut
+
+    def reserve(self, n: int) -> int:
+        """Reserve the places of ``n`` timers set now (the first of them returned): a timer set later with
+        :meth:`alarm` at one of those places fires, among timers due at the same instant, as if set now."""
+        first = next(self._seq)
+        self._seq = itertools.count(first + n)
+        return first
 
     def rearm(self, fut: asyncio.Future[None], t_s: float) -> None:
         """Resolve ``fut`` (from :meth:`alarm`) at ``t_s`` instead, which must not be later than its time: the
@@ -239,23 +248,99 @@ class VirtualTarget:
 
     async def send(
         self, point: int, work: list[RequestSpec] | ClosedLoop, seed: int,
-        on_done: Callable[[RequestRecord], None], on_start: Callable[[float], None],
+        on_done: Callable[[RequestRecord], None], on_start: Callable[[float], None], *, keep_records: bool = True,
     ) -> list[RequestRecord]:
-        """Send ``work`` (open-loop requests or closed-loop users) as the load client would."""
+        """Send ``work`` (open-loop requests or closed-loop users) as the load client would; return its records in
+        request order (none with ``keep_records=False``: they went to ``on_done``, and only requests in flight
+        are held).
+
+        An open-loop request's record and task are made at its send time, by one spawner walking the schedule on
+        the virtual clock, so a long window holds only the requests in flight. Events fire in the order they
+        would if every request's task had been made at the start and slept until its send time: the spawner
+        reserves those sleeps' places among timers due at the same instant (:meth:`VirtualClock.reserve`)."""
         start = self.clock.now()
         on_start(start)
         if isinstance(work, ClosedLoop):
-            return await self._closed_loop(point, work, seed, start, on_done)
-        records = [RequestRecord(point, i, s.t_s, s.prompt_tokens, s.max_output_tokens) for i, s in enumerate(work)]
-        await asyncio.gather(*(self._request(r, start, on_done) for r in records))
-        return records
+            return await self._closed_loop(point, work, seed, start, on_done, keep_records)
+        if not work:
+            return []
+        kept: list[RequestRecord | None] | None = [None] * len(work) if keep_records else None
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        live: set[asyncio.Task[None]] = set()
+        left = len(work)
+
+        def finished(task: asyncio.Task[None]) -> None:  # as asyncio.gather's own callback: the same loop passes
+            nonlocal left
+            live.discard(task)
+            if done.done():
+                if not task.cancelled():
+                    task.exception()  # retrieved: the point already failed
+                return
+            if task.cancelled() or task.exception() is not None:
+                done.set_exception(asyncio.CancelledError() if task.cancelled() else task.exception())  # type: ignore[arg-type]
+                return
+            if task is not spawner:
+                left -= 1
+                if left == 0:
+                    done.set_result(None)
+
+        def launch(i: int) -> None:
+            s = work[i]
+            rec = RequestRecord(point, i, s.t_s, s.prompt_tokens, s.max_output_tokens)
+            if kept is not None:
+                kept[i] = rec
+            task = asyncio.ensure_future(self._request(rec, start, on_done))
+            live.add(task)
+            task.add_done_callback(finished)
+
+        async def spawn() -> None:
+            # This first step runs where the first request's task would have taken its first step, the others right
+            # after it: those due now would go on one loop pass later, the rest would set a timer each, in order.
+            clock = self.clock
+            now = clock.now()
+            waits = [i for i, s in enumerate(work) if (start + s.t_s) - now > 0] if not _ordered(work) else None
+            n_wait = len(waits) if waits is not None else sum((start + s.t_s) - now > 0 for s in work)
+            first = clock.reserve(n_wait)
+            if waits is None:  # by send time (the usual schedule): due now first, then the timers in their order
+                rank = 0
+                for i, s in enumerate(work):
+                    if (start + s.t_s) - now <= 0:
+                        launch(i)
+                for i, s in enumerate(work):
+                    if (start + s.t_s) - now > 0:
+                        await clock.alarm(now + ((start + s.t_s) - now), first + rank)
+                        rank += 1
+                        launch(i)
+                return
+            for i, s in enumerate(work):  # out of order: the timers by (time, place)
+                if (start + s.t_s) - now <= 0:
+                    launch(i)
+            order = sorted(range(n_wait), key=lambda r: (now + ((start + work[waits[r]].t_s) - now), r))
+            for r in order:
+                i = waits[r]
+                await clock.alarm(now + ((start + work[i].t_s) - now), first + r)
+                launch(i)
+
+        spawner = asyncio.ensure_future(spawn())
+        spawner.add_done_callback(finished)
+        try:
+            await done
+        except BaseException:
+            for t in (spawner, *live):
+                t.cancel()
+            raise
+        return [r for r in kept if r is not None] if kept is not None else []
 
     async def _request(self, rec: RequestRecord, start_s: float, on_done: Callable[[RequestRecord], None]) -> None:
-        await self._exchange(rec, start_s)
+        await self._sent(rec, start_s)
         on_done(rec)
 
     async def _exchange(self, rec: RequestRecord, start_s: float) -> None:
         await self.clock.sleep_until(start_s + rec.intended_send_s)
+        await self._sent(rec, start_s)
+
+    async def _sent(self, rec: RequestRecord, start_s: float) -> None:
+        """The request from its send time on: the path there, the router and engine, the path back."""
         t_send = self.clock.now()
         rec.actual_send_s = t_send - start_s
         self.recent.arrive(t_send)
@@ -300,17 +385,21 @@ class VirtualTarget:
         return ControlLoop(policy, observer, actuator, self.clock, period_s, max_changes_per_min)
 
     async def _closed_loop(self, point: int, spec: ClosedLoop, seed: int, start: float,
-                           on_done: Callable[[RequestRecord], None]) -> list[RequestRecord]:
+                           on_done: Callable[[RequestRecord], None], keep_records: bool) -> list[RequestRecord]:
         """``spec.concurrency`` users, each sending its next request when its last one ends (as the real client)."""
         lengths = LengthStream(spec.prompt_tokens, spec.output_tokens, seed)
         end = start + spec.duration_s
         records: list[RequestRecord] = []
+        sent = 0
 
         async def user() -> None:
+            nonlocal sent
             while self.clock.now() < end:
                 p, o = lengths.next()
-                rec = RequestRecord(point, len(records), self.clock.now() - start, p, o)
-                records.append(rec)
+                rec = RequestRecord(point, sent, self.clock.now() - start, p, o)
+                sent += 1
+                if keep_records:
+                    records.append(rec)
                 await self._exchange(rec, start)
                 if rec.ok:  # the user has its response once the last token crossed the path back
                     await self.clock.sleep_until(start + rec.intended_send_s + rec.e2e_s)
@@ -320,6 +409,11 @@ class VirtualTarget:
 
         await asyncio.gather(*(user() for _ in range(spec.concurrency)))
         return records
+
+
+def _ordered(work: list[RequestSpec]) -> bool:
+    """Whether ``work`` is in send-time order."""
+    return all(a.t_s <= b.t_s for a, b in itertools.pairwise(work))
 
 
 def _policy_for(setting: Knobs | PolicySetting | None, ctl: ControllerConfig) -> Policy | None:

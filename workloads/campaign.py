@@ -94,7 +94,8 @@ class Target(Protocol):
 
     Optional: ``streams_records = True`` says that the records ``send`` hands to ``on_done`` are numbered 0, 1, ...
     in the order ``send`` returns them, so the point writes them as they finish (:class:`RecordWriter`) instead
-    of holding every one until the point ends (an HTTP closed loop returns its records by send time instead).
+    of holding every one until the point ends (an HTTP closed loop returns its records by send time instead); such
+    a target's ``send`` also takes ``keep_records=False``, which the point passes: it then returns no records.
     """
 
     clock: Clock
@@ -575,7 +576,10 @@ async def _drive(
             if on_record is not None:
                 on_record(rec)
 
-        return await target.send(point[0], work, seed, on_done, on_start)
+        if on_record is None:
+            return await target.send(point[0], work, seed, on_done, on_start)
+        # A streaming target: the records went to ``on_record``; it need not hold them until the point ends.
+        return await target.send(point[0], work, seed, on_done, on_start, keep_records=False)  # type: ignore[call-arg]
 
 
 def campaign_loop(
