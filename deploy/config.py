@@ -96,7 +96,8 @@ class CampaignFile(CampaignSpec):
     workers: int = Field(
         default=1, ge=0,
         description="clock: virtual only: points simulated at once, each a Ray task building its own replicas "
-        "(1: one after the other in this process; 0: one per CPU of the Ray cluster). Same rows either way.",
+        "(1: one after the other in this process; 0: one per CPU the Ray cluster has as each point ends). Same rows "
+        "either way.",
     )
     ray_address: str | None = Field(
         default=None,

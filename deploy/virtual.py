@@ -514,6 +514,14 @@ def connect_ray(address: str | None) -> None:
         raise ConfigError(f"ray_address {address!r}: cannot join the Ray cluster: {e}") from None
 
 
+def _cluster_cpus() -> int:
+    """The Ray cluster's CPUs now. Read each time a point ends, not once: a driver that has just connected may not
+    see every node yet, and an autoscaler adds nodes while a sweep runs."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def _run_on_ray(
     spec: CampaignSpec, config: ServingConfig, latency: PathLatency | None, pending: list[int], workers: int,
     open_part: OpenPart, record: Callable[[PointResult], None], console: Console,
@@ -524,8 +532,7 @@ def _run_on_ray(
     import ray
 
     task = ray.remote(num_cpus=1, max_retries=0, num_returns="streaming")(_point_task)
-    if workers == 0:
-        workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    per_cpu = workers == 0  # as many at once as the cluster has CPUs, read again as each point ends
     fault = os.environ.get(FAULT_ENV, "")
     kill_point, _, marker = fault.partition(":")
     loads = spec.sweep.points()
@@ -537,7 +544,8 @@ def _run_on_ray(
     nodes: dict[int, str] = {}
     try:
         while queue_ or inflight:
-            while queue_ and len(inflight) < workers:
+            limit = _cluster_cpus() if per_cpu else workers
+            while queue_ and len(inflight) < limit:
                 p = queue_.pop(0)
                 attempts[p] += 1
                 die = marker if marker and kill_point == str(p) else None

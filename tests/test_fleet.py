@@ -157,6 +157,21 @@ def test_ray_sweep_equals_serial_and_reruns_a_killed_worker(ray_local: None, tmp
     _same(on_ray, again)
 
 
+def test_workers_0_follows_the_clusters_cpus_as_they_change(ray_local: None, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``workers: 0`` reads the cluster's CPUs again as each point ends (a node seen late, an autoscaler), and
+    the rows are the serial run's whatever the width."""
+    import deploy.virtual as virtual
+
+    seen = iter([1, 1, 2, 2, 2, 2, 2, 2, 2, 2])
+    reads: list[int] = []
+    monkeypatch.setattr(virtual, "_cluster_cpus", lambda: reads.append(next(seen, 2)) or reads[-1])
+    serial = run_virtual_campaign(_campaign(tmp_path), _campaign(tmp_path).deployment, tmp_path / "serial")
+    spec = _campaign(tmp_path, workers=0)
+    on_ray = run_virtual_campaign(spec, spec.deployment, tmp_path / "ray")
+    assert len(reads) >= 4 and 2 in reads  # once per point that ended, not once per sweep
+    _same(serial, on_ray)
+
+
 def test_unreachable_ray_address_fails_before_writing(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     data = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
     data.update(clock="virtual", ray_address="127.0.0.1:9")  # discard port: nothing listens
