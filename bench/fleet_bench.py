@@ -80,6 +80,16 @@ def run_once(replicas: int, rate: float, duration_s: float, profile: bool, sort:
             "J/token": float(row["energy_per_token_j"])}
 
 
+def print_table(frame: pd.DataFrame, title: str) -> None:
+    """One bench table: a column per field, floats to four significant figures."""
+    t = Table(title=title)
+    for c in frame.columns:
+        t.add_column(str(c), justify="right")
+    for _, r in frame.iterrows():
+        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r])
+    Console(width=200).print(t)
+
+
 def _ray_workers() -> dict[int, float]:
     """CPU seconds so far of every Ray worker process on this machine, by pid."""
     import psutil
@@ -133,12 +143,7 @@ def sweep(workers: int) -> None:
     frame = pd.DataFrame(rows)
     frame["x serial"] = frame["wall s"] / frame["wall s"].iloc[0]
     frame["x serial, busiest CPU"] = frame["busiest process CPU s"] / frame["CPU s"].iloc[0]
-    t = Table(title=f"8 virtual points, serial vs Ray ({workers} workers); points.csv identical: {same}")
-    for c in frame.columns:
-        t.add_column(str(c), justify="right")
-    for _, r in frame.iterrows():
-        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r])
-    Console(width=200).print(t)
+    print_table(frame, f"8 virtual points, serial vs Ray ({workers} workers); points.csv identical: {same}")
     print(f"load average (1, 5, 15 min) at the end: {os.getloadavg()}")
 
 
@@ -154,11 +159,12 @@ print("RESULT", rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.per
 def memory(windows: list[float], rate: float, code_root: Path) -> None:
     """Peak RSS of a virtual campaign of one point against the point's window: Poisson arrivals at ``rate`` on 8
     emulated H100 replicas (below saturation, so the requests in flight do not pile up), 128 prompt and 512 output
-    tokens (511 inter-token latencies per request), each window in a fresh process running ``testbed campaign run``
+    tokens, each window in a fresh process running ``testbed campaign run``
     from ``code_root`` (another checkout: the figures before a change)."""
     import subprocess
     import sys
 
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import yaml
 
@@ -182,16 +188,12 @@ def memory(windows: list[float], rate: float, code_root: Path) -> None:
             if proc.returncode or line is None:
                 raise SystemExit(f"window {window:g} s failed:\n{proc.stderr[-3000:]}")
             _, _, rss_kib, wall = line.split()
-            meta = pq.ParquetFile(Path(tmp) / "out" / "requests.parquet").metadata
-            rows.append({"window s": window, "requests": meta.num_rows, "inter-token latencies": meta.num_rows * 511,
+            tokens = pq.read_table(Path(tmp) / "out" / "requests.parquet", columns=["output_tokens"])["output_tokens"]
+            rows.append({"window s": window, "requests": len(tokens),
+                         "inter-token latencies": int(pc.sum(pc.subtract(tokens, 1)).as_py()),
                          "peak RSS MiB": int(rss_kib) / 1024, "wall s": float(wall)})
     frame = pd.DataFrame(rows)
-    t = Table(title=f"Peak RSS of one virtual point at {rate:g} req/s against its window ({code_root})")
-    for c in frame.columns:
-        t.add_column(str(c), justify="right")
-    for _, r in frame.iterrows():
-        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r])
-    Console(width=200).print(t)
+    print_table(frame, f"Peak RSS of one virtual point at {rate:g} req/s against its window ({code_root})")
 
 
 def main() -> None:
@@ -214,12 +216,7 @@ def main() -> None:
         return
     rows = [run_once(n, CASES[n], args.duration, args.profile) for n in ([args.only] if args.only else CASES)]
     frame = pd.DataFrame(rows)
-    t = Table(title="Fleet-scale virtual time: Azure conv trace, time-scaled, emulated H100 x Llama-3.1-8B")
-    for c in frame.columns:
-        t.add_column(str(c), justify="right")
-    for _, r in frame.iterrows():
-        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r])
-    Console(width=200).print(t)
+    print_table(frame, "Fleet-scale virtual time: Azure conv trace, time-scaled, emulated H100 x Llama-3.1-8B")
 
 
 if __name__ == "__main__":
